@@ -1,0 +1,3 @@
+from aeserve.cli import main
+
+raise SystemExit(main())

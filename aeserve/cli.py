@@ -1,0 +1,22 @@
+"""The ``aeserve`` console script: train | eval | models | alias (offline) and serve (HTTP)."""
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from service.cli import add_commands as add_service_commands
+    from training.cli import add_commands as add_training_commands
+
+    parser = argparse.ArgumentParser(prog="aeserve", description="Train autoencoders offline and serve them over HTTP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_training_commands(sub)
+    add_service_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.cli import run
+
+    args = build_parser().parse_args(argv)
+    return run(args)

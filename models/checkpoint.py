@@ -1,0 +1,180 @@
+"""Checkpoint format: ``weights.safetensors`` + ``manifest.json``; nothing pickled.
+
+A version is rebuilt from its folder alone: the manifest names the kind, the
+config, the preprocessing and the held-out error distribution; the weights
+file holds the model's tensors under ``model.`` and the projector's under
+``projector.``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from models import build_model
+from models.base import Autoencoder, Preprocessing
+from models.projector import Projector
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+# Held-out errors are stored as these many evenly spaced quantiles (0, 0.1, ..., 100 percent).
+N_QUANTILES = 1001
+
+
+class CheckpointError(ValueError):
+    """A version folder that cannot be loaded; the message names the file and the problem."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def weights_bytes(model: Autoencoder, projector: Projector) -> bytes:
+    """Serialise model and projector tensors (contiguous float32 on CPU) to safetensors bytes."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
+    return safetensors.torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
+
+
+def error_quantiles(errors: np.ndarray) -> list[float]:
+    """Held-out per-example errors (n,) -> N_QUANTILES quantiles from 0 to 100 percent."""
+    return [float(q) for q in np.quantile(np.asarray(errors, dtype=np.float64), np.linspace(0, 1, N_QUANTILES))]
+
+
+@dataclass
+class ModelVersion:
+    """A loaded, ready-to-use version. All methods take and return numpy float32 arrays.
+
+    Raw inputs are (n, *input_shape) or (n, input_dim); codes are (n, code_dim).
+    """
+
+    manifest: dict[str, Any]
+    model: Autoencoder
+    projector: Projector
+    preprocessing: Preprocessing
+    quantiles: np.ndarray  # (N_QUANTILES,) float64, held-out summed squared errors
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.preprocessing.input_shape
+
+    @property
+    def code_dim(self) -> int:
+        return self.model.code_dim
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+
+    @staticmethod
+    def _numpy(t: torch.Tensor) -> np.ndarray:
+        return t.to("cpu").numpy()
+
+    @torch.inference_mode()
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """(n, *input_shape) raw -> (n, code_dim)."""
+        return self._numpy(self.model.encode(self._tensor(self.preprocessing.to_model(x))))
+
+    @torch.inference_mode()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """(n, code_dim) -> (n, *input_shape) raw."""
+        return self.preprocessing.from_model(self._numpy(self.model.decode(self._tensor(z))))
+
+    @torch.inference_mode()
+    def reconstruct(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n, *input_shape) raw -> (reconstructions (n, *input_shape) raw, errors (n,), percentiles (n,)).
+
+        Errors are summed squared errors in model space (inputs scaled to [0, 1]),
+        the same measure as ``metrics.test_sq_err``; percentiles place them among
+        the held-out errors, 0-100.
+        """
+        x_model = self._tensor(self.preprocessing.to_model(x))
+        x_hat = self.model(x_model)
+        errors = self._numpy((x_hat - x_model).pow(2).sum(dim=1))
+        return self.preprocessing.from_model(self._numpy(x_hat)), errors, self.percentiles(errors)
+
+    def percentiles(self, errors: np.ndarray) -> np.ndarray:
+        """Where each error falls among the held-out errors, 0-100, float32."""
+        grid = np.linspace(0.0, 100.0, len(self.quantiles))
+        return np.interp(errors.astype(np.float64), self.quantiles, grid).astype(np.float32)
+
+    @torch.inference_mode()
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """(n, *input_shape) raw -> (n, 2) map coordinates."""
+        codes = self.model.encode(self._tensor(self.preprocessing.to_model(x)))
+        return self._numpy(self.projector(codes))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersion:
+    """Load and verify one version folder. Raises CheckpointError naming the file and the problem."""
+    folder = Path(folder)
+    manifest = _read_json(folder / MANIFEST)
+    weights_path = folder / WEIGHTS
+    try:
+        data = weights_path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights_path}: file is missing") from None
+    expected = manifest.get("sha256")
+    actual = sha256_bytes(data)
+    if actual != expected:
+        raise CheckpointError(f"{weights_path}: sha256 {actual} does not match the manifest's {expected}; the file was changed or corrupted")
+    try:
+        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        # Build on the meta device first: absurd sizes in a manifest cost nothing until checked against the file.
+        with torch.device("meta"):
+            skeleton = build_model(manifest["kind"], manifest["config"], preprocessing.input_dim)
+            skeleton_projector = Projector(skeleton.code_dim)
+        quantiles = np.asarray(manifest["metrics"]["error_quantiles"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / MANIFEST}: invalid manifest ({type(e).__name__}: {e})") from None
+    if quantiles.ndim != 1 or len(quantiles) < 2 or not np.all(np.isfinite(quantiles)) or np.any(np.diff(quantiles) < 0):
+        raise CheckpointError(f"{folder / MANIFEST}: metrics.error_quantiles must be a non-decreasing list of finite numbers")
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(f"{weights_path}: not a valid safetensors file ({e})") from None
+    expected_shapes = {f"model.{k}": v.shape for k, v in skeleton.state_dict().items()}
+    expected_shapes.update({f"projector.{k}": v.shape for k, v in skeleton_projector.state_dict().items()})
+    got_shapes = {k: v.shape for k, v in tensors.items()}
+    if got_shapes != expected_shapes:
+        missing = sorted(set(expected_shapes) - set(got_shapes))
+        extra = sorted(set(got_shapes) - set(expected_shapes))
+        wrong = sorted(k for k in set(got_shapes) & set(expected_shapes) if got_shapes[k] != expected_shapes[k])
+        raise CheckpointError(f"{weights_path}: tensors do not match the manifest's model (missing {missing}, unexpected {extra}, wrong shape {wrong})")
+    if any(t.dtype != torch.float32 for t in tensors.values()):
+        raise CheckpointError(f"{weights_path}: every tensor must be float32")
+
+    model = build_model(manifest["kind"], manifest["config"], preprocessing.input_dim)
+    projector = Projector(model.code_dim)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+    device = torch.device(device)
+    model.to(device).eval()
+    projector.to(device).eval()
+    return ModelVersion(manifest, model, projector, preprocessing, quantiles, device)

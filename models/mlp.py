@@ -1,0 +1,82 @@
+"""Deep fully connected autoencoder (Hinton & Salakhutdinov, Science 2006: 784-1000-500-250-30)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.base import Autoencoder
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "sigmoid": nn.Sigmoid,  # the paper's logistic units
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+OUTPUTS = ("sigmoid", "linear")
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    code_dim: int = 30
+    hidden: tuple[int, ...] = (1000, 500, 250)
+    activation: str = "gelu"
+    # "sigmoid": reconstructions in [0, 1], trained with cross-entropy as in the paper;
+    # "linear": unbounded reconstructions, trained with squared error.
+    output: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.code_dim < 1:
+            raise ValueError(f"model.code_dim must be >= 1, got {self.code_dim}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"model.hidden sizes must be >= 1, got {list(self.hidden)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"model.output {self.output!r} is not one of {list(OUTPUTS)}")
+
+
+def _stack(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
+    """Linear layers through ``sizes`` with the activation between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class MLPAutoencoder(Autoencoder):
+    """Encoder input_dim -> hidden... -> code_dim (linear code layer); decoder mirrors it."""
+
+    kind = "mlp"
+    config_class = MLPConfig
+
+    def __init__(self, config: MLPConfig, input_dim: int) -> None:
+        super().__init__(config, input_dim)
+        sizes = [input_dim, *config.hidden, config.code_dim]
+        activation = ACTIVATIONS[config.activation]
+        self.encoder = _stack(sizes, activation)
+        self.decoder = _stack(sizes[::-1], activation)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(z)
+        return torch.sigmoid(out) if self.config.output == "sigmoid" else out
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.output == "sigmoid":
+            logits = self.decoder(self.encoder(x))
+            # Cross-entropy summed over pixels (Hinton & Salakhutdinov 2006), averaged over examples.
+            return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
+        return super().loss(x)

@@ -1,0 +1,61 @@
+"""PCA: the optimal linear autoencoder, fitted in closed form."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.base import Autoencoder
+
+
+@dataclass(frozen=True)
+class PCAConfig:
+    code_dim: int = 30
+
+    def __post_init__(self) -> None:
+        if self.code_dim < 1:
+            raise ValueError(f"model.code_dim must be >= 1, got {self.code_dim}")
+
+
+def principal_components(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k principal directions of x: (n, d) float -> (mean (d,), components (k, d)), float32.
+
+    Computed from the d x d scatter matrix in float64 (exact for d << n and
+    deterministic). Signs follow scikit-learn's svd_flip: the entry of largest
+    magnitude in each component is positive, so refitting gives the same codes.
+    """
+    n, d = x.shape
+    if not 1 <= k <= min(n, d):
+        raise ValueError(f"code_dim must be between 1 and min(n_examples, input_dim) = {min(n, d)}, got {k}")
+    x64 = x.to(torch.float64)
+    mean = x64.mean(dim=0)
+    centred = x64 - mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+    components = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:k]].T
+    pivot = components.abs().argmax(dim=1)
+    signs = torch.sign(components[torch.arange(k), pivot])
+    return mean.float(), (components * signs[:, None]).float()
+
+
+class PCA(Autoencoder):
+    """z = C (x - mean), x_hat = C^T z + mean, with C the top principal directions (code_dim, input_dim)."""
+
+    kind = "pca"
+    config_class = PCAConfig
+
+    def __init__(self, config: PCAConfig, input_dim: int) -> None:
+        super().__init__(config, input_dim)
+        # Fitted state, set by prepare().
+        self.register_buffer("mean", torch.zeros(input_dim))
+        self.register_buffer("components", torch.zeros(config.code_dim, input_dim))
+
+    def prepare(self, x_train: torch.Tensor) -> None:
+        mean, components = principal_components(x_train, self.code_dim)
+        self.mean.copy_(mean)
+        self.components.copy_(components)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.components.T
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.components + self.mean

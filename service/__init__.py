@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI app, schemas, batching, settings, Python client, `aeserve serve`."""

@@ -1,0 +1,74 @@
+"""Shared fixtures: small data, fixed seeds, a registry in a temporary folder."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.registry import Registry
+from training.config import build_run_config
+from training.trainer import train
+
+# Small, fast settings for each kind; the shared interface tests run over all of them.
+KIND_CONFIGS = {
+    "pca": {"code_dim": 4},
+    "linear": {"code_dim": 4},
+    "mlp": {"code_dim": 4, "hidden": [32, 16]},
+}
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "registry")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    """Write a uint8 array as an IDX file (magic 0x00000800 + ndim, big-endian sizes)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path: Path) -> Path:
+    """A tiny Fashion-MNIST lookalike in IDX format: 200 train and 50 test 28x28 images."""
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("t10k", 50)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 64 + labels[:, None, None] * 19).astype(np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
+    return folder
+
+
+def digits_run(name: str, kind: str, epochs: int = 3, **train_overrides):
+    return build_run_config({
+        "name": name,
+        "data": {"source": "digits", "limit": 400},
+        "model": {"kind": kind, **KIND_CONFIGS[kind]},
+        "train": {"epochs": epochs, "batch_size": 64, "lr": 3e-3, **train_overrides},
+    })
+
+
+@pytest.fixture(scope="session")
+def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """One small digits version of every kind, trained once per test session."""
+    registry = Registry(tmp_path_factory.mktemp("trained") / "registry")
+    for kind in KIND_CONFIGS:
+        train(digits_run(f"digits-{kind}", kind), registry, progress=False)
+    return registry

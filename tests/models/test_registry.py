@@ -1,0 +1,135 @@
+"""Registry layout, atomic publishing, aliases, and refusal of tampered versions."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, sha256_bytes
+from models.registry import NotFoundError, Registry, RegistryError
+from training.trainer import train
+from tests.conftest import digits_run
+
+
+@pytest.fixture
+def published(registry):
+    train(digits_run("digits", "pca"), registry, progress=False)
+    return registry
+
+
+def test_layout_versions_and_latest(published):
+    train(digits_run("digits", "pca"), published, progress=False)
+    folder = published.root / "digits"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["1", "2", "aliases.json"]
+    assert json.loads((folder / "aliases.json").read_text()) == {"latest": "2"}
+    for version in ("1", "2"):
+        assert sorted(p.name for p in (folder / version).iterdir()) == [MANIFEST, WEIGHTS]
+    manifest = published.manifest("digits", 2)
+    assert manifest["version"] == 2 and manifest["name"] == "digits"
+    assert manifest["sha256"] == sha256_bytes((folder / "2" / WEIGHTS).read_bytes())
+    for key in ("kind", "config", "input_shape", "code_dim", "preprocessing", "created_at", "training", "metrics"):
+        assert key in manifest
+    for key in ("dataset", "data_fingerprint", "epochs", "seed", "seconds"):
+        assert key in manifest["training"]
+    for key in ("test_sq_err", "test_mse", "pca_sq_err", "error_quantiles"):
+        assert key in manifest["metrics"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp")]  # no leftovers of the atomic write
+
+
+def test_aliases(published):
+    train(digits_run("digits", "pca"), published, progress=False)
+    published.set_alias("digits", "1", "prod")
+    assert published.aliases("digits") == {"latest": 2, "prod": 1}
+    assert published.resolve("digits", "prod") == 1
+    assert published.resolve("digits", "latest") == 2
+    assert published.resolve("digits") == 2
+    with pytest.raises(RegistryError, match="'latest' is kept at the highest version"):
+        published.set_alias("digits", "1", "latest")
+    with pytest.raises(NotFoundError, match=r"model 'digits' has no version or alias '7'; versions: \[1, 2\]"):
+        published.set_alias("digits", "7", "prod")
+    with pytest.raises(RegistryError, match="invalid alias '9lives'"):
+        published.set_alias("digits", "1", "9lives")
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "a/b", "%2e%2e", "", ".hidden", "a" * 101])
+def test_path_like_names_are_refused(published, name):
+    with pytest.raises((RegistryError, NotFoundError)):
+        published.load(name)
+
+
+def test_unknown_model_and_version(published):
+    with pytest.raises(NotFoundError, match=r"unknown model 'nope'; available: \['digits'\]"):
+        published.resolve("nope")
+    with pytest.raises(NotFoundError, match="has no version or alias 'staging'"):
+        published.resolve("digits", "staging")
+
+
+def test_sha256_mismatch_is_refused(published):
+    weights = published.version_dir("digits", 1) / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"weights.safetensors: sha256 [0-9a-f]{64} does not match the manifest's"):
+        published.load("digits")
+
+
+def _rewrite(published, weights: bytes | None = None, **manifest_changes):
+    """Replace the weights and/or manifest fields, keeping the sha256 consistent (a deliberate tamper)."""
+    folder = published.version_dir("digits", 1)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if weights is not None:
+        (folder / WEIGHTS).write_bytes(weights)
+        manifest["sha256"] = sha256_bytes(weights)
+    manifest.update(manifest_changes)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_corrupted_weights_file_is_refused(published):
+    _rewrite(published, weights=b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        published.load("digits")
+
+
+def test_truncated_weights_file_is_refused(published):
+    data = (published.version_dir("digits", 1) / WEIGHTS).read_bytes()
+    _rewrite(published, weights=data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        published.load("digits")
+
+
+def test_pickle_in_place_of_weights_is_refused(published):
+    import pickle  # the test builds a hostile file; the product never loads pickles
+    _rewrite(published, weights=pickle.dumps({"a": np.zeros(3)}))
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        published.load("digits")
+
+
+def test_manifest_shapes_that_do_not_match_the_weights_are_refused(published):
+    _rewrite(published, config={"code_dim": 5})
+    with pytest.raises(CheckpointError, match=r"tensors do not match the manifest's model .*wrong shape \['model.components'"):
+        published.load("digits")
+
+
+def test_absurd_sizes_and_unknown_kinds_are_refused_without_allocating(published):
+    _rewrite(published, config={"code_dim": 10**12})
+    with pytest.raises(CheckpointError, match="tensors do not match"):
+        published.load("digits")
+    _rewrite(published, kind="transformer")
+    with pytest.raises(CheckpointError, match="unknown model kind 'transformer'"):
+        published.load("digits")
+
+
+def test_version_folder_symlinked_out_of_the_registry_is_refused(published, tmp_path):
+    outside = tmp_path / "outside"
+    os.rename(published.version_dir("digits", 1), outside)
+    os.symlink(outside, published.root / "digits" / "1")
+    with pytest.raises(RegistryError, match="resolves outside the registry"):
+        published.load("digits")
+
+
+def test_default_root(monkeypatch):
+    monkeypatch.delenv("AESERVE_REGISTRY", raising=False)
+    assert str(Registry.default_root()) == "registry"
+    monkeypatch.setenv("AESERVE_REGISTRY", "/srv/reg")
+    assert str(Registry.default_root()) == "/srv/reg"
+    assert str(Registry.default_root("/x")) == "/x"

@@ -1,0 +1,122 @@
+"""The offline commands: ``aeserve train``, ``aeserve eval``, ``aeserve models``, ``aeserve alias``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from models.checkpoint import CheckpointError
+from models.registry import NotFoundError, Registry, RegistryError
+from training.config import load_run_config
+from training.data import DataConfig, DataError, load_dataset
+from training.evaluate import reconstruction_errors
+from training.trainer import train
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a TOML config and publish a new version")
+    p.add_argument("config", help="training config (TOML)")
+    p.add_argument("--registry", help="registry folder (default: $AESERVE_REGISTRY or ./registry)")
+    p.add_argument("--name", help="registry name (overrides the config's name)")
+    p.add_argument("--seed", type=int, help="random seed (overrides train.seed)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list names, versions, aliases and the headline metric")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("alias", help="point ALIAS at VERSION of NAME")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("alias")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_alias)
+
+    p = sub.add_parser("eval", help="re-measure a version on its held-out data and print its metrics")
+    p.add_argument("target", metavar="NAME[:VERSION]")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_eval)
+
+
+# Errors a user can fix: printed as one line, exit status 2.
+USER_ERRORS = (ValueError, NotFoundError, DataError, CheckpointError, RegistryError)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = load_run_config(args.config, args.overrides, name=args.name, seed=args.seed)
+    registry = Registry(Registry.default_root(args.registry))
+    version = train(config, registry, progress=not args.quiet)
+    manifest = registry.manifest(config.name, version)
+    m = manifest["metrics"]
+    print(f"published {config.name}:{version} in {registry.root}  test_sq_err {m['test_sq_err']:.3f}  "
+          f"test_mse {m['test_mse']:.5f}  pca_sq_err {m['pca_sq_err']:.3f}  ({manifest['training']['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    registry = Registry(Registry.default_root(args.registry))
+    names = registry.names()
+    if not names:
+        print(f"no models in {registry.root}")
+        return 0
+    print(f"{'name':<24} {'version':>7} {'kind':<8} {'code':>4} {'test_sq_err':>11} {'pca_sq_err':>10}  aliases")
+    for name in names:
+        by_version: dict[int, list[str]] = {}
+        for alias, version in registry.aliases(name).items():
+            by_version.setdefault(version, []).append(alias)
+        for version in registry.versions(name):
+            try:
+                manifest = registry.manifest(name, version)
+                m = manifest["metrics"]
+                row = f"{manifest['kind']:<8} {manifest['code_dim']:>4} {m['test_sq_err']:>11.3f} {m['pca_sq_err']:>10.3f}"
+            except (OSError, ValueError, KeyError, TypeError):
+                row = f"{'(unreadable manifest)':<37}"
+            print(f"{name:<24} {version:>7} {row}  {','.join(sorted(by_version.get(version, [])))}")
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    registry = Registry(Registry.default_root(args.registry))
+    registry.set_alias(args.name, args.version, args.alias)
+    print(f"{args.name}: {args.alias} -> {registry.resolve(args.name, args.alias)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    name, _, ref = args.target.partition(":")
+    registry = Registry(Registry.default_root(args.registry))
+    loaded = registry.load(name, ref or "latest")
+    manifest = loaded.manifest
+    stored = manifest["metrics"]
+    print(f"{name}:{loaded.version}  kind {manifest['kind']}  code_dim {loaded.code_dim}  input_shape {list(loaded.input_shape)}")
+    rows = [("test_sq_err (stored)", stored["test_sq_err"]), ("test_mse (stored)", stored["test_mse"]),
+            ("pca_sq_err (stored)", stored["pca_sq_err"])]
+    data = DataConfig(**manifest["training"]["data"])
+    try:
+        dataset = load_dataset(data)
+    except DataError as e:
+        print(f"(cannot re-measure: {e})")
+    else:
+        if dataset.fingerprint != manifest["training"]["data_fingerprint"]:
+            print("(warning: the data on disk differs from the data this version was trained on)")
+        x_test = torch.from_numpy(loaded.preprocessing.to_model(dataset.test_x))
+        errors = reconstruction_errors(loaded.model, x_test)
+        rows += [("test_sq_err (re-measured)", float(errors.mean())), ("test_mse (re-measured)", float(errors.mean()) / x_test.shape[1])]
+    for label, value in rows:
+        print(f"  {label:<28} {value:.5f}")
+    ratio = stored["test_sq_err"] / stored["pca_sq_err"] if stored["pca_sq_err"] else float("nan")
+    print(f"  {'ratio to PCA':<28} {ratio:.3f}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

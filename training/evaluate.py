@@ -1,0 +1,46 @@
+"""Held-out metrics every manifest carries, and the closed-form PCA baseline they are compared with."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.base import Autoencoder
+from models.checkpoint import error_quantiles
+from models.pca import PCA, PCAConfig
+
+EVAL_BATCH = 4096
+
+
+@torch.inference_mode()
+def reconstruction_errors(model: Autoencoder, x: torch.Tensor) -> np.ndarray:
+    """Summed squared error per example: x (n, input_dim) float32 in model space -> (n,) float64."""
+    model.eval()
+    chunks = [(model(x[i:i + EVAL_BATCH]) - x[i:i + EVAL_BATCH]).pow(2).sum(dim=1) for i in range(0, len(x), EVAL_BATCH)]
+    return torch.cat(chunks).double().numpy() if chunks else np.zeros(0)
+
+
+def pca_baseline(x_train: torch.Tensor, code_dim: int) -> PCA:
+    """Closed-form PCA with the same code size, fitted on the same training data."""
+    pca = PCA(PCAConfig(code_dim=min(code_dim, *x_train.shape)), x_train.shape[1])
+    pca.prepare(x_train)
+    return pca
+
+
+def held_out_metrics(model: Autoencoder, x_train: torch.Tensor, x_test: torch.Tensor) -> dict[str, Any]:
+    """The metrics block of a manifest. Inputs are in model space ([0, 1])."""
+    errors = reconstruction_errors(model, x_test)
+    pca_errors = reconstruction_errors(pca_baseline(x_train, model.code_dim), x_test)
+    input_dim = x_test.shape[1]
+    test_sq_err = float(errors.mean())
+    pca_sq_err = float(pca_errors.mean())
+    return {
+        "test_sq_err": test_sq_err,
+        "test_mse": test_sq_err / input_dim,
+        "pca_sq_err": pca_sq_err,
+        "pca_mse": pca_sq_err / input_dim,
+        "ratio_to_pca": test_sq_err / pca_sq_err if pca_sq_err > 0 else None,
+        "n_test": int(len(x_test)),
+        "error_quantiles": error_quantiles(errors),
+    }

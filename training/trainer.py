@@ -1,0 +1,117 @@
+"""Offline training: data -> model -> held-out metrics -> a new immutable registry version."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import build_model
+from models.checkpoint import weights_bytes
+from models.projector import Projector
+from models.registry import Registry
+from training.config import RunConfig
+from training.data import Dataset, load_dataset
+from training.evaluate import EVAL_BATCH, held_out_metrics, reconstruction_errors
+
+
+def split_validation(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of training examples (n, d) into (train, validation)."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_val = int(len(x) * fraction)
+    return x[order[n_val:]], x[order[:n_val]]
+
+
+def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, config: RunConfig, progress: bool = True) -> list[dict[str, float]]:
+    """Gradient training of whatever parameters the model has; returns per-epoch history."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    train = config.train
+    if not params or train.epochs == 0:
+        return []
+    optimiser = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / train.batch_size)
+    scheduler = (
+        torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=train.lr, total_steps=train.epochs * steps_per_epoch)
+        if train.schedule == "onecycle" else None
+    )
+    shuffle = torch.Generator().manual_seed(train.seed + 1)
+    history = []
+    for epoch in range(1, train.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=shuffle)
+        total, seen = 0.0, 0
+        bar = tqdm(range(0, len(x_train), train.batch_size), desc=f"epoch {epoch}/{train.epochs}",
+                   disable=not progress, leave=False, file=sys.stderr)
+        for start in bar:
+            batch = x_train[order[start:start + train.batch_size]]
+            loss = model.loss(batch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.item() * len(batch)
+            seen += len(batch)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        record = {"epoch": epoch, "train_loss": total / seen}
+        if len(x_val):
+            record["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
+        history.append(record)
+        if progress:
+            print(f"epoch {epoch}/{train.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), file=sys.stderr)
+    return history
+
+
+@torch.inference_mode()
+def fit_projector(model: torch.nn.Module, x_train: torch.Tensor) -> Projector:
+    codes = torch.cat([model.encode(x_train[i:i + EVAL_BATCH]) for i in range(0, len(x_train), EVAL_BATCH)])
+    return Projector(model.code_dim).fit(codes)
+
+
+def train(config: RunConfig, registry: Registry, progress: bool = True, dataset: Dataset | None = None) -> int:
+    """Train one run and publish it; returns the new version number. Nothing is written if any step fails."""
+    started = time.perf_counter()
+    dataset = dataset or load_dataset(config.data)
+    preprocessing = dataset.preprocessing
+    x_all = torch.from_numpy(preprocessing.to_model(dataset.train_x))
+    x_test = torch.from_numpy(preprocessing.to_model(dataset.test_x))
+    x_train, x_val = split_validation(x_all, config.data.val_fraction, config.train.seed)
+
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model_kind, config.model, preprocessing.input_dim)
+    model.prepare(x_train)
+    history = fit(model, x_train, x_val, config, progress)
+    model.eval()
+    metrics = held_out_metrics(model, x_train, x_test)
+    if len(x_val):
+        metrics["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
+    projector = fit_projector(model, x_train)
+    seconds = time.perf_counter() - started
+
+    manifest: dict[str, Any] = {
+        "kind": model.kind,
+        "config": model.config_dict(),
+        "input_shape": list(preprocessing.input_shape),
+        "code_dim": model.code_dim,
+        "preprocessing": preprocessing.to_dict(),
+        "projector": {"kind": projector.kind},
+        "training": {
+            "dataset": dataset.name,
+            "data_fingerprint": dataset.fingerprint,
+            "data": config.to_dict()["data"],
+            "epochs": config.train.epochs,
+            "seed": config.train.seed,
+            "seconds": round(seconds, 2),
+            "n_train": int(len(x_train)),
+            "n_val": int(len(x_val)),
+            "run_config": config.to_dict(),
+            "history": history,
+            "torch": torch.__version__,
+        },
+        "metrics": metrics,
+    }
+    return registry.publish(config.name, manifest, weights_bytes(model, projector))
