@@ -1,8 +1,53 @@
-"""`aeserve serve` (arrives with the HTTP service)."""
+"""`aeserve serve`: run the HTTP service with uvicorn."""
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """No service commands yet."""
+    p = sub.add_parser("serve", help="serve the registry's models over HTTP")
+    p.add_argument("--registry", help="registry folder (default: $AESERVE_REGISTRY or ./registry)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run (default auto: a GPU when present)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set AESERVE_API_KEY)")
+    p.add_argument("--models", help="comma-separated model names to serve (default: all)")
+    p.add_argument("--max-batch-rows", type=int, help="most rows per model call (default 256)")
+    p.add_argument("--max-wait-ms", type=float, help="batching wait for more rows (default 0)")
+    p.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 512)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default 64 MiB)")
+    p.add_argument("--poll-seconds", type=float, help="how often to look for new versions (default 2; 0: never)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_const", const=False, help="no per-request log lines")
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Flags override AESERVE_* environment variables, which override the defaults."""
+    from models.registry import Registry
+    from service.settings import Settings
+
+    flags = {key: value for key, value in vars(args).items()
+             if key in Settings.model_fields and key != "registry" and value is not None}
+    return Settings(registry=Registry.default_root(args.registry), **flags)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = settings_from_args(args)
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.draining = True  # readiness answers 503 at once; in-flight requests finish
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_level="info",
+                            timeout_graceful_shutdown=settings.drain_seconds)
+    DrainingServer(config).run()
+    return 0

@@ -1,0 +1,44 @@
+"""Liveness, readiness and Prometheus metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from service.auth import require_api_key
+from service.codec import json_bytes
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    """200 while the process runs."""
+    return Response(json_bytes({"status": "live"}), media_type="application/json")
+
+
+@router.get("/health/ready", responses={503: {"description": "not ready: loading, no models, or draining"}})
+async def ready(request: Request) -> Response:
+    """200 when models are loaded and warmed up, else 503."""
+    state = request.app.state
+    store = state.store
+    if state.draining:
+        reason = "shutting down"
+    elif not store.loaded_once:
+        reason = "loading models"
+    elif not store.names():
+        reason = f"no models loaded from {store.registry.root}"
+    else:
+        return Response(json_bytes({"status": "ready", "models": store.names()}), media_type="application/json")
+    return Response(json_bytes({"status": "not ready", "detail": reason}), status_code=503, media_type="application/json",
+                    headers={"Retry-After": "1"})
+
+
+@router.get("/metrics", dependencies=[Depends(require_api_key)])
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    m = request.app.state.metrics
+    m.queue_depth.set(request.app.state.batcher.pending)
+    m.loaded.set(len(request.app.state.store.loaded()))
+    m.refused.set(len(request.app.state.store.failed))
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

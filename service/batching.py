@@ -1,0 +1,131 @@
+"""Dynamic batching: rows from concurrent requests to the same version and operation run as one model call.
+
+One worker per (version, operation) takes whatever is queued (up to
+``max_batch_rows`` rows, waiting at most ``max_wait`` for more), runs the model
+in a thread pool so the event loop never blocks, and hands each request its
+own slice of the outputs. Inputs are validated before they get here; if a
+batched call still fails, each request is retried alone so one bad request
+fails only itself.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import ApiError
+
+Outputs = tuple[np.ndarray, ...]
+
+
+@dataclass
+class _Pending:
+    rows: np.ndarray
+    future: asyncio.Future
+
+
+def _as_tuple(result: np.ndarray | tuple[np.ndarray, ...]) -> Outputs:
+    return result if isinstance(result, tuple) else (result,)
+
+
+class Batcher:
+    def __init__(self, max_batch_rows: int, max_wait_s: float, max_queue: int, threads: int = 1,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.max_batch_rows = max_batch_rows
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch or (lambda rows: None)
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aeserve-model")
+        self._queues: dict[tuple[int, str], asyncio.Queue[_Pending]] = {}
+        self._workers: dict[tuple[int, str], asyncio.Task] = {}
+        self.pending = 0  # requests queued or running, over all workers
+
+    async def submit(self, fn: Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, ...]], rows: np.ndarray) -> Outputs:
+        """Run ``fn`` (a bound ModelVersion method) on ``rows`` (n, ...) float32, batched with other requests."""
+        if self.pending >= self.max_queue:
+            raise ApiError(503, f"overloaded: {self.pending} requests are waiting; retry shortly", {"Retry-After": "1"})
+        if len(rows) >= self.max_batch_rows:
+            # Already a full batch: no reason to queue it behind others' rows.
+            self.pending += 1
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, fn, rows)
+            finally:
+                self.pending -= 1
+            self.on_batch(len(rows))
+            return _as_tuple(result)
+        key = (id(fn.__self__), fn.__name__)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = asyncio.Queue()
+            self._workers[key] = asyncio.create_task(self._work(fn, queue))
+        future = asyncio.get_running_loop().create_future()
+        self.pending += 1
+        queue.put_nowait(_Pending(rows, future))
+        try:
+            return await future
+        finally:
+            self.pending -= 1
+
+    async def _collect(self, queue: asyncio.Queue[_Pending]) -> list[_Pending]:
+        batch = [await queue.get()]
+        rows = len(batch[0].rows)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while rows < self.max_batch_rows:
+            if queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                item = queue.get_nowait()
+            batch.append(item)
+            rows += len(item.rows)
+        return batch
+
+    async def _work(self, fn: Callable, queue: asyncio.Queue[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect(queue)
+            batch = [p for p in batch if not p.future.done()]  # drop requests whose client went away
+            if not batch:
+                continue
+            try:
+                rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+                outputs = _as_tuple(await loop.run_in_executor(self._executor, fn, rows))
+            except Exception:
+                await self._one_by_one(fn, batch)
+                continue
+            self.on_batch(len(rows))
+            start = 0
+            for pending in batch:
+                stop = start + len(pending.rows)
+                if not pending.future.done():
+                    pending.future.set_result(tuple(o[start:stop] for o in outputs))
+                start = stop
+
+    async def _one_by_one(self, fn: Callable, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        for pending in batch:
+            try:
+                result = _as_tuple(await loop.run_in_executor(self._executor, fn, pending.rows))
+            except Exception as e:
+                if not pending.future.done():
+                    pending.future.set_exception(e)
+            else:
+                if not pending.future.done():
+                    pending.future.set_result(result)
+
+    async def close(self) -> None:
+        for task in self._workers.values():
+            task.cancel()
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        self._workers.clear()
+        self._queues.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)

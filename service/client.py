@@ -1,0 +1,155 @@
+"""Python client for other apps: numpy arrays in and out, ``.npy`` on the wire, sync and async.
+
+    from service.client import Client
+    with Client("http://127.0.0.1:8000") as client:
+        result = client.encode("fmnist-mlp30", images)      # images: (n, 28, 28) or (n, 784)
+        result.outputs, result.model, result.version
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+NPY = "application/x-npy"
+
+
+class AeserveError(Exception):
+    """An error answer from the service: ``status`` and the service's ``detail``."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class Result:
+    outputs: np.ndarray  # float32; codes (n, code_dim), data (n, *input_shape) or coordinates (n, 2)
+    model: str
+    version: str
+    errors: np.ndarray | None = None  # reconstruct only: (n,) summed squared errors
+    percentiles: np.ndarray | None = None  # reconstruct only: (n,) 0-100 among held-out errors
+
+
+def _path(name: str, op: str, version: str | int | None) -> str:
+    return f"/v1/models/{name}/{op}" if version is None else f"/v1/models/{name}/versions/{version}/{op}"
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _request(op: str, array: np.ndarray) -> dict:
+    # reconstruct answers errors and percentiles too, which only the JSON answer carries.
+    accept = "application/json" if op == "reconstruct" else NPY
+    return {"content": _npy(array), "headers": {"Content-Type": NPY, "Accept": accept}}
+
+
+def _check(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise AeserveError(response.status_code, str(detail))
+
+
+def _result(response: httpx.Response) -> Result:
+    _check(response)
+    model, version = response.headers.get("X-Model-Name", ""), response.headers.get("X-Model-Version", "")
+    if response.headers.get("content-type", "").startswith(NPY):
+        return Result(np.load(io.BytesIO(response.content), allow_pickle=False), model, version)
+    body = response.json()
+    optional = {k: np.asarray(body[k], dtype=np.float32) for k in ("errors", "percentiles") if k in body}
+    return Result(np.asarray(body["outputs"], dtype=np.float32), body["model"], body["version"], **optional)
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Client:
+    """Blocking client. Raises AeserveError for error answers."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
+
+    def _call(self, op: str, name: str, array: np.ndarray, version: str | int | None) -> Result:
+        return _result(self._http.post(_path(name, op, version), **_request(op, array)))
+
+    def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return self._call("encode", name, x, version)
+
+    def decode(self, name: str, codes: np.ndarray, version: str | int | None = None) -> Result:
+        return self._call("decode", name, codes, version)
+
+    def reconstruct(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return self._call("reconstruct", name, x, version)
+
+    def project(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return self._call("project", name, x, version)
+
+    def models(self) -> list[dict]:
+        response = self._http.get("/v1/models")
+        _check(response)
+        return response.json()["models"]
+
+    def manifest(self, name: str, version: str | int | None = None) -> dict:
+        response = self._http.get(f"/v1/models/{name}" if version is None else f"/v1/models/{name}/versions/{version}")
+        _check(response)
+        return response.json()
+
+    def ready(self) -> bool:
+        return self._http.get("/health/ready").status_code == 200
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Asyncio client with the same calls as Client."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
+
+    async def _call(self, op: str, name: str, array: np.ndarray, version: str | int | None) -> Result:
+        return _result(await self._http.post(_path(name, op, version), **_request(op, array)))
+
+    async def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("encode", name, x, version)
+
+    async def decode(self, name: str, codes: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("decode", name, codes, version)
+
+    async def reconstruct(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("reconstruct", name, x, version)
+
+    async def project(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("project", name, x, version)
+
+    async def models(self) -> list[dict]:
+        response = await self._http.get("/v1/models")
+        _check(response)
+        return response.json()["models"]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

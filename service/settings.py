@@ -1,0 +1,42 @@
+"""Service settings: one class, filled from flags and AESERVE_* environment variables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AESERVE_", extra="ignore")
+
+    registry: Path = Field(default=Path("registry"), description="registry folder")
+    host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the service to the network")
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    api_key: str | None = Field(default=None, description="when set, every route but /health/* needs 'Authorization: Bearer KEY'")
+    models: str = Field(default="", description="comma-separated model names to serve (empty: all)")
+
+    max_body_bytes: int = Field(default=64 * 2**20, gt=0, description="request bodies above this size get 413")
+    max_rows: int = Field(default=65_536, gt=0, description="most rows in one request")
+    max_batch_rows: int = Field(default=256, gt=0, description="most rows the batcher sends to a model at once")
+    max_wait_ms: float = Field(default=0.0, ge=0, description="how long the batcher waits for more rows; 0 batches only what is already queued")
+    max_queue: int = Field(default=512, gt=0, description="requests waiting for a model beyond this get 503 with Retry-After")
+    inference_threads: int = Field(default=1, gt=0, description="threads that run model calls")
+    poll_seconds: float = Field(default=2.0, ge=0, description="how often to look for new versions (0: only on POST /v1/reload)")
+    drain_seconds: float = Field(default=10.0, ge=0, description="how long SIGTERM waits for requests in flight")
+    access_log: bool = True
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+        return self.device

@@ -1,0 +1,110 @@
+"""Loaded model versions: loaded and warmed at start, refreshed from the registry while serving.
+
+Requests look versions up in an in-memory index that is swapped whole on
+refresh, so a request keeps the ModelVersion it started with. A version that
+fails to load is reported and never replaces a good one.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.checkpoint import CheckpointError, ModelVersion
+from models.registry import NotFoundError, Registry, RegistryError, check_name
+
+log = logging.getLogger("aeserve.store")
+
+
+class NotReadyError(RuntimeError):
+    """Models are still loading."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    versions: dict[int, ModelVersion]
+    aliases: dict[str, int]
+
+
+@dataclass
+class ModelStore:
+    registry: Registry
+    device: str = "cpu"
+    only: list[str] = field(default_factory=list)
+    _index: dict[str, ModelEntry] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it was refused
+    loaded_once: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def names(self) -> list[str]:
+        return sorted(self._index)
+
+    def entry(self, name: str) -> ModelEntry:
+        index = self._index
+        if not self.loaded_once:
+            raise NotReadyError("models are still loading; retry shortly")
+        if name not in index:
+            raise NotFoundError(f"unknown model {name!r}; available: {sorted(index)}")
+        return index[name]
+
+    def get(self, name: str, ref: str = "latest") -> ModelVersion:
+        """A loaded version by number or alias. Raises NotFoundError naming what exists."""
+        entry = self.entry(name)
+        version = int(ref) if ref.isdigit() else entry.aliases.get(ref)
+        if version not in entry.versions:
+            raise NotFoundError(
+                f"model {name!r} has no loaded version or alias {ref!r}; versions: {sorted(entry.versions)}, aliases: {sorted(entry.aliases)}")
+        return entry.versions[version]
+
+    def refresh(self) -> list[str]:
+        """Load versions published since the last refresh; returns 'name:version' of those added."""
+        with self._lock:
+            added: list[str] = []
+            index: dict[str, ModelEntry] = {}
+            for name in self.registry.names():
+                if self.only and name not in self.only:
+                    continue
+                old = self._index.get(name, ModelEntry({}, {}))
+                versions = dict(old.versions)
+                for version in self.registry.versions(name):
+                    key = f"{name}:{version}"
+                    if version in versions or key in self.failed:
+                        continue  # published versions never change: load each once
+                    try:
+                        versions[version] = warmed(self.registry.load(name, version, self.device))
+                        added.append(key)
+                        log.info("loaded %s", key)
+                    except (CheckpointError, RegistryError, NotFoundError, OSError, ValueError, KeyError, TypeError) as e:
+                        self.failed[key] = str(e)
+                        log.error("refused %s: %s", key, e)
+                if not versions:
+                    continue
+                aliases = {a: v for a, v in self.registry.aliases(name).items() if v in versions}
+                aliases["latest"] = max(versions)  # the highest version that loaded
+                index[name] = ModelEntry(versions, aliases)
+            self._index = index
+            self.loaded_once = True
+            return added
+
+    def loaded(self) -> list[tuple[str, int]]:
+        return [(name, v) for name, entry in sorted(self._index.items()) for v in sorted(entry.versions)]
+
+
+def warmed(version: ModelVersion) -> ModelVersion:
+    """Run every operation once so the first request pays no one-off costs."""
+    x = np.zeros((1, *version.input_shape), np.float32)
+    version.reconstruct(x)
+    version.project(x)
+    version.decode(version.encode(x))
+    return version
+
+
+def valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+        return True
+    except RegistryError:
+        return False

@@ -1,0 +1,83 @@
+"""Service fixtures: the app in-process (TestClient runs its lifespan) and a real uvicorn server on loopback."""
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from models.registry import Registry
+from service.app import create_app
+from service.settings import Settings
+
+
+def wait_ready(get, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if get("/health/ready").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise TimeoutError("service did not become ready")
+
+
+@pytest.fixture
+def service_registry(trained_registry: Registry, tmp_path: Path) -> Registry:
+    """A private copy of the trained digits registry, so tests may publish into it."""
+    root = tmp_path / "registry"
+    shutil.copytree(trained_registry.root, root)
+    return Registry(root)
+
+
+def make_client(registry: Registry, **settings) -> TestClient:
+    app = create_app(Settings(registry=registry.root, poll_seconds=0, access_log=False, device="cpu", **settings))
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def api(service_registry: Registry) -> Iterator[TestClient]:
+    with make_client(service_registry) as client:
+        wait_ready(client.get)
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving the app on 127.0.0.1 in a background thread."""
+
+    def __init__(self, registry: Registry, **settings) -> None:
+        self.port = free_port()
+        self.app = create_app(Settings(registry=registry.root, access_log=False, device="cpu", port=self.port, **settings))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "LiveServer":
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                wait_ready(lambda path: httpx.get(self.url + path), timeout=30)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise TimeoutError("server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,192 @@
+"""Every route in-process: answers checked against the models themselves, errors with exact codes and messages."""
+import io
+
+import numpy as np
+import pytest
+
+from tests.conftest import KIND_CONFIGS
+from tests.service.conftest import make_client, wait_ready
+
+NAMES = [f"digits-{kind}" for kind in KIND_CONFIGS]
+rng = np.random.default_rng(0)
+IMAGES = (rng.random((5, 8, 8)) * 16).astype(np.float32)
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_health_and_listing(api, service_registry):
+    assert api.get("/health/live").status_code == 200
+    ready = api.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["models"] == sorted(NAMES)
+    assert api.get("/v1/models").json() == {"models": [
+        {"name": name, "versions": ["1"], "aliases": {"latest": "1"}} for name in sorted(NAMES)]}
+    manifest = api.get("/v1/models/digits-mlp")
+    assert manifest.json() == service_registry.manifest("digits-mlp")
+    assert manifest.headers["X-Model-Version"] == "1"
+    assert api.get("/v1/models/digits-mlp/versions/latest").json()["version"] == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_operations_match_the_model(api, service_registry, name):
+    version = service_registry.load(name)
+    codes = version.encode(IMAGES)
+    expected = {
+        "encode": codes,
+        "project": version.project(IMAGES),
+        "reconstruct": version.reconstruct(IMAGES)[0],
+    }
+    for op, want in expected.items():
+        response = api.post(f"/v1/models/{name}/{op}", json={"inputs": IMAGES.tolist()})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["model"], body["version"]) == (name, "1")
+        assert (response.headers["X-Model-Name"], response.headers["X-Model-Version"]) == (name, "1")
+        np.testing.assert_allclose(np.asarray(body["outputs"]), want, rtol=1e-5, atol=1e-5)
+    decoded = api.post(f"/v1/models/{name}/versions/1/decode", json={"inputs": codes.tolist()}).json()["outputs"]
+    np.testing.assert_allclose(np.asarray(decoded), version.decode(codes), rtol=1e-5, atol=1e-4)
+    assert np.asarray(decoded).shape == (5, 8, 8)
+
+
+def test_reconstruct_errors_and_percentiles(api, service_registry):
+    version = service_registry.load("digits-mlp")
+    _, errors, percentiles = version.reconstruct(IMAGES)
+    body = api.post("/v1/models/digits-mlp/reconstruct", json={"inputs": IMAGES.reshape(5, 64).tolist()}).json()
+    np.testing.assert_allclose(body["errors"], errors, rtol=1e-5)
+    np.testing.assert_allclose(body["percentiles"], percentiles, atol=1e-3)
+    assert np.asarray(body["outputs"]).shape == (5, 64)  # flat rows in, flat rows out
+    assert all(0 <= p <= 100 for p in body["percentiles"])
+    # A blank image is a poor digit: its error sits high among the held-out errors.
+    blank = api.post("/v1/models/digits-mlp/reconstruct", json={"inputs": [[16.0] * 64]}).json()
+    assert blank["percentiles"][0] > 99
+
+
+def test_npy_in_and_out(api, service_registry):
+    version = service_registry.load("digits-pca")
+    response = api.post("/v1/models/digits-pca/encode", content=npy(IMAGES),
+                        headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-npy"
+    assert response.headers["X-Model-Name"] == "digits-pca" and response.headers["X-Model-Version"] == "1"
+    np.testing.assert_allclose(np.load(io.BytesIO(response.content)), version.encode(IMAGES), rtol=1e-5, atol=1e-5)
+    # int arrays are numbers too
+    ints = api.post("/v1/models/digits-pca/project", content=npy(IMAGES.astype(np.int64)), headers={"Content-Type": "application/x-npy"})
+    assert ints.status_code == 200
+
+
+ROW = [1.0] * 64
+ERRORS = [
+    ({"inputs": [[1.0, 2.0]]}, 422, "each row must be 64 numbers or nested shape [8, 8]; got rows of shape [2]"),
+    ({"inputs": [ROW, ROW[:10]]}, 422, "inputs are ragged: every row must have the same shape"),
+    ({"inputs": [["a"] * 64]}, 422, "inputs must be numbers, got strings"),
+    ({"inputs": [["NaN"] + ROW[1:]]}, 422, "inputs must be numbers, got strings"),
+    ({"inputs": [[True] * 64]}, 422, "inputs must be numbers, got booleans"),
+    ({"inputs": [ROW[:-1] + [1e39]]}, 422, "row 0 holds a NaN, an infinity or a value that overflows float32; all inputs must be finite"),
+    ({"inputs": [ROW[:-1] + [10**400]]}, 422, "a number in inputs overflows float32"),
+    ({"inputs": [ROW, [None] * 64]}, 422, "inputs are ragged or mixed"),
+    ({"inputs": []}, 422, "inputs must hold at least one row"),
+    ({"inputs": 3}, 422, "inputs must be a list of rows, got int"),
+    ({"rows": []}, 422, 'the JSON body must be an object {"inputs": [row, ...]}'),
+]
+
+
+@pytest.mark.parametrize("body,status,message", ERRORS)
+def test_bad_json_inputs(api, body, status, message):
+    response = api.post("/v1/models/digits-mlp/encode", json=body)
+    assert response.status_code == status
+    assert response.json()["detail"].startswith(message)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_json_literals(api, literal):
+    body = '{"inputs": [[' + ",".join(["1"] * 63 + [literal]) + "]]}"
+    response = api.post("/v1/models/digits-mlp/encode", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert "all inputs must be finite" in response.json()["detail"]
+
+
+def test_malformed_bodies(api):
+    response = api.post("/v1/models/digits-mlp/encode", content=b'{"inputs": [[1,', headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["detail"].startswith("malformed JSON body")
+    response = api.post("/v1/models/digits-mlp/encode", content=b"\x93NUMPY garbage", headers={"Content-Type": "application/x-npy"})
+    assert response.status_code == 400 and response.json()["detail"].startswith("malformed .npy body")
+    response = api.post("/v1/models/digits-mlp/encode", content=npy(np.array(["a"])), headers={"Content-Type": "application/x-npy"})
+    assert response.status_code == 422 and "must hold numbers" in response.json()["detail"]
+    response = api.post("/v1/models/digits-mlp/encode", content=b"x", headers={"Content-Type": "text/csv"})
+    assert response.status_code == 415
+    assert response.json()["detail"] == "unsupported Content-Type 'text/csv'; send application/json or application/x-npy"
+
+
+@pytest.mark.parametrize("path,message", [
+    ("/v1/models/nope/encode", "unknown model 'nope'; available: ['digits-linear', 'digits-mlp', 'digits-pca']"),
+    ("/v1/models/digits-mlp/versions/9/encode", "model 'digits-mlp' has no loaded version or alias '9'; versions: [1], aliases: ['latest']"),
+    ("/v1/models/digits-mlp/versions/prod/encode", "model 'digits-mlp' has no loaded version or alias 'prod'"),
+    ("/v1/models/digits-mlp/explode", "unknown operation 'explode'; allowed: encode, decode, reconstruct, project"),
+    ("/v1/models/%2e%2e/encode", "unknown model '..': model names are letters, digits, '_', '.', '-'"),
+    ("/v1/models/..%2fetc/encode", "no route POST"),
+    ("/v1/models/a/b/c/encode", "no route POST"),
+])
+def test_not_found(api, path, message):
+    response = api.post(path, json={"inputs": [ROW]})
+    assert response.status_code == 404
+    assert response.json()["detail"].startswith(message)
+
+
+def test_body_and_row_limits(service_registry):
+    with make_client(service_registry, max_body_bytes=2000, max_rows=3) as client:
+        wait_ready(client.get)
+        big = client.post("/v1/models/digits-mlp/encode", json={"inputs": [ROW] * 40})
+        assert big.status_code == 413
+        assert big.json()["detail"].startswith("request body of ") and "exceeds the limit of 2000 bytes" in big.json()["detail"]
+        rows = client.post("/v1/models/digits-mlp/encode", json={"inputs": [[1] * 64] * 4})
+        assert rows.status_code == 413 and rows.json()["detail"] == "4 rows exceed the limit of 3 rows per request"
+        assert client.post("/v1/models/digits-mlp/encode", json={"inputs": [[1] * 64] * 3}).status_code == 200
+
+
+def test_api_key(service_registry):
+    with make_client(service_registry, api_key="s3cret") as client:
+        wait_ready(client.get)
+        assert client.get("/health/live").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = client.get("/v1/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["detail"] == "missing or wrong API key: send 'Authorization: Bearer KEY'"
+        assert client.get("/metrics").status_code == 401
+        ok = client.post("/v1/models/digits-mlp/encode", json={"inputs": [ROW]}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+def test_metrics_count_requests_by_model_version_op_status(api):
+    api.post("/v1/models/digits-mlp/encode", json={"inputs": [ROW]})
+    api.post("/v1/models/digits-mlp/encode", json={"inputs": [ROW[:3]]})
+    text = api.get("/metrics").text
+    assert 'aeserve_requests_total{model="digits-mlp",op="encode",status="200",version="1"} 1.0' in text
+    assert 'aeserve_requests_total{model="digits-mlp",op="encode",status="422",version="1"} 1.0' in text
+    assert "aeserve_loaded_versions 3.0" in text
+    assert "aeserve_batch_rows_count" in text and "aeserve_queue_depth 0.0" in text
+
+
+def test_reload_picks_up_new_versions_and_refuses_corrupt_ones(api, service_registry):
+    from training.trainer import train
+    from tests.conftest import digits_run
+
+    train(digits_run("digits-pca", "pca"), service_registry, progress=False)
+    train(digits_run("digits-pca", "pca"), service_registry, progress=False)
+    weights = service_registry.version_dir("digits-pca", 3) / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    body = api.post("/v1/reload").json()
+    assert body["loaded"] == ["digits-pca:2"]
+    assert "sha256" in body["refused"]["digits-pca:3"]
+    response = api.post("/v1/models/digits-pca/encode", json={"inputs": [ROW]})
+    assert response.json()["version"] == "2"  # the corrupt version 3 never replaces the good one
+    assert api.post("/v1/models/digits-pca/versions/1/encode", json={"inputs": [ROW]}).json()["version"] == "1"
+    assert api.get("/v1/models/digits-pca/versions/3").status_code == 404
+
+
+def test_openapi_documents_every_operation(api):
+    paths = api.get("/openapi.json").json()["paths"]
+    for op in ("encode", "decode", "reconstruct", "project"):
+        assert "requestBody" in paths[f"/v1/models/{{name}}/{op}"]["post"]
+        assert f"/v1/models/{{name}}/versions/{{version}}/{op}" in paths

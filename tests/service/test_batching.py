@@ -1,0 +1,88 @@
+"""The batcher: concurrent rows share model calls, each request gets its own rows back, failures stay local."""
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher
+from service.errors import ApiError
+
+
+class Doubler:
+    """A stand-in model method: doubles its rows, records batch sizes, and can be held to let a queue build."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, rows: np.ndarray) -> np.ndarray:
+        self.gate.wait(5)
+        if (rows == -1).any():
+            raise ValueError("poisoned row")
+        self.calls.append(len(rows))
+        return rows * 2
+
+
+async def test_concurrent_requests_are_batched_and_split():
+    model, batches = Doubler(), []
+    batcher = Batcher(max_batch_rows=64, max_wait_s=0, max_queue=100, on_batch=batches.append)
+    model.gate.clear()  # the first call holds; the others queue behind it
+    first = asyncio.create_task(batcher.submit(model.run, np.full((1, 3), 100.0, np.float32)))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.create_task(batcher.submit(model.run, np.full((i + 1, 3), float(i), np.float32))) for i in range(10)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert model.calls == [1, sum(range(1, 11))]  # ten requests, one model call
+    assert batches == model.calls
+    np.testing.assert_array_equal(results[0][0], np.full((1, 3), 200.0))
+    for i, (out,) in enumerate(results[1:]):
+        np.testing.assert_array_equal(out, np.full((i + 1, 3), 2.0 * i))
+    await batcher.close()
+
+
+async def test_a_failing_request_fails_alone():
+    model = Doubler()
+    batcher = Batcher(max_batch_rows=64, max_wait_s=0, max_queue=100)
+    model.gate.clear()
+    blocker = asyncio.create_task(batcher.submit(model.run, np.zeros((1, 2), np.float32)))
+    await asyncio.sleep(0.05)
+    good = asyncio.create_task(batcher.submit(model.run, np.ones((2, 2), np.float32)))
+    bad = asyncio.create_task(batcher.submit(model.run, -np.ones((1, 2), np.float32)))
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await blocker
+    np.testing.assert_array_equal((await good)[0], 2 * np.ones((2, 2)))
+    with pytest.raises(ValueError, match="poisoned row"):
+        await bad
+    assert batcher.pending == 0
+    await batcher.close()
+
+
+async def test_full_queue_answers_503_with_retry_after():
+    model = Doubler()
+    batcher = Batcher(max_batch_rows=64, max_wait_s=0, max_queue=2)
+    model.gate.clear()
+    held = [asyncio.create_task(batcher.submit(model.run, np.zeros((1, 2), np.float32))) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(ApiError) as refused:
+        await batcher.submit(model.run, np.zeros((1, 2), np.float32))
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    model.gate.set()
+    await asyncio.gather(*held)
+    assert (await batcher.submit(model.run, np.ones((1, 2), np.float32)))[0].tolist() == [[2.0, 2.0]]
+    await batcher.close()
+
+
+async def test_wait_gathers_rows_that_arrive_later():
+    model = Doubler()
+    batcher = Batcher(max_batch_rows=64, max_wait_s=0.2, max_queue=100)
+    tasks = []
+    for _ in range(4):
+        tasks.append(asyncio.create_task(batcher.submit(model.run, np.ones((1, 2), np.float32))))
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+    assert model.calls == [4]
+    await batcher.close()

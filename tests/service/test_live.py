@@ -1,0 +1,82 @@
+"""A real uvicorn server on loopback, driven by the Python client (sync and async)."""
+import threading
+
+import numpy as np
+import pytest
+
+from service.client import AeserveError, AsyncClient, Client
+from training.trainer import train
+from tests.conftest import digits_run
+from tests.service.conftest import LiveServer
+
+IMAGES = (np.random.default_rng(1).random((6, 8, 8)) * 16).astype(np.float32)
+
+
+@pytest.fixture
+def live(service_registry):
+    with LiveServer(service_registry, poll_seconds=0.1) as server:
+        yield server
+
+
+def test_client_round_trip(live, service_registry):
+    version = service_registry.load("digits-mlp")
+    with Client(live.url) as client:
+        assert client.ready()
+        assert [m["name"] for m in client.models()] == ["digits-linear", "digits-mlp", "digits-pca"]
+        codes = client.encode("digits-mlp", IMAGES)
+        assert (codes.model, codes.version) == ("digits-mlp", "1")
+        np.testing.assert_allclose(codes.outputs, version.encode(IMAGES), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(client.decode("digits-mlp", codes.outputs).outputs, version.decode(codes.outputs), atol=1e-4)
+        recon = client.reconstruct("digits-mlp", IMAGES, version=1)
+        _, errors, percentiles = version.reconstruct(IMAGES)
+        np.testing.assert_allclose(recon.errors, errors, rtol=1e-5)
+        np.testing.assert_allclose(recon.percentiles, percentiles, atol=1e-3)
+        assert client.project("digits-mlp", IMAGES, version="latest").outputs.shape == (6, 2)
+        assert client.manifest("digits-mlp")["kind"] == "mlp"
+        with pytest.raises(AeserveError) as error:
+            client.encode("digits-mlp", np.zeros((2, 5)))
+        assert error.value.status == 422 and "each row must be 64 numbers" in error.value.detail
+        with pytest.raises(AeserveError) as error:
+            client.encode("nope", IMAGES)
+        assert error.value.status == 404
+
+
+async def test_async_client(live, service_registry):
+    expected = service_registry.load("digits-pca").project(IMAGES)
+    async with AsyncClient(live.url) as client:
+        result = await client.project("digits-pca", IMAGES)
+        np.testing.assert_allclose(result.outputs, expected, rtol=1e-5, atol=1e-5)
+        assert result.version == "1"
+
+
+def test_hot_reload_while_requests_flow(live, service_registry):
+    """A version published mid-traffic is picked up without a restart; no request fails."""
+    seen, failures, stop = [], [], threading.Event()
+
+    def traffic():
+        with Client(live.url) as client:
+            while not stop.is_set():
+                try:
+                    seen.append(client.encode("digits-mlp", IMAGES[:2]).version)
+                except Exception as e:  # any failure at all is what this test looks for
+                    failures.append(e)
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        train(digits_run("digits-mlp", "mlp", epochs=1), service_registry, progress=False)
+        with Client(live.url) as client:
+            for _ in range(200):
+                if client.encode("digits-mlp", IMAGES[:1]).version == "2":
+                    break
+                threading.Event().wait(0.05)
+        n_before = len(seen)
+        threading.Event().wait(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert seen[0] == "1" and "2" in seen
+    assert set(seen[n_before:]) == {"2"}  # once switched, answers stay on the new version
