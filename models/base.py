@@ -49,7 +49,7 @@ class Preprocessing:
         return {"input_shape": list(self.input_shape), "offset": self.offset, "scale": self.scale}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(input_shape=tuple(d["input_shape"]), offset=float(d["offset"]), scale=float(d["scale"]))
 
 

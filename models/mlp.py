@@ -1,7 +1,7 @@
 """Deep fully connected autoencoder (Hinton & Salakhutdinov, Science 2006: 784-1000-500-250-30)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ class MLPConfig:
 def _stack(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
     """Linear layers through ``sizes`` with the activation between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
             layers.append(activation())

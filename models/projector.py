@@ -23,7 +23,7 @@ class Projector(nn.Module):
         self.register_buffer("mean", torch.zeros(code_dim))
         self.register_buffer("components", torch.eye(2, code_dim) if code_dim >= 2 else torch.zeros(2, code_dim))
 
-    def fit(self, codes: torch.Tensor) -> "Projector":
+    def fit(self, codes: torch.Tensor) -> Projector:
         if self.code_dim == 2:
             return self
         if self.code_dim == 1:

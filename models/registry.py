@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,7 @@ class Registry:
                 "version": version,
                 **{k: v for k, v in manifest.items() if k not in ("name", "version")},
                 "sha256": sha256_bytes(weights),
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{version}-"))
             try:

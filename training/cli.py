@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 
 from models.checkpoint import CheckpointError

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models import MODEL_KINDS, build_model
+from models import MODEL_KINDS
 from models.base import config_from_dict
 from training.data import DataConfig
 

@@ -93,7 +93,8 @@ def read_idx(path: Path) -> np.ndarray:
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: corrupt gzip data ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES or raw[3] == 0:
-        raise DataError(f"{path}: wrong IDX magic number {raw[:4].hex() or '(empty file)'}; expected 0000 then a type byte in {[hex(t) for t in IDX_DTYPES]} and a dimension count")
+        raise DataError(f"{path}: wrong IDX magic number {raw[:4].hex() or '(empty file)'}; "
+                        f"expected 0000, a type byte in {[hex(t) for t in IDX_DTYPES]} and a dimension count")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -184,8 +185,8 @@ def _split_off_test(name: str, x: np.ndarray, y: np.ndarray | None, config: Data
     order = np.random.default_rng(12345).permutation(len(x))
     n_test = max(1, int(round(len(x) * config.test_fraction))) if config.test_fraction > 0 else 0
     test, train = order[:n_test], order[n_test:]
-    pick = (lambda a, idx: None if a is None else a[idx])
-    return Dataset(name, x[train], x[test], preprocessing, pick(y, train), pick(y, test))
+    test_y, train_y = (None, None) if y is None else (y[test], y[train])
+    return Dataset(name, x[train], x[test], preprocessing, train_y, test_y)
 
 
 def load_npy(config: DataConfig) -> Dataset:

@@ -84,7 +84,7 @@ async def run_operation(request: Request, name: str, ref: str, op: str) -> Respo
     headers = {"X-Model-Name": name, "X-Model-Version": str(version.version)}
     if wants_npy(request):
         return Response(npy_bytes(main), media_type=NPY, headers=headers)
-    document = {"model": name, "version": str(version.version), "outputs": main, **dict(zip(operation.extras, outputs[1:]))}
+    document = {"model": name, "version": str(version.version), "outputs": main, **dict(zip(operation.extras, outputs[1:], strict=True))}
     return Response(json_bytes(document), media_type=JSON, headers=headers)
 
 

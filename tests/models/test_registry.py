@@ -7,8 +7,8 @@ import pytest
 
 from models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, sha256_bytes
 from models.registry import NotFoundError, Registry, RegistryError
-from training.trainer import train
 from tests.conftest import digits_run
+from training.trainer import train
 
 
 @pytest.fixture

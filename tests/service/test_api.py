@@ -169,8 +169,8 @@ def test_metrics_count_requests_by_model_version_op_status(api):
 
 
 def test_reload_picks_up_new_versions_and_refuses_corrupt_ones(api, service_registry):
-    from training.trainer import train
     from tests.conftest import digits_run
+    from training.trainer import train
 
     train(digits_run("digits-pca", "pca"), service_registry, progress=False)
     train(digits_run("digits-pca", "pca"), service_registry, progress=False)

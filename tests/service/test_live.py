@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from service.client import AeserveError, AsyncClient, Client
-from training.trainer import train
 from tests.conftest import digits_run
 from tests.service.conftest import LiveServer
+from training.trainer import train
 
 IMAGES = (np.random.default_rng(1).random((6, 8, 8)) * 16).astype(np.float32)
 

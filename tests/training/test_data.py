@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from models.registry import Registry
+from tests.conftest import write_idx
 from training.config import build_run_config
 from training.data import DataConfig, DataError, load_dataset, read_idx
 from training.trainer import train
-from tests.conftest import write_idx
 
 
 def test_fashion_mnist_idx_files(fmnist_dir):

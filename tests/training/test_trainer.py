@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from models.registry import Registry
+from tests.conftest import digits_run
 from training.config import load_run_config, parse_override
 from training.trainer import train
-from tests.conftest import digits_run
 
 
 def test_same_seed_gives_same_weights_sha256(tmp_path):

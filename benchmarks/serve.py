@@ -1,0 +1,144 @@
+"""Serving benchmark: throughput against the HTTP stack's ceiling, big .npy batches, latency, memory, start-up.
+
+    .venv/bin/python benchmarks/serve.py --registry registry --model fmnist-mlp30
+
+Needs `wrk` (Debian package) for (a). Starts each server as its own process on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(command: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, float]:
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while time.perf_counter() - started < 120:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
+                return process, time.perf_counter() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{command} did not become ready")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def wrk(url: str, body: str, seconds: int, connections: int) -> float:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[{body}]]\n')
+    script.close()
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", script.name, url],
+                         capture_output=True, text=True, check=True).stdout
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non_2xx:
+        raise RuntimeError(f"wrk saw {non_2xx.group(1)} error answers:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", default="registry")
+    parser.add_argument("--model", default="fmnist-mlp30")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    python = sys.executable
+    port = 8765
+    base = f"http://127.0.0.1:{port}"
+
+    from models.registry import Registry
+
+    version = Registry(args.registry).load(args.model)
+    row = np.random.default_rng(0).random(version.preprocessing.input_dim).astype(np.float32) * 255
+    body = '{"inputs": [[' + ",".join(f"{v:.1f}" for v in row) + "]]}"
+    results: dict[str, str] = {}
+
+    # (a) ceiling of the HTTP stack, then the service, same client and settings.
+    if shutil.which("wrk"):
+        ceiling, _ = start([python, "-m", "uvicorn", "benchmarks.ceiling_app:app", "--port", str(port), "--no-access-log", "--log-level", "warning"], port)
+        try:
+            ceiling_rps = wrk(f"{base}/v1/models/m/encode", body, args.seconds, args.connections)
+        finally:
+            stop(ceiling)
+    else:
+        ceiling_rps = float("nan")
+        print("wrk not found: skipping (a)")
+
+    server, ready_seconds = start([python, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
+                                   "--models", args.model, "--poll-seconds", "0", "--no-access-log"], port)
+    try:
+        results["(e) start to ready"] = f"{ready_seconds:.2f} s"
+        results["(d) resident memory, model loaded"] = f"{rss_mb(server.pid):.0f} MB"
+        if shutil.which("wrk"):
+            service_rps = wrk(f"{base}/v1/models/{args.model}/encode", body, args.seconds, args.connections)
+            results["(a) single-row JSON encode, 32 connections"] = (
+                f"{service_rps:.0f} req/s vs ceiling {ceiling_rps:.0f} req/s = {service_rps / ceiling_rps:.2f} x")
+        results["(d) resident memory after load test"] = f"{rss_mb(server.pid):.0f} MB"
+
+        with httpx.Client(base_url=base, timeout=60) as client:
+            # (c) one request at a time
+            latencies = []
+            for _ in range(1000):
+                t = time.perf_counter()
+                response = client.post(f"/v1/models/{args.model}/encode", content=body, headers={"Content-Type": "application/json"})
+                latencies.append(time.perf_counter() - t)
+                assert response.status_code == 200, response.text
+            p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+            results["(c) sequential single-row JSON encode latency"] = f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+
+            # (b) 10,000 rows per .npy request against the same call in-process
+            batch = np.random.default_rng(1).random((10_000, *version.input_shape)).astype(np.float32) * 255
+            buffer = io.BytesIO()
+            np.save(buffer, batch)
+            payload = buffer.getvalue()
+            headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+            client.post(f"/v1/models/{args.model}/encode", content=payload, headers=headers)
+            repeats = 10
+            t = time.perf_counter()
+            for _ in range(repeats):
+                response = client.post(f"/v1/models/{args.model}/encode", content=payload, headers=headers)
+                assert response.status_code == 200
+            http_rows = repeats * len(batch) / (time.perf_counter() - t)
+    finally:
+        stop(server)
+    version.encode(batch)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        version.encode(batch)
+    local_rows = repeats * len(batch) / (time.perf_counter() - t)
+    results["(b) .npy encode, 10,000 rows per request"] = (
+        f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x")
+
+    print(f"\nmodel {args.model}:{version.version} ({version.manifest['kind']}, code {version.code_dim}), "
+          f"{os.cpu_count()} CPUs\n")
+    print("| measure | result |\n|---|---|")
+    for key in sorted(results):
+        print(f"| {key} | {results[key]} |")
+
+
+if __name__ == "__main__":
+    main()
