@@ -72,12 +72,13 @@ class Autoencoder(nn.Module):
     kind: ClassVar[str]
     config_class: ClassVar[type]
 
-    def __init__(self, config: Any, input_dim: int) -> None:
+    def __init__(self, config: Any, input_shape: tuple[int, ...]) -> None:
         super().__init__()
-        if input_dim <= 0:
-            raise ValueError(f"input_dim must be positive, got {input_dim}")
+        if not input_shape or any(int(s) <= 0 for s in input_shape):
+            raise ValueError(f"input_shape must be positive sizes, got {input_shape}")
         self.config = config
-        self.input_dim = int(input_dim)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_dim = math.prod(self.input_shape)
 
     @property
     def code_dim(self) -> int:
@@ -92,11 +93,17 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def prepare(self, x_train: torch.Tensor) -> None:
+    def prepare(self, x_train: torch.Tensor) -> dict[str, Any]:
         """Fit whatever has a closed form or a pre-training stage, before gradient training.
 
-        x_train: (n, input_dim) float32 in model space. Default: nothing to do.
+        x_train: (n, input_dim) float32 in model space. Returns facts worth recording
+        in the manifest (may be empty). Default: nothing to do.
         """
+        return {}
+
+    def extra_metrics(self, x: torch.Tensor) -> dict[str, float]:
+        """Kind-specific held-out metrics on x (n, input_dim), merged into the manifest's metrics."""
+        return {}
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """Scalar training loss for a batch: summed squared error per example, averaged."""

@@ -82,7 +82,7 @@ class ModelVersion:
 
     @staticmethod
     def _numpy(t: torch.Tensor) -> np.ndarray:
-        return t.to("cpu").numpy()
+        return np.ascontiguousarray(t.to("cpu").numpy())
 
     @torch.inference_mode()
     def encode(self, x: np.ndarray) -> np.ndarray:
@@ -148,7 +148,7 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
         preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
         # Build on the meta device first: absurd sizes in a manifest cost nothing until checked against the file.
         with torch.device("meta"):
-            skeleton = build_model(manifest["kind"], manifest["config"], preprocessing.input_dim)
+            skeleton = build_model(manifest["kind"], manifest["config"], preprocessing.input_shape)
             skeleton_projector = Projector(skeleton.code_dim)
         quantiles = np.asarray(manifest["metrics"]["error_quantiles"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as e:
@@ -170,7 +170,7 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     if any(t.dtype != torch.float32 for t in tensors.values()):
         raise CheckpointError(f"{weights_path}: every tensor must be float32")
 
-    model = build_model(manifest["kind"], manifest["config"], preprocessing.input_dim)
+    model = build_model(manifest["kind"], manifest["config"], preprocessing.input_shape)
     projector = Projector(model.code_dim)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})

@@ -26,15 +26,17 @@ class LinearAutoencoder(Autoencoder):
     kind = "linear"
     config_class = LinearConfig
 
-    def __init__(self, config: LinearConfig, input_dim: int) -> None:
-        super().__init__(config, input_dim)
+    def __init__(self, config: LinearConfig, input_shape: tuple[int, ...]) -> None:
+        super().__init__(config, input_shape)
+        input_dim = self.input_dim
         self.encoder = nn.Linear(input_dim, config.code_dim, bias=False)  # V: (code_dim, input_dim)
         self.decoder = nn.Linear(config.code_dim, input_dim, bias=False)  # U: (input_dim, code_dim)
         # Fitted state: the data mean, so that U V acts on centred data as in PCA.
         self.register_buffer("mean", torch.zeros(input_dim))
 
-    def prepare(self, x_train: torch.Tensor) -> None:
+    def prepare(self, x_train: torch.Tensor) -> dict:
         self.mean.copy_(x_train.mean(dim=0))
+        return {}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x - self.mean)

@@ -57,25 +57,24 @@ class MLPAutoencoder(Autoencoder):
     kind = "mlp"
     config_class = MLPConfig
 
-    def __init__(self, config: MLPConfig, input_dim: int) -> None:
-        super().__init__(config, input_dim)
+    def __init__(self, config: MLPConfig, input_shape: tuple[int, ...]) -> None:
+        super().__init__(config, input_shape)
+        input_dim = self.input_dim
         sizes = [input_dim, *config.hidden, config.code_dim]
         activation = ACTIVATIONS[config.activation]
         self.encoder = _stack(sizes, activation)
         self.decoder = _stack(sizes[::-1], activation)
+        self.sigmoid_output = config.output == "sigmoid"
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         out = self.decoder(z)
-        return torch.sigmoid(out) if self.config.output == "sigmoid" else out
+        return torch.sigmoid(out) if self.sigmoid_output else out
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.output == "sigmoid":
+        if self.sigmoid_output:
             logits = self.decoder(self.encoder(x))
             # Cross-entropy summed over pixels (Hinton & Salakhutdinov 2006), averaged over examples.
             return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)

@@ -43,16 +43,18 @@ class PCA(Autoencoder):
     kind = "pca"
     config_class = PCAConfig
 
-    def __init__(self, config: PCAConfig, input_dim: int) -> None:
-        super().__init__(config, input_dim)
+    def __init__(self, config: PCAConfig, input_shape: tuple[int, ...]) -> None:
+        super().__init__(config, input_shape)
+        input_dim = self.input_dim
         # Fitted state, set by prepare().
         self.register_buffer("mean", torch.zeros(input_dim))
         self.register_buffer("components", torch.zeros(config.code_dim, input_dim))
 
-    def prepare(self, x_train: torch.Tensor) -> None:
+    def prepare(self, x_train: torch.Tensor) -> dict:
         mean, components = principal_components(x_train, self.code_dim)
         self.mean.copy_(mean)
         self.components.copy_(components)
+        return {}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) @ self.components.T

@@ -140,5 +140,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _contiguous(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value)  # orjson serialises C-contiguous arrays natively
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
 def json_bytes(document: dict[str, Any]) -> bytes:
-    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps(document, default=_contiguous, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -12,11 +12,17 @@ from models.registry import Registry
 from training.config import build_run_config
 from training.trainer import train
 
+# Tiny tensors: one thread is faster than two and keeps timings steady on a shared machine.
+torch.set_num_threads(1)
+
 # Small, fast settings for each kind; the shared interface tests run over all of them.
 KIND_CONFIGS = {
     "pca": {"code_dim": 4},
     "linear": {"code_dim": 4},
     "mlp": {"code_dim": 4, "hidden": [32, 16]},
+    "rbm": {"code_dim": 4, "hidden": [32, 16], "pretrain_epochs": 2},
+    "conv": {"code_dim": 4, "channels": [8, 16]},
+    "vae": {"code_dim": 4, "hidden": [32]},
 }
 
 

@@ -23,7 +23,7 @@ def reconstruction_errors(model: Autoencoder, x: torch.Tensor) -> np.ndarray:
 
 def pca_baseline(x_train: torch.Tensor, code_dim: int) -> PCA:
     """Closed-form PCA with the same code size, fitted on the same training data."""
-    pca = PCA(PCAConfig(code_dim=min(code_dim, *x_train.shape)), x_train.shape[1])
+    pca = PCA(PCAConfig(code_dim=min(code_dim, *x_train.shape)), (x_train.shape[1],))
     pca.prepare(x_train)
     return pca
 

@@ -81,11 +81,12 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     x_train, x_val = split_validation(x_all, config.data.val_fraction, config.train.seed)
 
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model_kind, config.model, preprocessing.input_dim)
-    model.prepare(x_train)
+    model = build_model(config.model_kind, config.model, preprocessing.input_shape)
+    prepare_facts = model.prepare(x_train)
     history = fit(model, x_train, x_val, config, progress)
     model.eval()
     metrics = held_out_metrics(model, x_train, x_test)
+    metrics.update(model.extra_metrics(x_test))
     if len(x_val):
         metrics["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
     projector = fit_projector(model, x_train)
@@ -109,6 +110,7 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
             "n_val": int(len(x_val)),
             "run_config": config.to_dict(),
             "history": history,
+            "prepare": prepare_facts,
             "torch": torch.__version__,
         },
         "metrics": metrics,

@@ -14,7 +14,7 @@ def test_every_kind_has_a_test_config():
 
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
 def test_shapes_and_forward_is_decode_of_encode(kind):
-    model = build_model(kind, KIND_CONFIGS[kind], input_dim=64)
+    model = build_model(kind, KIND_CONFIGS[kind], input_shape=(8, 8))
     x = torch.rand(10, 64)
     model.prepare(x)
     model.eval()
@@ -53,11 +53,11 @@ def test_loaded_version_matches_its_manifest_metrics(kind, trained_registry):
 
 
 def test_unknown_kind_and_bad_config_name_the_problem():
-    with pytest.raises(ValueError, match=r"unknown model kind 'nope'; allowed: \['linear', 'mlp', 'pca'\]"):
-        build_model("nope", {}, 10)
+    with pytest.raises(ValueError, match=r"unknown model kind 'nope'; allowed: \['conv', 'linear', 'mlp', 'pca', 'rbm', 'vae'\]"):
+        build_model("nope", {}, (10,))
     with pytest.raises(ValueError, match=r"unknown MLPConfig key\(s\) \['layers'\]"):
-        build_model("mlp", {"layers": [3]}, 10)
+        build_model("mlp", {"layers": [3]}, (10,))
     with pytest.raises(ValueError, match="model.activation 'swish' is not one of"):
-        build_model("mlp", {"activation": "swish"}, 10)
+        build_model("mlp", {"activation": "swish"}, (10,))
     with pytest.raises(ValueError, match="model.code_dim must be >= 1, got 0"):
-        build_model("pca", {"code_dim": 0}, 10)
+        build_model("pca", {"code_dim": 0}, (10,))

@@ -21,7 +21,7 @@ def principal_angles_degrees(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_trained_linear_autoencoder_spans_the_pca_subspace():
     x = torch.from_numpy(load_digits().data.astype(np.float32) / 16)
     k = 4
-    model = LinearAutoencoder(LinearConfig(code_dim=k), x.shape[1])
+    model = LinearAutoencoder(LinearConfig(code_dim=k), tuple(x.shape[1:]))
     model.prepare(x)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(1500):  # full-batch gradient descent on squared error

@@ -14,7 +14,7 @@ def _data(n=300, d=20, seed=0):
 def test_reconstruction_equals_numpy_svd_projection():
     x = _data()
     k = 5
-    pca = PCA(PCAConfig(code_dim=k), x.shape[1])
+    pca = PCA(PCAConfig(code_dim=k), x.shape[1:])
     pca.prepare(torch.from_numpy(x))
     mean = x.astype(np.float64).mean(axis=0)
     _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
@@ -26,7 +26,7 @@ def test_reconstruction_equals_numpy_svd_projection():
 
 def test_signs_are_fixed_and_refit_gives_same_codes():
     x = torch.from_numpy(_data())
-    a, b = PCA(PCAConfig(code_dim=4), 20), PCA(PCAConfig(code_dim=4), 20)
+    a, b = PCA(PCAConfig(code_dim=4), (20,)), PCA(PCAConfig(code_dim=4), (20,))
     a.prepare(x)
     b.prepare(x[torch.randperm(len(x))])  # same data, other order
     np.testing.assert_allclose(a.encode(x).numpy(), b.encode(x).numpy(), atol=1e-4)
@@ -35,7 +35,7 @@ def test_signs_are_fixed_and_refit_gives_same_codes():
 
 
 def test_hand_set_weights_give_exact_outputs():
-    pca = PCA(PCAConfig(code_dim=1), 2)
+    pca = PCA(PCAConfig(code_dim=1), (2,))
     pca.mean.copy_(torch.tensor([1.0, 2.0]))
     pca.components.copy_(torch.tensor([[0.6, 0.8]]))
     z = pca.encode(torch.tensor([[4.0, 6.0]]))  # (3, 4) . (0.6, 0.8) = 5

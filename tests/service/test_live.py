@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from service.client import AeserveError, AsyncClient, Client
-from tests.conftest import digits_run
+from tests.conftest import KIND_CONFIGS, digits_run
 from tests.service.conftest import LiveServer
 from training.trainer import train
 
@@ -22,7 +22,7 @@ def test_client_round_trip(live, service_registry):
     version = service_registry.load("digits-mlp")
     with Client(live.url) as client:
         assert client.ready()
-        assert [m["name"] for m in client.models()] == ["digits-linear", "digits-mlp", "digits-pca"]
+        assert [m["name"] for m in client.models()] == sorted(f"digits-{kind}" for kind in KIND_CONFIGS)
         codes = client.encode("digits-mlp", IMAGES)
         assert (codes.model, codes.version) == ("digits-mlp", "1")
         np.testing.assert_allclose(codes.outputs, version.encode(IMAGES), rtol=1e-5, atol=1e-5)

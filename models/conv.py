@@ -1,0 +1,79 @@
+"""Convolutional autoencoder for images: strided convolutions down, transposed convolutions up."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.base import Autoencoder
+from models.mlp import ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    code_dim: int = 64
+    channels: tuple[int, ...] = (32, 64)  # one stride-2 stage each: every stage halves height and width
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.code_dim < 1:
+            raise ValueError(f"model.code_dim must be >= 1, got {self.code_dim}")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"model.channels must be a non-empty list of sizes >= 1, got {list(self.channels)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+
+
+def image_shape(input_shape: tuple[int, ...], stages: int) -> tuple[int, int, int]:
+    """(H, W) or (C, H, W) -> (C, H, W), checking that H and W survive ``stages`` halvings."""
+    if len(input_shape) == 2:
+        input_shape = (1, *input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"kind 'conv' needs image inputs of shape (H, W) or (C, H, W), got {list(input_shape)}")
+    factor = 2 ** stages
+    if input_shape[1] % factor or input_shape[2] % factor:
+        raise ValueError(f"image height and width {list(input_shape[1:])} must be divisible by {factor} for {stages} stages; "
+                         "use fewer model.channels")
+    return input_shape  # type: ignore[return-value]
+
+
+class ConvAutoencoder(Autoencoder):
+    kind = "conv"
+    config_class = ConvConfig
+
+    def __init__(self, config: ConvConfig, input_shape: tuple[int, ...]) -> None:
+        super().__init__(config, input_shape)
+        stages = len(config.channels)
+        self.image = image_shape(self.input_shape, stages)
+        channels, height, width = self.image
+        self.bottom = (config.channels[-1], height // 2 ** stages, width // 2 ** stages)
+        act = ACTIVATIONS[config.activation]
+        down: list[nn.Module] = []
+        for c_in, c_out in zip((channels, *config.channels[:-1]), config.channels, strict=True):
+            down += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), act(), nn.Conv2d(c_out, c_out, 3, padding=1), act()]
+        self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(math.prod(self.bottom), config.code_dim))
+        up: list[nn.Module] = [nn.Linear(config.code_dim, math.prod(self.bottom)), act(), nn.Unflatten(1, self.bottom)]
+        reversed_channels = config.channels[::-1]
+        for i, (c_in, c_out) in enumerate(zip(reversed_channels, (*reversed_channels[1:], channels), strict=True)):
+            last = i == stages - 1
+            up += [nn.Conv2d(c_in, c_in, 3, padding=1), act(), nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1)]
+            if not last:
+                up.append(act())
+        self.decoder_net = nn.Sequential(*up)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x.reshape(len(x), *self.image))
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder_net(z).reshape(len(z), self.input_dim)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decode_logits(z))
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        # Cross-entropy summed over pixels, as for the mlp with logistic output.
+        return F.binary_cross_entropy_with_logits(self.decode_logits(self.encode(x)), x, reduction="sum") / len(x)
