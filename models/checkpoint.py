@@ -19,7 +19,7 @@ import torch
 
 from models import build_model
 from models.base import Autoencoder, Preprocessing
-from models.projector import Projector
+from models.projector import build_projector
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -35,7 +35,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def weights_bytes(model: Autoencoder, projector: Projector) -> bytes:
+def weights_bytes(model: Autoencoder, projector: torch.nn.Module) -> bytes:
     """Serialise model and projector tensors (contiguous float32 on CPU) to safetensors bytes."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
@@ -56,7 +56,7 @@ class ModelVersion:
 
     manifest: dict[str, Any]
     model: Autoencoder
-    projector: Projector
+    projector: torch.nn.Module  # codes (n, code_dim) -> map coordinates (n, 2)
     preprocessing: Preprocessing
     quantiles: np.ndarray  # (N_QUANTILES,) float64, held-out summed squared errors
     device: torch.device
@@ -149,7 +149,8 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
         # Build on the meta device first: absurd sizes in a manifest cost nothing until checked against the file.
         with torch.device("meta"):
             skeleton = build_model(manifest["kind"], manifest["config"], preprocessing.input_shape)
-            skeleton_projector = Projector(skeleton.code_dim)
+            projector_spec = manifest.get("projector", {"kind": "pca"})
+            skeleton_projector = build_projector(projector_spec["kind"], skeleton.code_dim, projector_spec.get("config"))
         quantiles = np.asarray(manifest["metrics"]["error_quantiles"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / MANIFEST}: invalid manifest ({type(e).__name__}: {e})") from None
@@ -171,7 +172,7 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
         raise CheckpointError(f"{weights_path}: every tensor must be float32")
 
     model = build_model(manifest["kind"], manifest["config"], preprocessing.input_shape)
-    projector = Projector(model.code_dim)
+    projector = build_projector(projector_spec["kind"], model.code_dim, projector_spec.get("config"))
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
     device = torch.device(device)

@@ -1,39 +1,177 @@
-"""2-D projector for the map: fitted on training codes at training time, applied to new codes."""
+"""2-D projectors for the map: fitted on training codes at training time, applied to new codes without refitting.
+
+- ``pca``: the top two principal directions of the training codes (identity for 2-D codes).
+- ``umap``: a small network trained with a parametric UMAP loss (McInnes et al. 2018; Sainburg,
+  McInnes & Gentner 2021) to keep each training code's nearest neighbours close on the map.
+"""
 from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from models.base import config_from_dict
 from models.pca import principal_components
 
 
-class Projector(nn.Module):
-    """Affine map from codes (n, code_dim) to map coordinates (n, 2), float32.
+@dataclass(frozen=True)
+class PCAProjectorConfig:
+    pass
 
-    For a 2-D code it is the identity; otherwise the top two principal
-    directions of the training codes.
-    """
 
-    kind = "pca"
+class PCAProjector(nn.Module):
+    """Affine map from codes (n, code_dim) to map coordinates (n, 2), float32."""
 
-    def __init__(self, code_dim: int) -> None:
+    kind: ClassVar[str] = "pca"
+    config_class: ClassVar[type] = PCAProjectorConfig
+
+    def __init__(self, code_dim: int, config: PCAProjectorConfig | None = None) -> None:
         super().__init__()
         self.code_dim = int(code_dim)
+        self.config = config or PCAProjectorConfig()
         # Fitted state, set by fit().
         self.register_buffer("mean", torch.zeros(code_dim))
         self.register_buffer("components", torch.eye(2, code_dim) if code_dim >= 2 else torch.zeros(2, code_dim))
 
-    def fit(self, codes: torch.Tensor) -> Projector:
-        if self.code_dim == 2:
-            return self
+    def fit(self, codes: torch.Tensor) -> dict[str, Any]:
         if self.code_dim == 1:
             self.components.zero_()
             self.components[0, 0] = 1.0
-            return self
-        mean, components = principal_components(codes, 2)
-        self.mean.copy_(mean)
-        self.components.copy_(components)
-        return self
+        elif self.code_dim > 2:
+            mean, components = principal_components(codes, 2)
+            self.mean.copy_(mean)
+            self.components.copy_(components)
+        return {}
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return (codes - self.mean) @ self.components.T
+
+
+@dataclass(frozen=True)
+class UMAPProjectorConfig:
+    n_neighbors: int = 15
+    hidden: tuple[int, ...] = (256, 256)
+    epochs: int = 20
+    batch_size: int = 2048  # neighbour pairs per step
+    negatives: int = 5  # random pairs pushed apart per neighbour pair
+    lr: float = 1e-3
+    min_dist: float = 0.1
+    max_points: int = 60_000  # fit on at most this many training codes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        for key in ("n_neighbors", "epochs", "batch_size", "negatives", "max_points"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"projector.{key} must be >= 1, got {getattr(self, key)}")
+        if not (self.lr > 0 and 0 <= self.min_dist < 1):
+            raise ValueError(f"projector.lr must be > 0 and projector.min_dist in [0, 1), got {self.lr} and {self.min_dist}")
+
+
+def umap_curve(min_dist: float, spread: float = 1.0) -> tuple[float, float]:
+    """UMAP's a, b such that 1 / (1 + a d^(2b)) fits 1 for d < min_dist, exp(-(d - min_dist) / spread) beyond."""
+    d = torch.linspace(0, 3 * spread, 300, dtype=torch.float64)
+    target = torch.where(d < min_dist, torch.ones_like(d), torch.exp(-(d - min_dist) / spread))
+    params = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)  # log a, log b
+    optimiser = torch.optim.LBFGS([params], max_iter=200)
+
+    def closure():
+        optimiser.zero_grad()
+        a, b = params.exp()
+        loss = ((1 / (1 + a * d.clamp_min(1e-12) ** (2 * b)) - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    a, b = params.detach().exp().tolist()
+    return a, b
+
+
+def nearest_neighbours(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Indices (n, k) of each row's k nearest other rows (Euclidean), by chunked exact search."""
+    squared = x.pow(2).sum(dim=1)
+    result = []
+    for start in range(0, len(x), chunk):
+        block = x[start:start + chunk]
+        distances = squared[start:start + chunk, None] - 2 * block @ x.T + squared[None, :]
+        distances[torch.arange(len(block)), torch.arange(start, start + len(block))] = math.inf  # not itself
+        result.append(distances.topk(k, dim=1, largest=False).indices)
+    return torch.cat(result)
+
+
+class UMAPProjector(nn.Module):
+    """Network codes (n, code_dim) -> (n, 2): standardise, then an MLP trained on the neighbour graph."""
+
+    kind: ClassVar[str] = "umap"
+    config_class: ClassVar[type] = UMAPProjectorConfig
+
+    def __init__(self, code_dim: int, config: UMAPProjectorConfig | None = None) -> None:
+        super().__init__()
+        self.code_dim = int(code_dim)
+        self.config = config or UMAPProjectorConfig()
+        sizes = [self.code_dim, *self.config.hidden, 2]
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+        # Fitted state: standardisation of the codes, set by fit().
+        self.register_buffer("mean", torch.zeros(code_dim))
+        self.register_buffer("scale", torch.ones(code_dim))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.net((codes - self.mean) / self.scale)
+
+    def fit(self, codes: torch.Tensor) -> dict[str, Any]:
+        """Train on training codes (n, code_dim); uses torch's global RNG (seeded by the trainer)."""
+        config = self.config
+        codes = codes[torch.randperm(len(codes))[: config.max_points]] if len(codes) > config.max_points else codes
+        self.mean.copy_(codes.mean(dim=0))
+        self.scale.copy_(codes.std(dim=0).clamp_min(1e-6))
+        x = (codes - self.mean) / self.scale
+        k = min(config.n_neighbors, len(x) - 1)
+        neighbours = nearest_neighbours(x, k)
+        heads = torch.arange(len(x)).repeat_interleave(k)
+        tails = neighbours.reshape(-1)
+        a, b = umap_curve(config.min_dist)
+        optimiser = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        losses = []
+        for _ in range(config.epochs):
+            order = torch.randperm(len(heads))
+            total = 0.0
+            for start in range(0, len(order), config.batch_size):
+                edge = order[start:start + config.batch_size]
+                i, j = heads[edge], tails[edge]
+                negative = torch.randint(len(x), (len(edge) * config.negatives,))
+                y = self.net(torch.cat([x[i], x[j], x[negative]]))
+                yi, yj, yn = y[: len(edge)], y[len(edge): 2 * len(edge)], y[2 * len(edge):]
+                positive_d2 = (yi - yj).pow(2).sum(dim=1)
+                negative_d2 = (yi.repeat_interleave(config.negatives, dim=0) - yn).pow(2).sum(dim=1)
+                # Cross-entropy of UMAP's low-dimensional similarity q = 1 / (1 + a d^2b): pull neighbours, push random pairs.
+                q_positive = 1 / (1 + a * positive_d2.clamp_min(1e-10) ** b)
+                q_negative = 1 / (1 + a * negative_d2.clamp_min(1e-10) ** b)
+                loss = -(q_positive.clamp_min(1e-4).log().mean() + config.negatives * (1 - q_negative).clamp_min(1e-4).log().mean())
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * len(edge)
+            losses.append(round(total / len(heads), 4))
+        return {"projector_losses": losses, "projector_points": len(x)}
+
+
+PROJECTOR_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (PCAProjector, UMAPProjector)}
+
+
+def build_projector(kind: str, code_dim: int, config: dict[str, Any] | None = None) -> nn.Module:
+    if kind not in PROJECTOR_KINDS:
+        raise ValueError(f"unknown projector kind {kind!r}; allowed: {sorted(PROJECTOR_KINDS)}")
+    cls = PROJECTOR_KINDS[kind]
+    return cls(code_dim, config_from_dict(cls.config_class, config or {}))
+
+
+def projector_manifest(projector: nn.Module) -> dict[str, Any]:
+    return {"kind": projector.kind, "config": dataclasses.asdict(projector.config)}

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,8 +158,13 @@ class Registry:
         os.replace(tmp, folder / ALIASES)
         _fsync_dir(folder)
 
-    def publish(self, name: str, manifest: dict[str, Any], weights: bytes) -> int:
-        """Publish a new version atomically; fills in name, version, sha256 and created_at. Returns the version."""
+    def publish(self, name: str, manifest: dict[str, Any], weights: bytes,
+                extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None) -> int:
+        """Publish a new version atomically; fills in name, version, sha256 and created_at. Returns the version.
+
+        ``extra_files`` gets the final manifest and returns more files for the
+        version folder (relative path -> bytes), written inside the same atomic step.
+        """
         with self._locked(name) as folder:
             version = (self.versions(name) or [0])[-1] + 1
             manifest = {
@@ -172,6 +177,12 @@ class Registry:
             tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{version}-"))
             try:
                 _write_synced(tmp / WEIGHTS, weights)
+                for relative, data in (extra_files(manifest) if extra_files else {}).items():
+                    target = (tmp / relative).resolve()
+                    if tmp.resolve() not in target.parents or Path(relative).name in (MANIFEST, WEIGHTS):
+                        raise RegistryError(f"extra file {relative!r} must stay inside the version folder and not replace its manifest or weights")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _write_synced(target, data)
                 _write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
                 _fsync_dir(tmp)
                 os.rename(tmp, folder / str(version))

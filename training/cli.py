@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -10,7 +11,9 @@ from models.checkpoint import CheckpointError
 from models.registry import NotFoundError, Registry, RegistryError
 from training.config import load_run_config
 from training.data import DataConfig, DataError, load_dataset
+from training.distributed import process_group_from_env, spawn
 from training.evaluate import reconstruction_errors
+from training.report import REPORT_DIR, render_report
 from training.trainer import train
 
 
@@ -23,6 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP; or launch with torchrun)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list names, versions, aliases and the headline metric")
@@ -36,9 +40,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry")
     p.set_defaults(func=cmd_alias)
 
-    p = sub.add_parser("eval", help="re-measure a version on its held-out data and print its metrics")
+    p = sub.add_parser("eval", help="re-measure a version on its held-out data, print its metrics, write a report")
     p.add_argument("target", metavar="NAME[:VERSION]")
     p.add_argument("--registry")
+    p.add_argument("--out", help="folder for the report (default: reports/NAME-VERSION)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -49,7 +54,15 @@ USER_ERRORS = (ValueError, NotFoundError, DataError, CheckpointError, RegistryEr
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, args.overrides, name=args.name, seed=args.seed)
     registry = Registry(Registry.default_root(args.registry))
-    version = train(config, registry, progress=not args.quiet)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        version = spawn(args.nproc, train, config, registry, not args.quiet)
+    else:
+        with process_group_from_env():  # a torchrun process group, when there is one
+            version = train(config, registry, progress=not args.quiet)
+        if version is None:
+            return 0  # not rank 0: rank 0 publishes and reports
     manifest = registry.manifest(config.name, version)
     m = manifest["metrics"]
     print(f"published {config.name}:{version} in {registry.root}  test_sq_err {m['test_sq_err']:.3f}  "
@@ -95,6 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{name}:{loaded.version}  kind {manifest['kind']}  code_dim {loaded.code_dim}  input_shape {list(loaded.input_shape)}")
     rows = [("test_sq_err (stored)", stored["test_sq_err"]), ("test_mse (stored)", stored["test_mse"]),
             ("pca_sq_err (stored)", stored["pca_sq_err"])]
+    report_path = None
     data = DataConfig(**manifest["training"]["data"])
     try:
         dataset = load_dataset(data)
@@ -106,10 +120,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         x_test = torch.from_numpy(loaded.preprocessing.to_model(dataset.test_x))
         errors = reconstruction_errors(loaded.model, x_test)
         rows += [("test_sq_err (re-measured)", float(errors.mean())), ("test_mse (re-measured)", float(errors.mean()) / x_test.shape[1])]
+        out = Path(args.out or f"reports/{name}-{loaded.version}")
+        for relative, data in render_report(loaded, dataset.test_x, dataset.test_y).items():
+            target = out / Path(relative).relative_to(REPORT_DIR)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        report_path = out / "report.md"
     for label, value in rows:
         print(f"  {label:<28} {value:.5f}")
     ratio = stored["test_sq_err"] / stored["pca_sq_err"] if stored["pca_sq_err"] else float("nan")
     print(f"  {'ratio to PCA':<28} {ratio:.3f}")
+    if report_path:
+        print(f"report: {report_path}")
     return 0
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from models import MODEL_KINDS
 from models.base import config_from_dict
+from models.projector import PROJECTOR_KINDS
 from training.data import DataConfig
 
 
@@ -21,6 +22,8 @@ class TrainParams:
     weight_decay: float = 0.0
     # "onecycle": warm up then anneal (fast convergence on a fixed budget); "constant": plain Adam.
     schedule: str = "onecycle"
+    # Write report/ (Markdown + PNG figures) into the version folder.
+    report: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -42,6 +45,8 @@ class RunConfig:
     model_kind: str
     model: dict[str, Any]
     train: TrainParams
+    projector_kind: str = "pca"
+    projector: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +54,7 @@ class RunConfig:
             "data": dataclasses.asdict(self.data),
             "model": {"kind": self.model_kind, **self.model},
             "train": dataclasses.asdict(self.train),
+            "projector": {"kind": self.projector_kind, **self.projector},
         }
 
 
@@ -76,14 +82,19 @@ def _section(values: dict[str, Any], key: str) -> dict[str, Any]:
 
 def build_run_config(values: dict[str, Any]) -> RunConfig:
     """Validate a config dict (as read from TOML). Errors name the bad key or value and what is allowed."""
-    unknown = sorted(set(values) - {"name", "data", "model", "train"})
+    unknown = sorted(set(values) - {"name", "data", "model", "train", "projector"})
     if unknown:
-        raise ValueError(f"unknown top-level key(s) {unknown}; allowed: ['data', 'model', 'name', 'train']")
+        raise ValueError(f"unknown top-level key(s) {unknown}; allowed: ['data', 'model', 'name', 'projector', 'train']")
     model = _section(values, "model")
     kind = model.pop("kind", "mlp")
     if kind not in MODEL_KINDS:
         raise ValueError(f"model.kind {kind!r} is not one of {sorted(MODEL_KINDS)}")
     config_from_dict(MODEL_KINDS[kind].config_class, model)  # validate now, before any data is loaded
+    projector = _section(values, "projector")
+    projector_kind = projector.pop("kind", "pca")
+    if projector_kind not in PROJECTOR_KINDS:
+        raise ValueError(f"projector.kind {projector_kind!r} is not one of {sorted(PROJECTOR_KINDS)}")
+    config_from_dict(PROJECTOR_KINDS[projector_kind].config_class, projector)
     name = values.get("name")
     if not name:
         raise ValueError("the config needs a name (top-level `name = ...` or --name)")
@@ -93,6 +104,8 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
         model_kind=kind,
         model=model,
         train=config_from_dict(TrainParams, _section(values, "train")),
+        projector_kind=projector_kind,
+        projector=projector,
     )
 
 

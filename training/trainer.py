@@ -6,16 +6,19 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from models import build_model
-from models.checkpoint import weights_bytes
-from models.projector import Projector
+from models.checkpoint import ModelVersion, weights_bytes
+from models.projector import build_projector, projector_manifest
 from models.registry import Registry
 from training.config import RunConfig
 from training.data import Dataset, load_dataset
+from training.distributed import current_world, loss_step
 from training.evaluate import EVAL_BATCH, held_out_metrics, reconstruction_errors
+from training.report import REPORT_DIR, render_report
 
 
 def split_validation(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,16 +41,22 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
         if train.schedule == "onecycle" else None
     )
     shuffle = torch.Generator().manual_seed(train.seed + 1)
+    world = current_world()
+    progress = progress and world.is_main
+    step = loss_step(model)
     history = []
     for epoch in range(1, train.epochs + 1):
         model.train()
-        order = torch.randperm(len(x_train), generator=shuffle)
+        order = torch.randperm(len(x_train), generator=shuffle)  # the same order on every rank
         total, seen = 0.0, 0
         bar = tqdm(range(0, len(x_train), train.batch_size), desc=f"epoch {epoch}/{train.epochs}",
                    disable=not progress, leave=False, file=sys.stderr)
         for start in bar:
-            batch = x_train[order[start:start + train.batch_size]]
-            loss = model.loss(batch)
+            rows = order[start:start + train.batch_size]
+            if len(rows) < world.size:
+                break  # a last batch too small to give every rank a row
+            batch = x_train[rows[world.rank::world.size]]
+            loss = step(batch)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -65,14 +74,22 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
     return history
 
 
-@torch.inference_mode()
-def fit_projector(model: torch.nn.Module, x_train: torch.Tensor) -> Projector:
-    codes = torch.cat([model.encode(x_train[i:i + EVAL_BATCH]) for i in range(0, len(x_train), EVAL_BATCH)])
-    return Projector(model.code_dim).fit(codes)
+def fit_projector(model: torch.nn.Module, x_train: torch.Tensor, config: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The map's projector, fitted on the training codes. A 2-D (or 1-D) code is its own map."""
+    with torch.inference_mode():
+        codes = torch.cat([model.encode(x_train[i:i + EVAL_BATCH]) for i in range(0, len(x_train), EVAL_BATCH)])
+    kind = config.projector_kind if model.code_dim > 2 else "pca"
+    projector = build_projector(kind, model.code_dim, config.projector if kind == config.projector_kind else {})
+    with torch.enable_grad():
+        facts = projector.fit(codes.clone())
+    return projector.eval(), facts
 
 
-def train(config: RunConfig, registry: Registry, progress: bool = True, dataset: Dataset | None = None) -> int:
-    """Train one run and publish it; returns the new version number. Nothing is written if any step fails."""
+def train(config: RunConfig, registry: Registry, progress: bool = True, dataset: Dataset | None = None) -> int | None:
+    """Train one run and publish it; returns the new version number. Nothing is written if any step fails.
+
+    Under torch.distributed every rank trains; only rank 0 publishes (the others return None).
+    """
     started = time.perf_counter()
     dataset = dataset or load_dataset(config.data)
     preprocessing = dataset.preprocessing
@@ -84,12 +101,15 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     model = build_model(config.model_kind, config.model, preprocessing.input_shape)
     prepare_facts = model.prepare(x_train)
     history = fit(model, x_train, x_val, config, progress)
+    world = current_world()
+    if not world.is_main:
+        return None
     model.eval()
     metrics = held_out_metrics(model, x_train, x_test)
     metrics.update(model.extra_metrics(x_test))
     if len(x_val):
         metrics["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
-    projector = fit_projector(model, x_train)
+    projector, projector_facts = fit_projector(model, x_train, config)
     seconds = time.perf_counter() - started
 
     manifest: dict[str, Any] = {
@@ -98,7 +118,7 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
         "input_shape": list(preprocessing.input_shape),
         "code_dim": model.code_dim,
         "preprocessing": preprocessing.to_dict(),
-        "projector": {"kind": projector.kind},
+        "projector": projector_manifest(projector),
         "training": {
             "dataset": dataset.name,
             "data_fingerprint": dataset.fingerprint,
@@ -111,8 +131,18 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
             "run_config": config.to_dict(),
             "history": history,
             "prepare": prepare_facts,
+            "projector": projector_facts,
             "torch": torch.__version__,
+            "world_size": world.size,
         },
         "metrics": metrics,
     }
-    return registry.publish(config.name, manifest, weights_bytes(model, projector))
+    if not config.train.report:
+        return registry.publish(config.name, manifest, weights_bytes(model, projector))
+    manifest["report"] = f"{REPORT_DIR}/report.md"
+
+    def report_files(final_manifest: dict[str, Any]) -> dict[str, bytes]:
+        version = ModelVersion(final_manifest, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]), torch.device("cpu"))
+        return render_report(version, dataset.test_x, dataset.test_y)
+
+    return registry.publish(config.name, manifest, weights_bytes(model, projector), extra_files=report_files)

@@ -3,7 +3,6 @@ import numpy as np
 import torch
 
 from models.pca import PCA, PCAConfig
-from models.projector import Projector
 
 
 def _data(n=300, d=20, seed=0):
@@ -41,16 +40,3 @@ def test_hand_set_weights_give_exact_outputs():
     z = pca.encode(torch.tensor([[4.0, 6.0]]))  # (3, 4) . (0.6, 0.8) = 5
     assert z.tolist() == [[5.0]]
     assert pca.decode(z).tolist() == [[4.0, 6.0]]
-
-
-def test_projector_is_identity_for_2d_codes_and_pca_otherwise():
-    codes = torch.randn(50, 2)
-    torch.testing.assert_close(Projector(2).fit(codes)(codes), codes)
-    codes = torch.from_numpy(_data(d=6))
-    coords = Projector(6).fit(codes)(codes)
-    assert coords.shape == (300, 2)
-    # The map keeps the two directions of largest variance, in order.
-    variances = coords.var(dim=0)
-    assert variances[0] >= variances[1]
-    top = np.linalg.eigvalsh(np.cov(codes.numpy().T))[::-1][:2]
-    np.testing.assert_allclose(variances.numpy(), top, rtol=1e-3)

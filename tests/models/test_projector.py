@@ -1,0 +1,86 @@
+"""2-D projectors: PCA of the codes, and the parametric UMAP network that keeps neighbours together."""
+import numpy as np
+import pytest
+import torch
+from sklearn.manifold import trustworthiness
+from sklearn.neighbors import KNeighborsClassifier
+
+from models.projector import PCAProjector, UMAPProjector, UMAPProjectorConfig, build_projector, nearest_neighbours, umap_curve
+from models.registry import Registry
+from training.config import build_run_config
+from training.trainer import train
+
+
+def _data(n=300, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy((rng.normal(size=(n, d)) @ rng.normal(size=(d, d))).astype(np.float32))
+
+
+def test_pca_projector_is_identity_for_2d_codes_and_top_directions_otherwise():
+    codes = torch.randn(50, 2)
+    projector = PCAProjector(2)
+    projector.fit(codes)
+    torch.testing.assert_close(projector(codes), codes)
+    codes = _data()
+    projector = PCAProjector(6)
+    projector.fit(codes)
+    variances = projector(codes).var(dim=0)
+    top = np.linalg.eigvalsh(np.cov(codes.numpy().T))[::-1][:2]
+    np.testing.assert_allclose(variances.numpy(), top, rtol=1e-3)
+
+
+def test_umap_curve_matches_umaps_constants():
+    a, b = umap_curve(0.1)
+    assert a == pytest.approx(1.577, abs=0.02) and b == pytest.approx(0.895, abs=0.01)  # umap-learn's find_ab_params(1, 0.1)
+
+
+def test_nearest_neighbours_is_exact():
+    x = _data(n=200)
+    found = nearest_neighbours(x, 4, chunk=64)
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    expected = d.topk(4, largest=False).indices
+    assert torch.equal(found.sort(dim=1).values, expected.sort(dim=1).values)
+
+
+def blobs(n_per, centres, spread, seed):
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([c + spread * rng.normal(size=(n_per, len(c))) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(len(centres)), n_per)
+    return torch.from_numpy(x), y
+
+
+def test_umap_projector_keeps_neighbours_for_new_points():
+    torch.manual_seed(0)
+    centres = np.random.default_rng(0).normal(scale=4, size=(5, 10))
+    x_train, y_train = blobs(200, centres, 1.0, seed=1)
+    x_test, y_test = blobs(40, centres, 1.0, seed=2)
+    projector = UMAPProjector(10, UMAPProjectorConfig(epochs=5, hidden=(64, 64), batch_size=512))
+    facts = projector.fit(x_train)
+    assert facts["projector_losses"][-1] < facts["projector_losses"][0]
+    with torch.no_grad():
+        train_map, test_map = projector(x_train).numpy(), projector(x_test).numpy()
+    accuracy = KNeighborsClassifier(5).fit(train_map, y_train).score(test_map, y_test)
+    assert accuracy > 0.95
+    assert trustworthiness(x_test.numpy(), test_map, n_neighbors=5) > 0.9
+
+
+def test_unknown_projector_kind():
+    with pytest.raises(ValueError, match=r"unknown projector kind 'tsne'; allowed: \['pca', 'umap'\]"):
+        build_projector("tsne", 4)
+    with pytest.raises(ValueError, match="projector.kind 'tsne' is not one of"):
+        build_run_config({"name": "x", "projector": {"kind": "tsne"}})
+
+
+def test_umap_projector_is_stored_with_the_version(tmp_path):
+    registry = Registry(tmp_path)
+    config = build_run_config({"name": "m", "data": {"source": "digits", "limit": 300}, "model": {"kind": "pca", "code_dim": 6},
+                               "projector": {"kind": "umap", "epochs": 2, "hidden": [16]}, "train": {"report": False}})
+    train(config, registry, progress=False)
+    manifest = registry.manifest("m")
+    assert manifest["projector"]["kind"] == "umap" and manifest["projector"]["config"]["hidden"] == [16]
+    assert len(manifest["training"]["projector"]["projector_losses"]) == 2
+    a, b = registry.load("m"), registry.load("m")
+    x = np.random.default_rng(0).random((9, 8, 8)).astype(np.float32) * 16
+    np.testing.assert_array_equal(a.project(x), b.project(x))
+    assert a.project(x).shape == (9, 2)

@@ -1,0 +1,42 @@
+"""Reports: written with every version and by `aeserve eval`, with real figures."""
+import json
+
+from aeserve.cli import main
+from training.config import build_run_config
+from training.trainer import train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_writes_a_report_the_manifest_points_to(trained_registry):
+    manifest = trained_registry.manifest("digits-mlp")
+    folder = trained_registry.version_dir("digits-mlp", 1)
+    report = (folder / manifest["report"]).read_text()
+    assert report.startswith("# digits-mlp version 1")
+    assert f"| test summed squared error / example | {manifest['metrics']['test_sq_err']:.5g} |" in report
+    for figure in ("reconstructions.png", "map.png", "curves.png"):
+        assert f"]({figure})" in report
+        assert (folder / "report" / figure).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_rbm_report_shows_pretraining(trained_registry):
+    folder = trained_registry.version_dir("digits-rbm", 1)
+    assert "## RBM pre-training" in (folder / "report" / "report.md").read_text()
+
+
+def test_report_can_be_turned_off(registry):
+    config = build_run_config({"name": "x", "data": {"source": "digits", "limit": 200}, "model": {"kind": "pca", "code_dim": 2},
+                               "train": {"report": False}})
+    train(config, registry, progress=False)
+    assert "report" not in registry.manifest("x")
+    assert not (registry.version_dir("x", 1) / "report").exists()
+
+
+def test_eval_writes_a_report_and_prints_the_table(trained_registry, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", "digits-pca:1", "--registry", str(trained_registry.root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed
+    assert "ratio to PCA" in printed and "1.000" in printed  # PCA is its own baseline
+    assert (out / "map.png").read_bytes().startswith(PNG_MAGIC)
+    assert json.loads((trained_registry.version_dir("digits-pca", 1) / "manifest.json").read_text())["version"] == 1

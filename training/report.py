@@ -1,0 +1,135 @@
+"""A version's report: Markdown with PNG figures (reconstructions, the 2-D map, training curves, metrics vs PCA)."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from models.checkpoint import ModelVersion
+
+REPORT_DIR = "report"
+MAP_POINTS = 5000
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def reconstructions_figure(version: ModelVersion, x: np.ndarray, n: int = 10) -> bytes:
+    """Held-out inputs (top row) above their reconstructions (bottom row)."""
+    plt = _pyplot()
+    x = x[:n]
+    recon, errors, percentiles = version.reconstruct(x)
+    image = len(version.input_shape) >= 2
+    fig, axes = plt.subplots(2, len(x), figsize=(1.3 * len(x), 2.9), squeeze=False)
+    for i in range(len(x)):
+        for row, values in enumerate((x[i], recon[i])):
+            ax = axes[row][i]
+            if image:
+                pixels = np.asarray(values).reshape(version.input_shape[-2:]) if len(version.input_shape) == 2 else np.moveaxis(values, 0, -1)
+                ax.imshow(pixels, cmap="gray")
+            else:
+                ax.plot(np.ravel(values))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[1][i].set_xlabel(f"{errors[i]:.1f}\n{percentiles[i]:.0f}%", fontsize=7)
+    axes[0][0].set_ylabel("input")
+    axes[1][0].set_ylabel("reconstruction")
+    fig.suptitle("held-out inputs, reconstructions (summed squared error, percentile)", fontsize=9)
+    figure = _png(fig)
+    plt.close(fig)
+    return figure
+
+
+def map_figure(version: ModelVersion, x: np.ndarray, labels: np.ndarray | None) -> bytes:
+    """The 2-D map of up to MAP_POINTS held-out points, coloured by label where there are labels."""
+    plt = _pyplot()
+    x = x[:MAP_POINTS]
+    coords = version.project(x)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    scatter = ax.scatter(coords[:, 0], coords[:, 1], s=2, c=None if labels is None else labels[:MAP_POINTS], cmap="tab10")
+    if labels is not None:
+        ax.legend(*scatter.legend_elements(), loc="best", fontsize=7, markerscale=0.7, title="label")
+    ax.set_title(f"2-D map of {len(x)} held-out points ({version.manifest.get('projector', {}).get('kind', '?')} projector)", fontsize=9)
+    figure = _png(fig)
+    plt.close(fig)
+    return figure
+
+
+def curves_figure(history: list[dict[str, float]]) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    for key in ("train_loss", "val_sq_err"):
+        values = [h[key] for h in history if key in h]
+        if values:
+            ax.plot(epochs[: len(values)], values, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("training curves", fontsize=9)
+    figure = _png(fig)
+    plt.close(fig)
+    return figure
+
+
+def metrics_table(manifest: dict[str, Any]) -> str:
+    m = manifest["metrics"]
+    rows = [("test summed squared error / example", m["test_sq_err"]), ("test MSE / element", m["test_mse"]),
+            (f"PCA-{manifest['code_dim']} summed squared error", m["pca_sq_err"]), ("PCA MSE / element", m["pca_mse"]),
+            ("ratio to PCA", m["ratio_to_pca"])]
+    rows += [(key, m[key]) for key in ("val_sq_err", "elbo", "elbo_reconstruction", "elbo_kl") if key in m]
+    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {label} | {value:.5g} |" for label, value in rows if value is not None)
+
+
+def render_report(version: ModelVersion, x_test: np.ndarray, y_test: np.ndarray | None) -> dict[str, bytes]:
+    """Files of the report (relative path -> bytes): report.md and its PNG figures.
+
+    x_test: (n, *input_shape) raw held-out inputs; y_test: (n,) labels or None.
+    """
+    manifest = version.manifest
+    training = manifest.get("training", {})
+    files = {
+        f"{REPORT_DIR}/reconstructions.png": reconstructions_figure(version, x_test),
+        f"{REPORT_DIR}/map.png": map_figure(version, x_test, y_test),
+    }
+    lines = [
+        f"# {manifest['name']} version {manifest['version']}",
+        "",
+        f"kind `{manifest['kind']}`, code size {manifest['code_dim']}, input shape {manifest['input_shape']}, "
+        f"trained on {training.get('dataset', '?')} for {training.get('epochs', '?')} epochs in {training.get('seconds', '?')} s "
+        f"(seed {training.get('seed', '?')}).",
+        "",
+        "## Metrics on held-out data, against closed-form PCA with the same code size",
+        "",
+        metrics_table(manifest),
+        "",
+        "## Reconstructions",
+        "",
+        "![reconstructions](reconstructions.png)",
+        "",
+        "## 2-D map",
+        "",
+        "![map](map.png)",
+    ]
+    if training.get("history"):
+        files[f"{REPORT_DIR}/curves.png"] = curves_figure(training["history"])
+        lines += ["", "## Training curves", "", "![curves](curves.png)"]
+    prepare = training.get("prepare") or {}
+    if prepare.get("rbm_reconstruction_errors"):
+        lines += ["", "## RBM pre-training (reconstruction error per epoch, by layer)", ""]
+        lines += [f"- layer {i + 1}: {errors[0]:.3f} -> {errors[-1]:.3f}" for i, errors in enumerate(prepare["rbm_reconstruction_errors"]) if errors]
+    files[f"{REPORT_DIR}/report.md"] = ("\n".join(lines) + "\n").encode()
+    return files
