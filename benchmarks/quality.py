@@ -37,13 +37,14 @@ def main() -> None:
         m = registry.manifest(config.name, version)
         metrics = m["metrics"]
         rows.append((path, m["kind"], m["code_dim"], metrics["test_mse"], metrics["test_sq_err"], metrics["pca_sq_err"],
-                     metrics["test_sq_err"] / metrics["pca_sq_err"], wall))
+                     metrics["test_sq_err"] / metrics["pca_sq_err"], metrics.get("map_knn5_accuracy", float("nan")),
+                     metrics.get("map_trustworthiness", float("nan")), wall))
         print(f"done {path}: {metrics['test_sq_err']:.3f} per image in {wall:.0f} s", flush=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}\n")
-    print("| config | kind | code | test MSE/pixel | sq. err/image | PCA sq. err/image | ratio | train s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for path, kind, code, mse, sq, pca, ratio, wall in rows:
-        print(f"| {path} | {kind} | {code} | {mse:.5f} | {sq:.3f} | {pca:.3f} | {ratio:.3f} | {wall:.0f} |")
+    print("| config | kind | code | test MSE/pixel | sq. err/image | PCA sq. err/image | ratio | map 5-NN | map trust. | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path, kind, code, mse, sq, pca, ratio, knn, trust, wall in rows:
+        print(f"| {path} | {kind} | {code} | {mse:.5f} | {sq:.3f} | {pca:.3f} | {ratio:.3f} | {knn:.3f} | {trust:.4f} | {wall:.0f} |")
 
 
 if __name__ == "__main__":

@@ -66,10 +66,10 @@ class ConvAutoencoder(Autoencoder):
         self.decoder_net = nn.Sequential(*up)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x.reshape(len(x), *self.image))
+        return self.encoder(x.reshape(-1, *self.image))
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder_net(z).reshape(len(z), self.input_dim)
+        return self.decoder_net(z).reshape(-1, self.input_dim)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decode_logits(z))

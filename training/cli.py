@@ -40,6 +40,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry")
     p.set_defaults(func=cmd_alias)
 
+    p = sub.add_parser("export", help="write a version's encoder and decoder as ONNX models")
+    p.add_argument("target", metavar="NAME[:VERSION]")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="folder for encoder.onnx, decoder.onnx and export.json")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", help="re-measure a version on its held-out data, print its metrics, write a report")
     p.add_argument("target", metavar="NAME[:VERSION]")
     p.add_argument("--registry")
@@ -48,7 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # Errors a user can fix: printed as one line, exit status 2.
-USER_ERRORS = (ValueError, NotFoundError, DataError, CheckpointError, RegistryError)
+USER_ERRORS = (ValueError, NotFoundError, DataError, CheckpointError, RegistryError, RuntimeError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -96,6 +103,16 @@ def cmd_alias(args: argparse.Namespace) -> int:
     registry = Registry(Registry.default_root(args.registry))
     registry.set_alias(args.name, args.version, args.alias)
     print(f"{args.name}: {args.alias} -> {registry.resolve(args.name, args.alias)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.export import export_onnx
+
+    name, _, ref = args.target.partition(":")
+    version = Registry(Registry.default_root(args.registry)).load(name, ref or "latest")
+    for path in export_onnx(version, Path(args.out)):
+        print(path)
     return 0
 
 

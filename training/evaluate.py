@@ -44,3 +44,25 @@ def held_out_metrics(model: Autoencoder, x_train: torch.Tensor, x_test: torch.Te
         "n_test": int(len(x_test)),
         "error_quantiles": error_quantiles(errors),
     }
+
+
+def map_metrics(train_coords: np.ndarray, train_labels: np.ndarray | None, test_inputs: np.ndarray, test_coords: np.ndarray,
+                test_labels: np.ndarray | None, max_points: int = 10_000) -> dict[str, float]:
+    """How well the 2-D map keeps neighbours, for held-out points placed by the stored projector.
+
+    - map_knn5_accuracy: a 5-nearest-neighbour classifier fitted on the training points' coordinates,
+      scored on the held-out points' labels (only with labels);
+    - map_trustworthiness: scikit-learn's trustworthiness (k=5) of the held-out coordinates against
+      the held-out inputs (n, input_dim) in model space.
+    """
+    from sklearn.manifold import trustworthiness
+    from sklearn.neighbors import KNeighborsClassifier
+
+    n = min(len(test_inputs), max_points)
+    metrics = {}
+    if n > 6:
+        metrics["map_trustworthiness"] = float(trustworthiness(test_inputs[:n], test_coords[:n], n_neighbors=5))
+    if train_labels is not None and test_labels is not None and len(train_coords) >= 5:
+        classifier = KNeighborsClassifier(n_neighbors=5).fit(train_coords, train_labels)
+        metrics["map_knn5_accuracy"] = float(classifier.score(test_coords[:n], test_labels[:n]))
+    return metrics

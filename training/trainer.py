@@ -17,7 +17,7 @@ from models.registry import Registry
 from training.config import RunConfig
 from training.data import Dataset, load_dataset
 from training.distributed import current_world, loss_step
-from training.evaluate import EVAL_BATCH, held_out_metrics, reconstruction_errors
+from training.evaluate import EVAL_BATCH, held_out_metrics, map_metrics, reconstruction_errors
 from training.report import REPORT_DIR, render_report
 
 
@@ -74,6 +74,16 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
     return history
 
 
+@torch.inference_mode()
+def project_splits(model: torch.nn.Module, projector: torch.nn.Module, x_all: torch.Tensor,
+                   x_test: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(training coordinates (n, 2) in dataset order, test inputs (m, input_dim), test coordinates (m, 2)), numpy."""
+    def coords(x: torch.Tensor) -> np.ndarray:
+        return torch.cat([projector(model.encode(x[i:i + EVAL_BATCH])) for i in range(0, len(x), EVAL_BATCH)]).numpy()
+
+    return coords(x_all), x_test.numpy(), coords(x_test)
+
+
 def fit_projector(model: torch.nn.Module, x_train: torch.Tensor, config: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The map's projector, fitted on the training codes. A 2-D (or 1-D) code is its own map."""
     with torch.inference_mode():
@@ -110,6 +120,8 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     if len(x_val):
         metrics["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
     projector, projector_facts = fit_projector(model, x_train, config)
+    train_coords, test_inputs, test_coords = project_splits(model, projector, x_all, x_test)
+    metrics.update(map_metrics(train_coords, dataset.train_y, test_inputs, test_coords, dataset.test_y))
     seconds = time.perf_counter() - started
 
     manifest: dict[str, Any] = {

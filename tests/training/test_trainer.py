@@ -64,3 +64,22 @@ def test_config_errors_name_the_bad_value():
         load_run_config("configs/digits-mlp8.toml", ["model.kind=cnn"])
     with pytest.raises(ValueError, match="nope.toml: config file not found"):
         load_run_config("nope.toml")
+
+
+def test_map_metrics_are_measured_for_labelled_data(trained_registry):
+    metrics = trained_registry.manifest("digits-mlp")["metrics"]
+    assert 0.5 < metrics["map_trustworthiness"] <= 1
+    assert 0.1 < metrics["map_knn5_accuracy"] <= 1  # ten digit classes: chance is 0.1
+
+
+def test_map_metrics_on_a_perfect_and_a_useless_map():
+    from training.evaluate import map_metrics
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 30)
+    centres = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
+    coords = centres[labels] + rng.normal(scale=0.1, size=(90, 2)).astype(np.float32)
+    perfect = map_metrics(coords, labels, coords, coords, labels)
+    assert perfect["map_knn5_accuracy"] == 1.0 and perfect["map_trustworthiness"] == pytest.approx(1.0)
+    shuffled = map_metrics(coords, labels, coords, coords[rng.permutation(90)], labels)
+    assert shuffled["map_knn5_accuracy"] < 0.6 and shuffled["map_trustworthiness"] < 0.7
