@@ -90,15 +90,24 @@ def _flat(value: Any):
 
 
 def _rows_from_npy(body: bytes) -> np.ndarray:
+    """A view of the array inside the body, without copying it (read-only)."""
+    stream = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f".npy format version {version} is not supported; use 1.0 or 2.0 (numpy.save writes 1.0)")
+        shape, fortran_order, dtype = read_header(stream, max_header_size=10_000)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
         raise ApiError(400, f"malformed .npy body: {e}") from None
-    if not isinstance(array, np.ndarray):
-        raise ApiError(400, "the .npy body must hold one array")
-    if array.dtype.kind not in "iuf":
-        raise ApiError(422, f"the .npy array must hold numbers (float or int), got dtype {array.dtype}")
-    return array
+    if dtype.kind not in "iuf" or dtype.hasobject:
+        raise ApiError(422, f"the .npy array must hold numbers (float or int), got dtype {dtype}")
+    count = math.prod(shape)
+    if len(body) - stream.tell() != count * dtype.itemsize:
+        raise ApiError(400, f"malformed .npy body: the header says shape {list(shape)} of {dtype} "
+                            f"({count * dtype.itemsize} bytes), the body holds {len(body) - stream.tell()}")
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
 async def read_rows(request: Request, row_shape: tuple[int, ...], max_rows: int, max_body: int) -> tuple[np.ndarray, tuple[int, ...]]:

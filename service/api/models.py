@@ -88,35 +88,29 @@ async def run_operation(request: Request, name: str, ref: str, op: str) -> Respo
     return Response(json_bytes(document), media_type=JSON, headers=headers)
 
 
-def _endpoints(op: str) -> tuple[Callable, Callable]:
-    async def latest(request: Request, name: str) -> Response:
-        return await run_operation(request, name, "latest", op)
+def operation_target(path: str) -> tuple[str, str, str] | None:
+    """(name, version, op) for ``/v1/models/{name}[/versions/{version}]/{op}``, else None."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[:3] == ["", "v1", "models"]:
+        return parts[3], "latest", parts[4]
+    if len(parts) == 7 and parts[:3] == ["", "v1", "models"] and parts[4] == "versions":
+        return parts[3], parts[5], parts[6]
+    return None
 
-    async def versioned(request: Request, name: str, version: str) -> Response:
-        return await run_operation(request, name, version, op)
 
-    return latest, versioned
-
-
-def _add_operation_routes() -> None:
+def operations_openapi() -> dict[str, dict]:
+    """OpenAPI path items for the operations, which the operation lane serves outside FastAPI's router."""
+    paths: dict[str, dict] = {}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
+               "description": "a version number or an alias"}
     for op, operation in OPERATIONS.items():
-        latest, versioned = _endpoints(op)
-        for path, endpoint in ((f"/models/{{name}}/{op}", latest), (f"/models/{{name}}/versions/{{version}}/{op}", versioned)):
-            router.add_api_route(path, endpoint, methods=["POST"], summary=operation.summary, description=operation.summary,
-                                 responses=RESPONSES, openapi_extra=REQUEST_BODY, operation_id=f"{op}_{endpoint.__name__}")
-
-
-_add_operation_routes()
-
-
-@router.post("/models/{name}/{op}", include_in_schema=False)
-async def unknown_operation(request: Request, name: str, op: str) -> Response:
-    return await run_operation(request, name, "latest", op)
-
-
-@router.post("/models/{name}/versions/{version}/{op}", include_in_schema=False)
-async def unknown_versioned_operation(request: Request, name: str, version: str, op: str) -> Response:
-    return await run_operation(request, name, version, op)
+        for path, parameters, suffix in ((f"/v1/models/{{name}}/{op}", [name], "latest"),
+                                         (f"/v1/models/{{name}}/versions/{{version}}/{op}", [name, version], "versioned")):
+            responses = {str(status): dict(answer) for status, answer in RESPONSES.items()}
+            paths[path] = {"post": {"tags": ["models"], "summary": operation.summary, "operationId": f"{op}_{suffix}",
+                                    "parameters": parameters, **REQUEST_BODY, "responses": responses}}
+    return paths
 
 
 @router.get("/models")

@@ -190,3 +190,22 @@ def test_openapi_documents_every_operation(api):
     for op in ("encode", "decode", "reconstruct", "project"):
         assert "requestBody" in paths[f"/v1/models/{{name}}/{op}"]["post"]
         assert f"/v1/models/{{name}}/versions/{{version}}/{op}" in paths
+
+
+def test_npy_edge_cases(api, service_registry):
+    version = service_registry.load("digits-pca")
+    fortran = np.asfortranarray(IMAGES.reshape(5, 64))
+    response = api.post("/v1/models/digits-pca/encode", content=npy(fortran), headers={"Content-Type": "application/x-npy"})
+    np.testing.assert_allclose(response.json()["outputs"], version.encode(IMAGES), rtol=1e-5, atol=1e-5)
+    truncated = npy(IMAGES)[:-7]
+    response = api.post("/v1/models/digits-pca/encode", content=truncated, headers={"Content-Type": "application/x-npy"})
+    assert response.status_code == 400
+    assert response.json()["detail"] == "malformed .npy body: the header says shape [5, 8, 8] of float32 (1280 bytes), the body holds 1273"
+    for bad in (npy(np.array([[1 + 2j] * 64])), npy(np.array([[True] * 64]))):
+        response = api.post("/v1/models/digits-pca/encode", content=bad, headers={"Content-Type": "application/x-npy"})
+        assert response.status_code == 422 and "must hold numbers" in response.json()["detail"]
+    # An object array (which .npy stores as a pickle) is refused from its header alone.
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }".ljust(117) + b"\n"
+    objects = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x80\x04pickle bytes"
+    response = api.post("/v1/models/digits-pca/encode", content=objects, headers={"Content-Type": "application/x-npy"})
+    assert response.status_code == 422 and response.json()["detail"] == "the .npy array must hold numbers (float or int), got dtype object"
