@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from service.auth import require_api_key
 from service.codec import json_bytes
@@ -34,7 +34,8 @@ async def ready(request: Request) -> Response:
                     headers={"Retry-After": "1"})
 
 
-@router.get("/metrics", dependencies=[Depends(require_api_key)])
+@router.get("/metrics", dependencies=[Depends(require_api_key)], response_class=PlainTextResponse,
+            responses={401: {"description": "missing or wrong API key"}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     m = request.app.state.metrics

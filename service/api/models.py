@@ -15,7 +15,12 @@ from service.codec import JSON, NPY, check_finite_outputs, json_bytes, npy_bytes
 from service.errors import ApiError
 from service.store import NotReadyError, valid_name
 
-router = APIRouter(prefix="/v1", tags=["models"])
+ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}}
+router = APIRouter(prefix="/v1", tags=["models"], responses={
+    401: {"description": "missing or wrong API key", **ERROR},
+    404: {"description": "unknown model or version", **ERROR},
+    503: {"description": "models still loading", **ERROR},
+})
 
 
 @dataclass(frozen=True)
