@@ -36,8 +36,8 @@ def main() -> None:
     x_test = torch.from_numpy(version.preprocessing.to_model(dataset.test_x))
     with torch.inference_mode():
         train_codes, test_codes = version.model.encode(x_train), version.model.encode(x_test)
-    options = dict(parse_override(f"projector.{text}") for text in args.overrides)
-    projector = build_projector(args.kind, version.code_dim, {keys[-1]: value for keys, value in options.items()} if options else {})
+    options = {keys[-1]: value for keys, value in (parse_override(f"projector.{text}") for text in args.overrides)}
+    projector = build_projector(args.kind, version.code_dim, options)
     started = time.perf_counter()
     facts = projector.fit(train_codes.clone())
     fit_seconds = time.perf_counter() - started

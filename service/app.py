@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from models.registry import Registry
-from service.api import health, models
+from service.api import health, models, v2
 from service.api.models import operation_target, run_operation
 from service.auth import require_api_key
 from service.batching import Batcher
@@ -131,6 +131,8 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(health.router)
     app.include_router(models.router, dependencies=[Depends(require_api_key)])
+    app.include_router(v2.health_router)
+    app.include_router(v2.router, dependencies=[Depends(require_api_key)])
     app.openapi = lambda: _openapi_with_operations(app)
     return ServiceApp(app, metrics, settings.access_log)
 

@@ -21,6 +21,8 @@ def error_response(status: int, detail: str, headers: dict[str, str] | None = No
 
 
 async def api_error_handler(request: Request, exc: ApiError) -> Response:
+    if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's error body
+        return Response(orjson.dumps({"error": exc.detail}), status_code=exc.status, media_type="application/json", headers=exc.headers)
     return error_response(exc.status, exc.detail, exc.headers)
 
 

@@ -154,6 +154,9 @@ def test_api_key(service_registry):
             assert response.status_code == 401
             assert response.json()["detail"] == "missing or wrong API key: send 'Authorization: Bearer KEY'"
         assert client.get("/metrics").status_code == 401
+        assert client.get("/v2/health/live").json() == {"live": True}
+        v2 = client.get("/v2/models/digits-mlp")
+        assert v2.status_code == 401 and v2.json() == {"error": "missing or wrong API key: send 'Authorization: Bearer KEY'"}
         ok = client.post("/v1/models/digits-mlp/encode", json={"inputs": [ROW]}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
 
