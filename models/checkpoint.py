@@ -60,6 +60,7 @@ class ModelVersion:
     preprocessing: Preprocessing
     quantiles: np.ndarray  # (N_QUANTILES,) float64, held-out summed squared errors
     device: torch.device
+    folder: Path | None = None  # the version folder it was loaded from
 
     @property
     def name(self) -> str:
@@ -178,4 +179,4 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     device = torch.device(device)
     model.to(device).eval()
     projector.to(device).eval()
-    return ModelVersion(manifest, model, projector, preprocessing, quantiles, device)
+    return ModelVersion(manifest, model, projector, preprocessing, quantiles, device, folder)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 from fastapi import Depends, FastAPI
@@ -13,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.responses import FileResponse
+from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
 from models.registry import Registry
@@ -26,6 +29,7 @@ from service.settings import Settings
 from service.store import ModelStore
 
 log = logging.getLogger("aeserve.service")
+STATIC = Path(__file__).parent / "static"
 access_log = logging.getLogger("aeserve.access")
 
 
@@ -134,7 +138,14 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.include_router(v2.health_router)
     app.include_router(v2.router, dependencies=[Depends(require_api_key)])
     app.openapi = lambda: _openapi_with_operations(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_api_route("/", _index, include_in_schema=False)
     return ServiceApp(app, metrics, settings.access_log)
+
+
+async def _index() -> FileResponse:
+    """The map explorer page."""
+    return FileResponse(STATIC / "index.html")
 
 
 def _openapi_with_operations(app: FastAPI) -> dict:

@@ -1,7 +1,9 @@
 """A version's report: Markdown with PNG figures (reconstructions, the 2-D map, training curves, metrics vs PCA)."""
 from __future__ import annotations
 
+import base64
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -10,6 +12,8 @@ from models.checkpoint import ModelVersion
 
 REPORT_DIR = "report"
 MAP_POINTS = 5000
+MAP_SAMPLE = "map/sample.json"
+SAMPLE_POINTS = 1000
 
 
 def _png(figure) -> bytes:
@@ -133,3 +137,21 @@ def render_report(version: ModelVersion, x_test: np.ndarray, y_test: np.ndarray 
         lines += [f"- layer {i + 1}: {errors[0]:.3f} -> {errors[-1]:.3f}" for i, errors in enumerate(prepare["rbm_reconstruction_errors"]) if errors]
     files[f"{REPORT_DIR}/report.md"] = ("\n".join(lines) + "\n").encode()
     return files
+
+
+def map_sample(version: ModelVersion, x: np.ndarray, labels: np.ndarray | None, n: int = SAMPLE_POINTS) -> bytes:
+    """JSON for the map explorer: up to n held-out points with 2-D coordinates, labels and thumbnails.
+
+    Thumbnails are the inputs in [0, 1] quantised to uint8, base64 over (n, input_dim) row-major bytes.
+    """
+    x = x[:n]
+    coords = version.project(x)
+    pixels = np.clip(version.preprocessing.to_model(x), 0, 1)
+    document = {
+        "x": coords[:, 0].round(4).tolist(),
+        "y": coords[:, 1].round(4).tolist(),
+        "labels": None if labels is None else labels[:n].tolist(),
+        "input_shape": list(version.input_shape),
+        "thumbnails": base64.b64encode(np.round(pixels * 255).astype(np.uint8).tobytes()).decode(),
+    }
+    return json.dumps(document, separators=(",", ":")).encode()

@@ -18,7 +18,7 @@ from training.config import RunConfig
 from training.data import Dataset, load_dataset
 from training.distributed import current_world, loss_step
 from training.evaluate import EVAL_BATCH, held_out_metrics, map_metrics, reconstruction_errors
-from training.report import REPORT_DIR, render_report
+from training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 
 
 def split_validation(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,12 +149,16 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
         },
         "metrics": metrics,
     }
-    if not config.train.report:
-        return registry.publish(config.name, manifest, weights_bytes(model, projector))
-    manifest["report"] = f"{REPORT_DIR}/report.md"
+    manifest["map_sample"] = MAP_SAMPLE
+    if config.train.report:
+        manifest["report"] = f"{REPORT_DIR}/report.md"
 
-    def report_files(final_manifest: dict[str, Any]) -> dict[str, bytes]:
+    def version_files(final_manifest: dict[str, Any]) -> dict[str, bytes]:
+        """The held-out map sample for the map explorer, and the report when asked for."""
         version = ModelVersion(final_manifest, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]), torch.device("cpu"))
-        return render_report(version, dataset.test_x, dataset.test_y)
+        files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
+        if config.train.report:
+            files.update(render_report(version, dataset.test_x, dataset.test_y))
+        return files
 
-    return registry.publish(config.name, manifest, weights_bytes(model, projector), extra_files=report_files)
+    return registry.publish(config.name, manifest, weights_bytes(model, projector), extra_files=version_files)

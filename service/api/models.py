@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,6 +143,22 @@ async def version_manifest(request: Request, name: str, version: str) -> Respons
     """The manifest of a version (number or alias)."""
     loaded = lookup(request, name, version)
     return Response(json_bytes(loaded.manifest), media_type=JSON, headers={"X-Model-Name": name, "X-Model-Version": str(loaded.version)})
+
+
+VERSION_FILE = re.compile(r"^(report/[a-z0-9_-]+\.(md|png)|map/sample\.json)$")
+FILE_TYPES = {".md": "text/markdown; charset=utf-8", ".png": "image/png", ".json": "application/json"}
+
+
+@router.get("/models/{name}/versions/{version}/files/{path:path}", responses={200: {"content": {t: {} for t in FILE_TYPES.values()}}})
+async def version_file(request: Request, name: str, version: str, path: str) -> Response:
+    """A file published with the version: report/report.md, report/*.png, or map/sample.json (the map explorer's points)."""
+    loaded = lookup(request, name, version)
+    folder = loaded.folder.resolve() if loaded.folder is not None else None
+    target = (folder / path).resolve() if folder is not None and VERSION_FILE.match(path) else None
+    if target is None or folder not in target.parents or not target.is_file():
+        raise ApiError(404, f"version {name}:{loaded.version} has no file {path!r}; "
+                            "published files are report/report.md, report/*.png and map/sample.json")
+    return Response(target.read_bytes(), media_type=FILE_TYPES[target.suffix])
 
 
 @router.post("/reload")

@@ -23,7 +23,7 @@ def test_layout_versions_and_latest(published):
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["1", "2", "aliases.json"]
     assert json.loads((folder / "aliases.json").read_text()) == {"latest": "2"}
     for version in ("1", "2"):
-        assert sorted(p.name for p in (folder / version).iterdir()) == [MANIFEST, "report", WEIGHTS]
+        assert sorted(p.name for p in (folder / version).iterdir()) == [MANIFEST, "map", "report", WEIGHTS]
     manifest = published.manifest("digits", 2)
     assert manifest["version"] == 2 and manifest["name"] == "digits"
     assert manifest["sha256"] == sha256_bytes((folder / "2" / WEIGHTS).read_bytes())
