@@ -78,7 +78,8 @@ async def test_full_queue_answers_503_with_retry_after():
 
 async def test_wait_gathers_rows_that_arrive_later():
     model = Doubler()
-    batcher = Batcher(max_batch_rows=64, max_wait_s=0.2, max_queue=100)
+    # A full batch (4 rows) goes at once; the generous wait only matters on a badly loaded machine.
+    batcher = Batcher(max_batch_rows=4, max_wait_s=5.0, max_queue=100)
     tasks = []
     for _ in range(4):
         tasks.append(asyncio.create_task(batcher.submit(model.run, np.ones((1, 2), np.float32))))
