@@ -166,6 +166,8 @@ class Registry:
         version folder (relative path -> bytes), written inside the same atomic step.
         """
         with self._locked(name) as folder:
+            for stale in folder.glob(".tmp-*"):  # left by a publisher killed mid-write: under the lock, nobody else is writing
+                shutil.rmtree(stale, ignore_errors=True)
             version = (self.versions(name) or [0])[-1] + 1
             manifest = {
                 "name": name,

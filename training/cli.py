@@ -27,6 +27,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP; or launch with torchrun)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved training state")
+    p.add_argument("--state-dir", help="where the training state is saved after every epoch (default: .aeserve/state/NAME)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list names, versions, aliases and the headline metric")
@@ -63,11 +65,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     registry = Registry(Registry.default_root(args.registry))
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    state_dir = Path(args.state_dir or f".aeserve/state/{config.name}")
     if args.nproc > 1:
-        version = spawn(args.nproc, train, config, registry, not args.quiet)
+        version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume)
     else:
         with process_group_from_env():  # a torchrun process group, when there is one
-            version = train(config, registry, progress=not args.quiet)
+            version = train(config, registry, progress=not args.quiet, state_dir=state_dir, resume=args.resume)
         if version is None:
             return 0  # not rank 0: rank 0 publishes and reports
     manifest = registry.manifest(config.name, version)

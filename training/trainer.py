@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from training.data import Dataset, load_dataset
 from training.distributed import current_world, loss_step
 from training.evaluate import EVAL_BATCH, held_out_metrics, map_metrics, reconstruction_errors
 from training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
+from training.state import TrainingState, run_fingerprint
 
 
 def split_validation(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,8 +30,14 @@ def split_validation(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch
     return x[order[n_val:]], x[order[:n_val]]
 
 
-def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, config: RunConfig, progress: bool = True) -> list[dict[str, float]]:
-    """Gradient training of whatever parameters the model has; returns per-epoch history."""
+def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, config: RunConfig, progress: bool = True,
+        state: TrainingState | None = None, saved: dict[str, Any] | None = None,
+        prepare_facts: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """Gradient training of whatever parameters the model has; returns per-epoch history.
+
+    With ``state``, the training state is saved after every epoch; with ``saved`` (a state
+    loaded from it), training continues after the saved epoch exactly as if never stopped.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     train = config.train
     if not params or train.epochs == 0:
@@ -44,8 +52,11 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
     world = current_world()
     progress = progress and world.is_main
     step = loss_step(model)
-    history = []
-    for epoch in range(1, train.epochs + 1):
+    history, first_epoch = [], 1
+    if saved is not None:
+        state.restore(saved, model, optimiser, scheduler, shuffle)
+        history, first_epoch = list(saved["history"]), saved["epoch"] + 1
+    for epoch in range(first_epoch, train.epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=shuffle)  # the same order on every rank
         total, seen = 0.0, 0
@@ -69,6 +80,8 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
         if len(x_val):
             record["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
         history.append(record)
+        if state is not None and world.is_main:
+            state.save(epoch, model, optimiser, scheduler, shuffle, history, prepare_facts or {})
         if progress:
             print(f"epoch {epoch}/{train.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), file=sys.stderr)
     return history
@@ -95,10 +108,13 @@ def fit_projector(model: torch.nn.Module, x_train: torch.Tensor, config: RunConf
     return projector.eval(), facts
 
 
-def train(config: RunConfig, registry: Registry, progress: bool = True, dataset: Dataset | None = None) -> int | None:
+def train(config: RunConfig, registry: Registry, progress: bool = True, dataset: Dataset | None = None,
+          state_dir: str | Path | None = None, resume: bool = False) -> int | None:
     """Train one run and publish it; returns the new version number. Nothing is written if any step fails.
 
     Under torch.distributed every rank trains; only rank 0 publishes (the others return None).
+    With ``state_dir`` the training state is saved there after every epoch (and removed once the
+    version is published); ``resume`` continues from it after a crash or kill.
     """
     started = time.perf_counter()
     dataset = dataset or load_dataset(config.data)
@@ -107,10 +123,23 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     x_test = torch.from_numpy(preprocessing.to_model(dataset.test_x))
     x_train, x_val = split_validation(x_all, config.data.val_fraction, config.train.seed)
 
+    state = saved = None
+    if state_dir is not None:
+        state = TrainingState(state_dir, run_fingerprint(config.to_dict(), dataset.fingerprint))
+        saved = state.load() if resume else None
+        if saved is None and current_world().is_main:
+            state.clear()
+
     torch.manual_seed(config.train.seed)
     model = build_model(config.model_kind, config.model, preprocessing.input_shape)
-    prepare_facts = model.prepare(x_train)
-    history = fit(model, x_train, x_val, config, progress)
+    if saved is not None:
+        state.restore(saved, model)  # prepared and partly trained: no need to prepare again
+        prepare_facts = saved["prepare"]
+        if progress:
+            print(f"resuming {config.name} after epoch {saved['epoch']} from {state.folder}", file=sys.stderr)
+    else:
+        prepare_facts = model.prepare(x_train)
+    history = fit(model, x_train, x_val, config, progress, state, saved, prepare_facts)
     world = current_world()
     if not world.is_main:
         return None
@@ -161,4 +190,7 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
             files.update(render_report(version, dataset.test_x, dataset.test_y))
         return files
 
-    return registry.publish(config.name, manifest, weights_bytes(model, projector), extra_files=version_files)
+    version = registry.publish(config.name, manifest, weights_bytes(model, projector), extra_files=version_files)
+    if state is not None:
+        state.clear()
+    return version

@@ -1,0 +1,117 @@
+"""Crash-safe training state: what a run needs to continue after a kill, saved after every epoch.
+
+``<folder>/epoch-NNNN/{state.safetensors,state.json}`` plus ``<folder>/LATEST``
+naming the newest complete one. Each epoch's state is written and synced in
+its own folder, then LATEST is replaced atomically, so a kill at any point
+leaves the previous complete state. Tensors (model, optimiser, RNG states)
+go to safetensors, everything else to JSON; nothing is pickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+LATEST = "LATEST"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_fingerprint(run_config: dict[str, Any], data_fingerprint: str) -> str:
+    """Names the run a state belongs to: the whole config and the exact data."""
+    return hashlib.sha256((json.dumps(run_config, sort_keys=True) + data_fingerprint).encode()).hexdigest()
+
+
+class TrainingState:
+    def __init__(self, folder: str | os.PathLike[str], fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+
+    def save(self, epoch: int, model: torch.nn.Module, optimiser: torch.optim.Optimizer, scheduler: Any,
+             shuffle: torch.Generator, history: list[dict[str, float]], prepare_facts: dict[str, Any]) -> None:
+        """Write the state after ``epoch`` (1-based) and make it the latest."""
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        optimiser_state = optimiser.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, values in optimiser_state["state"].items():
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimiser.{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.shuffle"] = shuffle.get_state()
+        document = {
+            "fingerprint": self.fingerprint, "epoch": epoch, "history": history, "prepare": prepare_facts,
+            "optimiser_param_groups": optimiser_state["param_groups"], "optimiser_scalars": scalars,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"epoch-{epoch:04d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".{name}-"))
+        for filename, data in (("state.safetensors", safetensors.torch.save(tensors)), ("state.json", json.dumps(document).encode())):
+            with open(tmp / filename, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync(tmp)
+        target = self.folder / name
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+        pointer = self.folder / f".{LATEST}.tmp"
+        pointer.write_text(name)
+        with open(pointer, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(pointer, self.folder / LATEST)
+        _fsync(self.folder)
+        for old in self.folder.iterdir():  # older epochs and leftovers of interrupted writes
+            if old.name not in (name, LATEST):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+    def load(self) -> dict[str, Any] | None:
+        """The latest complete state, or None. Raises ValueError if it belongs to another run."""
+        pointer = self.folder / LATEST
+        if not pointer.is_file():
+            return None
+        folder = self.folder / pointer.read_text().strip()
+        document = json.loads((folder / "state.json").read_text())
+        if document["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{self.folder} holds the state of a different run (other config or data); "
+                             "remove it, or train without --resume")
+        document["tensors"] = safetensors.torch.load_file(folder / "state.safetensors")
+        return document
+
+    def restore(self, saved: dict[str, Any], model: torch.nn.Module, optimiser: torch.optim.Optimizer | None = None,
+                scheduler: Any = None, shuffle: torch.Generator | None = None) -> None:
+        tensors = saved["tensors"]
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        if optimiser is not None:
+            state: dict[int, dict[str, Any]] = {}
+            for key, value in tensors.items():
+                if key.startswith("optimiser."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            for index, values in saved["optimiser_scalars"].items():
+                state.setdefault(int(index), {}).update(values)
+            optimiser.load_state_dict({"state": state, "param_groups": saved["optimiser_param_groups"]})
+        if scheduler is not None and saved["scheduler"] is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        if shuffle is not None:
+            shuffle.set_state(tensors["rng.shuffle"])
+        torch.set_rng_state(tensors["rng.torch"])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
