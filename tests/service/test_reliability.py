@@ -1,0 +1,161 @@
+"""Reliability: hostile registries, overload, reload under load with a corrupt version, isolation between versions."""
+import json
+import logging
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
+from service.client import Client
+from service.store import ModelStore
+from tests.conftest import digits_run
+from tests.service.conftest import LiveServer
+from training.trainer import train
+
+IMAGES = (np.random.default_rng(5).random((3, 8, 8)) * 16).astype(np.float32)
+
+
+def _tamper(registry, name, weights: bytes | None = None, **manifest_changes):
+    """Rewrite a version's weights and/or manifest, keeping the sha256 consistent (a deliberate attack, not corruption)."""
+    folder = registry.version_dir(name, 1)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if weights is not None:
+        (folder / WEIGHTS).write_bytes(weights)
+        manifest["sha256"] = sha256_bytes(weights)
+    manifest.update(manifest_changes)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+HOSTILE = {
+    "header-claims-huge-length": lambda r, n: _tamper(r, n, weights=struct.pack("<Q", 2**60) + b"{}"),
+    "offsets-past-the-end": lambda r, n: _tamper(r, n, weights=safetensors_bytes(
+        {"model.mean": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}, b"\0" * 16)),
+    "overlapping-offsets": lambda r, n: _tamper(r, n, weights=safetensors_bytes(
+        {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}},
+        b"\0" * 24)),
+    "pickle-instead-of-weights": lambda r, n: _tamper(r, n, weights=b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94."),
+    "unknown-kind": lambda r, n: _tamper(r, n, kind="os.system"),
+    "absurd-sizes": lambda r, n: _tamper(r, n, config={"code_dim": 10**9}),
+    "wrong-sha256": lambda r, n: _tamper(r, n, sha256="0" * 64),
+    "manifest-not-json": lambda r, n: (r.version_dir(n, 1) / MANIFEST).write_text("{not json"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_hostile_versions_are_refused_logged_and_the_good_model_keeps_serving(registry, attack, caplog):
+    train(digits_run("good", "pca"), registry, progress=False)
+    train(digits_run("bad", "pca"), registry, progress=False)
+    HOSTILE[attack](registry, "bad")
+    store = ModelStore(registry)
+    with caplog.at_level(logging.ERROR, logger="aeserve.store"):
+        store.refresh()
+    assert store.names() == ["good"]
+    assert "bad:1" in store.failed
+    assert any("refused bad:1" in record.getMessage() for record in caplog.records)
+    assert store.get("good").encode(IMAGES).shape == (3, 4)
+
+
+def test_aliases_and_symlinks_that_lead_out_of_the_registry_are_ignored(registry, tmp_path):
+    train(digits_run("m", "pca"), registry, progress=False)
+    folder = registry.root / "m"
+    (folder / "aliases.json").write_text(json.dumps({"latest": "1", "prod": "../../etc", "x": "/tmp"}))
+    (tmp_path / "elsewhere").mkdir()
+    (folder / "2").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / MANIFEST).write_text("{}")
+    store = ModelStore(registry)
+    store.refresh()
+    assert store.entry("m").aliases == {"latest": 1}
+    assert sorted(store.entry("m").versions) == [1]
+    assert "outside the registry" in store.failed["m:2"]
+
+
+def test_overload_answers_503_with_retry_after_and_recovers(service_registry):
+    with LiveServer(service_registry, poll_seconds=0, max_queue=2, max_batch_rows=8) as live:
+        big = {"inputs": np.ones((20_000, 64), np.float32).tolist()}
+        body = json.dumps(big).encode()
+        statuses, retry_after = [], []
+
+        def post(_):
+            response = httpx.post(f"{live.url}/v1/models/digits-mlp/reconstruct", content=body,
+                                  headers={"Content-Type": "application/json"}, timeout=120)
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                retry_after.append(response.headers.get("Retry-After"))
+
+        health = []
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(post, i) for i in range(24)]
+            for _ in range(5):
+                health.append(httpx.get(f"{live.url}/health/live", timeout=30).status_code)
+            for f in futures:
+                f.result()
+        assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
+        assert set(retry_after) == {"1"}
+        assert health == [200] * 5
+        with Client(live.url) as client:  # fully back once the load stops
+            assert client.encode("digits-mlp", IMAGES).outputs.shape == (3, 4)
+        assert "aeserve_queue_depth 0.0" in httpx.get(f"{live.url}/metrics").text
+
+
+def test_good_then_corrupt_version_published_under_load(service_registry):
+    with LiveServer(service_registry, poll_seconds=0.1) as live:
+        seen, failures, stop = [], [], threading.Event()
+
+        def traffic():
+            with Client(live.url) as client:
+                while not stop.is_set():
+                    try:
+                        seen.append(client.encode("digits-pca", IMAGES).version)
+                    except Exception as e:  # any failure is what this test looks for
+                        failures.append(e)
+
+        threads = [threading.Thread(target=traffic) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            train(digits_run("digits-pca", "pca"), service_registry, progress=False)  # version 2: good
+            train(digits_run("digits-pca", "pca"), service_registry, progress=False)  # version 3: corrupted below
+            weights = service_registry.version_dir("digits-pca", 3) / WEIGHTS
+            weights.write_bytes(weights.read_bytes()[:100])
+            refused = {}
+            for _ in range(300):
+                refused = httpx.get(f"{live.url}/metrics").text
+                if "aeserve_refused_versions 1.0" in refused and seen and seen[-1] == "2":
+                    break
+                threading.Event().wait(0.05)
+            threading.Event().wait(0.5)
+            n = len(seen)
+            threading.Event().wait(0.3)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert failures == []
+        assert "aeserve_refused_versions 1.0" in refused
+        assert seen[0] == "1" and set(seen[n:]) == {"2"}  # switched to the good version and stayed there
+
+
+def test_concurrent_requests_to_different_versions_never_mix(service_registry):
+    train(digits_run("digits-mlp", "mlp", epochs=1, seed=7), service_registry, progress=False)
+    v1, v2 = service_registry.load("digits-mlp", 1), service_registry.load("digits-mlp", 2)
+    rng = np.random.default_rng(0)
+    inputs = [(rng.random((1 + i % 3, 8, 8)) * 16).astype(np.float32) for i in range(40)]
+    with LiveServer(service_registry, poll_seconds=0) as live, Client(live.url) as client:
+        def ask(i):
+            version = 1 + i % 2
+            return i, version, client.encode("digits-mlp", inputs[i], version=version)
+
+        with ThreadPoolExecutor(8) as pool:
+            for i, version, result in pool.map(ask, range(40)):
+                expected = (v1 if version == 1 else v2).encode(inputs[i])
+                assert result.version == str(version)
+                np.testing.assert_allclose(result.outputs, expected, rtol=1e-5, atol=1e-5)
