@@ -11,6 +11,7 @@ import argparse
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,11 +27,18 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     parser.add_argument("--registry", help="publish here (default: a temporary folder)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--compare-pretraining", action="store_true",
+                        help="for rbm configs, also train the same network from random initialisation on the same budget")
     args = parser.parse_args()
     registry = Registry(args.registry or tempfile.mkdtemp(prefix="aeserve-quality-"))
+    runs = [(path, args.overrides) for path in args.configs]
+    if args.compare_pretraining:
+        runs += [(path, [*args.overrides, "model.pretrain=false", f"name={Path(path).stem}-random"])
+                 for path in args.configs if load_run_config(path).model_kind == "rbm"]
     rows = []
-    for path in args.configs:
-        config = load_run_config(path, args.overrides)
+    for path, overrides in runs:
+        config = load_run_config(path, overrides)
+        path = f"{path} ({config.name})" if config.name != Path(path).stem else path
         started = time.perf_counter()
         version = train(config, registry, progress=False)
         wall = time.perf_counter() - started

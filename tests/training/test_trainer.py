@@ -1,4 +1,7 @@
 """Training: deterministic weights, honest metrics, configs from TOML with overrides."""
+import glob
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -83,3 +86,8 @@ def test_map_metrics_on_a_perfect_and_a_useless_map():
     assert perfect["map_knn5_accuracy"] == 1.0 and perfect["map_trustworthiness"] == pytest.approx(1.0)
     shuffled = map_metrics(coords, labels, coords, coords[rng.permutation(90)], labels)
     assert shuffled["map_knn5_accuracy"] < 0.6 and shuffled["map_trustworthiness"] < 0.7
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.toml")))
+def test_shipped_configs_are_valid(path):
+    assert load_run_config(path).name == Path(path).stem
