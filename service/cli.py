@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +45,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            app.state.draining = True  # readiness answers 503 at once; in-flight requests finish
-            super().handle_exit(sig, frame)
+            if app.state.draining or settings.drain_grace_seconds == 0:
+                super().handle_exit(sig, frame)  # a second signal, or no grace: stop accepting now
+                return
+            # Readiness answers 503 at once while requests are still served, so load balancers stop sending
+            # before the listener closes; then uvicorn stops accepting and waits for requests in flight.
+            app.state.draining = True
+            threading.Timer(settings.drain_grace_seconds, super().handle_exit, (sig, frame)).start()
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_level="info",
                             timeout_graceful_shutdown=settings.drain_seconds)

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=512, gt=0, description="requests waiting for a model beyond this get 503 with Retry-After")
     inference_threads: int = Field(default=1, gt=0, description="threads that run model calls")
     poll_seconds: float = Field(default=2.0, ge=0, description="how often to look for new versions (0: only on POST /v1/reload)")
-    drain_seconds: float = Field(default=10.0, ge=0, description="how long SIGTERM waits for requests in flight")
+    drain_grace_seconds: float = Field(default=2.0, ge=0, description="after SIGTERM: readiness 503 but still serving, for this long")
+    drain_seconds: float = Field(default=10.0, ge=0, description="then: how long to wait for requests in flight")
     access_log: bool = True
 
     @property

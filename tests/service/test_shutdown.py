@@ -42,6 +42,9 @@ def test_sigterm_drains_in_flight_requests(service_registry):
         request.start()
         assert started.wait(10)
         server.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert httpx.get(base + "/health/ready").status_code == 503  # load balancers: stop sending
+        assert httpx.get(base + "/v1/models").status_code == 200  # but requests are still served during the grace
         request.join(60)
         assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
         assert len(answers) == 1 and answers[0].status_code == 200
