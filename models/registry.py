@@ -48,7 +48,8 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new names, renames) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -56,7 +57,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
+    """Write a file and sync it to disk before returning."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -154,9 +156,9 @@ class Registry:
         data = (json.dumps({k: str(v) for k, v in sorted(aliases.items())}, indent=2) + "\n").encode()
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".aliases-")
         os.close(fd)
-        _write_synced(Path(tmp), data)
+        write_synced(Path(tmp), data)
         os.replace(tmp, folder / ALIASES)
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     def publish(self, name: str, manifest: dict[str, Any], weights: bytes,
                 extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None) -> int:
@@ -178,20 +180,20 @@ class Registry:
             }
             tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{version}-"))
             try:
-                _write_synced(tmp / WEIGHTS, weights)
+                write_synced(tmp / WEIGHTS, weights)
                 for relative, data in (extra_files(manifest) if extra_files else {}).items():
                     target = (tmp / relative).resolve()
                     if tmp.resolve() not in target.parents or Path(relative).name in (MANIFEST, WEIGHTS):
                         raise RegistryError(f"extra file {relative!r} must stay inside the version folder and not replace its manifest or weights")
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    _write_synced(target, data)
-                _write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-                _fsync_dir(tmp)
+                    write_synced(target, data)
+                write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+                fsync_dir(tmp)
                 os.rename(tmp, folder / str(version))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _fsync_dir(folder)
+            fsync_dir(folder)
             aliases = self.aliases(name)
             self._write_aliases(folder, aliases)
         return version

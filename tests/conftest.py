@@ -78,3 +78,18 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     for kind in KIND_CONFIGS:
         train(digits_run(f"digits-{kind}", kind), registry, progress=False)
     return registry
+
+
+def tamper_version(registry: Registry, name: str, weights: bytes | None = None, **manifest_changes) -> None:
+    """Rewrite version 1's weights and/or manifest fields, keeping the sha256 consistent (a deliberate attack, not corruption)."""
+    import json
+
+    from models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
+
+    folder = registry.version_dir(name, 1)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if weights is not None:
+        (folder / WEIGHTS).write_bytes(weights)
+        manifest["sha256"] = sha256_bytes(weights)
+    manifest.update(manifest_changes)
+    (folder / MANIFEST).write_text(json.dumps(manifest))

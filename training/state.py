@@ -19,15 +19,9 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from models.registry import fsync_dir, write_synced
+
 LATEST = "LATEST"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def run_fingerprint(run_config: dict[str, Any], data_fingerprint: str) -> str:
@@ -62,21 +56,16 @@ class TrainingState:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"epoch-{epoch:04d}"
         tmp = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".{name}-"))
-        for filename, data in (("state.safetensors", safetensors.torch.save(tensors)), ("state.json", json.dumps(document).encode())):
-            with open(tmp / filename, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync(tmp)
+        write_synced(tmp / "state.safetensors", safetensors.torch.save(tensors))
+        write_synced(tmp / "state.json", json.dumps(document).encode())
+        fsync_dir(tmp)
         target = self.folder / name
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         pointer = self.folder / f".{LATEST}.tmp"
-        pointer.write_text(name)
-        with open(pointer, "rb+") as f:
-            os.fsync(f.fileno())
+        write_synced(pointer, name.encode())
         os.replace(pointer, self.folder / LATEST)
-        _fsync(self.folder)
+        fsync_dir(self.folder)
         for old in self.folder.iterdir():  # older epochs and leftovers of interrupted writes
             if old.name not in (name, LATEST):
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

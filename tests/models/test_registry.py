@@ -7,7 +7,7 @@ import pytest
 
 from models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, sha256_bytes
 from models.registry import NotFoundError, Registry, RegistryError
-from tests.conftest import digits_run
+from tests.conftest import digits_run, tamper_version
 from training.trainer import train
 
 
@@ -74,14 +74,7 @@ def test_sha256_mismatch_is_refused(published):
 
 
 def _rewrite(published, weights: bytes | None = None, **manifest_changes):
-    """Replace the weights and/or manifest fields, keeping the sha256 consistent (a deliberate tamper)."""
-    folder = published.version_dir("digits", 1)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if weights is not None:
-        (folder / WEIGHTS).write_bytes(weights)
-        manifest["sha256"] = sha256_bytes(weights)
-    manifest.update(manifest_changes)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    tamper_version(published, "digits", weights, **manifest_changes)
 
 
 def test_corrupted_weights_file_is_refused(published):

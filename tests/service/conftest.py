@@ -81,3 +81,41 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class Traffic:
+    """Client threads calling ``encode`` in a loop until stopped; records every answer's version and every failure."""
+
+    def __init__(self, url: str, model: str, rows, threads: int = 3) -> None:
+        self.url, self.model, self.rows = url, model, rows
+        self.versions: list[str] = []
+        self.failures: list[Exception] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        from service.client import Client
+
+        with Client(self.url) as client:
+            while not self._stop.is_set():
+                try:
+                    self.versions.append(client.encode(self.model, self.rows).version)
+                except Exception as e:  # any failure at all is what the tests look for
+                    self.failures.append(e)
+
+    def versions_after_settling(self, seconds: float = 0.5, window: float = 0.3) -> set[str]:
+        """Versions answered in a window that starts once requests in flight at a switch have finished."""
+        time.sleep(seconds)
+        start = len(self.versions)
+        time.sleep(window)
+        return set(self.versions[start:])
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()

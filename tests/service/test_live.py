@@ -1,12 +1,12 @@
 """A real uvicorn server on loopback, driven by the Python client (sync and async)."""
-import threading
+import time
 
 import numpy as np
 import pytest
 
 from service.client import AeserveError, AsyncClient, Client
 from tests.conftest import KIND_CONFIGS, digits_run
-from tests.service.conftest import LiveServer
+from tests.service.conftest import LiveServer, Traffic
 from training.trainer import train
 
 IMAGES = (np.random.default_rng(1).random((6, 8, 8)) * 16).astype(np.float32)
@@ -51,33 +51,14 @@ async def test_async_client(live, service_registry):
 
 def test_hot_reload_while_requests_flow(live, service_registry):
     """A version published mid-traffic is picked up without a restart; no request fails."""
-    seen, failures, stop = [], [], threading.Event()
-
-    def traffic():
-        with Client(live.url) as client:
-            while not stop.is_set():
-                try:
-                    seen.append(client.encode("digits-mlp", IMAGES[:2]).version)
-                except Exception as e:  # any failure at all is what this test looks for
-                    failures.append(e)
-
-    threads = [threading.Thread(target=traffic) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
+    with Traffic(live.url, "digits-mlp", IMAGES[:2]) as traffic:
         train(digits_run("digits-mlp", "mlp", epochs=1), service_registry, progress=False)
         with Client(live.url) as client:
             for _ in range(200):
                 if client.encode("digits-mlp", IMAGES[:1]).version == "2":
                     break
-                threading.Event().wait(0.05)
-        threading.Event().wait(0.5)  # requests in flight at the switch may still finish on version 1
-        n_before = len(seen)
-        threading.Event().wait(0.3)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert failures == []
-    assert seen[0] == "1" and "2" in seen
-    assert set(seen[n_before:]) == {"2"}  # once switched, answers stay on the new version
+                time.sleep(0.05)
+        settled = traffic.versions_after_settling()
+    assert traffic.failures == []
+    assert traffic.versions[0] == "1" and "2" in traffic.versions
+    assert settled == {"2"}  # once switched, answers stay on the new version
