@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
 from models import build_model
 from models.base import Autoencoder, Preprocessing
@@ -39,7 +40,7 @@ def weights_bytes(model: Autoencoder, projector: torch.nn.Module) -> bytes:
     """Serialise model and projector tensors (contiguous float32 on CPU) to safetensors bytes."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
-    return safetensors.torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
+    return save_safetensors_bytes({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
 
 
 def error_quantiles(errors: np.ndarray) -> list[float]:
@@ -158,7 +159,7 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     if quantiles.ndim != 1 or len(quantiles) < 2 or not np.all(np.isfinite(quantiles)) or np.any(np.diff(quantiles) < 0):
         raise CheckpointError(f"{folder / MANIFEST}: metrics.error_quantiles must be a non-decreasing list of finite numbers")
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors_bytes(data)  # parses the header and copies raw tensor bytes: no code runs
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({e})") from None
     expected_shapes = {f"model.{k}": v.shape for k, v in skeleton.state_dict().items()}
