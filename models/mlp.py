@@ -41,7 +41,7 @@ class MLPConfig:
             raise ValueError(f"model.output {self.output!r} is not one of {list(OUTPUTS)}")
 
 
-def _stack(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
+def layer_stack(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
     """Linear layers through ``sizes`` with the activation between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -62,8 +62,8 @@ class MLPAutoencoder(Autoencoder):
         input_dim = self.input_dim
         sizes = [input_dim, *config.hidden, config.code_dim]
         activation = ACTIVATIONS[config.activation]
-        self.encoder = _stack(sizes, activation)
-        self.decoder = _stack(sizes[::-1], activation)
+        self.encoder = layer_stack(sizes, activation)
+        self.decoder = layer_stack(sizes[::-1], activation)
         self.sigmoid_output = config.output == "sigmoid"
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

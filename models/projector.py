@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.base import config_from_dict
+from models.mlp import layer_stack
 from models.pca import principal_components
 
 
@@ -112,13 +113,7 @@ class UMAPProjector(nn.Module):
         super().__init__()
         self.code_dim = int(code_dim)
         self.config = config or UMAPProjectorConfig()
-        sizes = [self.code_dim, *self.config.hidden, 2]
-        layers: list[nn.Module] = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(n_in, n_out))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        self.net = nn.Sequential(*layers)
+        self.net = layer_stack([self.code_dim, *self.config.hidden, 2], nn.ReLU)
         # Fitted state: standardisation of the codes, set by fit().
         self.register_buffer("mean", torch.zeros(code_dim))
         self.register_buffer("scale", torch.ones(code_dim))

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from models.base import Autoencoder
-from models.mlp import ACTIVATIONS, _stack
+from models.mlp import ACTIVATIONS, layer_stack
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class VAE(Autoencoder):
         super().__init__(config, input_shape)
         act = ACTIVATIONS[config.activation]
         # The encoder's last layer answers posterior mean and log-variance side by side: (n, 2 * code_dim).
-        self.encoder = _stack([self.input_dim, *config.hidden, 2 * config.code_dim], act)
-        self.decoder = _stack([config.code_dim, *config.hidden[::-1], self.input_dim], act)
+        self.encoder = layer_stack([self.input_dim, *config.hidden, 2 * config.code_dim], act)
+        self.decoder = layer_stack([config.code_dim, *config.hidden[::-1], self.input_dim], act)
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_var = self.encoder(x).chunk(2, dim=1)
