@@ -3,6 +3,9 @@
 - ``pca``: the top two principal directions of the training codes (identity for 2-D codes).
 - ``umap``: a small network trained with a parametric UMAP loss (McInnes et al. 2018; Sainburg,
   McInnes & Gentner 2021) to keep each training code's nearest neighbours close on the map.
+- ``tsne``: a t-SNE layout of the training codes (van der Maaten & Hinton 2008, computed with
+  openTSNE's FFT-accelerated gradients, Linderman et al. 2019), stored with the codes it was
+  computed from; a new point goes where its nearest training code went.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -158,7 +162,63 @@ class UMAPProjector(nn.Module):
         return {"projector_losses": losses, "projector_points": len(x)}
 
 
-PROJECTOR_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (PCAProjector, UMAPProjector)}
+@dataclass(frozen=True)
+class TSNEProjectorConfig:
+    perplexity: float = 30.0
+    dof: float = 1.0  # degrees of freedom of the map's Student-t kernel; below 1 separates clusters more
+    max_points: int = 60_000  # lay out at most this many training codes
+    points: int = 0  # set by fit: how many training codes the map keeps
+
+    def __post_init__(self) -> None:
+        if not (self.perplexity > 0 and self.dof > 0):
+            raise ValueError(f"projector.perplexity and projector.dof must be > 0, got {self.perplexity} and {self.dof}")
+        if self.max_points < 2 or not 0 <= self.points <= self.max_points:
+            raise ValueError(f"projector.max_points must be >= 2 and points in [0, max_points], got {self.max_points} and {self.points}")
+
+
+class TSNEProjector(nn.Module):
+    """Codes (n, code_dim) -> (n, 2): the map position of the nearest stored training code.
+
+    The stored training codes are the t-SNE's own inputs, so a training point maps to
+    exactly where t-SNE put it, and a new point joins the neighbourhood it is closest to.
+    """
+
+    kind: ClassVar[str] = "tsne"
+    config_class: ClassVar[type] = TSNEProjectorConfig
+    chunk: ClassVar[int] = 256  # queries per distance block: 256 x 60k floats is 60 MB
+
+    def __init__(self, code_dim: int, config: TSNEProjectorConfig | None = None) -> None:
+        super().__init__()
+        self.code_dim = int(code_dim)
+        self.config = config or TSNEProjectorConfig()
+        self.register_buffer("codes", torch.zeros(self.config.points, code_dim))
+        self.register_buffer("coords", torch.zeros(self.config.points, 2))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if len(self.codes) == 0:
+            raise RuntimeError("the t-SNE projector has not been fitted")
+        squared = self.codes.pow(2).sum(dim=1)
+        nearest = [(squared - 2 * block @ self.codes.T).argmin(dim=1) for block in codes.split(self.chunk)]
+        return self.coords[torch.cat(nearest)] if nearest else codes.new_zeros(0, 2)
+
+    def fit(self, codes: torch.Tensor) -> dict[str, Any]:
+        """Lay out training codes (n, code_dim); seeded from torch's global RNG (seeded by the trainer)."""
+        from openTSNE import TSNE
+
+        config = self.config
+        if len(codes) < 4:
+            raise ValueError(f"the t-SNE projector needs at least 4 training codes, got {len(codes)}")
+        codes = codes[torch.randperm(len(codes))[: config.max_points]] if len(codes) > config.max_points else codes
+        perplexity = min(config.perplexity, (len(codes) - 1) / 3)  # t-SNE needs 3 * perplexity neighbours
+        seed = int(torch.randint(2**31 - 1, ()))
+        layout = TSNE(perplexity=perplexity, dof=config.dof, n_jobs=torch.get_num_threads(), random_state=seed).fit(codes.double().numpy())
+        self.config = dataclasses.replace(config, points=len(codes))
+        self.codes = codes.float().contiguous().clone()
+        self.coords = torch.from_numpy(np.asarray(layout, dtype=np.float32))
+        return {"projector_points": len(codes), "projector_kl_divergence": round(float(layout.kl_divergence), 4)}
+
+
+PROJECTOR_KINDS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (PCAProjector, UMAPProjector, TSNEProjector)}
 
 
 def build_projector(kind: str, code_dim: int, config: dict[str, Any] | None = None) -> nn.Module:

@@ -5,7 +5,16 @@ import torch
 from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier
 
-from models.projector import PCAProjector, UMAPProjector, UMAPProjectorConfig, build_projector, nearest_neighbours, umap_curve
+from models.projector import (
+    PCAProjector,
+    TSNEProjector,
+    TSNEProjectorConfig,
+    UMAPProjector,
+    UMAPProjectorConfig,
+    build_projector,
+    nearest_neighbours,
+    umap_curve,
+)
 from models.registry import Registry
 from training.config import build_run_config
 from training.trainer import train
@@ -65,21 +74,52 @@ def test_umap_projector_keeps_neighbours_for_new_points():
     assert trustworthiness(x_test.numpy(), test_map, n_neighbors=5) > 0.9
 
 
+def test_tsne_projector_keeps_neighbours_for_new_points():
+    torch.manual_seed(0)
+    centres = np.random.default_rng(0).normal(scale=4, size=(5, 10))
+    x_train, y_train = blobs(200, centres, 1.0, seed=1)
+    x_test, y_test = blobs(40, centres, 1.0, seed=2)
+    projector = TSNEProjector(10, TSNEProjectorConfig(perplexity=20))
+    facts = projector.fit(x_train)
+    assert facts["projector_points"] == 1000 and projector.config.points == 1000
+    with torch.no_grad():
+        train_map, test_map = projector(x_train).numpy(), projector(x_test).numpy()
+    np.testing.assert_array_equal(train_map, projector.coords.numpy())  # a training code maps to its own layout position
+    accuracy = KNeighborsClassifier(5).fit(train_map, y_train).score(test_map, y_test)
+    assert accuracy > 0.95
+    assert trustworthiness(x_test.numpy(), test_map, n_neighbors=5) > 0.9
+
+
+def test_tsne_projector_places_a_new_point_at_its_nearest_training_code():
+    projector = TSNEProjector(3, TSNEProjectorConfig(points=3))
+    projector.codes.copy_(torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]]))
+    projector.coords.copy_(torch.tensor([[1.0, 1], [2, 2], [3, 3]]))
+    got = projector(torch.tensor([[9.0, 1, 0], [0.5, 0, 0], [1, 8, 1]]))
+    torch.testing.assert_close(got, torch.tensor([[2.0, 2], [1, 1], [3, 3]]))
+    assert projector(torch.zeros(0, 3)).shape == (0, 2)
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        TSNEProjector(3)(torch.zeros(1, 3))
+
+
 def test_unknown_projector_kind():
-    with pytest.raises(ValueError, match=r"unknown projector kind 'tsne'; allowed: \['pca', 'umap'\]"):
-        build_projector("tsne", 4)
-    with pytest.raises(ValueError, match="projector.kind 'tsne' is not one of"):
-        build_run_config({"name": "x", "projector": {"kind": "tsne"}})
+    with pytest.raises(ValueError, match=r"unknown projector kind 'isomap'; allowed: \['pca', 'tsne', 'umap'\]"):
+        build_projector("isomap", 4)
+    with pytest.raises(ValueError, match="projector.kind 'isomap' is not one of"):
+        build_run_config({"name": "x", "projector": {"kind": "isomap"}})
 
 
-def test_umap_projector_is_stored_with_the_version(tmp_path):
+@pytest.mark.parametrize("kind, options", [("umap", {"epochs": 2, "hidden": [16]}), ("tsne", {"perplexity": 10})])
+def test_projector_is_stored_with_the_version(tmp_path, kind, options):
     registry = Registry(tmp_path)
     config = build_run_config({"name": "m", "data": {"source": "digits", "limit": 300}, "model": {"kind": "pca", "code_dim": 6},
-                               "projector": {"kind": "umap", "epochs": 2, "hidden": [16]}, "train": {"report": False}})
+                               "projector": {"kind": kind, **options}, "train": {"report": False}})
     train(config, registry, progress=False)
     manifest = registry.manifest("m")
-    assert manifest["projector"]["kind"] == "umap" and manifest["projector"]["config"]["hidden"] == [16]
-    assert len(manifest["training"]["projector"]["projector_losses"]) == 2
+    assert manifest["projector"]["kind"] == kind and manifest["projector"]["config"].items() >= options.items()
+    if kind == "umap":
+        assert len(manifest["training"]["projector"]["projector_losses"]) == 2
+    else:
+        assert manifest["projector"]["config"]["points"] == manifest["training"]["n_train"]
     a, b = registry.load("m"), registry.load("m")
     x = np.random.default_rng(0).random((9, 8, 8)).astype(np.float32) * 16
     np.testing.assert_array_equal(a.project(x), b.project(x))
