@@ -21,6 +21,9 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen import rss_mb  # noqa: E402
 
 
 def start(command: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, float]:
@@ -52,11 +55,6 @@ def wrk(url: str, body: str, seconds: int, connections: int) -> float:
     if non_2xx:
         raise RuntimeError(f"wrk saw {non_2xx.group(1)} error answers:\n{out}")
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def main() -> None:

@@ -1,8 +1,12 @@
 """Reliability: hostile registries, overload, reload under load with a corrupt version, isolation between versions."""
+import asyncio
+import io
 import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,12 +14,13 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.loadgen import Request, closed_loop, overload, rss_mb, wait_idle
 from models.checkpoint import MANIFEST, WEIGHTS
 from models.registry import Registry
 from service.client import Client
 from service.store import ModelStore
 from tests.conftest import digits_run, tamper_version
-from tests.service.conftest import LiveServer, Traffic
+from tests.service.conftest import LiveServer, Traffic, free_port, wait_live_server
 from training.trainer import train
 
 IMAGES = (np.random.default_rng(5).random((3, 8, 8)) * 16).astype(np.float32)
@@ -138,3 +143,34 @@ def test_concurrent_requests_to_different_versions_never_mix(service_registry):
                 expected = (v1 if version == 1 else v2).encode(inputs[i])
                 assert result.version == str(version)
                 np.testing.assert_allclose(result.outputs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_open_loop_load_at_twice_capacity_gets_only_200_or_503_and_the_service_recovers(service_registry):
+    """The overload benchmark's procedure, short: capacity closed-loop, then twice that open-loop, then capacity again."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "aeserve", "serve", "--registry", str(service_registry.root), "--port", str(port),
+                               "--models", "digits-conv", "--poll-seconds", "0", "--no-access-log", "--max-queue", "8", "--device", "cpu"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_live_server(base, server)
+        rows = (np.random.default_rng(0).random((512, 8, 8)) * 16).astype(np.float32)
+        buffer = io.BytesIO()
+        np.save(buffer, rows)
+        request = Request("/v1/models/digits-conv/reconstruct", buffer.getvalue(), "application/x-npy")
+        asyncio.run(closed_loop(base, request, 0.5, 8))  # warm-up
+        before = asyncio.run(closed_loop(base, request, 1.5, 8))
+        rss_before = rss_mb(server.pid)
+        load, health, memory = asyncio.run(overload(base, request, 2 * before.ok / before.seconds, 3.0, server.pid))
+        wait_idle(base)
+        after = asyncio.run(closed_loop(base, request, 1.0, 8))
+        rss_after = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert before.unexpected(set()) == {} and before.ok > 0
+    assert load.unexpected({503}) == {}  # only 200 and 503: no 5xx, no dropped connection
+    assert load.ok > 0 and load.statuses[503] > 0  # the load really went past capacity, and still got work done
+    assert health.ok == health.sent > 0  # readiness answered every probe during the overload
+    assert after.unexpected(set()) == {} and after.ok > 0  # fully back
+    assert max(mb for _, mb in memory) - rss_before < 100 and rss_after - rss_before < 100  # no growth with the load

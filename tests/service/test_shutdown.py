@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import orjson
 
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, wait_live_server
 
 
 def test_sigterm_drains_in_flight_requests(service_registry):
@@ -20,13 +20,7 @@ def test_sigterm_drains_in_flight_requests(service_registry):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_live_server(base, server)
         body = orjson.dumps({"inputs": np.ones((1000, 64), np.float32)}, option=orjson.OPT_SERIALIZE_NUMPY)
         started = threading.Event()
 
