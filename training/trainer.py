@@ -23,11 +23,11 @@ from training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from training.state import TrainingState, run_fingerprint
 
 
-def split_validation(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded split of training examples (n, d) into (train, validation)."""
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = int(len(x) * fraction)
-    return x[order[n_val:]], x[order[:n_val]]
+def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of ``n`` training examples: (training indices, validation indices)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(n * fraction)
+    return order[n_val:], order[:n_val]
 
 
 def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, config: RunConfig, progress: bool = True,
@@ -88,23 +88,24 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
 
 
 @torch.inference_mode()
-def project_splits(model: torch.nn.Module, projector: torch.nn.Module, x_all: torch.Tensor,
-                   x_test: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(training coordinates (n, 2) in dataset order, test inputs (m, input_dim), test coordinates (m, 2)), numpy."""
-    def coords(x: torch.Tensor) -> np.ndarray:
-        return torch.cat([projector(model.encode(x[i:i + EVAL_BATCH])) for i in range(0, len(x), EVAL_BATCH)]).numpy()
-
-    return coords(x_all), x_test.numpy(), coords(x_test)
+def encode_all(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Codes (n, code_dim) of inputs (n, input_dim) in model space, in chunks."""
+    chunks = [model.encode(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+    return torch.cat(chunks) if chunks else x.new_zeros(0, model.code_dim)
 
 
-def fit_projector(model: torch.nn.Module, x_train: torch.Tensor, config: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The map's projector, fitted on the training codes. A 2-D (or 1-D) code is its own map."""
-    with torch.inference_mode():
-        codes = torch.cat([model.encode(x_train[i:i + EVAL_BATCH]) for i in range(0, len(x_train), EVAL_BATCH)])
-    kind = config.projector_kind if model.code_dim > 2 else "pca"
-    projector = build_projector(kind, model.code_dim, config.projector if kind == config.projector_kind else {})
+@torch.inference_mode()
+def project_codes(projector: torch.nn.Module, codes: torch.Tensor) -> np.ndarray:
+    """Map coordinates (n, 2), numpy, of codes (n, code_dim), in chunks."""
+    return torch.cat([projector(codes[i:i + EVAL_BATCH]) for i in range(0, len(codes), EVAL_BATCH)]).numpy()
+
+
+def fit_projector(code_dim: int, training_codes: torch.Tensor, config: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The map's projector, fitted on the training codes (n, code_dim). A 2-D (or 1-D) code is its own map."""
+    kind = config.projector_kind if code_dim > 2 else "pca"
+    projector = build_projector(kind, code_dim, config.projector if kind == config.projector_kind else {})
     with torch.enable_grad():
-        facts = projector.fit(codes.clone())
+        facts = projector.fit(training_codes.clone())
     return projector.eval(), facts
 
 
@@ -121,7 +122,8 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     preprocessing = dataset.preprocessing
     x_all = torch.from_numpy(preprocessing.to_model(dataset.train_x))
     x_test = torch.from_numpy(preprocessing.to_model(dataset.test_x))
-    x_train, x_val = split_validation(x_all, config.data.val_fraction, config.train.seed)
+    train_index, val_index = split_validation(len(x_all), config.data.val_fraction, config.train.seed)
+    x_train, x_val = x_all[train_index], x_all[val_index]
 
     state = saved = None
     if state_dir is not None:
@@ -148,9 +150,10 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     metrics.update(model.extra_metrics(x_test))
     if len(x_val):
         metrics["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
-    projector, projector_facts = fit_projector(model, x_train, config)
-    train_coords, test_inputs, test_coords = project_splits(model, projector, x_all, x_test)
-    metrics.update(map_metrics(train_coords, dataset.train_y, test_inputs, test_coords, dataset.test_y))
+    codes = encode_all(model, x_all)
+    projector, projector_facts = fit_projector(model.code_dim, codes[train_index], config)
+    train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
+    metrics.update(map_metrics(train_coords, dataset.train_y, x_test.numpy(), test_coords, dataset.test_y))
     seconds = time.perf_counter() - started
 
     manifest: dict[str, Any] = {
