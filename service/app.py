@@ -23,12 +23,13 @@ from service.api import health, models, v2
 from service.api.models import operation_target, run_operation
 from service.auth import require_api_key
 from service.batching import Batcher
-from service.errors import ApiError, api_error_handler, error_response, http_error_handler, validation_error_handler
+from service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ModelStore
 
 log = logging.getLogger("aeserve.service")
+HEALTH_PATHS = ("/health/", "/v2/health/")
 STATIC = Path(__file__).parent / "static"
 access_log = logging.getLogger("aeserve.access")
 
@@ -65,14 +66,19 @@ class ServiceApp:
     ``POST /v1/models/{name}[/versions/{version}]/{op}`` directly roughly
     doubled the single-row request rate (see benchmarks/serve.py). Every HTTP
     request, either way, gets its metrics and one JSON access-log line.
+    More than ``max_inflight`` requests in progress get 503 before their body
+    is read, so an overload that outruns even parsing cannot pile up
+    connections and memory; the health routes are never refused.
     ``api`` is the FastAPI app behind it and ``state`` its state.
     """
 
-    def __init__(self, api: FastAPI, metrics: Metrics, access_log: bool) -> None:
+    def __init__(self, api: FastAPI, metrics: Metrics, access_log: bool, max_inflight: int) -> None:
         self.api = api
         self.state = api.state
         self.metrics = metrics
         self.access_log = access_log
+        self.max_inflight = max_inflight
+        self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,11 +94,19 @@ class ServiceApp:
             await send(message)
 
         target = operation_target(scope["path"]) if scope["method"] == "POST" else None
+        health = scope["path"].startswith(HEALTH_PATHS)
         try:
-            if target is None:
-                await self.api(scope, receive, send_and_record)
-            else:
-                await self._operation(scope, receive, send_and_record, target)
+            if not health and self.inflight >= self.max_inflight:
+                await overloaded(self.inflight, scope["path"])(scope, receive, send_and_record)
+                return
+            self.inflight += not health
+            try:
+                if target is None:
+                    await self.api(scope, receive, send_and_record)
+                else:
+                    await self._operation(scope, receive, send_and_record, target)
+            finally:
+                self.inflight -= not health
         finally:
             seconds = time.perf_counter() - started
             context = scope.get("aeserve")
@@ -140,7 +154,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.openapi = lambda: _openapi_with_operations(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_api_route("/", _index, include_in_schema=False)
-    return ServiceApp(app, metrics, settings.access_log)
+    return ServiceApp(app, metrics, settings.access_log, settings.max_inflight)
 
 
 async def _index() -> FileResponse:

@@ -18,6 +18,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-rows", type=int, help="most rows per model call (default 256)")
     p.add_argument("--max-wait-ms", type=float, help="batching wait for more rows (default 0)")
     p.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 512)")
+    p.add_argument("--max-inflight", type=int, help="requests in progress before 503, health routes aside (default 1024)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 64 MiB)")
     p.add_argument("--poll-seconds", type=float, help="how often to look for new versions (default 2; 0: never)")
     p.add_argument("--no-access-log", dest="access_log", action="store_const", const=False, help="no per-request log lines")

@@ -16,14 +16,19 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"detail": detail}), status_code=status, media_type="application/json", headers=headers)
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> Response:
+    """``{"detail": ...}``, or the Open Inference Protocol's ``{"error": ...}`` under /v2/."""
+    key = "error" if path.startswith("/v2/") else "detail"
+    return Response(orjson.dumps({key: detail}), status_code=status, media_type="application/json", headers=headers)
+
+
+def overloaded(inflight: int, path: str) -> Response:
+    """503 for a request refused before it starts."""
+    return error_response(503, f"overloaded: {inflight} requests are in progress; retry shortly", {"Retry-After": "1"}, path)
 
 
 async def api_error_handler(request: Request, exc: ApiError) -> Response:
-    if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's error body
-        return Response(orjson.dumps({"error": exc.detail}), status_code=exc.status, media_type="application/json", headers=exc.headers)
-    return error_response(exc.status, exc.detail, exc.headers)
+    return error_response(exc.status, exc.detail, exc.headers, request.url.path)
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> Response:

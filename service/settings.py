@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(default=256, gt=0, description="most rows the batcher sends to a model at once")
     max_wait_ms: float = Field(default=0.0, ge=0, description="how long the batcher waits for more rows; 0 batches only what is already queued")
     max_queue: int = Field(default=512, gt=0, description="requests waiting for a model beyond this get 503 with Retry-After")
+    max_inflight: int = Field(default=1024, gt=0, description="requests in progress beyond this (health routes aside) get 503 with Retry-After at once")
     inference_threads: int = Field(default=1, gt=0, description="threads that run model calls")
     poll_seconds: float = Field(default=2.0, ge=0, description="how often to look for new versions (0: only on POST /v1/reload)")
     drain_grace_seconds: float = Field(default=2.0, ge=0, description="after SIGTERM: readiness 503 but still serving, for this long")

@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -174,3 +175,34 @@ def test_open_loop_load_at_twice_capacity_gets_only_200_or_503_and_the_service_r
     assert health.ok == health.sent > 0  # readiness answered every probe during the overload
     assert after.unexpected(set()) == {} and after.ok > 0  # fully back
     assert max(mb for _, mb in memory) - rss_before < 100 and rss_after - rss_before < 100  # no growth with the load
+
+
+def test_requests_beyond_max_inflight_get_503_before_their_body_is_read_and_health_still_answers(service_registry):
+    with LiveServer(service_registry, poll_seconds=0, max_inflight=1) as live:
+        body = json.dumps({"inputs": np.ones((50, 64)).tolist()}).encode()
+        started, release = threading.Event(), threading.Event()
+
+        def slow_body():  # keeps the first request in progress until released
+            yield body[:10]
+            started.set()
+            release.wait(30)
+            yield body[10:]
+
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{live.url}/v1/models/digits-mlp/reconstruct", content=slow_body(), headers={"Content-Type": "application/json"}, timeout=60)))
+        first.start()
+        try:
+            assert started.wait(10)
+            refused = httpx.post(f"{live.url}/v1/models/digits-mlp/encode", content=body, headers={"Content-Type": "application/json"})
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            assert refused.json() == {"detail": "overloaded: 1 requests are in progress; retry shortly"}
+            assert httpx.get(f"{live.url}/v1/models").status_code == 503
+            assert httpx.get(f"{live.url}/v2/models/digits-mlp").json()["error"].startswith("overloaded")
+            assert httpx.get(f"{live.url}/health/ready").status_code == 200  # health is never refused
+            assert httpx.get(f"{live.url}/v2/health/live").status_code == 200
+        finally:
+            release.set()
+            first.join(60)
+        assert answers[0].status_code == 200 and len(answers[0].json()["errors"]) == 50
+        assert httpx.post(f"{live.url}/v1/models/digits-mlp/encode", content=body, headers={"Content-Type": "application/json"}).status_code == 200
