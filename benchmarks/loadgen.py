@@ -121,6 +121,14 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process ``pid`` has used so far (Linux)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15 of stat
+
+
 async def sample_memory(pid: int, interval: float, stop: asyncio.Event) -> list[tuple[float, float]]:
     """(seconds since start, resident MB) of process ``pid`` every ``interval`` seconds until ``stop`` is set."""
     samples = []

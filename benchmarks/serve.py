@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import rss_mb  # noqa: E402
+from benchmarks.loadgen import cpu_seconds, rss_mb  # noqa: E402
 
 
 def start(command: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, float]:
@@ -45,7 +45,8 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def wrk(url: str, body: str, seconds: int, connections: int) -> float:
+def wrk(url: str, body: str, seconds: int, connections: int) -> tuple[float, int]:
+    """(requests per second, requests answered)."""
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     script.write(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [==[{body}]==]\n')
     script.close()
@@ -54,7 +55,29 @@ def wrk(url: str, body: str, seconds: int, connections: int) -> float:
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non_2xx:
         raise RuntimeError(f"wrk saw {non_2xx.group(1)} error answers:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), int(re.search(r"(\d+) requests in", out).group(1))
+
+
+def wrk_with_cpu(pid: int, url: str, body: str, seconds: int, connections: int) -> tuple[float, float]:
+    """(requests per second, server CPU microseconds per request) under wrk."""
+    cpu = cpu_seconds(pid)
+    rate, count = wrk(url, body, seconds, connections)
+    return rate, (cpu_seconds(pid) - cpu) / count * 1e6
+
+
+def in_process_costs(version, body: str, mean_batch: float) -> str:
+    """What the service does per request beyond the ceiling app, timed in this process: parsing and the model."""
+    import timeit
+
+    from service.codec import _rows_from_json, json_bytes
+
+    encoded = body.encode()
+    parse = min(timeit.repeat(lambda: _rows_from_json(encoded).astype(np.float32), number=1000, repeat=3)) / 1000
+    batch = np.repeat(_rows_from_json(encoded).astype(np.float32), max(1, round(mean_batch)), axis=0)
+    model = min(timeit.repeat(lambda: version.encode(batch), number=200, repeat=3)) / 200 / len(batch)
+    code = version.encode(batch[:1])
+    answer = min(timeit.repeat(lambda: json_bytes({"outputs": code}), number=1000, repeat=3)) / 1000
+    return f"JSON parse {parse * 1e6:.0f} us, model {model * 1e6:.0f} us per row at batch {len(batch)}, answer {answer * 1e6:.0f} us"
 
 
 def main() -> None:
@@ -79,7 +102,7 @@ def main() -> None:
     if shutil.which("wrk"):
         ceiling, _ = start([python, "-m", "uvicorn", "benchmarks.ceiling_app:app", "--port", str(port), "--no-access-log", "--log-level", "warning"], port)
         try:
-            ceiling_rps = wrk(f"{base}/v1/models/m/encode", body, args.seconds, args.connections)
+            ceiling_rps, ceiling_cpu = wrk_with_cpu(ceiling.pid, f"{base}/v1/models/m/encode", body, args.seconds, args.connections)
         finally:
             stop(ceiling)
     else:
@@ -92,9 +115,14 @@ def main() -> None:
         results["(e) start to ready"] = f"{ready_seconds:.2f} s"
         results["(d) resident memory, model loaded"] = f"{rss_mb(server.pid):.0f} MB"
         if shutil.which("wrk"):
-            service_rps = wrk(f"{base}/v1/models/{args.model}/encode", body, args.seconds, args.connections)
+            service_rps, service_cpu = wrk_with_cpu(server.pid, f"{base}/v1/models/{args.model}/encode", body, args.seconds, args.connections)
             results["(a) single-row JSON encode, 32 connections"] = (
                 f"{service_rps:.0f} req/s vs ceiling {ceiling_rps:.0f} req/s = {service_rps / ceiling_rps:.2f} x")
+            metrics = httpx.get(f"{base}/metrics").text
+            batch_rows = float(re.search(r"^aeserve_batch_rows_sum (\S+)", metrics, re.M).group(1))
+            batches = float(re.search(r"^aeserve_batch_rows_count (\S+)", metrics, re.M).group(1))
+            results["(a') server CPU per request under wrk"] = (
+                f"service {service_cpu:.0f} us vs ceiling {ceiling_cpu:.0f} us; mean batch {batch_rows / batches:.1f} rows")
         results["(d) resident memory after load test"] = f"{rss_mb(server.pid):.0f} MB"
 
         with httpx.Client(base_url=base, timeout=60) as client:
@@ -128,6 +156,8 @@ def main() -> None:
     for _ in range(repeats):
         version.encode(batch)
     local_rows = repeats * len(batch) / (time.perf_counter() - t)
+    if shutil.which("wrk"):
+        results["(a'') in-process costs per single-row request"] = in_process_costs(version, body, batch_rows / batches)
     results["(b) .npy encode, 10,000 rows per request"] = (
         f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x")
 
