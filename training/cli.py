@@ -12,9 +12,9 @@ from models.registry import NotFoundError, Registry, RegistryError
 from training.config import load_run_config
 from training.data import DataConfig, DataError, load_dataset
 from training.distributed import process_group_from_env, spawn
-from training.evaluate import reconstruction_errors
+from training.evaluate import map_metrics, reconstruction_errors
 from training.report import REPORT_DIR, render_report
-from training.trainer import train
+from training.trainer import encode_all, project_codes, train
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -140,6 +140,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         x_test = torch.from_numpy(loaded.preprocessing.to_model(dataset.test_x))
         errors = reconstruction_errors(loaded.model, x_test)
         rows += [("test_sq_err (re-measured)", float(errors.mean())), ("test_mse (re-measured)", float(errors.mean()) / x_test.shape[1])]
+        x_train = torch.from_numpy(loaded.preprocessing.to_model(dataset.train_x))
+        map_now = map_metrics(project_codes(loaded.projector, encode_all(loaded.model, x_train)), dataset.train_y, x_test.numpy(),
+                              project_codes(loaded.projector, encode_all(loaded.model, x_test)), dataset.test_y)
+        rows += [(f"{key} (stored)", stored[key]) for key in sorted(map_now) if key in stored]
+        rows += [(f"{key} (re-measured)", value) for key, value in sorted(map_now.items())]
         out = Path(args.out or f"reports/{name}-{loaded.version}")
         for relative, data in render_report(loaded, dataset.test_x, dataset.test_y).items():
             target = out / Path(relative).relative_to(REPORT_DIR)
@@ -147,9 +152,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             target.write_bytes(data)
         report_path = out / "report.md"
     for label, value in rows:
-        print(f"  {label:<28} {value:.5f}")
+        print(f"  {label:<34} {value:.5f}")
     ratio = stored["test_sq_err"] / stored["pca_sq_err"] if stored["pca_sq_err"] else float("nan")
-    print(f"  {'ratio to PCA':<28} {ratio:.3f}")
+    print(f"  {'ratio to PCA':<34} {ratio:.3f}")
     if report_path:
         print(f"report: {report_path}")
     return 0

@@ -84,14 +84,19 @@ def test_tsne_projector_keeps_neighbours_for_new_points():
     assert facts["projector_points"] == 1000 and projector.config.points == 1000
     with torch.no_grad():
         train_map, test_map = projector(x_train).numpy(), projector(x_test).numpy()
-    np.testing.assert_array_equal(train_map, projector.coords.numpy())  # a training code maps to its own layout position
+    layout = {tuple(row) for row in projector.coords.numpy()}
+    assert all(tuple(row) in layout for row in np.concatenate([train_map, test_map]))  # every point lands on a laid-out training point
     accuracy = KNeighborsClassifier(5).fit(train_map, y_train).score(test_map, y_test)
     assert accuracy > 0.95
     assert trustworthiness(x_test.numpy(), test_map, n_neighbors=5) > 0.9
 
 
-def test_tsne_projector_places_a_new_point_at_its_nearest_training_code():
-    projector = TSNEProjector(3, TSNEProjectorConfig(points=3))
+def test_tsne_projector_places_a_new_point_at_the_medoid_of_its_nearest_training_codes():
+    projector = TSNEProjector(2, TSNEProjectorConfig(points=4, neighbours=3))
+    projector.codes.copy_(torch.tensor([[0.0, 0], [1, 0], [0, 1], [9, 9]]))
+    projector.coords.copy_(torch.tensor([[50.0, 50], [0, 0], [1, 1], [7, 7]]))  # t-SNE put the nearest code far from the others
+    torch.testing.assert_close(projector(torch.tensor([[0.1, 0.1]])), torch.tensor([[1.0, 1]]))  # the middle of the three
+    projector = TSNEProjector(3, TSNEProjectorConfig(points=3, neighbours=1))
     projector.codes.copy_(torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]]))
     projector.coords.copy_(torch.tensor([[1.0, 1], [2, 2], [3, 3]]))
     got = projector(torch.tensor([[9.0, 1, 0], [0.5, 0, 0], [1, 8, 1]]))

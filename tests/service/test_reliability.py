@@ -162,7 +162,7 @@ def test_open_loop_load_at_twice_capacity_gets_only_200_or_503_and_the_service_r
         asyncio.run(closed_loop(base, request, 0.5, 8))  # warm-up
         before = asyncio.run(closed_loop(base, request, 1.5, 8))
         rss_before = rss_mb(server.pid)
-        load, health, memory = asyncio.run(overload(base, request, 2 * before.ok / before.seconds, 3.0, server.pid))
+        load, health, memory = overload(base, request, 2 * before.ok / before.seconds, 3.0, server.pid)
         wait_idle(base)
         after = asyncio.run(closed_loop(base, request, 1.0, 8))
         rss_after = rss_mb(server.pid)
