@@ -60,7 +60,7 @@ def main() -> None:
         capacity = before.ok / before.seconds
         rss_before = rss_mb(server.pid)
         rate = args.factor * capacity
-        load, health, memory = asyncio.run(overload(base, request, rate, args.seconds, server.pid))
+        load, health, memory = overload(base, request, rate, args.seconds, server.pid)
         drain_seconds = wait_idle(base)
         after = asyncio.run(closed_loop(base, request, args.capacity_seconds, args.concurrency))
         rss_after = rss_mb(server.pid)
@@ -76,6 +76,7 @@ def main() -> None:
         "open-loop rate sent": f"{load.sent / load.seconds:.0f} req/s for {load.seconds:.0f} s (target {rate:.0f}, {args.factor} x capacity)",
         "answers during overload": ", ".join(f"{status}: {count}" for status, count in sorted(load.statuses.items(), key=str)),
         "answers other than 2xx / 503": str(unexpected or "none"),
+        "stale keep-alive connections, request resent": str(load.retried),
         "2xx latency during overload": f"p50 {ms(load.latencies, 50)}, p99 {ms(load.latencies, 99)}",
         "/health/ready during overload": (f"{health.sent} probes, statuses {dict(health.statuses)}, "
                                           f"p50 {ms(health.latencies, 50)}, p99 {ms(health.latencies, 99)}, max {ms(health.latencies, 100)}"),
