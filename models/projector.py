@@ -200,15 +200,20 @@ class TSNEProjector(nn.Module):
         self.config = config or TSNEProjectorConfig()
         self.register_buffer("codes", torch.zeros(self.config.points, code_dim))
         self.register_buffer("coords", torch.zeros(self.config.points, 2))
+        # Derived, not stored: the codes' squared norms, recomputed whenever the codes are set.
+        self.register_buffer("squared_norms", torch.zeros(self.config.points), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module._derive())
+
+    def _derive(self) -> None:
+        self.squared_norms = self.codes.pow(2).sum(dim=1)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         if len(self.codes) == 0:
             raise RuntimeError("the t-SNE projector has not been fitted")
-        squared = self.codes.pow(2).sum(dim=1)
         k = min(self.config.neighbours, len(self.codes))
         placed = []
         for block in codes.split(self.chunk):
-            distances = torch.addmm(squared, block, self.codes.T, alpha=-2)  # squared distance minus |block|^2, (b, n)
+            distances = torch.addmm(self.squared_norms, block, self.codes.T, alpha=-2)  # squared distance minus |block|^2, (b, n)
             nearest = distances.topk(k, dim=1, largest=False).indices  # (b, k)
             candidates = self.coords[nearest]  # (b, k, 2)
             medoid = torch.cdist(candidates, candidates).sum(dim=2).argmin(dim=1)  # (b,)
@@ -229,6 +234,7 @@ class TSNEProjector(nn.Module):
         self.config = dataclasses.replace(config, points=len(codes))
         self.codes = codes.float().contiguous().clone()
         self.coords = torch.from_numpy(np.asarray(layout, dtype=np.float32))
+        self._derive()
         return {"projector_points": len(codes), "projector_kl_divergence": round(float(layout.kl_divergence), 4)}
 
 

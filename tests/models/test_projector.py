@@ -93,12 +93,11 @@ def test_tsne_projector_keeps_neighbours_for_new_points():
 
 def test_tsne_projector_places_a_new_point_at_the_medoid_of_its_nearest_training_codes():
     projector = TSNEProjector(2, TSNEProjectorConfig(points=4, neighbours=3))
-    projector.codes.copy_(torch.tensor([[0.0, 0], [1, 0], [0, 1], [9, 9]]))
-    projector.coords.copy_(torch.tensor([[50.0, 50], [0, 0], [1, 1], [7, 7]]))  # t-SNE put the nearest code far from the others
+    projector.load_state_dict({"codes": torch.tensor([[0.0, 0], [1, 0], [0, 1], [9, 9]]),
+                               "coords": torch.tensor([[50.0, 50], [0, 0], [1, 1], [7, 7]])})  # t-SNE put the nearest code far from the others
     torch.testing.assert_close(projector(torch.tensor([[0.1, 0.1]])), torch.tensor([[1.0, 1]]))  # the middle of the three
     projector = TSNEProjector(3, TSNEProjectorConfig(points=3, neighbours=1))
-    projector.codes.copy_(torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]]))
-    projector.coords.copy_(torch.tensor([[1.0, 1], [2, 2], [3, 3]]))
+    projector.load_state_dict({"codes": torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]]), "coords": torch.tensor([[1.0, 1], [2, 2], [3, 3]])})
     got = projector(torch.tensor([[9.0, 1, 0], [0.5, 0, 0], [1, 8, 1]]))
     torch.testing.assert_close(got, torch.tensor([[2.0, 2], [1, 1], [3, 3]]))
     assert projector(torch.zeros(0, 3)).shape == (0, 2)
