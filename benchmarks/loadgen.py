@@ -12,6 +12,7 @@ thread of their own with a blocking client.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 
 
 @dataclass
@@ -30,6 +32,13 @@ class Request:
     body: bytes
     content_type: str
     accept: str = "application/x-npy"  # binary answers: the client spends nothing on reading JSON
+
+
+def npy_request(path: str, rows: np.ndarray) -> Request:
+    """A POST of ``rows`` as one .npy body."""
+    buffer = io.BytesIO()
+    np.save(buffer, rows)
+    return Request(path, buffer.getvalue(), "application/x-npy")
 
 
 @dataclass
@@ -230,3 +239,33 @@ def wait_idle(base_url: str, timeout: float = 120) -> float:
             return time.perf_counter() - started
         time.sleep(0.1)
     raise TimeoutError(f"the queue did not drain within {timeout} s")
+
+
+@dataclass
+class OverloadRun:
+    """The three phases of an overload run: capacity before, the open-loop overload, capacity after."""
+
+    before: Outcome
+    load: Outcome
+    health: Outcome  # readiness probes during the overload
+    after: Outcome
+    memory: list[tuple[float, float]]  # (seconds, resident MB) during the overload
+    rss_before: float
+    rss_after: float
+    drain_seconds: float  # from the end of the overload to an empty queue
+
+    @property
+    def capacity(self) -> float:
+        return self.before.ok / self.before.seconds
+
+
+def overload_run(base_url: str, request: Request, pid: int, factor: float, seconds: float,
+                 capacity_seconds: float, concurrency: int, warmup_seconds: float) -> OverloadRun:
+    """Warm up, measure capacity closed-loop, send ``factor`` x that open-loop for ``seconds``, wait for an empty queue, measure again."""
+    asyncio.run(closed_loop(base_url, request, warmup_seconds, concurrency))
+    before = asyncio.run(closed_loop(base_url, request, capacity_seconds, concurrency))
+    rss_before = rss_mb(pid)
+    load, health, memory = overload(base_url, request, factor * before.ok / before.seconds, seconds, pid)
+    drain_seconds = wait_idle(base_url)
+    after = asyncio.run(closed_loop(base_url, request, capacity_seconds, concurrency))
+    return OverloadRun(before, load, health, after, memory, rss_before, rss_mb(pid), drain_seconds)

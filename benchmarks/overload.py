@@ -13,8 +13,6 @@ A long --seconds run is the soak: memory in its second half must not grow.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import Request, closed_loop, overload, rss_mb, wait_idle  # noqa: E402
+from benchmarks.loadgen import npy_request, overload_run  # noqa: E402
 from benchmarks.serve import start, stop  # noqa: E402
 
 
@@ -48,26 +46,18 @@ def main() -> None:
 
     version = Registry(args.registry).load(args.model)
     rows = (np.random.default_rng(0).random((args.rows, *version.input_shape)) * 255).astype(np.float32)
-    buffer = io.BytesIO()
-    np.save(buffer, rows)
-    request = Request(f"/v1/models/{args.model}/reconstruct", buffer.getvalue(), "application/x-npy")
+    request = npy_request(f"/v1/models/{args.model}/reconstruct", rows)
 
     server, _ = start([sys.executable, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
                        "--models", args.model, "--poll-seconds", "0", "--no-access-log"], port)
     try:
-        asyncio.run(closed_loop(base, request, 2, args.concurrency))  # warm-up
-        before = asyncio.run(closed_loop(base, request, args.capacity_seconds, args.concurrency))
-        capacity = before.ok / before.seconds
-        rss_before = rss_mb(server.pid)
-        rate = args.factor * capacity
-        load, health, memory = overload(base, request, rate, args.seconds, server.pid)
-        drain_seconds = wait_idle(base)
-        after = asyncio.run(closed_loop(base, request, args.capacity_seconds, args.concurrency))
-        rss_after = rss_mb(server.pid)
+        run = overload_run(base, request, server.pid, args.factor, args.seconds, args.capacity_seconds, args.concurrency, warmup_seconds=2)
     finally:
         stop(server)
 
-    times, rss = np.array(memory).T
+    before, load, health, after, capacity = run.before, run.load, run.health, run.after, run.capacity
+    rate = args.factor * capacity
+    times, rss = np.array(run.memory).T
     second_half = times >= times[-1] / 2
     slope = np.polyfit(times[second_half], rss[second_half], 1)[0] * 60 if second_half.sum() > 2 else float("nan")
     unexpected = load.unexpected({503})
@@ -80,9 +70,9 @@ def main() -> None:
         "2xx latency during overload": f"p50 {ms(load.latencies, 50)}, p99 {ms(load.latencies, 99)}",
         "/health/ready during overload": (f"{health.sent} probes, statuses {dict(health.statuses)}, "
                                           f"p50 {ms(health.latencies, 50)}, p99 {ms(health.latencies, 99)}, max {ms(health.latencies, 100)}"),
-        "resident memory": (f"{rss_before:.0f} MB before, peak {rss.max():.0f} MB, {rss_after:.0f} MB after; "
+        "resident memory": (f"{run.rss_before:.0f} MB before, peak {rss.max():.0f} MB, {run.rss_after:.0f} MB after; "
                             f"second-half slope {slope:+.1f} MB/min"),
-        "recovery": f"queue empty {drain_seconds:.1f} s after the load; capacity after {after.ok / after.seconds:.0f} req/s "
+        "recovery": f"queue empty {run.drain_seconds:.1f} s after the load; capacity after {after.ok / after.seconds:.0f} req/s "
                     f"({after.ok / after.seconds / capacity:.2f} x before), non-2xx {after.unexpected(set()) or 'none'}",
     }
     print(f"\nmodel {args.model}:{version.version}, reconstruct of {args.rows} rows per .npy request\n")

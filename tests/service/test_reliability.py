@@ -1,6 +1,4 @@
 """Reliability: hostile registries, overload, reload under load with a corrupt version, isolation between versions."""
-import asyncio
-import io
 import json
 import logging
 import os
@@ -15,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.loadgen import Request, closed_loop, overload, rss_mb, wait_idle
+from benchmarks.loadgen import npy_request, overload_run
 from models.checkpoint import MANIFEST, WEIGHTS
 from models.registry import Registry
 from service.client import Client
@@ -156,25 +154,17 @@ def test_open_loop_load_at_twice_capacity_gets_only_200_or_503_and_the_service_r
     try:
         wait_live_server(base, server)
         rows = (np.random.default_rng(0).random((512, 8, 8)) * 16).astype(np.float32)
-        buffer = io.BytesIO()
-        np.save(buffer, rows)
-        request = Request("/v1/models/digits-conv/reconstruct", buffer.getvalue(), "application/x-npy")
-        asyncio.run(closed_loop(base, request, 0.5, 8))  # warm-up
-        before = asyncio.run(closed_loop(base, request, 1.5, 8))
-        rss_before = rss_mb(server.pid)
-        load, health, memory = overload(base, request, 2 * before.ok / before.seconds, 3.0, server.pid)
-        wait_idle(base)
-        after = asyncio.run(closed_loop(base, request, 1.0, 8))
-        rss_after = rss_mb(server.pid)
+        request = npy_request("/v1/models/digits-conv/reconstruct", rows)
+        run = overload_run(base, request, server.pid, factor=2, seconds=3.0, capacity_seconds=1.5, concurrency=8, warmup_seconds=0.5)
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert before.unexpected(set()) == {} and before.ok > 0
-    assert load.unexpected({503}) == {}  # only 200 and 503: no 5xx, no dropped connection
-    assert load.ok > 0 and load.statuses[503] > 0  # the load really went past capacity, and still got work done
-    assert health.ok == health.sent > 0  # readiness answered every probe during the overload
-    assert after.unexpected(set()) == {} and after.ok > 0  # fully back
-    assert max(mb for _, mb in memory) - rss_before < 100 and rss_after - rss_before < 100  # no growth with the load
+    assert run.before.unexpected(set()) == {} and run.before.ok > 0
+    assert run.load.unexpected({503}) == {}  # only 200 and 503: no 5xx, no dropped connection
+    assert run.load.ok > 0 and run.load.statuses[503] > 0  # the load really went past capacity, and still got work done
+    assert run.health.ok == run.health.sent > 0  # readiness answered every probe during the overload
+    assert run.after.unexpected(set()) == {} and run.after.ok > 0  # fully back
+    assert max(mb for _, mb in run.memory) - run.rss_before < 100 and run.rss_after - run.rss_before < 100  # no growth with the load
 
 
 def test_requests_beyond_max_inflight_get_503_before_their_body_is_read_and_health_still_answers(service_registry):
