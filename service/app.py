@@ -13,14 +13,13 @@ from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
 from models.registry import Registry
 from service.api import health, models, v2
-from service.api.models import operation_target, run_operation
+from service.api.operations import operation_target, operations_openapi, serve_operation
 from service.auth import require_api_key
 from service.batching import Batcher
 from service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
@@ -86,6 +85,38 @@ class ServiceApp:
             return
         started = time.perf_counter()
         status = 500
+        try:
+            status = await self._dispatch(scope, receive, send)
+        finally:
+            seconds = time.perf_counter() - started
+            context = scope.get("aeserve")
+            if context is not None:
+                self.metrics.observe_request(context.get("model", ""), context.get("version", ""), context.get("op", ""), status, seconds)
+            if self.access_log:
+                access_log.info(orjson.dumps({
+                    "method": scope["method"], "path": scope["path"], "status": status, "ms": round(seconds * 1000, 3),
+                    **(context or {}),
+                }).decode())
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Serve one HTTP request; returns the status it answered."""
+        path = scope["path"]
+        if path.startswith(HEALTH_PATHS):
+            return await self._fastapi(scope, receive, send)
+        if self.inflight >= self.max_inflight:
+            await overloaded(self.inflight, path)(scope, receive, send)
+            return 503
+        self.inflight += 1
+        try:
+            target = operation_target(path) if scope["method"] == "POST" else None
+            if target is None:
+                return await self._fastapi(scope, receive, send)
+            return await self._operation(scope, receive, send, target)
+        finally:
+            self.inflight -= 1
+
+    async def _fastapi(self, scope: Scope, receive: Receive, send: Send) -> int:
+        status = 500
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -93,43 +124,20 @@ class ServiceApp:
                 status = message["status"]
             await send(message)
 
-        target = operation_target(scope["path"]) if scope["method"] == "POST" else None
-        health = scope["path"].startswith(HEALTH_PATHS)
-        try:
-            if not health and self.inflight >= self.max_inflight:
-                await overloaded(self.inflight, scope["path"])(scope, receive, send_and_record)
-                return
-            self.inflight += not health
-            try:
-                if target is None:
-                    await self.api(scope, receive, send_and_record)
-                else:
-                    await self._operation(scope, receive, send_and_record, target)
-            finally:
-                self.inflight -= not health
-        finally:
-            seconds = time.perf_counter() - started
-            context = scope.get("aeserve")
-            if context is not None:
-                self.metrics.observe_request(context.get("model", ""), context.get("version", ""), context.get("op", ""), str(status), seconds)
-            if self.access_log:
-                access_log.info(orjson.dumps({
-                    "method": scope["method"], "path": scope["path"], "status": status, "ms": round(seconds * 1000, 3),
-                    **(context or {}),
-                }).decode())
+        await self.api(scope, receive, send_and_record)
+        return status
 
-    async def _operation(self, scope: Scope, receive: Receive, send: Send, target: tuple[str, str, str]) -> None:
-        scope["app"] = self.api
-        request = Request(scope, receive)
+    async def _operation(self, scope: Scope, receive: Receive, send: Send, target: tuple[str, str, str]) -> int:
         try:
-            await require_api_key(request)
-            response = await run_operation(request, *target)
+            await serve_operation(self.state, scope, receive, send, *target)
+            return 200
         except ApiError as e:
-            response = error_response(e.status, e.detail, e.headers)
+            await error_response(e.status, e.detail, e.headers)(scope, receive, send)
+            return e.status
         except Exception:
             log.exception("operation %s failed", scope["path"])
-            response = error_response(500, "internal error; the server log has the details")
-        await response(scope, receive, send)
+            await error_response(500, "internal error; the server log has the details")(scope, receive, send)
+            return 500
 
 
 def create_app(settings: Settings | None = None) -> ServiceApp:
@@ -165,6 +173,6 @@ async def _index() -> FileResponse:
 def _openapi_with_operations(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        schema["paths"].update(models.operations_openapi())
+        schema["paths"].update(operations_openapi())
         app.openapi_schema = schema
     return app.openapi_schema

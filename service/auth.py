@@ -8,10 +8,15 @@ from fastapi import Request
 from service.errors import ApiError
 
 
-async def require_api_key(request: Request) -> None:
-    expected = request.app.state.settings.api_key
+def check_api_key(expected: str | None, authorization: str | None) -> None:
+    """Raise 401 unless ``authorization`` is ``Bearer <expected>``; nothing to check when no key is set."""
     if not expected:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected.encode()):
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
+
+
+async def require_api_key(request: Request) -> None:
+    """The FastAPI dependency form of check_api_key."""
+    check_api_key(request.app.state.settings.api_key, request.headers.get("authorization"))

@@ -1,30 +1,60 @@
 """Prometheus metrics, one registry per app so that several apps (tests) never share counters."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import bisect
+import itertools
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+REQUEST_LABELS = ["model", "version", "op", "status"]
+
+
+class RequestCollector:
+    """Requests and their latency by model, version, operation and status.
+
+    Every request adds to these, so they are plain counters that the event
+    loop, their only writer, updates without locks: a count, a sum and one
+    slot per latency bucket. A scrape (on the same loop) turns them into
+    ``aeserve_requests_total`` and the ``aeserve_request_seconds`` histogram.
+    prometheus_client's own Counter and Histogram take a lock on each of their
+    values; on single-row requests that cost as much as reading the body.
+    """
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str, str, str], list] = {}  # labels -> [count, sum, per-bucket counts (+Inf last)]
+
+    def observe(self, labels: tuple[str, str, str, str], seconds: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
+        series[0] += 1
+        series[1] += seconds
+        series[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("aeserve_requests", "HTTP requests by model, version, operation and status", labels=REQUEST_LABELS)
+        latency = HistogramMetricFamily("aeserve_request_seconds", "request latency in seconds", labels=REQUEST_LABELS)
+        bounds = [str(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for labels, (count, total, buckets) in list(self._series.items()):
+            requests.add_metric(list(labels), count)
+            latency.add_metric(list(labels), list(zip(bounds, itertools.accumulate(buckets), strict=True)), total)
+        yield requests
+        yield latency
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ["model", "version", "op", "status"]
-        self.requests = Counter("aeserve_requests", "HTTP requests by model, version, operation and status", labels, registry=self.registry)
-        self.latency = Histogram("aeserve_request_seconds", "request latency in seconds", labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = RequestCollector()
+        self.registry.register(self.requests)
         self.batch_rows = Histogram("aeserve_batch_rows", "rows per model call", buckets=BATCH_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("aeserve_queue_depth", "requests waiting for or inside a model call", registry=self.registry)
         self.loaded = Gauge("aeserve_loaded_versions", "model versions loaded and serving", registry=self.registry)
         self.refused = Gauge("aeserve_refused_versions", "model versions that failed to load", registry=self.registry)
-        self._children: dict[tuple[str, str, str, str], tuple] = {}
 
-    def observe_request(self, model: str, version: str, op: str, status: str, seconds: float) -> None:
-        # labels() validates and looks up under a lock on every call; on the hot path that cost a fifth
-        # of the request rate, so each label set's children are looked up once and kept.
-        key = (model, version, op, status)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
-        children[0].inc()
-        children[1].observe(seconds)
+    def observe_request(self, model: str, version: str, op: str, status: int, seconds: float) -> None:
+        self.requests.observe((model, version, op, str(status)), seconds)

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 import aeserve
 from models.checkpoint import ModelVersion
-from service.api.models import lookup
+from service.api.models import request_lookup
 from service.codec import read_body
 from service.errors import ApiError
 
@@ -42,7 +42,7 @@ def _json(document: dict[str, Any], status: int = 200, headers: dict[str, str] |
 
 def _version(request: Request, name: str, version: str) -> ModelVersion:
     request.scope.setdefault("aeserve", {})["op"] = "v2"
-    return lookup(request, name, version)
+    return request_lookup(request, name, version)
 
 
 @router.get("")
@@ -193,7 +193,7 @@ async def _compute(request: Request, version: ModelVersion, input_name: str, row
 async def infer(request: Request, name: str, version_ref: str) -> Response:
     version = _version(request, name, version_ref)
     settings = request.app.state.settings
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request.receive, request.headers.get("content-length"), settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
     if header_length is not None and (not header_length.isdigit() or int(header_length) > len(body)):
         raise ApiError(400, f"{HEADER_LENGTH} must be a byte count within the body, got {header_length!r}")

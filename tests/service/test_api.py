@@ -212,3 +212,23 @@ def test_npy_edge_cases(api, service_registry):
     objects = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x80\x04pickle bytes"
     response = api.post("/v1/models/digits-pca/encode", content=objects, headers={"Content-Type": "application/x-npy"})
     assert response.status_code == 422 and response.json()["detail"] == "the .npy array must hold numbers (float or int), got dtype object"
+
+
+def test_latency_histogram_buckets_are_cumulative():
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    metrics = Metrics()
+    for seconds in (0.0004, 0.003, 0.003, 20.0):
+        metrics.observe_request("m", "1", "encode", 200, seconds)
+    text = generate_latest(metrics.registry).decode()
+    labels = 'model="m",op="encode",status="200",version="1"'
+    assert f'aeserve_request_seconds_bucket{{le="0.0005",{labels}}} 1.0' in text
+    assert f'aeserve_request_seconds_bucket{{le="0.002",{labels}}} 1.0' in text
+    assert f'aeserve_request_seconds_bucket{{le="0.005",{labels}}} 3.0' in text
+    assert f'aeserve_request_seconds_bucket{{le="10.0",{labels}}} 3.0' in text
+    assert f'aeserve_request_seconds_bucket{{le="+Inf",{labels}}} 4.0' in text
+    assert f"aeserve_request_seconds_count{{{labels}}} 4.0" in text
+    assert f"aeserve_requests_total{{{labels}}} 4.0" in text
+
