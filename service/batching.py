@@ -33,11 +33,12 @@ def _as_tuple(result: np.ndarray | tuple[np.ndarray, ...]) -> Outputs:
 
 class Batcher:
     def __init__(self, max_batch_rows: int, max_wait_s: float, max_queue: int, threads: int = 1,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, before_call: Callable[[int], None] | None = None) -> None:
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch or (lambda rows: None)
+        self.before_call = before_call or (lambda rows: None)  # runs in the model thread with the row count of each call
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aeserve-model")
         self._queues: dict[tuple[int, str], asyncio.Queue[_Pending]] = {}
         self._workers: dict[tuple[int, str], asyncio.Task] = {}
@@ -51,7 +52,7 @@ class Batcher:
             # Already a full batch: no reason to queue it behind others' rows.
             self.pending += 1
             try:
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, fn, rows)
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, rows)
             finally:
                 self.pending -= 1
             self.on_batch(len(rows))
@@ -68,6 +69,10 @@ class Batcher:
             return await future
         finally:
             self.pending -= 1
+
+    def _call(self, fn: Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, ...]], rows: np.ndarray):
+        self.before_call(len(rows))
+        return fn(rows)
 
     async def _collect(self, queue: asyncio.Queue[_Pending]) -> list[_Pending]:
         batch = [await queue.get()]
@@ -98,7 +103,7 @@ class Batcher:
                 continue
             try:
                 rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
-                outputs = _as_tuple(await loop.run_in_executor(self._executor, fn, rows))
+                outputs = _as_tuple(await loop.run_in_executor(self._executor, self._call, fn, rows))
             except Exception:
                 await self._one_by_one(fn, batch)
                 continue
@@ -114,7 +119,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         for pending in batch:
             try:
-                result = _as_tuple(await loop.run_in_executor(self._executor, fn, pending.rows))
+                result = _as_tuple(await loop.run_in_executor(self._executor, self._call, fn, pending.rows))
             except Exception as e:
                 if not pending.future.done():
                     pending.future.set_exception(e)

@@ -232,3 +232,21 @@ def test_latency_histogram_buckets_are_cumulative():
     assert f"aeserve_request_seconds_count{{{labels}}} 4.0" in text
     assert f"aeserve_requests_total{{{labels}}} 4.0" in text
 
+
+
+def test_small_model_calls_run_on_one_torch_thread():
+    import torch
+
+    from service.app import IntraOpThreads
+
+    before = torch.get_num_threads()
+    choose = IntraOpThreads(threads=2)
+    try:
+        choose(1)
+        assert torch.get_num_threads() == 1
+        choose(IntraOpThreads.SPLIT_ROWS)
+        assert torch.get_num_threads() == 2
+        choose(IntraOpThreads.SPLIT_ROWS - 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -87,3 +87,14 @@ async def test_wait_gathers_rows_that_arrive_later():
     await asyncio.gather(*tasks)
     assert model.calls == [4]
     await batcher.close()
+
+
+async def test_before_call_runs_in_the_model_thread_with_each_calls_rows():
+    model, seen = Doubler(), []
+    batcher = Batcher(max_batch_rows=4, max_wait_s=0, max_queue=100,
+                      before_call=lambda rows: seen.append((rows, threading.current_thread().name)))
+    await batcher.submit(model.run, np.ones((2, 3), np.float32))
+    await batcher.submit(model.run, np.ones((9, 3), np.float32))  # a full batch on its own
+    assert [rows for rows, _ in seen] == [2, 9]
+    assert all(name.startswith("aeserve-model") for _, name in seen)
+    await batcher.close()

@@ -1,0 +1,54 @@
+"""Model call time by batch size on one torch thread and on all of them: where IntraOpThreads splits.
+
+    .venv/bin/python benchmarks/model_threads.py --registry registry --model fmnist-mlp30
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `aeserve serve` runs
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.registry import Registry  # noqa: E402
+
+
+def seconds_per_call(fn, x: np.ndarray, budget: float = 0.5) -> float:
+    for _ in range(5):
+        fn(x)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < budget:
+        fn(x)
+        calls += 1
+    return (time.perf_counter() - started) / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", default="registry")
+    parser.add_argument("--model", default="fmnist-mlp30")
+    parser.add_argument("--batches", default="1,4,16,32,64,256")
+    args = parser.parse_args()
+    version = Registry(args.registry).load(args.model)
+    most = torch.get_num_threads()
+    print(f"model {args.model}:{version.version}, encode, {os.cpu_count()} CPUs\n")
+    print(f"| rows | 1 thread, ms | {most} threads, ms |\n|---|---|---|")
+    rng = np.random.default_rng(0)
+    for rows in (int(b) for b in args.batches.split(",")):
+        x = (rng.random((rows, *version.input_shape)) * 255).astype(np.float32)
+        times = []
+        for threads in (1, most):
+            torch.set_num_threads(threads)
+            times.append(seconds_per_call(version.encode, x) * 1000)
+        print(f"| {rows} | {times[0]:.2f} | {times[1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
