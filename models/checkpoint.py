@@ -79,12 +79,15 @@ class ModelVersion:
     def code_dim(self) -> int:
         return self.model.code_dim
 
+    # On the CPU both conversions skip .to(): it would be a no-op, but every torch call lets go of the GIL, and
+    # in the server the model thread then waits for the event loop to hand it back.
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return t if self.device.type == "cpu" else t.to(self.device)
 
     @staticmethod
     def _numpy(t: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(t.to("cpu").numpy())
+        return np.ascontiguousarray((t if t.device.type == "cpu" else t.to("cpu")).numpy())
 
     @torch.inference_mode()
     def encode(self, x: np.ndarray) -> np.ndarray:
