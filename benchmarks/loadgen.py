@@ -15,6 +15,7 @@ import asyncio
 import io
 import os
 import re
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -175,6 +176,21 @@ async def open_loop(base_url: str, request: Request, rate: float, seconds: float
     outcome.retried = connections.retried
     connections.close()
     return outcome
+
+
+def wait_ready(base_url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until a server process answers /health/ready with 200; fail at once if it exits instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(base_url + "/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"the server at {base_url} did not become ready in {timeout:.0f} s")
 
 
 def rss_mb(pid: int) -> float:

@@ -23,21 +23,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import cpu_seconds, rss_mb  # noqa: E402
+from benchmarks.loadgen import cpu_seconds, rss_mb, wait_ready  # noqa: E402
 
 
 def start(command: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, float]:
+    """Start a server process; (the process, seconds from start to ready)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while time.perf_counter() - started < 120:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return process, time.perf_counter() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"{command} did not become ready")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+    except (RuntimeError, TimeoutError):
+        process.kill()
+        raise
+    return process, time.perf_counter() - started
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,23 +23,6 @@ def wait_ready(get, timeout: float = 30.0) -> None:
         if get("/health/ready").status_code == 200:
             return
         time.sleep(0.02)
-    raise TimeoutError("service did not become ready")
-
-
-def wait_live_server(base_url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Wait until an `aeserve serve` process answers ready; fail at once if it exits instead."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
-        try:
-            if httpx.get(base_url + "/health/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
     raise TimeoutError("service did not become ready")
 
 

@@ -13,13 +13,13 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.loadgen import npy_request, overload_run
+from benchmarks.loadgen import npy_request, overload_run, wait_ready
 from models.checkpoint import MANIFEST, WEIGHTS
 from models.registry import Registry
 from service.client import Client
 from service.store import ModelStore
 from tests.conftest import digits_run, tamper_version
-from tests.service.conftest import LiveServer, Traffic, free_port, wait_live_server
+from tests.service.conftest import LiveServer, Traffic, free_port
 from training.trainer import train
 
 IMAGES = (np.random.default_rng(5).random((3, 8, 8)) * 16).astype(np.float32)
@@ -152,7 +152,7 @@ def test_open_loop_load_at_twice_capacity_gets_only_200_or_503_and_the_service_r
                                "--models", "digits-conv", "--poll-seconds", "0", "--no-access-log", "--max-queue", "8", "--device", "cpu"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_live_server(base, server)
+        wait_ready(base, server)
         rows = (np.random.default_rng(0).random((512, 8, 8)) * 16).astype(np.float32)
         request = npy_request("/v1/models/digits-conv/reconstruct", rows)
         run = overload_run(base, request, server.pid, factor=2, seconds=3.0, capacity_seconds=1.5, concurrency=8, warmup_seconds=0.5)

@@ -10,7 +10,8 @@ import httpx
 import numpy as np
 import orjson
 
-from tests.service.conftest import free_port, wait_live_server
+from benchmarks.loadgen import wait_ready
+from tests.service.conftest import free_port
 
 
 def test_sigterm_drains_in_flight_requests(service_registry):
@@ -20,7 +21,7 @@ def test_sigterm_drains_in_flight_requests(service_registry):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_live_server(base, server)
+        wait_ready(base, server)
         body = orjson.dumps({"inputs": np.ones((1000, 64), np.float32)}, option=orjson.OPT_SERIALIZE_NUMPY)
         started = threading.Event()
 
