@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
 from models.checkpoint import ModelVersion
@@ -85,7 +86,7 @@ def operations_openapi() -> dict[str, dict]:
     return paths
 
 
-async def serve_operation(state, scope: Scope, receive: Receive, send: Send, name: str, ref: str, op: str) -> None:
+async def serve_operation(state: State, scope: Scope, receive: Receive, send: Send, name: str, ref: str, op: str) -> None:
     """Answer one operation request, or raise ApiError; ``scope["aeserve"]`` gets model, version and op for metrics and logs."""
     context = scope["aeserve"] = {"op": op}
     headers = dict(scope["headers"])  # ASGI header names are lower-case bytes
