@@ -23,14 +23,15 @@ router = APIRouter(prefix="/v1", tags=["models"], responses={
 
 def lookup(store: ModelStore, name: str, ref: str, context: dict[str, str]) -> ModelVersion:
     """The loaded version ``ref`` (number or alias) of ``name``; records model and version in ``context`` (for metrics and logs)."""
+    # The name is checked only when the lookup fails (a loaded name is valid), and before anything else is said.
     try:
         version = store.get(name, ref)
-    except NotFoundError as e:
+    except (NotFoundError, NotReadyError) as e:
         if not valid_name(name):
             raise ApiError(404, f"unknown model {name!r}: model names are letters, digits, '_', '.', '-'") from None
+        if isinstance(e, NotReadyError):
+            raise ApiError(503, str(e), {"Retry-After": "1"}) from None
         raise ApiError(404, str(e.args[0])) from None
-    except NotReadyError as e:
-        raise ApiError(503, str(e), {"Retry-After": "1"}) from None
     context["model"], context["version"] = name, str(version.version)
     return version
 
