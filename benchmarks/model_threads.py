@@ -1,4 +1,6 @@
-"""Model call time by batch size on one torch thread and on all of them: where IntraOpThreads splits.
+"""Model call time by batch size: torch on one thread and on all of them, and the ONNX Runtime engine on one thread.
+
+Where IntraOpThreads splits torch's threads, and where small batches leave torch for the engine (SMALL_BATCH_ROWS).
 
     .venv/bin/python benchmarks/model_threads.py --registry registry --model fmnist-mlp30
 """
@@ -17,6 +19,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.onnx_engine import EngineExport  # noqa: E402
 from models.registry import Registry  # noqa: E402
 
 
@@ -34,20 +37,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", default="registry")
     parser.add_argument("--model", default="fmnist-mlp30")
-    parser.add_argument("--batches", default="1,4,16,32,64,256")
+    parser.add_argument("--batches", default="1,4,16,32,64,256,10000")
     args = parser.parse_args()
     version = Registry(args.registry).load(args.model)
+    EngineExport([version.folder]).attach([version])
+    if version.engine is None:
+        raise SystemExit("the ONNX export failed; see the log")
     most = torch.get_num_threads()
-    print(f"model {args.model}:{version.version}, encode, {os.cpu_count()} CPUs\n")
-    print(f"| rows | 1 thread, ms | {most} threads, ms |\n|---|---|---|")
+    print(f"model {args.model}:{version.version}, encode, {os.cpu_count()} CPUs, microseconds per row\n")
+    print(f"| rows | torch, 1 thread | torch, {most} threads | ONNX Runtime, 1 thread |\n|---|---|---|---|")
     rng = np.random.default_rng(0)
     for rows in (int(b) for b in args.batches.split(",")):
         x = (rng.random((rows, *version.input_shape)) * 255).astype(np.float32)
         times = []
         for threads in (1, most):
             torch.set_num_threads(threads)
-            times.append(seconds_per_call(version.encode, x) * 1000)
-        print(f"| {rows} | {times[0]:.2f} | {times[1]:.2f} |")
+            times.append(seconds_per_call(version._encode_torch, x))
+        times.append(seconds_per_call(lambda x: version.engine.run("encode", version.preprocessing.to_model(x)), x))
+        print(f"| {rows} | " + " | ".join(f"{t / rows * 1e6:.1f}" for t in times) + " |")
 
 
 if __name__ == "__main__":

@@ -89,9 +89,11 @@ def main() -> None:
     port = 8765
     base = f"http://127.0.0.1:{port}"
 
+    from models.onnx_engine import EngineExport
     from models.registry import Registry
 
     version = Registry(args.registry).load(args.model)
+    EngineExport([version.folder]).attach([version])  # as the server runs it: small batches on ONNX Runtime
     row = np.random.default_rng(0).random(version.preprocessing.input_dim).astype(np.float32) * 255
     body = '{"inputs": [[' + ",".join(f"{v:.1f}" for v in row) + "]]}"
     results: dict[str, str] = {}

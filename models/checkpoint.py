@@ -20,6 +20,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from models import build_model
 from models.base import Autoencoder, Preprocessing
+from models.onnx_engine import SMALL_BATCH_ROWS, OnnxEngine
 from models.projector import build_projector
 
 MANIFEST = "manifest.json"
@@ -62,6 +63,8 @@ class ModelVersion:
     quantiles: np.ndarray  # (N_QUANTILES,) float64, held-out summed squared errors
     device: torch.device
     folder: Path | None = None  # the version folder it was loaded from
+    # Calls of fewer than SMALL_BATCH_ROWS rows run here when set (the server sets it on the CPU); torch runs the rest.
+    engine: OnnxEngine | None = None
 
     @property
     def name(self) -> str:
@@ -89,17 +92,21 @@ class ModelVersion:
     def _numpy(t: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray((t if t.device.type == "cpu" else t.to("cpu")).numpy())
 
-    @torch.inference_mode()
+    def _small(self, rows: int) -> bool:
+        return self.engine is not None and rows < SMALL_BATCH_ROWS
+
     def encode(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, code_dim)."""
-        return self._numpy(self.model.encode(self._tensor(self.preprocessing.to_model(x))))
+        if self._small(len(x)):
+            return self.engine.run("encode", self.preprocessing.to_model(x))
+        return self._encode_torch(x)
 
-    @torch.inference_mode()
     def decode(self, z: np.ndarray) -> np.ndarray:
         """(n, code_dim) -> (n, *input_shape) raw."""
-        return self.preprocessing.from_model(self._numpy(self.model.decode(self._tensor(z))))
+        if self._small(len(z)):
+            return self.preprocessing.from_model(self.engine.run("decode", z))
+        return self._decode_torch(z)
 
-    @torch.inference_mode()
     def reconstruct(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(n, *input_shape) raw -> (reconstructions (n, *input_shape) raw, errors (n,), percentiles (n,)).
 
@@ -107,19 +114,45 @@ class ModelVersion:
         the same measure as ``metrics.test_sq_err``; percentiles place them among
         the held-out errors, 0-100.
         """
-        x_model = self._tensor(self.preprocessing.to_model(x))
-        x_hat = self.model(x_model)
-        errors = self._numpy((x_hat - x_model).pow(2).sum(dim=1))
-        return self.preprocessing.from_model(self._numpy(x_hat)), errors, self.percentiles(errors)
+        if self._small(len(x)):
+            x_model = self.preprocessing.to_model(x)
+            x_hat = self.engine.run("decode", self.engine.run("encode", x_model))
+            errors = np.square(x_hat - x_model).sum(axis=1)
+            return self.preprocessing.from_model(x_hat), errors, self.percentiles(errors)
+        return self._reconstruct_torch(x)
 
     def percentiles(self, errors: np.ndarray) -> np.ndarray:
         """Where each error falls among the held-out errors, 0-100, float32."""
         grid = np.linspace(0.0, 100.0, len(self.quantiles))
         return np.interp(errors.astype(np.float64), self.quantiles, grid).astype(np.float32)
 
-    @torch.inference_mode()
     def project(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, 2) map coordinates."""
+        if self._small(len(x)):
+            codes = self.engine.run("encode", self.preprocessing.to_model(x))
+            if self.engine.has("project"):
+                return self.engine.run("project", codes)
+            with torch.inference_mode():
+                return self._numpy(self.projector(self._tensor(codes)))
+        return self._project_torch(x)
+
+    @torch.inference_mode()
+    def _encode_torch(self, x: np.ndarray) -> np.ndarray:
+        return self._numpy(self.model.encode(self._tensor(self.preprocessing.to_model(x))))
+
+    @torch.inference_mode()
+    def _decode_torch(self, z: np.ndarray) -> np.ndarray:
+        return self.preprocessing.from_model(self._numpy(self.model.decode(self._tensor(z))))
+
+    @torch.inference_mode()
+    def _reconstruct_torch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x_model = self._tensor(self.preprocessing.to_model(x))
+        x_hat = self.model(x_model)
+        errors = self._numpy((x_hat - x_model).pow(2).sum(dim=1))
+        return self.preprocessing.from_model(self._numpy(x_hat)), errors, self.percentiles(errors)
+
+    @torch.inference_mode()
+    def _project_torch(self, x: np.ndarray) -> np.ndarray:
         codes = self.model.encode(self._tensor(self.preprocessing.to_model(x)))
         return self._numpy(self.projector(codes))
 

@@ -47,7 +47,7 @@ def export_onnx(version: ModelVersion, out: Path) -> list[Path]:
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
-        raise RuntimeError("ONNX export needs the export extra: pip install 'aeserve[export]' (onnx, onnxscript)") from None
+        raise RuntimeError("ONNX export needs onnx and onnxscript (dependencies of aeserve): pip install onnx onnxscript") from None
     # torch's exporter warns about every torchvision operator it cannot register; none of them is used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     out.mkdir(parents=True, exist_ok=True)

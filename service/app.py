@@ -171,7 +171,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False
-    app.state.store = ModelStore(Registry(settings.registry), device=settings.resolved_device(), only=settings.model_names)
+    app.state.store = ModelStore(Registry(settings.registry), device=settings.resolved_device(), engine=settings.engine, only=settings.model_names)
     app.state.batcher = Batcher(settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_queue,
                                 settings.inference_threads, on_batch=metrics.batch_rows.observe,
                                 before_call=IntraOpThreads(torch.get_num_threads()))

@@ -15,6 +15,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run (default auto: a GPU when present)")
+    p.add_argument("--engine", choices=["onnx", "torch"],
+                   help="onnx (default): on the CPU, calls under 128 rows run on ONNX Runtime, torch runs the rest; torch: torch only")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set AESERVE_API_KEY)")
     p.add_argument("--models", help="comma-separated model names to serve (default: all)")
     p.add_argument("--max-batch-rows", type=int, help="most rows per model call (default 256)")

@@ -15,6 +15,8 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the service to the network")
     port: int = Field(default=8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["onnx", "torch"] = Field(
+        default="onnx", description="onnx: on the CPU, calls under 128 rows run on ONNX Runtime (torch runs the rest); torch: torch only")
     api_key: str | None = Field(default=None, description="when set, every route but /health/* needs 'Authorization: Bearer KEY'")
     models: str = Field(default="", description="comma-separated model names to serve (empty: all)")
 

@@ -6,6 +6,7 @@ fails to load is reported and never replaces a good one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.checkpoint import CheckpointError, ModelVersion
+from models.onnx_engine import SMALL_BATCH_ROWS, EngineExport
 from models.registry import NotFoundError, Registry, RegistryError, check_name
 
 log = logging.getLogger("aeserve.store")
@@ -32,6 +34,7 @@ class ModelEntry:
 class ModelStore:
     registry: Registry
     device: str = "cpu"
+    engine: str = "onnx"  # "onnx": small CPU batches on ONNX Runtime (models/onnx_engine.py); "torch": torch only
     only: list[str] = field(default_factory=list)
     _index: dict[str, ModelEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it was refused
@@ -61,43 +64,66 @@ class ModelStore:
     def refresh(self) -> list[str]:
         """Load versions published since the last refresh; returns 'name:version' of those added."""
         with self._lock:
-            added: list[str] = []
+            names = [n for n in self.registry.names() if not self.only or n in self.only]
+            new = {name: [v for v in self.registry.versions(name)  # published versions never change: load each once
+                          if v not in self._index.get(name, ModelEntry({}, {})).versions and f"{name}:{v}" not in self.failed]
+                   for name in names}
+            export = None
+            if self.engine == "onnx" and self.device == "cpu" and any(new.values()):
+                export = EngineExport(self._folders(new))
+            try:
+                loaded = self._load(new)
+            finally:
+                if export is not None:
+                    export.attach([v for versions in loaded.values() for v in versions.values()])
             index: dict[str, ModelEntry] = {}
-            for name in self.registry.names():
-                if self.only and name not in self.only:
-                    continue
-                old = self._index.get(name, ModelEntry({}, {}))
-                versions = dict(old.versions)
-                for version in self.registry.versions(name):
-                    key = f"{name}:{version}"
-                    if version in versions or key in self.failed:
-                        continue  # published versions never change: load each once
-                    try:
-                        versions[version] = warmed(self.registry.load(name, version, self.device))
-                        added.append(key)
-                        log.info("loaded %s", key)
-                    except (CheckpointError, RegistryError, NotFoundError, OSError, ValueError, KeyError, TypeError) as e:
-                        self.failed[key] = str(e)
-                        log.error("refused %s: %s", key, e)
+            for name in names:
+                versions = {**self._index.get(name, ModelEntry({}, {})).versions, **loaded.get(name, {})}
                 if not versions:
                     continue
                 aliases = {a: v for a, v in self.registry.aliases(name).items() if v in versions}
                 aliases["latest"] = max(versions)  # the highest version that loaded
                 index[name] = ModelEntry(versions, aliases)
+            for versions in loaded.values():
+                for version in versions.values():
+                    if version.engine is not None:
+                        warmed(version)  # again, for the engine's sessions
             self._index = index
             self.loaded_once = True
-            return added
+            return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
+
+    def _folders(self, new: dict[str, list[int]]) -> list:
+        folders = []
+        for name, numbers in new.items():
+            for number in numbers:
+                with contextlib.suppress(RegistryError):  # loading it fails too, and says why
+                    folders.append(self.registry.version_dir(name, number))
+        return folders
+
+    def _load(self, new: dict[str, list[int]]) -> dict[str, dict[int, ModelVersion]]:
+        loaded: dict[str, dict[int, ModelVersion]] = {}
+        for name, numbers in new.items():
+            for number in numbers:
+                key = f"{name}:{number}"
+                try:
+                    loaded.setdefault(name, {})[number] = warmed(self.registry.load(name, number, self.device))
+                    log.info("loaded %s", key)
+                except (CheckpointError, RegistryError, NotFoundError, OSError, ValueError, KeyError, TypeError) as e:
+                    self.failed[key] = str(e)
+                    log.error("refused %s: %s", key, e)
+        return loaded
 
     def loaded(self) -> list[tuple[str, int]]:
         return [(name, v) for name, entry in sorted(self._index.items()) for v in sorted(entry.versions)]
 
 
 def warmed(version: ModelVersion) -> ModelVersion:
-    """Run every operation once so the first request pays no one-off costs."""
-    x = np.zeros((1, *version.input_shape), np.float32)
-    version.reconstruct(x)
-    version.project(x)
-    version.decode(version.encode(x))
+    """Run every operation once on a small and a large batch, so the first request pays no one-off costs."""
+    for rows in (1, SMALL_BATCH_ROWS):
+        x = np.zeros((rows, *version.input_shape), np.float32)
+        version.reconstruct(x)
+        version.project(x)
+        version.decode(version.encode(x))
     return version
 
 

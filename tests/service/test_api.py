@@ -250,3 +250,19 @@ def test_small_model_calls_run_on_one_torch_thread():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_small_batches_are_served_by_the_onnx_engine(service_registry):
+    with make_client(service_registry, engine="onnx", models="digits-mlp") as client:
+        wait_ready(client.get, timeout=120)  # the export child takes seconds
+        version = client.app.state.store.get("digits-mlp")
+        assert version.engine is not None
+        answer = client.post("/v1/models/digits-mlp/encode", json={"inputs": IMAGES.tolist()})
+        assert answer.status_code == 200, answer.text
+        codes = np.array(answer.json()["outputs"], dtype=np.float32)
+        np.testing.assert_array_equal(codes, version.engine.run("encode", version.preprocessing.to_model(IMAGES)))
+        np.testing.assert_allclose(codes, version._encode_torch(IMAGES), atol=1e-4)
+        many = np.repeat(IMAGES, 26, axis=0)  # 130 rows: torch
+        answer = client.post("/v1/models/digits-mlp/encode", content=npy(many),
+                             headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
+        np.testing.assert_array_equal(np.load(io.BytesIO(answer.content)), version._encode_torch(many))
