@@ -34,7 +34,7 @@ class ModelEntry:
 class ModelStore:
     registry: Registry
     device: str = "cpu"
-    engine: str = "onnx"  # "onnx": small CPU batches on ONNX Runtime (models/onnx_engine.py); "torch": torch only
+    engine: str = "torch"  # "onnx": small CPU batches on ONNX Runtime (models/onnx_engine.py), as the service asks by default
     only: list[str] = field(default_factory=list)
     _index: dict[str, ModelEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it was refused
@@ -70,7 +70,10 @@ class ModelStore:
                    for name in names}
             export = None
             if self.engine == "onnx" and self.device == "cpu" and any(new.values()):
-                export = EngineExport(self._folders(new))
+                try:
+                    export = EngineExport(self._folders(new))
+                except OSError as e:  # no child process: torch serves everything
+                    log.warning("small batches stay on torch: cannot start the ONNX export: %s", e)
             try:
                 loaded = self._load(new)
             finally:
@@ -115,6 +118,10 @@ class ModelStore:
 
     def loaded(self) -> list[tuple[str, int]]:
         return [(name, v) for name, entry in sorted(self._index.items()) for v in sorted(entry.versions)]
+
+    def on_onnx(self) -> int:
+        """How many loaded versions run their small batches on ONNX Runtime."""
+        return sum(v.engine is not None for entry in self._index.values() for v in entry.versions.values())
 
 
 def warmed(version: ModelVersion) -> ModelVersion:

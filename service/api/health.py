@@ -41,5 +41,6 @@ async def metrics(request: Request) -> Response:
     m = request.app.state.metrics
     m.queue_depth.set(request.app.state.batcher.pending)
     m.loaded.set(len(request.app.state.store.loaded()))
+    m.on_onnx.set(request.app.state.store.on_onnx())
     m.refused.set(len(request.app.state.store.failed))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

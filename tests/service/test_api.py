@@ -168,6 +168,7 @@ def test_metrics_count_requests_by_model_version_op_status(api):
     assert 'aeserve_requests_total{model="digits-mlp",op="encode",status="200",version="1"} 1.0' in text
     assert 'aeserve_requests_total{model="digits-mlp",op="encode",status="422",version="1"} 1.0' in text
     assert f"aeserve_loaded_versions {float(len(NAMES))}" in text
+    assert "aeserve_onnx_engine_versions 0.0" in text  # the tests' servers run torch only
     assert "aeserve_batch_rows_count" in text and "aeserve_queue_depth 0.0" in text
 
 
@@ -266,3 +267,4 @@ def test_small_batches_are_served_by_the_onnx_engine(service_registry):
         answer = client.post("/v1/models/digits-mlp/encode", content=npy(many),
                              headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
         np.testing.assert_array_equal(np.load(io.BytesIO(answer.content)), version._encode_torch(many))
+        assert "aeserve_onnx_engine_versions 1.0" in client.get("/metrics").text
