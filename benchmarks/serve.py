@@ -82,7 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", default="registry")
     parser.add_argument("--model", default="fmnist-mlp30")
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=5, help="(a): turns of ceiling then service")
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
     python = sys.executable
@@ -98,26 +99,34 @@ def main() -> None:
     body = '{"inputs": [[' + ",".join(f"{v:.1f}" for v in row) + "]]}"
     results: dict[str, str] = {}
 
-    # (a) ceiling of the HTTP stack, then the service, same client and settings.
-    if shutil.which("wrk"):
-        ceiling, _ = start([python, "-m", "uvicorn", "benchmarks.ceiling_app:app", "--port", str(port), "--no-access-log", "--log-level", "warning"], port)
-        try:
-            ceiling_rps, ceiling_cpu = wrk_with_cpu(ceiling.pid, f"{base}/v1/models/m/encode", body, args.seconds, args.connections)
-        finally:
-            stop(ceiling)
-    else:
-        ceiling_rps = float("nan")
+    # (a) the ceiling of the HTTP stack and the service, both running, measured in turns with the same client and
+    # settings: on a shared machine the speed drifts by tens of percent within minutes, so each round compares runs
+    # seconds apart, and the median round is the result.
+    have_wrk = shutil.which("wrk") is not None
+    if not have_wrk:
         print("wrk not found: skipping (a)")
-
-    server, ready_seconds = start([python, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
-                                   "--models", args.model, "--poll-seconds", "0", "--no-access-log"], port)
+    ceiling_port = port + 1
+    ceiling = start([python, "-m", "uvicorn", "benchmarks.ceiling_app:app", "--port", str(ceiling_port), "--no-access-log",
+                     "--log-level", "warning"], ceiling_port)[0] if have_wrk else None
+    server = None
     try:
+        server, ready_seconds = start([python, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
+                                       "--models", args.model, "--poll-seconds", "0", "--no-access-log"], port)
         results["(e) start to ready"] = f"{ready_seconds:.2f} s"
         results["(d) resident memory, model loaded"] = f"{rss_mb(server.pid):.0f} MB"
-        if shutil.which("wrk"):
-            service_rps, service_cpu = wrk_with_cpu(server.pid, f"{base}/v1/models/{args.model}/encode", body, args.seconds, args.connections)
+        if have_wrk:
+            rounds = []
+            for _ in range(args.rounds):
+                ceiling_rps, ceiling_cpu = wrk_with_cpu(ceiling.pid, f"http://127.0.0.1:{ceiling_port}/v1/models/m/encode", body,
+                                                        args.seconds, args.connections)
+                service_rps, service_cpu = wrk_with_cpu(server.pid, f"{base}/v1/models/{args.model}/encode", body, args.seconds,
+                                                        args.connections)
+                rounds.append((service_rps / ceiling_rps, service_rps, ceiling_rps, service_cpu, ceiling_cpu))
+            rounds.sort()
+            ratio, service_rps, ceiling_rps, service_cpu, ceiling_cpu = rounds[len(rounds) // 2]
             results["(a) single-row JSON encode, 32 connections"] = (
-                f"{service_rps:.0f} req/s vs ceiling {ceiling_rps:.0f} req/s = {service_rps / ceiling_rps:.2f} x")
+                f"{service_rps:.0f} req/s vs ceiling {ceiling_rps:.0f} req/s = {ratio:.2f} x (median of {len(rounds)} rounds; "
+                f"all: {', '.join(f'{r[0]:.2f}' for r in rounds)})")
             metrics = httpx.get(f"{base}/metrics").text
             batch_rows = float(re.search(r"^aeserve_batch_rows_sum (\S+)", metrics, re.M).group(1))
             batches = float(re.search(r"^aeserve_batch_rows_count (\S+)", metrics, re.M).group(1))
@@ -150,13 +159,16 @@ def main() -> None:
                 assert response.status_code == 200
             http_rows = repeats * len(batch) / (time.perf_counter() - t)
     finally:
-        stop(server)
+        if server is not None:
+            stop(server)
+        if ceiling is not None:
+            stop(ceiling)
     version.encode(batch)
     t = time.perf_counter()
     for _ in range(repeats):
         version.encode(batch)
     local_rows = repeats * len(batch) / (time.perf_counter() - t)
-    if shutil.which("wrk"):
+    if have_wrk:
         results["(a'') in-process costs per single-row request"] = in_process_costs(version, body, batch_rows / batches)
     results["(b) .npy encode, 10,000 rows per request"] = (
         f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x")
