@@ -30,10 +30,14 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from models.checkpoint import ModelVersion  # which imports this module
 
 log = logging.getLogger("aeserve.onnx")
 
@@ -58,7 +62,7 @@ class _Served(nn.Module):
         return outputs if self.projector is None else (*outputs, self.projector(z))
 
 
-def export_graphs(version) -> tuple[dict[str, bytes], dict[str, str]]:
+def export_graphs(version: ModelVersion) -> tuple[dict[str, bytes], dict[str, str]]:
     """(graph name -> ONNX model bytes, graph name -> why it did not export) for a CPU ModelVersion."""
     import onnx.utils
 
@@ -106,7 +110,7 @@ class OnnxEngine:
         return self._sessions[graph].run(None, {self._inputs[graph]: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def mismatch(version, engine: OnnxEngine) -> str | None:
+def mismatch(version: ModelVersion, engine: OnnxEngine) -> str | None:
     """Why ``engine`` cannot stand in for torch on ``version``, or None: each graph against torch on 1 and 3 sample rows."""
     rng = np.random.default_rng(0)
     pre = version.preprocessing
@@ -148,7 +152,7 @@ class EngineExport:
             self._child = subprocess.Popen([sys.executable, "-m", "models.onnx_engine", self._out.name, *map(str, self.folders)],
                                            stdout=subprocess.DEVNULL, stderr=stderr)
 
-    def attach(self, versions: list, timeout_s: float = 600) -> None:
+    def attach(self, versions: list[ModelVersion], timeout_s: float = 600) -> None:
         """Give each version (from these folders, on the CPU) an engine for its small batches, or log why it stays on torch."""
         try:
             try:
@@ -176,7 +180,7 @@ class EngineExport:
         self._out.cleanup()
 
     @staticmethod
-    def _attach(version, out: Path) -> None:
+    def _attach(version: ModelVersion, out: Path) -> None:
         key = f"{version.name}:{version.version}"
         try:
             report = json.loads((out / "report.json").read_text())
