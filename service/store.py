@@ -76,9 +76,12 @@ class ModelStore:
                     log.warning("small batches stay on torch: cannot start the ONNX export: %s", e)
             try:
                 loaded = self._load(new)
-            finally:
+            except BaseException:
                 if export is not None:
-                    export.attach([v for versions in loaded.values() for v in versions.values()])
+                    export.close()
+                raise
+            if export is not None:
+                export.attach([v for versions in loaded.values() for v in versions.values()])
             index: dict[str, ModelEntry] = {}
             for name in names:
                 versions = {**self._index.get(name, ModelEntry({}, {})).versions, **loaded.get(name, {})}
