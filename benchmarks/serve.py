@@ -43,6 +43,16 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
+def wait_for_engine(base: str, timeout: float = 120.0) -> float:
+    """Seconds until the server's version runs its small batches on ONNX Runtime (after ready, the export may still run)."""
+    started = time.perf_counter()
+    while "aeserve_onnx_engine_versions 1.0" not in httpx.get(f"{base}/metrics").text:
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError("the ONNX engine did not arrive; see the server log")
+        time.sleep(0.1)
+    return time.perf_counter() - started
+
+
 def wrk(url: str, body: str, seconds: int, connections: int) -> tuple[float, int]:
     """(requests per second, requests answered)."""
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
@@ -113,6 +123,8 @@ def main() -> None:
         server, ready_seconds = start([python, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
                                        "--models", args.model, "--poll-seconds", "0", "--no-access-log"], port)
         results["(e) start to ready"] = f"{ready_seconds:.2f} s"
+        engine_seconds = ready_seconds + wait_for_engine(base)
+        results["(e') start to small batches on ONNX Runtime"] = f"{engine_seconds:.2f} s"
         results["(d) resident memory, model loaded"] = f"{rss_mb(server.pid):.0f} MB"
         if have_wrk:
             rounds = []

@@ -141,7 +141,9 @@ class EngineExport:
     """Graph exports for version folders, running in a child process from construction; ``attach`` collects them.
 
     Start it before loading the versions in the server: the child (which loads
-    the same folders itself) works on the other core meanwhile.
+    the same folders itself) works on the other core meanwhile. ``attach`` may
+    run while the versions already serve: a version's engine is set once, and a
+    call looks for it when it starts.
     """
 
     def __init__(self, folders: list[Path]) -> None:
@@ -196,7 +198,7 @@ class EngineExport:
         except Exception as e:  # onnxruntime's own error types
             log.warning("small batches of %s stay on torch: %s: %s", key, type(e).__name__, e)
             return
-        why = mismatch(version, engine)
+        why = mismatch(version, engine)  # which also warms every session
         if why is not None:
             log.warning("small batches of %s stay on torch: %s", key, why)
             return

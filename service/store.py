@@ -62,7 +62,14 @@ class ModelStore:
         return entry.versions[version]
 
     def refresh(self) -> list[str]:
-        """Load versions published since the last refresh; returns 'name:version' of those added."""
+        """Load versions published since the last refresh; returns 'name:version' of those added.
+
+        New versions serve on torch as soon as they are loaded and warmed; with
+        the ONNX engine on, their small batches move to it when its export
+        (started before loading, in a child process) is done and checked, a few
+        seconds later. A call checks for the engine when it starts, so either
+        way it finishes on the path it began on.
+        """
         with self._lock:
             names = [n for n in self.registry.names() if not self.only or n in self.only]
             new = {name: [v for v in self.registry.versions(name)  # published versions never change: load each once
@@ -80,8 +87,6 @@ class ModelStore:
                 if export is not None:
                     export.close()
                 raise
-            if export is not None:
-                export.attach([v for versions in loaded.values() for v in versions.values()])
             index: dict[str, ModelEntry] = {}
             for name in names:
                 versions = {**self._index.get(name, ModelEntry({}, {})).versions, **loaded.get(name, {})}
@@ -90,12 +95,10 @@ class ModelStore:
                 aliases = {a: v for a, v in self.registry.aliases(name).items() if v in versions}
                 aliases["latest"] = max(versions)  # the highest version that loaded
                 index[name] = ModelEntry(versions, aliases)
-            for versions in loaded.values():
-                for version in versions.values():
-                    if version.engine is not None:
-                        warmed(version)  # again, for the engine's sessions
             self._index = index
             self.loaded_once = True
+            if export is not None:
+                export.attach([v for versions in loaded.values() for v in versions.values()])
             return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
 
     def _folders(self, new: dict[str, list[int]]) -> list:

@@ -1,5 +1,6 @@
 """Every route in-process: answers checked against the models themselves, errors with exact codes and messages."""
 import io
+import time
 
 import numpy as np
 import pytest
@@ -255,8 +256,12 @@ def test_small_model_calls_run_on_one_torch_thread():
 
 def test_small_batches_are_served_by_the_onnx_engine(service_registry):
     with make_client(service_registry, engine="onnx", models="digits-mlp") as client:
-        wait_ready(client.get, timeout=120)  # the export child takes seconds
+        wait_ready(client.get)
         version = client.app.state.store.get("digits-mlp")
+        deadline = time.monotonic() + 120
+        while "aeserve_onnx_engine_versions 1.0" not in client.get("/metrics").text:  # the export child takes seconds
+            assert time.monotonic() < deadline, "the engine did not arrive"
+            time.sleep(0.1)
         assert version.engine is not None
         answer = client.post("/v1/models/digits-mlp/encode", json={"inputs": IMAGES.tolist()})
         assert answer.status_code == 200, answer.text
