@@ -273,3 +273,28 @@ def test_small_batches_are_served_by_the_onnx_engine(service_registry):
                              headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
         np.testing.assert_array_equal(np.load(io.BytesIO(answer.content)), version._encode_torch(many))
         assert "aeserve_onnx_engine_versions 1.0" in client.get("/metrics").text
+
+
+def test_new_versions_serve_before_their_engine_arrives(service_registry, monkeypatch):
+    from service import store as store_module
+    from service.store import ModelStore
+
+    exports = []
+
+    class RecordingExport:
+        def __init__(self, folders):
+            self.folders = folders
+            exports.append(self)
+
+        def attach(self, versions):
+            self.serving = {name: [v for n, v in store.loaded() if n == name] for name in store.names()}
+            self.versions = [f"{v.name}:{v.version}" for v in versions]
+
+    monkeypatch.setattr(store_module, "EngineExport", RecordingExport)
+    store = ModelStore(service_registry, engine="onnx", only=["digits-mlp"])
+    assert store.refresh() == ["digits-mlp:1"]
+    (export,) = exports
+    assert export.folders == [service_registry.version_dir("digits-mlp", 1)]
+    assert export.serving == {"digits-mlp": [1]}  # published before the engine was attached
+    assert export.versions == ["digits-mlp:1"]
+    assert store.refresh() == [] and len(exports) == 1  # nothing new: no export
