@@ -10,11 +10,12 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from models.checkpoint import CheckpointError, ModelVersion
-from models.onnx_engine import SMALL_BATCH_ROWS, EngineExport
+from models.onnx_engine import EngineExport
 from models.registry import NotFoundError, Registry, RegistryError, check_name
 
 log = logging.getLogger("aeserve.store")
@@ -34,7 +35,7 @@ class ModelEntry:
 class ModelStore:
     registry: Registry
     device: str = "cpu"
-    engine: str = "torch"  # "onnx": small CPU batches on ONNX Runtime (models/onnx_engine.py), as the service asks by default
+    engine: Literal["onnx", "torch"] = "torch"  # "onnx": small CPU batches on ONNX Runtime (models/onnx_engine.py), as the service asks by default
     only: list[str] = field(default_factory=list)
     _index: dict[str, ModelEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it was refused
@@ -131,12 +132,11 @@ class ModelStore:
 
 
 def warmed(version: ModelVersion) -> ModelVersion:
-    """Run every operation once on a small and a large batch, so the first request pays no one-off costs."""
-    for rows in (1, SMALL_BATCH_ROWS):
-        x = np.zeros((rows, *version.input_shape), np.float32)
-        version.reconstruct(x)
-        version.project(x)
-        version.decode(version.encode(x))
+    """Run every operation once so the first request pays no one-off costs (an engine's sessions are run by its check)."""
+    x = np.zeros((1, *version.input_shape), np.float32)
+    version.reconstruct(x)
+    version.project(x)
+    version.decode(version.encode(x))
     return version
 
 
