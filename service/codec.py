@@ -21,27 +21,60 @@ from service.errors import ApiError
 NPY = "application/x-npy"
 JSON = "application/json"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+Body = bytes | bytearray  # a request body as read_body returns it
+NPY_HEADER_BYTES = 10_012  # magic, version and length (at most 12 bytes), then a header of at most 10,000
 
 
-async def read_body(receive: Receive, content_length: str | None, limit: int) -> bytes:
-    """The whole body from ASGI ``receive``, refusing (413) as soon as it is known to exceed ``limit`` bytes."""
-    if content_length is not None:
-        if not content_length.isdigit():
-            raise ApiError(400, f"Content-Length must be a number of bytes, got {content_length!r}")
-        if int(content_length) > limit:
-            raise ApiError(413, f"request body of {int(content_length)} bytes exceeds the limit of {limit} bytes")
+async def read_body(receive: Receive, content_length: str | None, limit: int) -> Body:
+    """The whole body from ASGI ``receive``, refusing (413) as soon as it is known to exceed ``limit`` bytes.
+
+    With a Content-Length, each chunk is copied once, into a buffer of that
+    size. Joining a list of chunks at the end copies everything a second time
+    into fresh memory: for a 31 MB .npy body that took the event loop 65-90 ms
+    instead of 15-30 ms, most of it in page faults. A body that comes in one
+    message is that message's bytes, not copied at all.
+    """
+    if content_length is None:
+        return await _read_chunked(receive, limit)
+    if not content_length.isdigit():
+        raise ApiError(400, f"Content-Length must be a number of bytes, got {content_length!r}")
+    expected = int(content_length)
+    if expected > limit:
+        raise ApiError(413, f"request body of {expected} bytes exceeds the limit of {limit} bytes")
+    buffer: bytearray | None = None
+    size, more = 0, True
+    while more:
+        chunk, more = await _next_chunk(receive)
+        if buffer is None:
+            if not more and len(chunk) == expected:
+                return chunk
+            buffer = bytearray(expected)
+        end = size + len(chunk)
+        if end > expected:
+            raise ApiError(400, f"the body is longer than its Content-Length of {expected} bytes")
+        buffer[size:end] = chunk
+        size = end
+    if size != expected:
+        raise ApiError(400, f"the body holds {size} bytes but its Content-Length says {expected}")
+    return buffer
+
+
+async def _read_chunked(receive: Receive, limit: int) -> bytes:
     chunks, size, more = [], 0, True
     while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ApiError(400, "the client closed the connection before sending the whole body")
-        chunk = message.get("body", b"")
+        chunk, more = await _next_chunk(receive)
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-        more = message.get("more_body", False)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _next_chunk(receive: Receive) -> tuple[bytes, bool]:
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ApiError(400, "the client closed the connection before sending the whole body")
+    return message.get("body", b""), message.get("more_body", False)
 
 
 def media_type(value: str | None) -> str:
@@ -60,7 +93,7 @@ def wants_npy(accept: str | None) -> bool:
     return accept is not None and NPY in accept
 
 
-def _parse_json(body: bytes) -> Any:
+def _parse_json(body: Body) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -72,7 +105,7 @@ def _parse_json(body: bytes) -> Any:
         raise ApiError(400, f"malformed JSON body: {e}") from None
 
 
-def _plain_rows(body: bytes) -> np.ndarray | None:
+def _plain_rows(body: Body) -> np.ndarray | None:
     """``{"inputs": [[numbers], ...]}`` straight into an array, or None to take the general path.
 
     simdjson reads the numbers into a buffer without a Python object per
@@ -99,7 +132,7 @@ def _plain_rows(body: bytes) -> np.ndarray | None:
     return flat.reshape(rows, width)
 
 
-def _rows_from_json(body: bytes) -> np.ndarray:
+def _rows_from_json(body: Body) -> np.ndarray:
     plain = _plain_rows(body)
     if plain is not None:
         return plain
@@ -135,15 +168,15 @@ def _flat(value: Any):
             yield item
 
 
-def _rows_from_npy(body: bytes) -> np.ndarray:
-    """A view of the array inside the body, without copying it (read-only)."""
-    stream = io.BytesIO(body)
+def _rows_from_npy(body: Body) -> np.ndarray:
+    """A view of the array inside the body, without copying it."""
+    stream = io.BytesIO(body[:NPY_HEADER_BYTES])
     try:
         version = np.lib.format.read_magic(stream)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if read_header is None:
             raise ValueError(f".npy format version {version} is not supported; use 1.0 or 2.0 (numpy.save writes 1.0)")
-        shape, fortran_order, dtype = read_header(stream, max_header_size=10_000)
+        shape, fortran_order, dtype = read_header(stream, max_header_size=NPY_HEADER_BYTES - 12)
     except (ValueError, OSError, EOFError, SyntaxError) as e:
         raise ApiError(400, f"malformed .npy body: {e}") from None
     if dtype.kind not in "iuf" or dtype.hasobject:
@@ -156,7 +189,7 @@ def _rows_from_npy(body: bytes) -> np.ndarray:
     return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
-def decode_rows(kind: str, body: bytes, row_shape: tuple[int, ...], max_rows: int) -> tuple[np.ndarray, tuple[int, ...]]:
+def decode_rows(kind: str, body: Body, row_shape: tuple[int, ...], max_rows: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """A body of ``kind`` (JSON or NPY) as ((n, *row_shape) float32, all finite; one row's shape as the client sent it).
 
     Accepts rows that are flat (prod(row_shape) numbers) or nested in row_shape.

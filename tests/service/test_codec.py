@@ -1,11 +1,14 @@
-"""Request bodies to rows: the simdjson lane for plain numeric rows agrees with the general path, or steps aside."""
+"""Request bodies to rows: reading the body from ASGI messages, and the simdjson lane for plain numeric rows, which
+agrees with the general path or steps aside."""
+import asyncio
+import io
 import json
 
 import numpy as np
 import orjson
 import pytest
 
-from service.codec import JSON, _plain_rows, decode_rows
+from service.codec import JSON, NPY, _plain_rows, decode_rows, read_body
 from service.errors import ApiError
 
 
@@ -69,3 +72,64 @@ def test_refusals_are_the_same_either_way(body, status, words):
 def test_a_repeated_key_keeps_the_last_value_as_orjson_does():
     rows, _ = decode_rows(JSON, b'{"inputs": [[1, 2]], "inputs": [[3, 4]]}', (2,), max_rows=10)
     np.testing.assert_array_equal(rows, [[3, 4]])
+
+
+@pytest.mark.parametrize("body", [b'{"inputs": [[1, 2.5]]}', b'{"inputs": [[[1, 2.5]]]}', b'{"inputs": [[1, NaN]]}'])
+def test_a_body_in_a_buffer_decodes_as_the_same_bytes_do(body):
+    """Bodies read in several pieces arrive as a bytearray: both JSON paths take it as they take bytes."""
+    def outcome(b):
+        try:
+            return decode_rows(JSON, b, (2,), max_rows=10)[0].tolist()
+        except ApiError as e:
+            return e.status, e.detail
+    assert outcome(bytearray(body)) == outcome(body)
+
+
+def read(chunks: list[bytes], content_length: str | None, limit: int = 1000, disconnect: bool = False):
+    """read_body over ASGI messages carrying ``chunks`` (then a disconnect, if asked)."""
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1 or disconnect} for i, c in enumerate(chunks)]
+    messages += [{"type": "http.disconnect"}] if disconnect else []
+
+    async def receive():
+        return messages.pop(0)
+    return asyncio.run(read_body(receive, content_length, limit))
+
+
+@pytest.mark.parametrize("content_length", [None, "11"])
+@pytest.mark.parametrize("chunks", [[b"hello world"], [b"hel", b"lo w", b"", b"orld"]])
+def test_a_body_is_read_whole_however_it_is_split(chunks, content_length):
+    assert bytes(read(chunks, content_length)) == b"hello world"
+
+
+@pytest.mark.parametrize("chunks, content_length, status, words", [
+    ([b"hello", b" world"], "5", 400, "longer than its Content-Length of 5"),
+    ([b"hel", b"lo"], "11", 400, "holds 5 bytes but its Content-Length says 11"),
+    ([b"x"], "5 bytes", 400, "Content-Length must be a number"),
+    ([b"x"], "1001", 413, "1001 bytes exceeds the limit of 1000"),
+    ([b"x" * 600, b"x" * 600], None, 413, "exceeds the limit of 1000"),
+])
+def test_a_body_that_breaks_its_framing_or_the_limit_is_refused(chunks, content_length, status, words):
+    with pytest.raises(ApiError) as refused:
+        read(chunks, content_length)
+    assert refused.value.status == status and words in refused.value.detail
+
+
+@pytest.mark.parametrize("content_length", [None, "11"])
+def test_a_client_that_leaves_mid_body_is_refused(content_length):
+    with pytest.raises(ApiError, match="closed the connection"):
+        read([b"hel", b"lo"], content_length, disconnect=True)
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_an_npy_body_read_in_pieces_decodes_to_its_rows():
+    rows = np.random.default_rng(0).random((50, 6)).astype(np.float32)
+    body = npy(rows)
+    read_back = read([body[i:i + 97] for i in range(0, len(body), 97)], str(len(body)), limit=len(body))
+    decoded, shape = decode_rows(NPY, read_back, (6,), max_rows=50)
+    np.testing.assert_array_equal(decoded, rows)
+    assert shape == (6,)

@@ -41,6 +41,21 @@ def test_client_round_trip(live, service_registry):
         assert error.value.status == 404
 
 
+def test_a_big_npy_request_over_real_http(live, service_registry):
+    """A 1.28 MB .npy body arrives in many messages: every row is answered in order, as the model answers it, and a
+    NaN far into the body is refused by its row number."""
+    version = service_registry.load("digits-mlp")
+    many = (np.random.default_rng(2).random((5000, 64)) * 16).astype(np.float32)  # 1.28 MB
+    with Client(live.url) as client:
+        np.testing.assert_allclose(client.encode("digits-mlp", many).outputs, version.encode(many), rtol=1e-5, atol=1e-5)
+        recon = client.reconstruct("digits-mlp", many)
+        np.testing.assert_allclose(recon.errors, version.reconstruct(many)[1], rtol=1e-5)
+        many[4321, 7] = np.nan
+        with pytest.raises(AeserveError) as error:
+            client.encode("digits-mlp", many)
+        assert error.value.status == 422 and error.value.detail.startswith("row 4321 holds a NaN")
+
+
 async def test_async_client(live, service_registry):
     expected = service_registry.load("digits-pca").project(IMAGES)
     async with AsyncClient(live.url) as client:
