@@ -53,17 +53,35 @@ def wait_for_engine(base: str, timeout: float = 120.0) -> float:
     return time.perf_counter() - started
 
 
-def wrk(url: str, body: str, seconds: int, connections: int) -> tuple[float, int]:
-    """(requests per second, requests answered)."""
+def _run_wrk(url: str, body: str, seconds: int, connections: int, *extra: str) -> str:
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     script.write(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [==[{body}]==]\n')
     script.close()
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", script.name, url],
+    threads = min(2, connections)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", script.name, *extra, url],
                          capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non_2xx:
         raise RuntimeError(f"wrk saw {non_2xx.group(1)} error answers:\n{out}")
+    return out
+
+
+def wrk(url: str, body: str, seconds: int, connections: int) -> tuple[float, int]:
+    """(requests per second, requests answered)."""
+    out = _run_wrk(url, body, seconds, connections)
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), int(re.search(r"(\d+) requests in", out).group(1))
+
+
+def wrk_latency(url: str, body: str, seconds: int) -> tuple[float, float]:
+    """(p50, p99) in milliseconds of one request at a time, from wrk's latency distribution."""
+    out = _run_wrk(url, body, seconds, 1, "--latency")
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def percentile(p: int) -> float:
+        value, unit = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()
+        return float(value) * scale[unit]
+    return percentile(50), percentile(99)
 
 
 def wrk_with_cpu(pid: int, url: str, body: str, seconds: int, connections: int) -> tuple[float, float]:
@@ -71,6 +89,19 @@ def wrk_with_cpu(pid: int, url: str, body: str, seconds: int, connections: int) 
     cpu = cpu_seconds(pid)
     rate, count = wrk(url, body, seconds, connections)
     return rate, (cpu_seconds(pid) - cpu) / count * 1e6
+
+
+def python_client_latency(url: str, body: str, requests: int = 1000) -> tuple[float, float]:
+    """(p50, p99) in milliseconds of sequential requests through httpx."""
+    latencies = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(requests):
+            t = time.perf_counter()
+            response = client.post(url, content=body, headers={"Content-Type": "application/json"})
+            latencies.append(time.perf_counter() - t)
+            assert response.status_code == 200, response.text
+    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+    return float(p50), float(p99)
 
 
 def in_process_costs(version, body: str, mean_batch: float) -> str:
@@ -146,44 +177,46 @@ def main() -> None:
                 f"service {service_cpu:.0f} us vs ceiling {ceiling_cpu:.0f} us; mean batch {batch_rows / batches:.1f} rows")
         results["(d) resident memory after load test"] = f"{rss_mb(server.pid):.0f} MB"
 
-        with httpx.Client(base_url=base, timeout=60) as client:
-            # (c) one request at a time
-            latencies = []
-            for _ in range(1000):
-                t = time.perf_counter()
-                response = client.post(f"/v1/models/{args.model}/encode", content=body, headers={"Content-Type": "application/json"})
-                latencies.append(time.perf_counter() - t)
-                assert response.status_code == 200, response.text
-            p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-            results["(c) sequential single-row JSON encode latency"] = f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+        # (c) one request at a time, timed by wrk on one connection: the server's latency over loopback. A Python
+        # client adds its own cost, shown apart in (c'), with the ceiling app's figures beside both for scale.
+        encode_url = f"{base}/v1/models/{args.model}/encode"
+        ceiling_url = f"http://127.0.0.1:{ceiling_port}/v1/models/m/encode"
+        if have_wrk:
+            (p50, p99), (ceiling_p50, ceiling_p99) = (wrk_latency(url, body, args.seconds) for url in (encode_url, ceiling_url))
+            results["(c) sequential single-row JSON encode latency (wrk, 1 connection)"] = (
+                f"p50 {p50:.2f} ms, p99 {p99:.2f} ms (ceiling app: p50 {ceiling_p50:.2f} ms, p99 {ceiling_p99:.2f} ms)")
+        targets = {"service": encode_url, **({"ceiling app": ceiling_url} if have_wrk else {})}
+        through_httpx = {who: python_client_latency(url, body) for who, url in targets.items()}
+        results["(c') the same through a Python client (httpx)"] = ", ".join(
+            f"{who}: p50 {p50:.2f} ms, p99 {p99:.2f} ms" for who, (p50, p99) in through_httpx.items())
 
-            # (b) 10,000 rows per .npy request against the same call in-process
-            batch = np.random.default_rng(1).random((10_000, *version.input_shape)).astype(np.float32) * 255
-            buffer = io.BytesIO()
-            np.save(buffer, batch)
-            payload = buffer.getvalue()
-            headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
-            client.post(f"/v1/models/{args.model}/encode", content=payload, headers=headers)
-            repeats = 10
-            t = time.perf_counter()
-            for _ in range(repeats):
-                response = client.post(f"/v1/models/{args.model}/encode", content=payload, headers=headers)
-                assert response.status_code == 200
-            http_rows = repeats * len(batch) / (time.perf_counter() - t)
+        # (b) 10,000 rows per .npy request against the same call in-process. They take turns, so that both see the
+        # same machine; the first turn of each warms up and is not counted.
+        batch = np.random.default_rng(1).random((10_000, *version.input_shape)).astype(np.float32) * 255
+        buffer = io.BytesIO()
+        np.save(buffer, batch)
+        payload = buffer.getvalue()
+        headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+        http_seconds, local_seconds = [], []
+        with httpx.Client(timeout=60) as client:
+            for _ in range(11):
+                t = time.perf_counter()
+                response = client.post(encode_url, content=payload, headers=headers)
+                http_seconds.append(time.perf_counter() - t)
+                assert response.status_code == 200, response.text
+                t = time.perf_counter()
+                version.encode(batch)
+                local_seconds.append(time.perf_counter() - t)
+        http_rows, local_rows = (len(batch) / np.median(seconds[1:]) for seconds in (http_seconds, local_seconds))
     finally:
         if server is not None:
             stop(server)
         if ceiling is not None:
             stop(ceiling)
-    version.encode(batch)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        version.encode(batch)
-    local_rows = repeats * len(batch) / (time.perf_counter() - t)
     if have_wrk:
         results["(a'') in-process costs per single-row request"] = in_process_costs(version, body, batch_rows / batches)
     results["(b) .npy encode, 10,000 rows per request"] = (
-        f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x")
+        f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x (medians of 10 turns each)")
 
     print(f"\nmodel {args.model}:{version.version} ({version.manifest['kind']}, code {version.code_dim}), "
           f"{os.cpu_count()} CPUs\n")
