@@ -84,23 +84,27 @@ class ModelStore:
                     log.warning("small batches stay on torch: cannot start the ONNX export: %s", e)
             try:
                 loaded = self._load(new)
-            except BaseException:
+                self._index = self._indexed(names, loaded)
+            except BaseException:  # an unreadable aliases file, say: the export child must not outlive the refresh
                 if export is not None:
                     export.close()
                 raise
-            index: dict[str, ModelEntry] = {}
-            for name in names:
-                versions = {**self._index.get(name, ModelEntry({}, {})).versions, **loaded.get(name, {})}
-                if not versions:
-                    continue
-                aliases = {a: v for a, v in self.registry.aliases(name).items() if v in versions}
-                aliases["latest"] = max(versions)  # the highest version that loaded
-                index[name] = ModelEntry(versions, aliases)
-            self._index = index
             self.loaded_once = True
             if export is not None:
                 export.attach([v for versions in loaded.values() for v in versions.values()])
             return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
+
+    def _indexed(self, names: list[str], loaded: dict[str, dict[int, ModelVersion]]) -> dict[str, ModelEntry]:
+        """The index after a refresh: the versions already served plus those just loaded, and their aliases."""
+        index: dict[str, ModelEntry] = {}
+        for name in names:
+            versions = {**self._index.get(name, ModelEntry({}, {})).versions, **loaded.get(name, {})}
+            if not versions:
+                continue
+            aliases = {a: v for a, v in self.registry.aliases(name).items() if v in versions}
+            aliases["latest"] = max(versions)  # the highest version that loaded
+            index[name] = ModelEntry(versions, aliases)
+        return index
 
     def _folders(self, new: dict[str, list[int]]) -> list:
         folders = []

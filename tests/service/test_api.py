@@ -298,3 +298,26 @@ def test_new_versions_serve_before_their_engine_arrives(service_registry, monkey
     assert export.serving == {"digits-mlp": [1]}  # published before the engine was attached
     assert export.versions == ["digits-mlp:1"]
     assert store.refresh() == [] and len(exports) == 1  # nothing new: no export
+
+
+def test_a_refresh_that_fails_after_loading_stops_its_export(service_registry, monkeypatch):
+    from service import store as store_module
+    from service.store import ModelStore
+
+    closed = []
+
+    class RecordingExport:
+        def __init__(self, folders):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    def unreadable(name):
+        raise PermissionError(f"aliases.json of {name}: permission denied")
+    monkeypatch.setattr(store_module, "EngineExport", RecordingExport)
+    store = ModelStore(service_registry, engine="onnx", only=["digits-mlp"])
+    monkeypatch.setattr(store.registry, "aliases", unreadable)
+    with pytest.raises(PermissionError, match="aliases.json of digits-mlp"):
+        store.refresh()
+    assert closed == [True]
