@@ -2,17 +2,29 @@
 
 One worker per (version, operation) takes whatever is queued (up to
 ``max_batch_rows`` rows, waiting at most ``max_wait`` for more), runs the model
-in a thread pool so the event loop never blocks, and hands each request its
+on a model thread so the event loop never blocks, and hands each request its
 own slice of the outputs. Inputs are validated before they get here; if a
 batched call still fails, each request is retried alone so one bad request
 fails only itself.
+
+Model calls run on ``ModelThreads``: plain threads fed by a ``SimpleQueue``
+that hand each result back with ``call_soon_threadsafe``. A
+``ThreadPoolExecutor`` does the same with more Python around each call (a
+``concurrent.futures.Future`` with its lock and condition, then a chained
+asyncio future), and the model thread runs that Python holding the GIL the
+event loop wants. Under wrk (32 connections, single-row encode, two servers
+side by side in alternating 5 s runs), these threads used 4 % less server CPU
+per request and answered a median 2 % and 5 % more requests per second than
+the executor, in two sets of 10 pairs.
 """
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import Empty, SimpleQueue
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +39,54 @@ class _Pending:
     future: asyncio.Future
 
 
+class ModelThreads:
+    """``threads`` threads that run model calls from one queue; ``run`` answers with an asyncio future."""
+
+    def __init__(self, threads: int) -> None:
+        self._calls: SimpleQueue = SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, name=f"aeserve-model_{i}", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """``fn(*args)`` on a model thread; the future (of the running loop) gets its result or exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((fn, args, loop, future))
+        return future
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, args, loop, future = call
+            try:
+                outcome = (fn(*args), None)
+            except BaseException as e:  # whatever a call raises, the thread lives on to serve the next
+                outcome = (None, e if isinstance(e, Exception) else RuntimeError(f"the model call was interrupted: {e!r}"))
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the loop has closed; nobody waits for this answer
+                pass
+
+    def close(self) -> None:
+        """Drop the calls not yet started and stop the threads once their current call returns."""
+        try:
+            while True:
+                self._calls.get_nowait()
+        except Empty:
+            pass
+        for _ in self._threads:
+            self._calls.put(None)
+
+
+def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:
+    if future.done():  # cancelled while the call ran
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 def _as_tuple(result: np.ndarray | tuple[np.ndarray, ...]) -> Outputs:
     return result if isinstance(result, tuple) else (result,)
 
@@ -39,7 +99,7 @@ class Batcher:
         self.max_queue = max_queue
         self.on_batch = on_batch or (lambda rows: None)
         self.before_call = before_call or (lambda rows: None)  # runs in the model thread with the row count of each call
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aeserve-model")
+        self._threads = ModelThreads(threads)
         self._queues: dict[tuple[int, str], asyncio.Queue[_Pending]] = {}
         self._workers: dict[tuple[int, str], asyncio.Task] = {}
         self.pending = 0  # requests queued or running, over all workers
@@ -52,7 +112,7 @@ class Batcher:
             # Already a full batch: no reason to queue it behind others' rows.
             self.pending += 1
             try:
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, rows)
+                result = await self._threads.run(self._call, fn, rows)
             finally:
                 self.pending -= 1
             self.on_batch(len(rows))
@@ -95,7 +155,6 @@ class Batcher:
         return batch
 
     async def _work(self, fn: Callable, queue: asyncio.Queue[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect(queue)
             batch = [p for p in batch if not p.future.done()]  # drop requests whose client went away
@@ -103,7 +162,7 @@ class Batcher:
                 continue
             try:
                 rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
-                outputs = _as_tuple(await loop.run_in_executor(self._executor, self._call, fn, rows))
+                outputs = _as_tuple(await self._threads.run(self._call, fn, rows))
             except Exception:
                 await self._one_by_one(fn, batch)
                 continue
@@ -116,10 +175,9 @@ class Batcher:
                 start = stop
 
     async def _one_by_one(self, fn: Callable, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         for pending in batch:
             try:
-                result = _as_tuple(await loop.run_in_executor(self._executor, self._call, fn, pending.rows))
+                result = _as_tuple(await self._threads.run(self._call, fn, pending.rows))
             except Exception as e:
                 if not pending.future.done():
                     pending.future.set_exception(e)
@@ -133,4 +191,4 @@ class Batcher:
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
         self._workers.clear()
         self._queues.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._threads.close()

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.batching import Batcher
+from service.batching import Batcher, ModelThreads
 from service.errors import ApiError
 
 
@@ -98,3 +98,33 @@ async def test_before_call_runs_in_the_model_thread_with_each_calls_rows():
     assert [rows for rows, _ in seen] == [2, 9]
     assert all(name.startswith("aeserve-model") for _, name in seen)
     await batcher.close()
+
+
+async def test_model_threads_answer_results_and_errors_and_survive_what_a_call_raises():
+    threads = ModelThreads(1)
+
+    def interrupted() -> None:
+        raise SystemExit("stop")  # would end a thread that let it through
+
+    assert await threads.run(sum, [1, 2, 3]) == 6
+    with pytest.raises(ZeroDivisionError):
+        await threads.run(divmod, 1, 0)
+    with pytest.raises(RuntimeError, match="interrupted.*SystemExit"):
+        await threads.run(interrupted)
+    assert await threads.run(threading.current_thread) is threads._threads[0]  # the same thread still serves
+    threads.close()
+
+
+async def test_a_call_cancelled_while_it_runs_is_dropped_and_close_stops_the_threads():
+    loop_errors = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
+    threads, gate = ModelThreads(1), threading.Event()
+    running = threads.run(gate.wait, 5)
+    running.cancel()  # its caller left; setting its answer now would raise in the event loop
+    gate.set()
+    assert await threads.run(lambda: "next") == "next"  # one thread: answered after the cancelled call's
+    assert loop_errors == []
+    threads.close()
+    for thread in threads._threads:
+        thread.join(5)
+        assert not thread.is_alive()
