@@ -205,6 +205,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15 of stat
 
 
+def main_thread_seconds(pid: int) -> float:
+    """Seconds process ``pid``'s main thread (for a server: its event loop) has spent on a CPU so far (Linux schedstat)."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def idle_ticks() -> tuple[int, int]:
+    """(idle, all) clock ticks of every CPU of the machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user .. steal
+
+
 class Watch(threading.Thread):
     """While running: GET ``path`` every ``interval`` seconds (its own connection and thread), and sample ``pid``'s memory."""
 

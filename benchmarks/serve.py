@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import cpu_seconds, rss_mb, wait_ready  # noqa: E402
+from benchmarks.loadgen import cpu_seconds, idle_ticks, main_thread_seconds, rss_mb, wait_ready  # noqa: E402
 
 
 def start(command: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, float]:
@@ -84,11 +85,22 @@ def wrk_latency(url: str, body: str, seconds: int) -> tuple[float, float]:
     return percentile(50), percentile(99)
 
 
-def wrk_with_cpu(pid: int, url: str, body: str, seconds: int, connections: int) -> tuple[float, float]:
-    """(requests per second, server CPU microseconds per request) under wrk."""
-    cpu = cpu_seconds(pid)
+@dataclass
+class Round:
+    """One wrk run against one server."""
+
+    rate: float  # requests per second
+    cpu_us: float  # server CPU per request, all threads
+    loop_busy: float  # share of the run the server's main thread (its event loop) spent on a CPU
+    machine_idle: float  # share of the machine's CPU time that was idle
+
+
+def wrk_round(pid: int, url: str, body: str, seconds: int, connections: int) -> Round:
+    cpu, loop, (idle, ticks), started = cpu_seconds(pid), main_thread_seconds(pid), idle_ticks(), time.perf_counter()
     rate, count = wrk(url, body, seconds, connections)
-    return rate, (cpu_seconds(pid) - cpu) / count * 1e6
+    wall, (idle_after, ticks_after) = time.perf_counter() - started, idle_ticks()
+    return Round(rate, (cpu_seconds(pid) - cpu) / count * 1e6, (main_thread_seconds(pid) - loop) / wall,
+                 (idle_after - idle) / max(1, ticks_after - ticks))
 
 
 def python_client_latency(url: str, body: str, requests: int = 1000) -> tuple[float, float]:
@@ -160,21 +172,25 @@ def main() -> None:
         if have_wrk:
             rounds = []
             for _ in range(args.rounds):
-                ceiling_rps, ceiling_cpu = wrk_with_cpu(ceiling.pid, f"http://127.0.0.1:{ceiling_port}/v1/models/m/encode", body,
-                                                        args.seconds, args.connections)
-                service_rps, service_cpu = wrk_with_cpu(server.pid, f"{base}/v1/models/{args.model}/encode", body, args.seconds,
-                                                        args.connections)
-                rounds.append((service_rps / ceiling_rps, service_rps, ceiling_rps, service_cpu, ceiling_cpu))
-            rounds.sort()
-            ratio, service_rps, ceiling_rps, service_cpu, ceiling_cpu = rounds[len(rounds) // 2]
+                ceiling_round = wrk_round(ceiling.pid, f"http://127.0.0.1:{ceiling_port}/v1/models/m/encode", body,
+                                          args.seconds, args.connections)
+                service_round = wrk_round(server.pid, f"{base}/v1/models/{args.model}/encode", body, args.seconds,
+                                          args.connections)
+                rounds.append((service_round.rate / ceiling_round.rate, service_round, ceiling_round))
+            rounds.sort(key=lambda r: r[0])
+            ratio, service_round, ceiling_round = rounds[len(rounds) // 2]
             results["(a) single-row JSON encode, 32 connections"] = (
-                f"{service_rps:.0f} req/s vs ceiling {ceiling_rps:.0f} req/s = {ratio:.2f} x (median of {len(rounds)} rounds; "
-                f"all: {', '.join(f'{r[0]:.2f}' for r in rounds)})")
+                f"{service_round.rate:.0f} req/s vs ceiling {ceiling_round.rate:.0f} req/s = {ratio:.2f} x (median of "
+                f"{len(rounds)} rounds; all: {', '.join(f'{r[0]:.2f}' for r in rounds)})")
             metrics = httpx.get(f"{base}/metrics").text
             batch_rows = float(re.search(r"^aeserve_batch_rows_sum (\S+)", metrics, re.M).group(1))
             batches = float(re.search(r"^aeserve_batch_rows_count (\S+)", metrics, re.M).group(1))
             results["(a') server CPU per request under wrk"] = (
-                f"service {service_cpu:.0f} us vs ceiling {ceiling_cpu:.0f} us; mean batch {batch_rows / batches:.1f} rows")
+                f"service {service_round.cpu_us:.0f} us vs ceiling {ceiling_round.cpu_us:.0f} us; "
+                f"mean batch {batch_rows / batches:.1f} rows")
+            results["(a') event loop thread on a CPU / machine idle, median round"] = (
+                f"service {service_round.loop_busy:.0%} / {service_round.machine_idle:.0%}, "
+                f"ceiling {ceiling_round.loop_busy:.0%} / {ceiling_round.machine_idle:.0%}")
         results["(d) resident memory after load test"] = f"{rss_mb(server.pid):.0f} MB"
 
         # (c) one request at a time, timed by wrk on one connection: the server's latency over loopback. A Python
