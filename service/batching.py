@@ -44,12 +44,15 @@ class ModelThreads:
 
     def __init__(self, threads: int) -> None:
         self._calls: SimpleQueue = SimpleQueue()
-        self._threads = [threading.Thread(target=self._serve, name=f"aeserve-model_{i}", daemon=True) for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
+        self._count = threads
+        self._threads: list[threading.Thread] = []  # started by the first call: an app that never serves starts none
 
     def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         """``fn(*args)`` on a model thread; the future (of the running loop) gets its result or exception."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._serve, name=f"aeserve-model_{i}", daemon=True) for i in range(self._count)]
+            for thread in self._threads:
+                thread.start()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._calls.put((fn, args, loop, future))
