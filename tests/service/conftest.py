@@ -1,6 +1,10 @@
-"""Service fixtures: the app in-process (TestClient runs its lifespan) and a real uvicorn server on loopback."""
+"""Service fixtures: the app in-process (TestClient runs its lifespan) and a real uvicorn server on loopback.
+
+The apps run their models on the CPU; ``AESERVE_TEST_DEVICE=cuda`` runs the same tests with the models on a GPU.
+"""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -15,6 +19,8 @@ from fastapi.testclient import TestClient
 from models.registry import Registry
 from service.app import create_app
 from service.settings import Settings
+
+DEVICE = os.environ.get("AESERVE_TEST_DEVICE", "cpu")
 
 
 def wait_ready(get, timeout: float = 30.0) -> None:
@@ -35,7 +41,7 @@ def service_registry(trained_registry: Registry, tmp_path: Path) -> Registry:
 
 
 def make_client(registry: Registry, **settings) -> TestClient:
-    app = create_app(Settings(registry=registry.root, poll_seconds=0, access_log=False, device="cpu", **settings))
+    app = create_app(Settings(registry=registry.root, poll_seconds=0, access_log=False, device=DEVICE, **settings))
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -57,7 +63,7 @@ class LiveServer:
 
     def __init__(self, registry: Registry, **settings) -> None:
         self.port = free_port()
-        self.app = create_app(Settings(registry=registry.root, access_log=False, device="cpu", port=self.port, **settings))
+        self.app = create_app(Settings(registry=registry.root, access_log=False, device=DEVICE, port=self.port, **settings))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

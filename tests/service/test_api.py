@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import KIND_CONFIGS
-from tests.service.conftest import make_client, wait_ready
+from tests.service.conftest import DEVICE, make_client, wait_ready
 
 NAMES = [f"digits-{kind}" for kind in KIND_CONFIGS]
 rng = np.random.default_rng(0)
@@ -254,6 +254,7 @@ def test_small_model_calls_run_on_one_torch_thread():
         torch.set_num_threads(before)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the ONNX engine serves the CPU only")
 def test_small_batches_are_served_by_the_onnx_engine(service_registry):
     with make_client(service_registry, engine="onnx", models="digits-mlp") as client:
         wait_ready(client.get)

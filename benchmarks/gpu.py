@@ -1,0 +1,226 @@
+"""GPU serving: every version in a registry gives the CPU's answers on the GPU, in-process and over HTTP; then speed.
+
+    python benchmarks/gpu.py --registry registry --model fmnist-mlp30 [--device cuda] [--json out.json]
+
+1. Agreement, in-process: each model's latest version is loaded on the CPU and on --device; the four operations on
+   fresh random inputs of 1, 7 and 300 rows are compared by relative error ||device - cpu|| / ||cpu||.
+2. Agreement, served: `aeserve serve --device DEVICE` on 127.0.0.1; the Python client calls the four operations of
+   every model (.npy), encode also as JSON; each answer must match the CPU's and name the model and version.
+3. Speed, for --model: in-process encode at 1 to 10,000 rows on the CPU and on the device (the first call after
+   the server's warm-up, then the median); a 10,000-row .npy encode over HTTP against the same call in-process;
+   single-row JSON encode one at a time and at 32 concurrent connections; the server's memory.
+
+--device cpu runs every step on the CPU: a dry run of the script where there is no GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen import Request, closed_loop, rss_mb  # noqa: E402
+from benchmarks.serve import start, stop  # noqa: E402
+from models.checkpoint import ModelVersion  # noqa: E402
+from models.registry import Registry  # noqa: E402
+from service.client import Client  # noqa: E402
+from service.store import warmed  # noqa: E402
+
+BATCHES = (1, 32, 256, 10_000)
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    expected = np.asarray(expected, np.float64)
+    return float(np.linalg.norm(np.asarray(got, np.float64) - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def raw_inputs(version: ModelVersion, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Random inputs spanning the raw range the model was trained on (model space [0, 1])."""
+    p = version.preprocessing
+    return (rng.random((rows, *version.input_shape)) / p.scale + p.offset).astype(np.float32)
+
+
+def answers(version: ModelVersion, x: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
+    x_hat, errors, percentiles = version.reconstruct(x)
+    return {"encode": version.encode(x), "decode": version.decode(codes), "reconstruct": x_hat, "errors": errors,
+            "percentiles": percentiles, "project": version.project(x)}
+
+
+def agreement(registry: Registry, device: str, rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    """{model: {operation: worst relative error over the batch sizes}}."""
+    worst: dict[str, dict[str, float]] = {}
+    for name in registry.names():
+        cpu, other = registry.load(name, device="cpu"), registry.load(name, device=device)
+        for rows in (1, 7, 300):
+            x = raw_inputs(cpu, rows, rng)
+            codes = rng.standard_normal((rows, cpu.code_dim)).astype(np.float32)
+            expected, got = answers(cpu, x, codes), answers(other, x, codes)
+            for op in expected:
+                error = relative_error(got[op], expected[op])
+                worst.setdefault(name, {})[op] = max(worst.get(name, {}).get(op, 0.0), error)
+    return worst
+
+
+def served_agreement(registry: Registry, base: str, rng: np.random.Generator) -> dict[str, float]:
+    """{model: worst relative error of the served answers against the CPU in-process}; raises on a wrong name or version."""
+    worst = {}
+    with Client(base, timeout=120) as client:
+        for name in registry.names():
+            cpu = registry.load(name, device="cpu")
+            x = raw_inputs(cpu, 64, rng)
+            codes = rng.standard_normal((64, cpu.code_dim)).astype(np.float32)
+            expected = answers(cpu, x, codes)
+            served = {"encode": client.encode(name, x), "decode": client.decode(name, codes),
+                      "reconstruct": client.reconstruct(name, x), "project": client.project(name, x)}
+            for op, result in served.items():
+                if (result.model, result.version) != (name, str(cpu.version)):
+                    raise AssertionError(f"{op} of {name} answered as {result.model}:{result.version}, expected version {cpu.version}")
+            response = httpx.post(f"{base}/v1/models/{name}/encode", json={"inputs": x.tolist()}, timeout=120)
+            response.raise_for_status()
+            errors = [relative_error(result.outputs, expected[op]) for op, result in served.items()]
+            errors += [relative_error(served["reconstruct"].errors, expected["errors"]),
+                       relative_error(np.asarray(response.json()["outputs"], np.float32), expected["encode"])]
+            worst[name] = max(errors)
+    return worst
+
+
+def timed(call, repeats: int) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of the next ``repeats``)."""
+    t = time.perf_counter()
+    call()
+    first = time.perf_counter() - t
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - t)
+    return first, float(np.median(seconds))
+
+
+def in_process_speed(registry: Registry, name: str, device: str, rng: np.random.Generator) -> dict[str, dict[int, tuple[float, float]]]:
+    """{device: {rows: (first call, median)}} of encode, each version loaded and warmed as the server does."""
+    speed = {}
+    for where in dict.fromkeys(("cpu", device)):
+        version = warmed(registry.load(name, device=where))
+        speed[where] = {rows: timed(lambda v=version, x=raw_inputs(version, rows, rng): v.encode(x), 20 if rows >= 10_000 else 200)
+                        for rows in BATCHES}
+    return speed
+
+
+def gpu_memory_mb(pid: int) -> float | None:
+    """GPU memory process ``pid`` holds, from nvidia-smi; None where there is none to ask."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    used = [float(memory) for line in out.splitlines() if "," in line for p, memory in [line.split(",")] if int(p) == pid]
+    return used[0] if used else None
+
+
+def served_speed(version: ModelVersion, base: str, name: str, rng: np.random.Generator) -> dict[str, float]:
+    batch = raw_inputs(version, 10_000, rng)
+    buffer = io.BytesIO()
+    np.save(buffer, batch)
+    payload, headers = buffer.getvalue(), {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+    url = f"{base}/v1/models/{name}/encode"
+    http_seconds, local_seconds = [], []
+    with httpx.Client(timeout=120) as client:
+        for _ in range(11):  # taking turns; the first of each warms up and is not counted
+            t = time.perf_counter()
+            response = client.post(url, content=payload, headers=headers)
+            http_seconds.append(time.perf_counter() - t)
+            response.raise_for_status()
+            t = time.perf_counter()
+            version.encode(batch)
+            local_seconds.append(time.perf_counter() - t)
+    row = raw_inputs(version, 1, rng)[0].reshape(-1)
+    single = Request(f"/v1/models/{name}/encode", json.dumps({"inputs": [row.tolist()]}).encode(), "application/json", "application/json")
+    one = asyncio.run(closed_loop(base, single, 3.0, 1))
+    many = asyncio.run(closed_loop(base, single, 5.0, 32))
+    for outcome in (one, many):
+        if outcome.ok != sum(outcome.statuses.values()):
+            raise AssertionError(f"error answers under load: {dict(outcome.statuses)}")
+    metrics = httpx.get(f"{base}/metrics").text
+    batch_rows = float(re.search(r"^aeserve_batch_rows_sum (\S+)", metrics, re.M).group(1))
+    batches = float(re.search(r"^aeserve_batch_rows_count (\S+)", metrics, re.M).group(1))
+    p50, p99 = np.percentile(np.array(one.latencies) * 1000, [50, 99])
+    return {"npy_http_rows_per_s": 10_000 / float(np.median(http_seconds[1:])),
+            "npy_local_rows_per_s": 10_000 / float(np.median(local_seconds[1:])),
+            "single_p50_ms": float(p50), "single_p99_ms": float(p99),
+            "concurrent_req_per_s": many.ok / many.seconds, "mean_batch_rows": batch_rows / batches}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", default="registry")
+    parser.add_argument("--model", default="fmnist-mlp30", help="the model timed in step 3")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--port", type=int, default=8775)
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu for a dry run")
+    registry, rng = Registry(args.registry), np.random.default_rng(0)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU"
+    report: dict = {"device": where, "torch": torch.__version__, "cpus": os.cpu_count(), "cpu_threads": torch.get_num_threads()}
+
+    report["agreement"] = agreement(registry, args.device, rng)
+    base = f"http://127.0.0.1:{args.port}"
+    server, ready = start([sys.executable, "-m", "aeserve", "serve", "--registry", args.registry, "--device", args.device,
+                           "--port", str(args.port), "--poll-seconds", "0", "--no-access-log"], args.port)
+    try:
+        report["start_to_ready_s"] = ready
+        report["served_agreement"] = served_agreement(registry, base, rng)
+        report["in_process_encode_s"] = in_process_speed(registry, args.model, args.device, rng)
+        report["served"] = served_speed(registry.load(args.model, device=args.device), base, args.model, rng)
+        report["server_rss_mb"] = rss_mb(server.pid)
+        report["server_gpu_mb"] = gpu_memory_mb(server.pid)
+    finally:
+        stop(server)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print_report(report, args)
+
+
+def print_report(report: dict, args: argparse.Namespace) -> None:
+    print(f"\n{report['device']}, torch {report['torch']}, {report['cpus']} CPUs (torch uses {report['cpu_threads']} threads)\n")
+    print(f"| model | worst relative error {args.device} vs cpu, in-process: encode / decode / reconstruct / errors / "
+          f"percentiles / project | served |\n|---|---|---|")
+    for name, errors in report["agreement"].items():
+        print(f"| {name} | {' / '.join(f'{e:.1e}' for e in errors.values())} | {report['served_agreement'][name]:.1e} |")
+    print(f"\nencode of {args.model} in-process, first call after warm-up / median:\n\n| rows | "
+          + " | ".join(report["in_process_encode_s"]) + " |\n|---|" + "---|" * len(report["in_process_encode_s"]))
+    for rows in BATCHES:
+        cells = [f"{first * 1e3:.2f} / {median * 1e3:.3f} ms" for first, median in
+                 (speed[rows] for speed in report["in_process_encode_s"].values())]
+        print(f"| {rows:,} | {' | '.join(cells)} |")
+    served = report["served"]
+    gpu_mb = report["server_gpu_mb"]
+    print(f"\n| served on {args.device} | result |\n|---|---|")
+    print(f"| start to ready | {report['start_to_ready_s']:.2f} s |")
+    print(f"| .npy encode, 10,000 rows | {served['npy_http_rows_per_s']:,.0f} rows/s vs in-process "
+          f"{served['npy_local_rows_per_s']:,.0f} = {served['npy_http_rows_per_s'] / served['npy_local_rows_per_s']:.2f} x |")
+    print(f"| single-row JSON encode, one at a time | p50 {served['single_p50_ms']:.2f} ms, p99 {served['single_p99_ms']:.2f} ms |")
+    print(f"| single-row JSON encode, 32 connections | {served['concurrent_req_per_s']:,.0f} req/s, "
+          f"mean batch {served['mean_batch_rows']:.1f} rows |")
+    print(f"| server memory | {report['server_rss_mb']:.0f} MB resident"
+          + (f", {gpu_mb:.0f} MB on the GPU |" if gpu_mb is not None else " |"))
+
+
+if __name__ == "__main__":
+    main()
