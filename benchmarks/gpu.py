@@ -112,13 +112,15 @@ def timed(call, repeats: int) -> tuple[float, float]:
     return first, float(np.median(seconds))
 
 
-def in_process_speed(registry: Registry, name: str, device: str, rng: np.random.Generator) -> dict[str, dict[int, tuple[float, float]]]:
-    """{device: {rows: (first call, median)}} of encode, each version loaded and warmed as the server does."""
+def in_process_speed(registry: Registry, name: str, device: str, rng: np.random.Generator) -> dict[str, dict[str, tuple[float, float]]]:
+    """{device: {call: (first call, median)}}: encode of each batch size, then a 10,000-row reconstruct, each version
+    loaded and warmed as the server does."""
     speed = {}
     for where in dict.fromkeys(("cpu", device)):
         version = warmed(registry.load(name, device=where))
-        speed[where] = {rows: timed(lambda v=version, x=raw_inputs(version, rows, rng): v.encode(x), 20 if rows >= 10_000 else 200)
-                        for rows in BATCHES}
+        calls = {f"encode {rows:,}": (version.encode, rows) for rows in BATCHES} | {"reconstruct 10,000": (version.reconstruct, 10_000)}
+        speed[where] = {call: timed(lambda f=f, x=raw_inputs(version, rows, rng): f(x), 20 if rows >= 10_000 else 200)
+                        for call, (f, rows) in calls.items()}
     return speed
 
 
@@ -172,6 +174,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--port", type=int, default=8775)
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--in-process-only", action="store_true", help="only the in-process timings of step 3, printed as JSON")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu for a dry run")
@@ -179,6 +182,10 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU"
     report: dict = {"device": where, "torch": torch.__version__, "cpus": os.cpu_count(), "cpu_threads": torch.get_num_threads()}
 
+    if args.in_process_only:
+        report["in_process_s"] = in_process_speed(registry, args.model, args.device, rng)
+        print(json.dumps(report["in_process_s"]))
+        return
     report["agreement"] = agreement(registry, args.device, rng)
     base = f"http://127.0.0.1:{args.port}"
     server, ready = start([sys.executable, "-m", "aeserve", "serve", "--registry", args.registry, "--device", args.device,
@@ -186,7 +193,7 @@ def main() -> None:
     try:
         report["start_to_ready_s"] = ready
         report["served_agreement"] = served_agreement(registry, base, rng)
-        report["in_process_encode_s"] = in_process_speed(registry, args.model, args.device, rng)
+        report["in_process_s"] = in_process_speed(registry, args.model, args.device, rng)
         report["served"] = served_speed(registry.load(args.model, device=args.device), base, args.model, rng)
         report["server_rss_mb"] = rss_mb(server.pid)
         report["server_gpu_mb"] = gpu_memory_mb(server.pid)
@@ -203,12 +210,12 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
           f"percentiles / project | served |\n|---|---|---|")
     for name, errors in report["agreement"].items():
         print(f"| {name} | {' / '.join(f'{e:.1e}' for e in errors.values())} | {report['served_agreement'][name]:.1e} |")
-    print(f"\nencode of {args.model} in-process, first call after warm-up / median:\n\n| rows | "
-          + " | ".join(report["in_process_encode_s"]) + " |\n|---|" + "---|" * len(report["in_process_encode_s"]))
-    for rows in BATCHES:
-        cells = [f"{first * 1e3:.2f} / {median * 1e3:.3f} ms" for first, median in
-                 (speed[rows] for speed in report["in_process_encode_s"].values())]
-        print(f"| {rows:,} | {' | '.join(cells)} |")
+    speeds = report["in_process_s"]
+    print(f"\n{args.model} in-process, first call after warm-up / median:\n\n| call, rows | " + " | ".join(speeds)
+          + " |\n|---|" + "---|" * len(speeds))
+    for call in next(iter(speeds.values())):
+        cells = [f"{speed[call][0] * 1e3:.2f} / {speed[call][1] * 1e3:.3f} ms" for speed in speeds.values()]
+        print(f"| {call} | {' | '.join(cells)} |")
     served = report["served"]
     gpu_mb = report["server_gpu_mb"]
     print(f"\n| served on {args.device} | result |\n|---|---|")

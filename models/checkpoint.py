@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ WEIGHTS = "weights.safetensors"
 CPU_BLOCK_ROWS = 1024
 # Held-out errors are stored as these many evenly spaced quantiles (0, 0.1, ..., 100 percent).
 N_QUANTILES = 1001
+# Request bodies arrive as read-only buffers, and torch warns once when a tensor is made over one; these are only read.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class CheckpointError(ValueError):
@@ -97,6 +100,19 @@ class ModelVersion:
     @staticmethod
     def _numpy(t: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray((t if t.device.type == "cpu" else t.to("cpu")).numpy())
+
+    # Off the CPU, raw values are scaled on the device: one pass over a big batch on the host saved each way.
+    def _model_input(self, x: np.ndarray) -> torch.Tensor:
+        """Raw rows -> (n, input_dim) model-space tensor on the version's device."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(self.preprocessing.to_model(x))
+        return self.preprocessing.to_model_tensor(self._tensor(x))
+
+    def _raw_output(self, x_model: torch.Tensor) -> np.ndarray:
+        """(n, input_dim) model-space tensor -> (n, *input_shape) raw values."""
+        if self.device.type == "cpu":
+            return self.preprocessing.from_model(x_model.numpy())
+        return self._numpy(self.preprocessing.from_model_tensor(x_model))
 
     def _small(self, rows: int) -> bool:
         return self.engine is not None and rows < SMALL_BATCH_ROWS
@@ -164,22 +180,22 @@ class ModelVersion:
 
     @torch.inference_mode()
     def _encode_block(self, x: np.ndarray) -> tuple[np.ndarray]:
-        return (self._numpy(self.model.encode(self._tensor(self.preprocessing.to_model(x)))),)
+        return (self._numpy(self.model.encode(self._model_input(x))),)
 
     @torch.inference_mode()
     def _decode_block(self, z: np.ndarray) -> tuple[np.ndarray]:
-        return (self.preprocessing.from_model(self._numpy(self.model.decode(self._tensor(z)))),)
+        return (self._raw_output(self.model.decode(self._tensor(z))),)
 
     @torch.inference_mode()
     def _reconstruct_block(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x_model = self._tensor(self.preprocessing.to_model(x))
+        x_model = self._model_input(x)
         x_hat = self.model(x_model)
         errors = self._numpy((x_hat - x_model).pow(2).sum(dim=1))
-        return self.preprocessing.from_model(self._numpy(x_hat)), errors
+        return self._raw_output(x_hat), errors
 
     @torch.inference_mode()
     def _project_block(self, x: np.ndarray) -> tuple[np.ndarray]:
-        codes = self.model.encode(self._tensor(self.preprocessing.to_model(x)))
+        codes = self.model.encode(self._model_input(x))
         return (self._numpy(self.projector(codes)),)
 
 
