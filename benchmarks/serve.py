@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=5, help="(a): turns of ceiling then service")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the server and the in-process side of (b) run the model (cuda: torch only, no ONNX engine)")
     args = parser.parse_args()
     python = sys.executable
     port = 8765
@@ -146,8 +148,9 @@ def main() -> None:
     from models.onnx_engine import EngineExport
     from models.registry import Registry
 
-    version = Registry(args.registry).load(args.model)
-    EngineExport([version.folder]).attach([version])  # as the server runs it: small batches on ONNX Runtime
+    version = Registry(args.registry).load(args.model, device=args.device)
+    if args.device == "cpu":
+        EngineExport([version.folder]).attach([version])  # as the server runs it: small batches on ONNX Runtime
     row = np.random.default_rng(0).random(version.preprocessing.input_dim).astype(np.float32) * 255
     body = '{"inputs": [[' + ",".join(f"{v:.1f}" for v in row) + "]]}"
     results: dict[str, str] = {}
@@ -164,10 +167,11 @@ def main() -> None:
     server = None
     try:
         server, ready_seconds = start([python, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
-                                       "--models", args.model, "--poll-seconds", "0", "--no-access-log"], port)
+                                       "--models", args.model, "--poll-seconds", "0", "--no-access-log", "--device", args.device], port)
         results["(e) start to ready"] = f"{ready_seconds:.2f} s"
-        engine_seconds = ready_seconds + wait_for_engine(base)
-        results["(e') start to small batches on ONNX Runtime"] = f"{engine_seconds:.2f} s"
+        if args.device == "cpu":
+            engine_seconds = ready_seconds + wait_for_engine(base)
+            results["(e') start to small batches on ONNX Runtime"] = f"{engine_seconds:.2f} s"
         results["(d) resident memory, model loaded"] = f"{rss_mb(server.pid):.0f} MB"
         if have_wrk:
             rounds = []
@@ -235,7 +239,7 @@ def main() -> None:
         f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x (medians of 10 turns each)")
 
     print(f"\nmodel {args.model}:{version.version} ({version.manifest['kind']}, code {version.code_dim}), "
-          f"{os.cpu_count()} CPUs\n")
+          f"{os.cpu_count()} CPUs, model on {args.device}\n")
     print("| measure | result |\n|---|---|")
     for key in sorted(results):
         print(f"| {key} | {results[key]} |")
