@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import Request, closed_loop, rss_mb  # noqa: E402
-from benchmarks.serve import start, stop  # noqa: E402
+from benchmarks.serve import mean_batch_rows, npy_turns, start, stop  # noqa: E402
 from models.checkpoint import ModelVersion  # noqa: E402
 from models.registry import Registry  # noqa: E402
 from service.client import Client  # noqa: E402
@@ -135,21 +133,7 @@ def gpu_memory_mb(pid: int) -> float | None:
 
 
 def served_speed(version: ModelVersion, base: str, name: str, rng: np.random.Generator) -> dict[str, float]:
-    batch = raw_inputs(version, 10_000, rng)
-    buffer = io.BytesIO()
-    np.save(buffer, batch)
-    payload, headers = buffer.getvalue(), {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
-    url = f"{base}/v1/models/{name}/encode"
-    http_seconds, local_seconds = [], []
-    with httpx.Client(timeout=120) as client:
-        for _ in range(11):  # taking turns; the first of each warms up and is not counted
-            t = time.perf_counter()
-            response = client.post(url, content=payload, headers=headers)
-            http_seconds.append(time.perf_counter() - t)
-            response.raise_for_status()
-            t = time.perf_counter()
-            version.encode(batch)
-            local_seconds.append(time.perf_counter() - t)
+    http_rows, local_rows = npy_turns(f"{base}/v1/models/{name}/encode", raw_inputs(version, 10_000, rng), version.encode)
     row = raw_inputs(version, 1, rng)[0].reshape(-1)
     single = Request(f"/v1/models/{name}/encode", json.dumps({"inputs": [row.tolist()]}).encode(), "application/json", "application/json")
     one = asyncio.run(closed_loop(base, single, 3.0, 1))
@@ -157,14 +141,10 @@ def served_speed(version: ModelVersion, base: str, name: str, rng: np.random.Gen
     for outcome in (one, many):
         if outcome.ok != sum(outcome.statuses.values()):
             raise AssertionError(f"error answers under load: {dict(outcome.statuses)}")
-    metrics = httpx.get(f"{base}/metrics").text
-    batch_rows = float(re.search(r"^aeserve_batch_rows_sum (\S+)", metrics, re.M).group(1))
-    batches = float(re.search(r"^aeserve_batch_rows_count (\S+)", metrics, re.M).group(1))
     p50, p99 = np.percentile(np.array(one.latencies) * 1000, [50, 99])
-    return {"npy_http_rows_per_s": 10_000 / float(np.median(http_seconds[1:])),
-            "npy_local_rows_per_s": 10_000 / float(np.median(local_seconds[1:])),
+    return {"npy_http_rows_per_s": http_rows, "npy_local_rows_per_s": local_rows,
             "single_p50_ms": float(p50), "single_p99_ms": float(p99),
-            "concurrent_req_per_s": many.ok / many.seconds, "mean_batch_rows": batch_rows / batches}
+            "concurrent_req_per_s": many.ok / many.seconds, "mean_batch_rows": mean_batch_rows(base)}
 
 
 def main() -> None:

@@ -103,6 +103,33 @@ def wrk_round(pid: int, url: str, body: str, seconds: int, connections: int) -> 
                  (idle_after - idle) / max(1, ticks_after - ticks))
 
 
+def mean_batch_rows(base: str) -> float:
+    """Mean rows per model call so far, from the server's /metrics."""
+    metrics = httpx.get(f"{base}/metrics").text
+    rows, calls = (float(re.search(rf"^aeserve_batch_rows_{part} (\S+)", metrics, re.M).group(1)) for part in ("sum", "count"))
+    return rows / calls
+
+
+def npy_turns(url: str, batch: np.ndarray, local_call, turns: int = 11) -> tuple[float, float]:
+    """(rows/s over HTTP, rows/s in-process): ``batch`` posted as .npy to ``url`` and given to ``local_call`` in turns,
+    so that both see the same machine; the first turn of each warms up and is not counted (medians of the rest)."""
+    buffer = io.BytesIO()
+    np.save(buffer, batch)
+    payload, headers = buffer.getvalue(), {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+    http_seconds, local_seconds = [], []
+    with httpx.Client(timeout=120) as client:
+        for _ in range(turns):
+            t = time.perf_counter()
+            response = client.post(url, content=payload, headers=headers)
+            http_seconds.append(time.perf_counter() - t)
+            assert response.status_code == 200, response.text
+            t = time.perf_counter()
+            local_call(batch)
+            local_seconds.append(time.perf_counter() - t)
+    http_rows, local_rows = (len(batch) / float(np.median(seconds[1:])) for seconds in (http_seconds, local_seconds))
+    return http_rows, local_rows
+
+
 def python_client_latency(url: str, body: str, requests: int = 1000) -> tuple[float, float]:
     """(p50, p99) in milliseconds of sequential requests through httpx."""
     latencies = []
@@ -186,12 +213,10 @@ def main() -> None:
             results["(a) single-row JSON encode, 32 connections"] = (
                 f"{service_round.rate:.0f} req/s vs ceiling {ceiling_round.rate:.0f} req/s = {ratio:.2f} x (median of "
                 f"{len(rounds)} rounds; all: {', '.join(f'{r[0]:.2f}' for r in rounds)})")
-            metrics = httpx.get(f"{base}/metrics").text
-            batch_rows = float(re.search(r"^aeserve_batch_rows_sum (\S+)", metrics, re.M).group(1))
-            batches = float(re.search(r"^aeserve_batch_rows_count (\S+)", metrics, re.M).group(1))
+            mean_batch = mean_batch_rows(base)
             results["(a') server CPU per request under wrk"] = (
                 f"service {service_round.cpu_us:.0f} us vs ceiling {ceiling_round.cpu_us:.0f} us; "
-                f"mean batch {batch_rows / batches:.1f} rows")
+                f"mean batch {mean_batch:.1f} rows")
             results["(a') event loop thread on a CPU / machine idle, median round"] = (
                 f"service {service_round.loop_busy:.0%} / {service_round.machine_idle:.0%}, "
                 f"ceiling {ceiling_round.loop_busy:.0%} / {ceiling_round.machine_idle:.0%}")
@@ -210,31 +235,16 @@ def main() -> None:
         results["(c') the same through a Python client (httpx)"] = ", ".join(
             f"{who}: p50 {p50:.2f} ms, p99 {p99:.2f} ms" for who, (p50, p99) in through_httpx.items())
 
-        # (b) 10,000 rows per .npy request against the same call in-process. They take turns, so that both see the
-        # same machine; the first turn of each warms up and is not counted.
+        # (b) 10,000 rows per .npy request against the same call in-process, in turns.
         batch = np.random.default_rng(1).random((10_000, *version.input_shape)).astype(np.float32) * 255
-        buffer = io.BytesIO()
-        np.save(buffer, batch)
-        payload = buffer.getvalue()
-        headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
-        http_seconds, local_seconds = [], []
-        with httpx.Client(timeout=60) as client:
-            for _ in range(11):
-                t = time.perf_counter()
-                response = client.post(encode_url, content=payload, headers=headers)
-                http_seconds.append(time.perf_counter() - t)
-                assert response.status_code == 200, response.text
-                t = time.perf_counter()
-                version.encode(batch)
-                local_seconds.append(time.perf_counter() - t)
-        http_rows, local_rows = (len(batch) / np.median(seconds[1:]) for seconds in (http_seconds, local_seconds))
+        http_rows, local_rows = npy_turns(encode_url, batch, version.encode)
     finally:
         if server is not None:
             stop(server)
         if ceiling is not None:
             stop(ceiling)
     if have_wrk:
-        results["(a'') in-process costs per single-row request"] = in_process_costs(version, body, batch_rows / batches)
+        results["(a'') in-process costs per single-row request"] = in_process_costs(version, body, mean_batch)
     results["(b) .npy encode, 10,000 rows per request"] = (
         f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x (medians of 10 turns each)")
 
