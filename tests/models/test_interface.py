@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models import MODEL_KINDS, build_model
+from models.base import Preprocessing
 from models.checkpoint import load_version
 from tests.conftest import KIND_CONFIGS
 
@@ -76,3 +77,15 @@ def test_unknown_kind_and_bad_config_name_the_problem():
         build_model("mlp", {"activation": "swish"}, (10,))
     with pytest.raises(ValueError, match="model.code_dim must be >= 1, got 0"):
         build_model("pca", {"code_dim": 0}, (10,))
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.5])
+def test_preprocessing_on_tensors_matches_numpy(offset):
+    """A version on a GPU scales with the tensor maps; they must give what the numpy maps give on the CPU."""
+    pre = Preprocessing(input_shape=(2, 3), offset=offset, scale=1 / 255)
+    raw = (np.random.default_rng(0).random((4, 2, 3)) * 255).astype(np.float32)
+    model_space = pre.to_model_tensor(torch.from_numpy(raw))
+    assert model_space.shape == (4, 6)
+    np.testing.assert_allclose(model_space.numpy(), pre.to_model(raw), rtol=1e-6)
+    np.testing.assert_allclose(pre.from_model_tensor(model_space).numpy(), pre.from_model(pre.to_model(raw)), rtol=1e-6)
+    assert pre.from_model_tensor(model_space).shape == (4, 2, 3)
