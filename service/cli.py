@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The model thread gives up the GIL at every torch op and waits to get it back while the event loop parses
     # requests; by default a waiting thread asks for it only after 5 ms. At 0.5 ms a batch of single-row requests
     # spends less time waiting than computing (benchmarks/serve.py (a): about +25% on 2 cores). With small batches on
-    # ONNX Runtime (one GIL release per call) 0.5 ms is still the best of 0.1, 0.25, 0.5 and 2 ms (README, serving).
+    # ONNX Runtime (one GIL release per call) 0.5 ms is still the best of 0.1, 0.25, 0.5 and 2 ms (benchmarks/SERVING.md).
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     app = create_app(settings)
 
