@@ -1,29 +1,6 @@
-"""Model families, the 2-D projector, the checkpoint format and the registry.
+"""Model families (``models.kinds``), the 2-D projector, the checkpoint format and the registry.
 
+Imports nothing itself, so that a torch-free module here (``models.preprocessing``, ``models.small_batches``) can be
+used without torch: the engine process (``service/engine_process.py``) runs on numpy and ONNX Runtime alone.
 Imports neither FastAPI nor training code.
 """
-from __future__ import annotations
-
-from typing import Any
-
-from models.base import Autoencoder, Preprocessing, config_from_dict
-from models.conv import ConvAutoencoder
-from models.linear import LinearAutoencoder
-from models.mlp import MLPAutoencoder
-from models.pca import PCA
-from models.rbm import RBMAutoencoder
-from models.vae import VAE
-
-# kind -> model class; each class names its config dataclass. Routes and trainers use this, never `if kind == ...`.
-MODEL_KINDS: dict[str, type[Autoencoder]] = {cls.kind: cls for cls in (PCA, LinearAutoencoder, MLPAutoencoder, RBMAutoencoder, ConvAutoencoder, VAE)}
-
-
-def build_model(kind: str, config: dict[str, Any], input_shape: tuple[int, ...]) -> Autoencoder:
-    """Build an untrained model of ``kind`` for inputs of ``input_shape`` from its config values."""
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; allowed: {sorted(MODEL_KINDS)}")
-    cls = MODEL_KINDS[kind]
-    return cls(config_from_dict(cls.config_class, config), tuple(input_shape))
-
-
-__all__ = ["Autoencoder", "MODEL_KINDS", "Preprocessing", "build_model"]

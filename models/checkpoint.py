@@ -20,10 +20,12 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from models import build_model
-from models.base import Autoencoder, Preprocessing
-from models.onnx_engine import SMALL_BATCH_ROWS, OnnxEngine
+from models import small_batches
+from models.base import Autoencoder
+from models.kinds import build_model
+from models.preprocessing import Preprocessing
 from models.projector import build_projector
+from models.small_batches import SMALL_BATCH_ROWS, OnnxEngine
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -120,13 +122,13 @@ class ModelVersion:
     def encode(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, code_dim)."""
         if self._small(len(x)):
-            return self.engine.run("encode", self.preprocessing.to_model(x))
+            return small_batches.encode(self.engine, self.preprocessing, x)
         return self._encode_torch(x)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """(n, code_dim) -> (n, *input_shape) raw."""
         if self._small(len(z)):
-            return self.preprocessing.from_model(self.engine.run("decode", z))
+            return small_batches.decode(self.engine, self.preprocessing, z)
         return self._decode_torch(z)
 
     def reconstruct(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,23 +139,19 @@ class ModelVersion:
         the held-out errors, 0-100.
         """
         if self._small(len(x)):
-            x_model = self.preprocessing.to_model(x)
-            x_hat = self.engine.run("decode", self.engine.run("encode", x_model))
-            errors = np.square(x_hat - x_model).sum(axis=1)
-            return self.preprocessing.from_model(x_hat), errors, self.percentiles(errors)
+            return small_batches.reconstruct(self.engine, self.preprocessing, self.quantiles, x)
         return self._reconstruct_torch(x)
 
     def percentiles(self, errors: np.ndarray) -> np.ndarray:
         """Where each error falls among the held-out errors, 0-100, float32."""
-        grid = np.linspace(0.0, 100.0, len(self.quantiles))
-        return np.interp(errors.astype(np.float64), self.quantiles, grid).astype(np.float32)
+        return small_batches.percentiles(self.quantiles, errors)
 
     def project(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, 2) map coordinates."""
         if self._small(len(x)):
-            codes = self.engine.run("encode", self.preprocessing.to_model(x))
-            if self.engine.has("project"):
-                return self.engine.run("project", codes)
+            if self.engine.serves("project"):
+                return small_batches.project(self.engine, self.preprocessing, x)
+            codes = small_batches.encode(self.engine, self.preprocessing, x)
             with torch.inference_mode():
                 return self._numpy(self.projector(self._tensor(codes)))
         return self._project_torch(x)

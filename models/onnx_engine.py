@@ -36,12 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.small_batches import OnnxEngine
+
 if TYPE_CHECKING:
     from models.checkpoint import ModelVersion  # which imports this module
 
 log = logging.getLogger("aeserve.onnx")
 
-SMALL_BATCH_ROWS = 128
 OPSET = 18
 GRAPHS = ("encode", "decode", "project")
 # float32 kernels differ between torch and ONNX Runtime; a check fails beyond this, relative to the outputs' scale.
@@ -86,28 +87,6 @@ def export_graphs(version: ModelVersion) -> tuple[dict[str, bytes], dict[str, st
         graphs = {name: extractor.extract_model(["z" if name != "encode" else "x"], [name]) for name in names}
         return {name: graph.SerializeToString() for name, graph in graphs.items()}, failed
     return {}, failed
-
-
-class OnnxEngine:
-    """ONNX Runtime sessions for a version's graphs, one intra-op thread each (small batches gain nothing from more)."""
-
-    def __init__(self, graphs: dict[str, bytes]) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only
-        self._sessions = {name: ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-                          for name, graph in graphs.items()}
-        self._inputs = {name: session.get_inputs()[0].name for name, session in self._sessions.items()}
-
-    def has(self, graph: str) -> bool:
-        return graph in self._sessions
-
-    def run(self, graph: str, x: np.ndarray) -> np.ndarray:
-        """(n, d) float32 -> the graph's output (n, ...) float32."""
-        return self._sessions[graph].run(None, {self._inputs[graph]: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 def mismatch(version: ModelVersion, engine: OnnxEngine) -> str | None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models import MODEL_KINDS
 from models.base import config_from_dict
+from models.kinds import MODEL_KINDS
 from models.projector import PROJECTOR_KINDS
 from training.data import DataConfig
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.base import Preprocessing
+from models.preprocessing import Preprocessing
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"

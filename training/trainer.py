@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import build_model
 from models.checkpoint import ModelVersion, weights_bytes
+from models.kinds import build_model
 from models.projector import build_projector, projector_manifest
 from models.registry import Registry
 from training.config import RunConfig

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import build_model
+from models.kinds import build_model
 from models.vae import VAE, VAEConfig
 
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODEL_KINDS, build_model
-from models.base import Preprocessing
 from models.checkpoint import load_version
+from models.kinds import MODEL_KINDS, build_model
+from models.preprocessing import Preprocessing
 from tests.conftest import KIND_CONFIGS
 
 

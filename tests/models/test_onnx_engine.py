@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from models.checkpoint import WEIGHTS
-from models.onnx_engine import SMALL_BATCH_ROWS, EngineExport, mismatch
+from models.onnx_engine import EngineExport, mismatch
 from models.registry import Registry
+from models.small_batches import SMALL_BATCH_ROWS
 from tests.conftest import KIND_CONFIGS
 from training.config import build_run_config
 from training.trainer import train
