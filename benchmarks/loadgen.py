@@ -12,6 +12,7 @@ thread of their own with a blocking client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
@@ -193,16 +194,37 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout: float = 120.0)
     raise TimeoutError(f"the server at {base_url} did not become ready in {timeout:.0f} s")
 
 
+def processes(pid: int) -> list[int]:
+    """``pid`` and its live child processes (a server's engine process, and its export child while one runs; Linux)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            children += [int(child) for child in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
 def rss_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` in MB (Linux)."""
-    status = Path(f"/proc/{pid}/status").read_text()
+    """Resident memory of process ``pid`` and its child processes in MB (Linux)."""
+    return sum(own_rss_mb(p) for p in processes(pid))
+
+
+def own_rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` alone in MB (Linux); 0 once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time process ``pid`` has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15 of stat
+    """User + system CPU time that process ``pid`` and its live child processes have used so far (Linux)."""
+    total = 0
+    for p in processes(pid):
+        with contextlib.suppress(OSError):  # a child that exited meanwhile
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def main_thread_seconds(pid: int) -> float:

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import cpu_seconds, idle_ticks, main_thread_seconds, rss_mb, wait_ready  # noqa: E402
+from benchmarks.loadgen import cpu_seconds, idle_ticks, main_thread_seconds, own_rss_mb, processes, rss_mb, wait_ready  # noqa: E402
 
 
 def start(command: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, float]:
@@ -39,15 +39,23 @@ def start(command: list[str], port: int, env: dict | None = None) -> tuple[subpr
     return process, time.perf_counter() - started
 
 
+def memory(pid: int) -> str:
+    """The server's resident memory with its child processes' (the engine process), and each on its own."""
+    parts = [f"{own_rss_mb(p):.0f}" for p in processes(pid)]
+    return f"{rss_mb(pid):.0f} MB" + (f" ({' + '.join(parts)} MB: server + engine process)" if len(parts) > 1 else "")
+
+
 def stop(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(timeout=30)
 
 
-def wait_for_engine(base: str, timeout: float = 120.0) -> float:
-    """Seconds until the server's version runs its small batches on ONNX Runtime (after ready, the export may still run)."""
+def wait_for_engine(base: str, engine_process: bool, timeout: float = 120.0) -> float:
+    """Seconds until the server's version runs its small batches on ONNX Runtime (after ready, the export may still run),
+    in the engine process if it has one."""
     started = time.perf_counter()
-    while "aeserve_onnx_engine_versions 1.0" not in httpx.get(f"{base}/metrics").text:
+    wanted = "aeserve_engine_process_versions 1.0" if engine_process else "aeserve_onnx_engine_versions 1.0"
+    while wanted not in httpx.get(f"{base}/metrics").text:
         if time.perf_counter() - started > timeout:
             raise TimeoutError("the ONNX engine did not arrive; see the server log")
         time.sleep(0.1)
@@ -90,7 +98,7 @@ class Round:
     """One wrk run against one server."""
 
     rate: float  # requests per second
-    cpu_us: float  # server CPU per request, all threads
+    cpu_us: float  # server CPU per request: all its threads and its child processes (the engine process)
     loop_busy: float  # share of the run the server's main thread (its event loop) spent on a CPU
     machine_idle: float  # share of the machine's CPU time that was idle
 
@@ -165,6 +173,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=5, help="(a): turns of ceiling then service")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--no-engine-process", dest="engine_process", action="store_false",
+                        help="the server runs small batches on its own threads (aeserve serve --no-engine-process)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where the server and the in-process side of (b) run the model (cuda: torch only, no ONNX engine)")
     args = parser.parse_args()
@@ -194,12 +204,14 @@ def main() -> None:
     server = None
     try:
         server, ready_seconds = start([python, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
-                                       "--models", args.model, "--poll-seconds", "0", "--no-access-log", "--device", args.device], port)
+                                       "--models", args.model, "--poll-seconds", "0", "--no-access-log", "--device", args.device,
+                                       *([] if args.engine_process else ["--no-engine-process"])], port)
         results["(e) start to ready"] = f"{ready_seconds:.2f} s"
         if args.device == "cpu":
-            engine_seconds = ready_seconds + wait_for_engine(base)
-            results["(e') start to small batches on ONNX Runtime"] = f"{engine_seconds:.2f} s"
-        results["(d) resident memory, model loaded"] = f"{rss_mb(server.pid):.0f} MB"
+            engine_seconds = ready_seconds + wait_for_engine(base, args.engine_process)
+            where = "in the engine process" if args.engine_process else "on ONNX Runtime"
+            results[f"(e') start to small batches {where}"] = f"{engine_seconds:.2f} s"
+        results["(d) resident memory, model loaded"] = memory(server.pid)
         if have_wrk:
             rounds = []
             for _ in range(args.rounds):
@@ -220,7 +232,7 @@ def main() -> None:
             results["(a') event loop thread on a CPU / machine idle, median round"] = (
                 f"service {service_round.loop_busy:.0%} / {service_round.machine_idle:.0%}, "
                 f"ceiling {ceiling_round.loop_busy:.0%} / {ceiling_round.machine_idle:.0%}")
-        results["(d) resident memory after load test"] = f"{rss_mb(server.pid):.0f} MB"
+        results["(d) resident memory after load test"] = memory(server.pid)
 
         # (c) one request at a time, timed by wrk on one connection: the server's latency over loopback. A Python
         # client adds its own cost, shown apart in (c'), with the ceiling app's figures beside both for scale.

@@ -116,19 +116,20 @@ class ModelVersion:
             return self.preprocessing.from_model(x_model.numpy())
         return self._numpy(self.preprocessing.from_model_tensor(x_model))
 
-    def _small(self, rows: int) -> bool:
-        return self.engine is not None and rows < SMALL_BATCH_ROWS
+    def _engine_for(self, rows: int) -> OnnxEngine | None:
+        """The engine for a call of ``rows`` rows, or None for torch (read once: a server may take it away meanwhile)."""
+        return self.engine if rows < SMALL_BATCH_ROWS else None
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, code_dim)."""
-        if self._small(len(x)):
-            return small_batches.encode(self.engine, self.preprocessing, x)
+        if (engine := self._engine_for(len(x))) is not None:
+            return small_batches.encode(engine, self.preprocessing, x)
         return self._encode_torch(x)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """(n, code_dim) -> (n, *input_shape) raw."""
-        if self._small(len(z)):
-            return small_batches.decode(self.engine, self.preprocessing, z)
+        if (engine := self._engine_for(len(z))) is not None:
+            return small_batches.decode(engine, self.preprocessing, z)
         return self._decode_torch(z)
 
     def reconstruct(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -138,8 +139,8 @@ class ModelVersion:
         the same measure as ``metrics.test_sq_err``; percentiles place them among
         the held-out errors, 0-100.
         """
-        if self._small(len(x)):
-            return small_batches.reconstruct(self.engine, self.preprocessing, self.quantiles, x)
+        if (engine := self._engine_for(len(x))) is not None:
+            return small_batches.reconstruct(engine, self.preprocessing, self.quantiles, x)
         return self._reconstruct_torch(x)
 
     def percentiles(self, errors: np.ndarray) -> np.ndarray:
@@ -148,10 +149,10 @@ class ModelVersion:
 
     def project(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, 2) map coordinates."""
-        if self._small(len(x)):
-            if self.engine.serves("project"):
-                return small_batches.project(self.engine, self.preprocessing, x)
-            codes = small_batches.encode(self.engine, self.preprocessing, x)
+        if (engine := self._engine_for(len(x))) is not None:
+            if engine.serves("project"):
+                return small_batches.project(engine, self.preprocessing, x)
+            codes = small_batches.encode(engine, self.preprocessing, x)
             with torch.inference_mode():
                 return self._numpy(self.projector(self._tensor(codes)))
         return self._project_torch(x)

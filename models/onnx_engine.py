@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,8 +134,12 @@ class EngineExport:
             self._child = subprocess.Popen([sys.executable, "-m", "models.onnx_engine", self._out.name, *map(str, self.folders)],
                                            stdout=subprocess.DEVNULL, stderr=stderr)
 
-    def attach(self, versions: list[ModelVersion], timeout_s: float = 600) -> None:
-        """Give each version (from these folders, on the CPU) an engine for its small batches, or log why it stays on torch."""
+    def attach(self, versions: list[ModelVersion], timeout_s: float = 600,
+               on_engine: Callable[[ModelVersion, dict[str, bytes]], None] | None = None) -> None:
+        """Give each version (from these folders, on the CPU) an engine for its small batches, or log why it stays on torch.
+
+        ``on_engine(version, graphs)`` runs for each version that got its engine, with the graphs' ONNX bytes.
+        """
         try:
             try:
                 self._child.wait(timeout=timeout_s)
@@ -149,7 +154,9 @@ class EngineExport:
                 return
             for version in versions:
                 if version.device.type == "cpu" and version.folder in self.folders:
-                    self._attach(version, Path(self._out.name) / str(self.folders.index(version.folder)))
+                    graphs = self._attach(version, Path(self._out.name) / str(self.folders.index(version.folder)))
+                    if graphs is not None and on_engine is not None:
+                        on_engine(version, graphs)
         finally:
             self.close()
 
@@ -161,29 +168,31 @@ class EngineExport:
         self._out.cleanup()
 
     @staticmethod
-    def _attach(version: ModelVersion, out: Path) -> None:
+    def _attach(version: ModelVersion, out: Path) -> dict[str, bytes] | None:
+        """The graphs, once ``version`` runs its small batches on them; None (logged) if it stays on torch."""
         key = f"{version.name}:{version.version}"
         try:
             report = json.loads((out / "report.json").read_text())
             graphs = {name: (out / f"{name}.onnx").read_bytes() for name in report["graphs"]}
         except (OSError, ValueError, KeyError) as e:
             log.warning("small batches of %s stay on torch: no export (%s)", key, e)
-            return
+            return None
         if "encode" not in graphs or "decode" not in graphs:
             log.warning("small batches of %s stay on torch: %s", key, report["failed"])
-            return
+            return None
         try:
             engine = OnnxEngine(graphs)
         except Exception as e:  # onnxruntime's own error types
             log.warning("small batches of %s stay on torch: %s: %s", key, type(e).__name__, e)
-            return
+            return None
         why = mismatch(version, engine)  # which also warms every session
         if why is not None:
             log.warning("small batches of %s stay on torch: %s", key, why)
-            return
+            return None
         version.engine = engine
         on_torch = f"; on torch: {report['failed']}" if report["failed"] else ""
         log.info("small batches of %s run on ONNX Runtime (%s)%s", key, ", ".join(sorted(graphs)), on_torch)
+        return graphs
 
 
 def _child(argv: list[str]) -> None:

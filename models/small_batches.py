@@ -8,6 +8,8 @@ torch, and ``ModelVersion`` runs them in-process.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from models.preprocessing import Preprocessing
@@ -38,8 +40,13 @@ class OnnxEngine:
         return self._sessions[graph].run(None, {self._inputs[graph]: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def serves(self, operation: str) -> bool:
-        """Whether all of ``operation`` runs here (``project`` needs the projector's graph, which may not export)."""
-        return operation != "project" or self.has("project")
+        """Whether all of ``operation`` runs here."""
+        return operation in served_operations(self._sessions)
+
+
+def served_operations(graphs: Iterable[str]) -> frozenset[str]:
+    """The operations that run wholly on these graphs: ``project`` needs the projector's, which may not export."""
+    return frozenset(op for op in OPERATIONS if op != "project" or "project" in graphs)
 
 
 def percentiles(quantiles: np.ndarray, errors: np.ndarray) -> np.ndarray:

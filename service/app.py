@@ -23,6 +23,7 @@ from service.api import health, models, v2
 from service.api.operations import operation_target, operations_openapi, serve_operation
 from service.auth import require_api_key
 from service.batching import Batcher
+from service.engine_process import EngineProcess
 from service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
 from service.metrics import Metrics
 from service.settings import Settings
@@ -46,6 +47,13 @@ async def _poll(app: FastAPI) -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    process = app.state.engine_process
+    if process is not None:
+        try:
+            await process.start()
+            app.state.store.on_engine = process.take
+        except OSError as e:
+            log.warning("small batches stay in the server process: cannot start the engine process: %s", e)
     tasks = [asyncio.create_task(asyncio.to_thread(app.state.store.refresh))]  # readiness flips once this is done
     if app.state.settings.poll_seconds > 0:
         tasks.append(asyncio.create_task(_poll(app)))
@@ -56,6 +64,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await app.state.batcher.close()
+        if process is not None:
+            await process.close()
 
 
 class ServiceApp:
@@ -171,10 +181,13 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False
-    app.state.store = ModelStore(Registry(settings.registry), device=settings.resolved_device(), engine=settings.engine, only=settings.model_names)
+    device = settings.resolved_device()
+    app.state.store = ModelStore(Registry(settings.registry), device=device, engine=settings.engine, only=settings.model_names)
+    use_process = settings.engine == "onnx" and settings.engine_process and device == "cpu"
+    app.state.engine_process = EngineProcess() if use_process else None
     app.state.batcher = Batcher(settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_queue,
                                 settings.inference_threads, on_batch=metrics.batch_rows.observe,
-                                before_call=IntraOpThreads(torch.get_num_threads()))
+                                before_call=IntraOpThreads(torch.get_num_threads()), remote=app.state.engine_process)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

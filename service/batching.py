@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,6 +37,14 @@ Outputs = tuple[np.ndarray, ...]
 class _Pending:
     rows: np.ndarray
     future: asyncio.Future
+
+
+class Remote(Protocol):
+    """Runs some model calls outside the server process, answering on the event loop."""
+
+    def accepts(self, fn: Callable, rows: int) -> bool: ...
+
+    def run(self, fn: Callable, rows: np.ndarray) -> asyncio.Future: ...
 
 
 class ModelThreads:
@@ -96,13 +104,15 @@ def _as_tuple(result: np.ndarray | tuple[np.ndarray, ...]) -> Outputs:
 
 class Batcher:
     def __init__(self, max_batch_rows: int, max_wait_s: float, max_queue: int, threads: int = 1,
-                 on_batch: Callable[[int], None] | None = None, before_call: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, before_call: Callable[[int], None] | None = None,
+                 remote: Remote | None = None) -> None:
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch or (lambda rows: None)
         self.before_call = before_call or (lambda rows: None)  # runs in the model thread with the row count of each call
         self._threads = ModelThreads(threads)
+        self.remote = remote
         self._queues: dict[tuple[int, str], asyncio.Queue[_Pending]] = {}
         self._workers: dict[tuple[int, str], asyncio.Task] = {}
         self.pending = 0  # requests queued or running, over all workers
@@ -115,11 +125,11 @@ class Batcher:
             # Already a full batch: no reason to queue it behind others' rows.
             self.pending += 1
             try:
-                result = await self._threads.run(self._call, fn, rows)
+                result = await self._run(fn, rows)
             finally:
                 self.pending -= 1
             self.on_batch(len(rows))
-            return _as_tuple(result)
+            return result
         key = (id(fn.__self__), fn.__name__)
         queue = self._queues.get(key)
         if queue is None:
@@ -132,6 +142,12 @@ class Batcher:
             return await future
         finally:
             self.pending -= 1
+
+    async def _run(self, fn: Callable, rows: np.ndarray) -> Outputs:
+        remote = self.remote
+        if remote is not None and remote.accepts(fn, len(rows)):
+            return await remote.run(fn, rows)
+        return _as_tuple(await self._threads.run(self._call, fn, rows))
 
     def _call(self, fn: Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, ...]], rows: np.ndarray):
         self.before_call(len(rows))
@@ -165,7 +181,7 @@ class Batcher:
                 continue
             try:
                 rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
-                outputs = _as_tuple(await self._threads.run(self._call, fn, rows))
+                outputs = await self._run(fn, rows)
             except Exception:
                 await self._one_by_one(fn, batch)
                 continue

@@ -17,6 +17,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run (default auto: a GPU when present)")
     p.add_argument("--engine", choices=["onnx", "torch"],
                    help="onnx (default): on the CPU, calls under 128 rows run on ONNX Runtime, torch runs the rest; torch: torch only")
+    p.add_argument("--no-engine-process", dest="engine_process", action="store_const", const=False,
+                   help="with --engine onnx: run small batches on threads of the server process instead of a child process")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set AESERVE_API_KEY)")
     p.add_argument("--models", help="comma-separated model names to serve (default: all)")
     p.add_argument("--max-batch-rows", type=int, help="most rows per model call (default 256)")

@@ -54,7 +54,10 @@ class Metrics:
         self.batch_rows = Histogram("aeserve_batch_rows", "rows per model call", buckets=BATCH_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("aeserve_queue_depth", "requests waiting for or inside a model call", registry=self.registry)
         self.loaded = Gauge("aeserve_loaded_versions", "model versions loaded and serving", registry=self.registry)
-        self.on_onnx = Gauge("aeserve_onnx_engine_versions", "loaded versions whose small batches run on ONNX Runtime", registry=self.registry)
+        self.on_onnx = Gauge("aeserve_onnx_engine_versions", "loaded versions whose small batches run on ONNX Runtime (in the server or the engine process)",
+                             registry=self.registry)
+        self.in_engine_process = Gauge("aeserve_engine_process_versions", "loaded versions whose small batches run in the engine process",
+                                       registry=self.registry)
         self.refused = Gauge("aeserve_refused_versions", "model versions that failed to load", registry=self.registry)
 
     def observe_request(self, model: str, version: str, op: str, status: int, seconds: float) -> None:

@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["onnx", "torch"] = Field(
         default="onnx", description="onnx: on the CPU, calls under 128 rows run on ONNX Runtime (torch runs the rest); torch: torch only")
+    engine_process: bool = Field(
+        default=True, description="with the onnx engine: run small batches in a child process that the event loop feeds (no shared GIL)")
     api_key: str | None = Field(default=None, description="when set, every route but /health/* needs 'Authorization: Bearer KEY'")
     models: str = Field(default="", description="comma-separated model names to serve (empty: all)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +38,8 @@ class ModelStore:
     device: str = "cpu"
     engine: Literal["onnx", "torch"] = "torch"  # "onnx": small CPU batches on ONNX Runtime (models/onnx_engine.py), as the service asks by default
     only: list[str] = field(default_factory=list)
+    # Called (on the refresh thread) for each version that got its ONNX engine, with the graphs' ONNX bytes.
+    on_engine: Callable[[ModelVersion, dict[str, bytes]], None] | None = None
     _index: dict[str, ModelEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it was refused
     loaded_once: bool = False
@@ -91,7 +94,7 @@ class ModelStore:
                 raise
             self.loaded_once = True
             if export is not None:
-                export.attach([v for versions in loaded.values() for v in versions.values()])
+                export.attach([v for versions in loaded.values() for v in versions.values()], on_engine=self.on_engine)
             return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
 
     def _indexed(self, names: list[str], loaded: dict[str, dict[int, ModelVersion]]) -> dict[str, ModelEntry]:

@@ -84,6 +84,32 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return registry
 
 
+@pytest.fixture(scope="session")
+def onnx_exported(trained_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """Small batches on ONNX Runtime for every kind, a t-SNE-projector version (whose projector does not export) and
+    one whose weights changed after it loaded, through one export child (it takes about 20 s):
+    (name -> version, its engine attached where it got one; name -> that engine's graphs, ONNX bytes)."""
+    import shutil
+
+    from models.checkpoint import WEIGHTS
+    from models.onnx_engine import EngineExport
+
+    extra = Registry(tmp_path_factory.mktemp("engine") / "registry")
+    config = build_run_config({"name": "tsne", "data": {"source": "digits", "limit": 300}, "model": {"kind": "pca", "code_dim": 6},
+                               "projector": {"kind": "tsne", "perplexity": 10}, "train": {"report": False}})
+    train(config, extra, progress=False)
+    shutil.copytree(trained_registry.version_dir("digits-mlp", 1), extra.root / "changed" / "1")
+    loaded = {kind: trained_registry.load(f"digits-{kind}") for kind in KIND_CONFIGS}
+    loaded["tsne"] = extra.load("tsne")
+    loaded["changed"] = extra.load("changed")
+    (extra.version_dir("changed", 1) / WEIGHTS).write_bytes(b"not the weights it loaded")
+    names = {id(version): name for name, version in loaded.items()}
+    graphs: dict[str, dict[str, bytes]] = {}
+    EngineExport([v.folder for v in loaded.values()]).attach(list(loaded.values()),
+                                                             on_engine=lambda v, g: graphs.__setitem__(names[id(v)], g))
+    return loaded, graphs
+
+
 def tamper_version(registry: Registry, name: str, weights: bytes | None = None, **manifest_changes) -> None:
     """Rewrite version 1's weights and/or manifest fields, keeping the sha256 consistent (a deliberate attack, not corruption)."""
     import json

@@ -41,6 +41,9 @@ async def metrics(request: Request) -> Response:
     m = request.app.state.metrics
     m.queue_depth.set(request.app.state.batcher.pending)
     m.loaded.set(len(request.app.state.store.loaded()))
-    m.on_onnx.set(request.app.state.store.on_onnx())
+    process = request.app.state.engine_process
+    in_process = process.versions() if process is not None else 0
+    m.on_onnx.set(request.app.state.store.on_onnx() + in_process)
+    m.in_engine_process.set(in_process)
     m.refused.set(len(request.app.state.store.failed))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import WEIGHTS
 from models.onnx_engine import EngineExport, mismatch
-from models.registry import Registry
 from models.small_batches import SMALL_BATCH_ROWS
 from tests.conftest import KIND_CONFIGS
-from training.config import build_run_config
-from training.trainer import train
 
 pytest.importorskip("onnxruntime")
 
@@ -24,20 +19,8 @@ DATA_ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def versions(trained_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every kind, a t-SNE-projector version and one whose weights changed after it loaded: one export child for all."""
-    extra = Registry(tmp_path_factory.mktemp("engine") / "registry")
-    config = build_run_config({"name": "tsne", "data": {"source": "digits", "limit": 300}, "model": {"kind": "pca", "code_dim": 6},
-                               "projector": {"kind": "tsne", "perplexity": 10}, "train": {"report": False}})
-    train(config, extra, progress=False)
-    shutil.copytree(trained_registry.version_dir("digits-mlp", 1), extra.root / "changed" / "1")
-    loaded = {kind: trained_registry.load(f"digits-{kind}") for kind in KIND_CONFIGS}
-    loaded["tsne"] = extra.load("tsne")
-    loaded["changed"] = extra.load("changed")
-    (extra.version_dir("changed", 1) / WEIGHTS).write_bytes(b"not the weights it loaded")
-    export = EngineExport([v.folder for v in loaded.values()])
-    export.attach(list(loaded.values()))
-    return loaded
+def versions(onnx_exported) -> dict:
+    return onnx_exported[0]
 
 
 def rows(n: int, seed: int = 0) -> np.ndarray:

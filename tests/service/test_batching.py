@@ -128,3 +128,47 @@ async def test_a_call_cancelled_while_it_runs_is_dropped_and_close_stops_the_thr
     for thread in threads._threads:
         thread.join(5)
         assert not thread.is_alive()
+
+
+class Tripler:
+    """A stand-in remote: takes calls of ``accepted`` under ``limit`` rows on the event loop, or fails them all."""
+
+    def __init__(self, accepted, limit: int = 4, fail: bool = False) -> None:
+        self.accepted, self.limit, self.fail = accepted, limit, fail
+        self.calls: list[int] = []
+
+    def accepts(self, fn, rows: int) -> bool:
+        return fn == self.accepted and rows < self.limit
+
+    def run(self, fn, rows: np.ndarray) -> asyncio.Future:
+        assert threading.current_thread() is threading.main_thread()  # straight from the event loop
+        future = asyncio.get_running_loop().create_future()
+        self.calls.append(len(rows))
+        if self.fail:
+            future.set_exception(RuntimeError("the remote is gone"))
+        else:
+            future.set_result((rows * 3,))
+        return future
+
+
+async def test_a_remote_takes_the_calls_it_accepts_and_model_threads_the_rest():
+    model, other = Doubler(), Doubler()
+    remote = Tripler(model.run)
+    batcher = Batcher(max_batch_rows=8, max_wait_s=0, max_queue=100, remote=remote)
+    (small,) = await batcher.submit(model.run, np.ones((3, 2), np.float32))
+    (big,) = await batcher.submit(model.run, np.ones((5, 2), np.float32))  # over the remote's limit
+    (full,) = await batcher.submit(model.run, np.ones((9, 2), np.float32))  # a full batch on its own
+    (elsewhere,) = await batcher.submit(other.run, np.ones((1, 2), np.float32))  # a method the remote does not take
+    assert remote.calls == [3] and model.calls == [5, 9] and other.calls == [1]
+    assert small.tolist() == [[3.0, 3.0]] * 3 and big[0].tolist() == full[0].tolist() == elsewhere[0].tolist() == [2.0, 2.0]
+    await batcher.close()
+
+
+async def test_calls_a_remote_fails_are_retried_on_model_threads_one_by_one():
+    model = Doubler()
+    remote = Tripler(model.run, fail=True)
+    batcher = Batcher(max_batch_rows=8, max_wait_s=0, max_queue=100, remote=remote)
+    results = await asyncio.gather(*(batcher.submit(model.run, np.full((1, 2), float(i), np.float32)) for i in range(3)))
+    assert [r[0].tolist() for r in results] == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]
+    assert sum(remote.calls) == 3 and model.calls == [1, 1, 1]
+    await batcher.close()
