@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # requests; by default a waiting thread asks for it only after 5 ms. At 0.5 ms a batch of single-row requests
     # spends less time waiting than computing (benchmarks/serve.py (a): about +25% on 2 cores). With small batches on
     # ONNX Runtime (one GIL release per call) 0.5 ms is still the best of 0.1, 0.25, 0.5 and 2 ms (benchmarks/SERVING.md).
+    # With the engine process (the default on the CPU) small batches leave the server, and this matters where they do not.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     app = create_app(settings)
 
