@@ -7,6 +7,10 @@ own slice of the outputs. Inputs are validated before they get here; if a
 batched call still fails, each request is retried alone so one bad request
 fails only itself.
 
+A ``Remote`` (the engine process, service/engine_process.py) takes the calls
+it accepts straight from the event loop; model threads run the rest, and any
+call the remote fails.
+
 Model calls run on ``ModelThreads``: plain threads fed by a ``SimpleQueue``
 that hand each result back with ``call_soon_threadsafe``. A
 ``ThreadPoolExecutor`` does the same with more Python around each call (a
@@ -20,6 +24,7 @@ the executor, in two sets of 10 pairs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ import numpy as np
 
 from service.errors import ApiError
 
+log = logging.getLogger("aeserve.batching")
 Outputs = tuple[np.ndarray, ...]
 
 
@@ -146,7 +152,10 @@ class Batcher:
     async def _run(self, fn: Callable, rows: np.ndarray) -> Outputs:
         remote = self.remote
         if remote is not None and remote.accepts(fn, len(rows)):
-            return await remote.run(fn, rows)
+            try:
+                return await remote.run(fn, rows)
+            except Exception as e:  # the remote failed this call, or is gone: a model thread runs it instead
+                log.warning("a model call of %d rows failed outside the server (%s); running it on a model thread", len(rows), e)
         return _as_tuple(await self._threads.run(self._call, fn, rows))
 
     def _call(self, fn: Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, ...]], rows: np.ndarray):

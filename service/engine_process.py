@@ -79,8 +79,10 @@ class EngineProcess:
         self._child: subprocess.Popen | None = None
         self._channel: _Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # id(version) -> (version, slot, operations served); holding the version keeps its id from being reused.
-        self._versions: dict[int, tuple[ModelVersion, int, frozenset[str]]] = {}
+        # id(version) -> (version, slot, operation served -> the shape of one row of each output); holding the version
+        # keeps its id from being reused.
+        self._versions: dict[int, tuple[ModelVersion, int, dict[str, tuple[tuple[int, ...], ...]]]] = {}
+        self._slots = 0
 
     async def start(self) -> None:
         """Start the child on the running loop (it imports ONNX Runtime while the server loads its models)."""
@@ -105,13 +107,15 @@ class EngineProcess:
         """Load ``version``'s graphs (name -> ONNX bytes); its small calls come here once this returns."""
         if not self.up:
             raise EngineProcessError("the engine process is not running")
-        slot = len(self._versions)
+        slot, self._slots = self._slots, self._slots + 1
         description = json.dumps({"graphs": [[name, len(data)] for name, data in graphs.items()],
                                   "preprocessing": version.preprocessing.to_dict(),
                                   "quantiles": version.quantiles.tolist()}).encode()
         parts = [struct.pack("<I", len(description)), description, *graphs.values()]
         await self._channel.send(LOAD, 0, slot, 0, parts, lambda answer: None)
-        self._versions[id(version)] = (version, slot, served_operations(graphs))
+        shapes = {"encode": ((version.code_dim,),), "decode": (version.input_shape,),
+                  "reconstruct": (version.input_shape, (), ()), "project": ((2,),)}
+        self._versions[id(version)] = (version, slot, {op: shapes[op] for op in served_operations(graphs)})
 
     def take(self, version: ModelVersion, graphs: dict[str, bytes]) -> None:
         """From another thread (the registry refresh): ``load`` the version, then drop its in-process engine.
@@ -135,11 +139,11 @@ class EngineProcess:
 
     def run(self, fn: Callable, rows: np.ndarray) -> asyncio.Future:
         """``fn(rows)`` in the child; the future gets the outputs as a tuple of arrays."""
-        version, slot, _ = self._versions[id(fn.__self__)]
+        _, slot, served = self._versions[id(fn.__self__)]
         op = fn.__name__
         n = len(rows)
         data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
-        return self._channel.send(CALL, OPERATIONS.index(op), slot, n, [data], lambda answer: _outputs(version, op, n, answer))
+        return self._channel.send(CALL, OPERATIONS.index(op), slot, n, [data], lambda answer: _outputs(n, served[op], answer))
 
     async def close(self) -> None:
         """Close the socket (the child exits on its end) and wait for the child."""
@@ -153,15 +157,17 @@ class EngineProcess:
                 await asyncio.to_thread(self._child.wait)
 
 
-def _outputs(version: ModelVersion, op: str, n: int, answer: bytes | bytearray | memoryview) -> tuple[np.ndarray, ...]:
-    shapes = {"encode": [(n, version.code_dim)], "decode": [(n, *version.input_shape)],
-              "reconstruct": [(n, *version.input_shape), (n,), (n,)], "project": [(n, 2)]}[op]
+def _outputs(n: int, row_shapes: tuple[tuple[int, ...], ...], answer: bytes | bytearray | memoryview) -> tuple[np.ndarray, ...]:
+    """An answer's float32 numbers as arrays of ``n`` rows of each shape, one after the other."""
     flat = np.frombuffer(answer, dtype=np.float32)
-    sizes = [math.prod(shape) for shape in shapes]
+    sizes = [n * math.prod(shape) for shape in row_shapes]
     if sum(sizes) != len(flat):
-        raise EngineProcessError(f"the engine process answered {len(flat)} numbers for {op} of {n} rows, expected {sum(sizes)}")
-    bounds = np.cumsum([0, *sizes])
-    return tuple(flat[start:stop].reshape(shape) for start, stop, shape in zip(bounds[:-1], bounds[1:], shapes, strict=True))
+        raise EngineProcessError(f"the engine process answered {len(flat)} numbers for {n} rows, expected {sum(sizes)}")
+    outputs, start = [], 0
+    for size, shape in zip(sizes, row_shapes, strict=True):
+        outputs.append(flat[start:start + size].reshape(n, *shape))
+        start += size
+    return tuple(outputs)
 
 
 def release_freed_memory() -> None:

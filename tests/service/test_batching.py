@@ -164,11 +164,13 @@ async def test_a_remote_takes_the_calls_it_accepts_and_model_threads_the_rest():
     await batcher.close()
 
 
-async def test_calls_a_remote_fails_are_retried_on_model_threads_one_by_one():
+async def test_calls_a_remote_fails_run_on_model_threads(caplog):
     model = Doubler()
     remote = Tripler(model.run, fail=True)
-    batcher = Batcher(max_batch_rows=8, max_wait_s=0, max_queue=100, remote=remote)
+    batcher = Batcher(max_batch_rows=2, max_wait_s=0, max_queue=100, remote=remote)
     results = await asyncio.gather(*(batcher.submit(model.run, np.full((1, 2), float(i), np.float32)) for i in range(3)))
-    assert [r[0].tolist() for r in results] == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]
-    assert sum(remote.calls) == 3 and model.calls == [1, 1, 1]
+    (direct,) = await batcher.submit(model.run, np.ones((3, 2), np.float32))  # a full batch on its own, under the remote's limit
+    assert [r[0].tolist() for r in results] == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]] and direct.tolist() == [[2.0, 2.0]] * 3
+    assert sum(remote.calls) == sum(model.calls) == 6
+    assert "failed outside the server (the remote is gone)" in caplog.text
     await batcher.close()
