@@ -18,6 +18,7 @@ from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
+from models.onnx_engine import EngineExport
 from models.registry import Registry
 from service.api import health, models, v2
 from service.api.operations import operation_target, operations_openapi, serve_operation
@@ -31,6 +32,7 @@ from service.store import ModelStore
 
 log = logging.getLogger("aeserve.service")
 HEALTH_PATHS = ("/health/", "/v2/health/")
+ENGINE_RESTART_S = (5.0, 600.0)  # the first wait before a dead engine process is replaced, and the longest
 STATIC = Path(__file__).parent / "static"
 access_log = logging.getLogger("aeserve.access")
 
@@ -45,16 +47,45 @@ async def _poll(app: FastAPI) -> None:
             log.exception("registry refresh failed")
 
 
+async def _keep_engine_process(process: EngineProcess) -> None:
+    """Start a new engine process when the one running dies, and give it back the versions the dead one served.
+
+    Meanwhile torch in the server serves their small batches. Their graphs are exported again (the server keeps no
+    copy: about 11 MB per version for the default model), as for a new version. The wait before a restart doubles
+    from ENGINE_RESTART_S[0] up to ENGINE_RESTART_S[1], and starts over once a child has lived that long.
+    """
+    delay, lost = ENGINE_RESTART_S[0], []
+    while True:
+        started = time.monotonic()
+        lost += await process.wait_lost()
+        if time.monotonic() - started > ENGINE_RESTART_S[1]:
+            delay = ENGINE_RESTART_S[0]
+        log.error("the engine process has exited; a new one starts in %.0f s (until then torch in the server serves the "
+                  "small batches of %d versions)", delay, len(lost))
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, ENGINE_RESTART_S[1])
+        try:
+            await process.start()
+        except OSError as e:
+            log.error("cannot start the engine process: %s", e)
+            continue
+        versions, lost = lost, []
+        if versions:
+            await asyncio.to_thread(EngineExport([v.folder for v in versions]).attach, versions, on_engine=process.take)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     process = app.state.engine_process
+    tasks = []
     if process is not None:
         try:
             await process.start()
             app.state.store.on_engine = process.take
+            tasks.append(asyncio.create_task(_keep_engine_process(process)))
         except OSError as e:
             log.warning("small batches stay in the server process: cannot start the engine process: %s", e)
-    tasks = [asyncio.create_task(asyncio.to_thread(app.state.store.refresh))]  # readiness flips once this is done
+    tasks.append(asyncio.create_task(asyncio.to_thread(app.state.store.refresh)))  # readiness flips once this is done
     if app.state.settings.poll_seconds > 0:
         tasks.append(asyncio.create_task(_poll(app)))
     try:

@@ -15,7 +15,8 @@ The child imports numpy and ONNX Runtime, not torch, and runs the functions
 are the in-process engine's, bit for bit. A version loaded into the child
 drops its in-process engine (about 28 MB of sessions). If the child dies,
 calls in flight are retried on torch in the server and later calls stay there
-(logged, and ``aeserve_engine_process_versions`` drops to 0).
+(logged, and ``aeserve_engine_process_versions`` drops) until the server has
+started a new child and exported its versions again (service/app.py).
 
 Protocol, over a Unix socket pair; the child answers each request before it
 reads the next, so answers come in the order of the requests:
@@ -103,6 +104,14 @@ class EngineProcess:
         """How many versions run their small batches here now."""
         return len(self._versions) if self.up else 0
 
+    async def wait_lost(self) -> list[ModelVersion]:
+        """Wait until the child has exited; the versions it served (torch in the server serves them now)."""
+        if self._channel is not None:
+            await asyncio.shield(self._channel.closed)
+        versions = [version for version, _, _ in self._versions.values()]
+        self._versions.clear()
+        return versions
+
     async def load(self, version: ModelVersion, graphs: dict[str, bytes]) -> None:
         """Load ``version``'s graphs (name -> ONNX bytes); its small calls come here once this returns."""
         if not self.up:
@@ -184,6 +193,7 @@ class _Channel(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.lost: EngineProcessError | None = None
+        self.closed = asyncio.get_running_loop().create_future()  # done once the connection is gone
         self._waiting: deque[tuple[asyncio.Future, Callable[[Any], Any]]] = deque()
         self._buffer = bytearray()
 
@@ -238,6 +248,8 @@ class _Channel(asyncio.Protocol):
             future, _ = self._waiting.popleft()
             if not future.done():
                 future.set_exception(self.lost)
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def close(self) -> None:
         if self.transport is not None:

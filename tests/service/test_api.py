@@ -255,13 +255,15 @@ def test_small_model_calls_run_on_one_torch_thread():
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the ONNX engine serves the CPU only")
-def test_small_batches_are_served_by_the_engine_process_then_by_torch_once_it_dies(service_registry):
+def test_small_batches_are_served_by_the_engine_process_by_torch_when_it_dies_then_by_a_new_one(service_registry, monkeypatch):
     import httpx
 
+    from service import app as app_module
     from service.client import Client
 
+    monkeypatch.setattr(app_module, "ENGINE_RESTART_S", (1.0, 60.0))  # a second before the new child starts
     with LiveServer(service_registry, engine="onnx", models="digits-mlp", poll_seconds=0) as server, Client(server.url) as client:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while "aeserve_engine_process_versions 1.0" not in httpx.get(f"{server.url}/metrics").text:  # the export takes seconds
             assert time.monotonic() < deadline, "the engine process did not get the version"
             time.sleep(0.1)
@@ -288,6 +290,13 @@ def test_small_batches_are_served_by_the_engine_process_then_by_torch_once_it_di
             np.testing.assert_array_equal(client.encode("digits-mlp", IMAGES).outputs, version._encode_torch(IMAGES))
         metrics = httpx.get(f"{server.url}/metrics").text
         assert "aeserve_engine_process_versions 0.0" in metrics and "aeserve_onnx_engine_versions 0.0" in metrics
+
+        while "aeserve_engine_process_versions 1.0" not in httpx.get(f"{server.url}/metrics").text:  # exported again
+            assert time.monotonic() < deadline, "no new engine process took the version"
+            time.sleep(0.1)
+        assert process._child.poll() is None and version.engine is None
+        np.testing.assert_allclose(client.encode("digits-mlp", IMAGES).outputs, codes, atol=1e-6)
+        assert rows_sent == [5, 5, 5, 5, 5]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the ONNX engine serves the CPU only")
