@@ -133,7 +133,7 @@ def gpu_memory_mb(pid: int) -> float | None:
 
 
 def served_speed(version: ModelVersion, base: str, name: str, rng: np.random.Generator) -> dict[str, float]:
-    http_rows, local_rows = npy_turns(f"{base}/v1/models/{name}/encode", raw_inputs(version, 10_000, rng), version.encode)
+    http_rows, local_rows = npy_turns(f"{base}/v1/models/{name}/encode", raw_inputs(version, 10_000, rng), version.encode).rates(1)
     row = raw_inputs(version, 1, rng)[0].reshape(-1)
     single = Request(f"/v1/models/{name}/encode", json.dumps({"inputs": [row.tolist()]}).encode(), "application/json", "application/json")
     one = asyncio.run(closed_loop(base, single, 3.0, 1))
