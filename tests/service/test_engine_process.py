@@ -107,3 +107,12 @@ async def test_take_moves_a_version_out_of_the_server(exported, process):
         np.testing.assert_allclose((await process.run(mlp.encode, rows(2)))[0], mlp._encode_torch(rows(2)), atol=1e-4)
     finally:
         mlp.engine = engine  # the module's other tests compare with it
+
+
+def test_the_child_imports_neither_torch_nor_the_web_stack():
+    """What keeps it at about 90 MB instead of 300 (importing torch alone takes 217 MB)."""
+    import subprocess
+    import sys
+
+    code = "import sys, service.engine_process; print(sorted({'torch', 'fastapi', 'starlette'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
