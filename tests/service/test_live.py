@@ -56,6 +56,25 @@ def test_a_big_npy_request_over_real_http(live, service_registry):
         assert error.value.status == 422 and error.value.detail.startswith("row 4321 holds a NaN")
 
 
+def test_small_integers_cross_as_they_are_and_answer_as_float32(live, service_registry):
+    import io
+
+    from service.client import _npy
+
+    pixels = np.random.default_rng(3).integers(0, 17, size=(7, 8, 8), dtype=np.uint8)
+    assert np.load(io.BytesIO(_npy(pixels))).dtype == np.uint8  # a quarter of the float32 body
+    assert np.load(io.BytesIO(_npy(pixels.astype(np.int64)))).dtype == np.float32
+    assert np.load(io.BytesIO(_npy(pixels.astype(np.float64)))).dtype == np.float32
+    assert np.load(io.BytesIO(_npy(pixels.astype(bool)))).dtype == np.float32
+    version = service_registry.load("digits-mlp")
+    with Client(live.url) as client:
+        for sent in (pixels, pixels.astype(np.int16), pixels.astype(np.float16)):
+            np.testing.assert_array_equal(client.encode("digits-mlp", sent).outputs,
+                                          client.encode("digits-mlp", pixels.astype(np.float32)).outputs)
+        np.testing.assert_allclose(client.encode("digits-mlp", pixels).outputs, version.encode(pixels.astype(np.float32)),
+                                   rtol=1e-5, atol=1e-5)
+
+
 async def test_async_client(live, service_registry):
     expected = service_registry.load("digits-pca").project(IMAGES)
     async with AsyncClient(live.url) as client:
