@@ -32,6 +32,14 @@ def wait_ready(get, timeout: float = 30.0) -> None:
     raise TimeoutError("service did not become ready")
 
 
+def wait_for_metric(get, line: str, deadline: float) -> None:
+    """Poll ``get("/metrics")`` until it holds ``line`` (say "aeserve_engine_process_versions 1.0"), failing the test at
+    ``deadline`` (time.monotonic()): the ONNX export behind the engine metrics takes seconds."""
+    while line not in get("/metrics").text:
+        assert time.monotonic() < deadline, f"/metrics never showed {line!r}"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def service_registry(trained_registry: Registry, tmp_path: Path) -> Registry:
     """A private copy of the trained digits registry, so tests may publish into it."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import KIND_CONFIGS
-from tests.service.conftest import DEVICE, LiveServer, make_client, wait_ready
+from tests.service.conftest import DEVICE, LiveServer, make_client, wait_for_metric, wait_ready
 
 NAMES = [f"digits-{kind}" for kind in KIND_CONFIGS]
 rng = np.random.default_rng(0)
@@ -263,10 +263,8 @@ def test_small_batches_are_served_by_the_engine_process_by_torch_when_it_dies_th
 
     monkeypatch.setattr(app_module, "ENGINE_RESTART_S", (1.0, 60.0))  # a second before the new child starts
     with LiveServer(service_registry, engine="onnx", models="digits-mlp", poll_seconds=0) as server, Client(server.url) as client:
-        deadline = time.monotonic() + 240
-        while "aeserve_engine_process_versions 1.0" not in httpx.get(f"{server.url}/metrics").text:  # the export takes seconds
-            assert time.monotonic() < deadline, "the engine process did not get the version"
-            time.sleep(0.1)
+        get, deadline = (lambda path: httpx.get(server.url + path)), time.monotonic() + 240
+        wait_for_metric(get, "aeserve_engine_process_versions 1.0", deadline)
         version = server.app.state.store.get("digits-mlp")
         assert version.engine is None  # its sessions live in the child
         process, rows_sent = server.app.state.engine_process, []
@@ -291,9 +289,7 @@ def test_small_batches_are_served_by_the_engine_process_by_torch_when_it_dies_th
         metrics = httpx.get(f"{server.url}/metrics").text
         assert "aeserve_engine_process_versions 0.0" in metrics and "aeserve_onnx_engine_versions 0.0" in metrics
 
-        while "aeserve_engine_process_versions 1.0" not in httpx.get(f"{server.url}/metrics").text:  # exported again
-            assert time.monotonic() < deadline, "no new engine process took the version"
-            time.sleep(0.1)
+        wait_for_metric(get, "aeserve_engine_process_versions 1.0", deadline)  # exported again, into a new child
         assert process._child.poll() is None and version.engine is None
         np.testing.assert_allclose(client.encode("digits-mlp", IMAGES).outputs, codes, atol=1e-6)
         assert rows_sent == [5, 5, 5, 5, 5]
@@ -304,10 +300,7 @@ def test_small_batches_are_served_by_the_onnx_engine_in_the_server(service_regis
     with make_client(service_registry, engine="onnx", engine_process=False, models="digits-mlp") as client:
         wait_ready(client.get)
         version = client.app.state.store.get("digits-mlp")
-        deadline = time.monotonic() + 120
-        while "aeserve_onnx_engine_versions 1.0" not in client.get("/metrics").text:  # the export child takes seconds
-            assert time.monotonic() < deadline, "the engine did not arrive"
-            time.sleep(0.1)
+        wait_for_metric(client.get, "aeserve_onnx_engine_versions 1.0", time.monotonic() + 120)
         assert version.engine is not None
         answer = client.post("/v1/models/digits-mlp/encode", json={"inputs": IMAGES.tolist()})
         assert answer.status_code == 200, answer.text

@@ -6,7 +6,7 @@ import pytest
 
 from service.client import AeserveError, AsyncClient, Client
 from tests.conftest import KIND_CONFIGS, digits_run
-from tests.service.conftest import DEVICE, LiveServer, Traffic
+from tests.service.conftest import DEVICE, LiveServer, Traffic, wait_for_metric
 from training.trainer import train
 
 IMAGES = (np.random.default_rng(1).random((6, 8, 8)) * 16).astype(np.float32)
@@ -104,21 +104,12 @@ def test_hot_reload_into_the_engine_process_while_requests_flow(service_registry
     exported, and no request fails on the way; the version before stays in the child."""
     import httpx
 
-    def in_child(server) -> float:
-        metrics = httpx.get(f"{server.url}/metrics").text.splitlines()
-        line = next(m for m in metrics if m.startswith("aeserve_engine_process_versions "))
-        return float(line.split()[1])
-
     with LiveServer(service_registry, engine="onnx", models="digits-mlp", poll_seconds=0.1) as server:
-        deadline = time.monotonic() + 240
-        while in_child(server) < 1:  # the export takes seconds
-            assert time.monotonic() < deadline, "the engine process did not get version 1"
-            time.sleep(0.1)
+        get, deadline = (lambda path: httpx.get(server.url + path)), time.monotonic() + 240
+        wait_for_metric(get, "aeserve_engine_process_versions 1.0", deadline)
         with Traffic(server.url, "digits-mlp", IMAGES[:2]) as traffic:
             train(digits_run("digits-mlp", "mlp", epochs=1), service_registry, progress=False)
-            while in_child(server) < 2:
-                assert time.monotonic() < deadline, "the engine process did not get version 2"
-                time.sleep(0.1)
+            wait_for_metric(get, "aeserve_engine_process_versions 2.0", deadline)
             settled = traffic.versions_after_settling()
         store = server.app.state.store
         assert all(store.get("digits-mlp", ref).engine is None for ref in ("1", "2"))  # both run in the child
