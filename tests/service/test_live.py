@@ -1,6 +1,8 @@
 """A real uvicorn server on loopback, driven by the Python client (sync and async)."""
+import io
 import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -57,15 +59,16 @@ def test_a_big_npy_request_over_real_http(live, service_registry):
 
 
 def test_small_integers_cross_as_they_are_and_answer_as_float32(live, service_registry):
-    import io
+    from service.client import _NpyBody
 
-    from service.client import _npy
+    def sent(array):
+        return np.load(io.BytesIO(b"".join(_NpyBody(array))))
 
     pixels = np.random.default_rng(3).integers(0, 17, size=(7, 8, 8), dtype=np.uint8)
-    assert np.load(io.BytesIO(_npy(pixels))).dtype == np.uint8  # a quarter of the float32 body
-    assert np.load(io.BytesIO(_npy(pixels.astype(np.int64)))).dtype == np.float32
-    assert np.load(io.BytesIO(_npy(pixels.astype(np.float64)))).dtype == np.float32
-    assert np.load(io.BytesIO(_npy(pixels.astype(bool)))).dtype == np.float32
+    assert sent(pixels).dtype == np.uint8  # a quarter of the float32 body
+    assert sent(pixels.astype(np.int64)).dtype == np.float32
+    assert sent(pixels.astype(np.float64)).dtype == np.float32
+    assert sent(pixels.astype(bool)).dtype == np.float32
     version = service_registry.load("digits-mlp")
     with Client(live.url) as client:
         for sent in (pixels, pixels.astype(np.int16), pixels.astype(np.float16)):
@@ -75,12 +78,40 @@ def test_small_integers_cross_as_they_are_and_answer_as_float32(live, service_re
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(5000, 64), (3, 8, 8), (0, 64)])
+async def test_the_client_sends_what_np_save_writes_with_its_length(shape):
+    """The client sends the array's memory in pieces (no copy of a big batch before the socket); the server must
+    still see one .npy body, as np.save writes it, with a Content-Length and no chunked framing, sync and async."""
+    from service.client import PIECE_BYTES
+
+    array = np.random.default_rng(4).random(shape)  # float64: crosses as float32
+    expected = io.BytesIO()
+    np.save(expected, array.astype(np.float32))
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((request.headers, request.content))
+        return httpx.Response(200, content=expected.getvalue(), headers={"Content-Type": "application/x-npy"})
+
+    with Client("http://test", transport=httpx.MockTransport(answer)) as client:
+        np.testing.assert_array_equal(client.encode("m", array).outputs, array.astype(np.float32))
+    async with AsyncClient("http://test", transport=httpx.MockTransport(answer)) as client:
+        np.testing.assert_array_equal((await client.encode("m", array)).outputs, array.astype(np.float32))
+    for headers, content in seen:
+        assert content == expected.getvalue()
+        assert headers["Content-Length"] == str(len(content)) and "Transfer-Encoding" not in headers
+    assert (len(expected.getvalue()) > 4 * PIECE_BYTES) == (shape[0] == 5000)  # the first shape spans many pieces
+
+
 async def test_async_client(live, service_registry):
     expected = service_registry.load("digits-pca").project(IMAGES)
     async with AsyncClient(live.url) as client:
         result = await client.project("digits-pca", IMAGES)
         np.testing.assert_allclose(result.outputs, expected, rtol=1e-5, atol=1e-5)
         assert result.version == "1"
+        many = (np.random.default_rng(2).random((5000, 64)) * 16).astype(np.float32)  # 1.28 MB, many pieces
+        np.testing.assert_allclose((await client.encode("digits-pca", many)).outputs,
+                                   service_registry.load("digits-pca").encode(many), rtol=1e-5, atol=1e-5)
 
 
 def test_hot_reload_while_requests_flow(live, service_registry):
@@ -102,8 +133,6 @@ def test_hot_reload_while_requests_flow(live, service_registry):
 def test_hot_reload_into_the_engine_process_while_requests_flow(service_registry):
     """With the engine process: a version published mid-traffic serves on torch, then moves into the child once
     exported, and no request fails on the way; the version before stays in the child."""
-    import httpx
-
     with LiveServer(service_registry, engine="onnx", models="digits-mlp", poll_seconds=0.1) as server:
         get, deadline = (lambda path: httpx.get(server.url + path)), time.monotonic() + 240
         wait_for_metric(get, "aeserve_engine_process_versions 1.0", deadline)
