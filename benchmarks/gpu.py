@@ -133,7 +133,9 @@ def gpu_memory_mb(pid: int) -> float | None:
 
 
 def served_speed(version: ModelVersion, base: str, name: str, rng: np.random.Generator) -> dict[str, float]:
-    http_rows, local_rows = npy_turns(f"{base}/v1/models/{name}/encode", raw_inputs(version, 10_000, rng), version.encode).rates(1)
+    with Client(base, timeout=120) as client:
+        post = lambda rows: client.encode(name, rows)  # noqa: E731
+        http_rows, local_rows = npy_turns(post, raw_inputs(version, 10_000, rng), version.encode).rates(1)
     row = raw_inputs(version, 1, rng)[0].reshape(-1)
     single = Request(f"/v1/models/{name}/encode", json.dumps({"inputs": [row.tolist()]}).encode(), "application/json", "application/json")
     one = asyncio.run(closed_loop(base, single, 3.0, 1))

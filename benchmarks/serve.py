@@ -133,22 +133,28 @@ class Turns:
         return tuple(self.rows / float(np.median(seconds[first:])) for seconds in (self.http_seconds, self.local_seconds))
 
 
-def npy_turns(url: str, batch: np.ndarray, local_call, turns: int = 11) -> Turns:
-    """``batch`` posted as .npy to ``url`` and given to ``local_call`` in turns, so that both see the same machine."""
-    buffer = io.BytesIO()
-    np.save(buffer, batch)
-    payload, headers = buffer.getvalue(), {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+def npy_turns(post, batch: np.ndarray, local_call, turns: int = 11) -> Turns:
+    """``post(batch)`` over HTTP and ``local_call(batch)`` in turns, so that both see the same machine."""
     http_seconds, local_seconds = [], []
-    with httpx.Client(timeout=120) as client:
-        for _ in range(turns):
-            t = time.perf_counter()
-            response = client.post(url, content=payload, headers=headers)
-            http_seconds.append(time.perf_counter() - t)
-            assert response.status_code == 200, response.text
-            t = time.perf_counter()
-            local_call(batch)
-            local_seconds.append(time.perf_counter() - t)
+    for _ in range(turns):
+        t = time.perf_counter()
+        post(batch)
+        http_seconds.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        local_call(batch)
+        local_seconds.append(time.perf_counter() - t)
     return Turns(len(batch), http_seconds, local_seconds)
+
+
+def plain_httpx_post(client: httpx.Client, url: str):
+    """Posts a batch as one ``bytes`` body (np.save into a buffer), the way a caller without the Python client would."""
+    def post(batch: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, batch)
+        response = client.post(url, content=buffer.getvalue(), headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
+        assert response.status_code == 200, response.text
+        np.load(io.BytesIO(response.content))
+    return post
 
 
 def python_client_latency(url: str, body: str, requests: int = 1000) -> tuple[float, float]:
@@ -260,14 +266,21 @@ def main() -> None:
         results["(c') the same through a Python client (httpx)"] = ", ".join(
             f"{who}: p50 {p50:.2f} ms, p99 {p99:.2f} ms" for who, (p50, p99) in through_httpx.items())
 
-        # (b) 10,000 rows per .npy request against the same call in-process, in turns. The server's first big requests
-        # grow its heap: page faults in four posts after (a), 15.6k, 11.7k, 6.2k and 6.2k, then none (RSS 450 -> 497 MB),
-        # so the result counts the turns after WARM_TURNS, and the turns after the first are shown beside it.
+        # (b) 10,000 rows per .npy request through the Python client (service/client.py) against the same call
+        # in-process, in turns. The server's first big requests grow its heap: page faults in four posts after (a),
+        # 15.6k, 11.7k, 6.2k and 6.2k, then none (RSS 450 -> 497 MB), so the result counts the turns after
+        # WARM_TURNS, and the turns after the first are shown beside it.
+        from service.client import Client
+
         batch = np.random.default_rng(1).random((10_000, *version.input_shape)).astype(np.float32) * 255
-        turns = npy_turns(encode_url, batch, version.encode, turns=WARM_TURNS + 10)
-        # (b') the same with pixels as images store them (uint8), which the Python client sends as they are.
-        pixels = np.random.default_rng(2).integers(0, 256, (10_000, *version.input_shape), dtype=np.uint8)
-        pixel_turns = npy_turns(encode_url, pixels, version.encode, turns=WARM_TURNS + 10)
+        with Client(base, timeout=120) as client, httpx.Client(timeout=120) as plain:
+            encode = lambda rows: client.encode(args.model, rows)  # noqa: E731
+            turns = npy_turns(encode, batch, version.encode, turns=WARM_TURNS + 10)
+            # (b') the same with pixels as images store them (uint8), which the Python client sends as they are.
+            pixels = np.random.default_rng(2).integers(0, 256, (10_000, *version.input_shape), dtype=np.uint8)
+            pixel_turns = npy_turns(encode, pixels, version.encode, turns=WARM_TURNS + 10)
+            # (b'') (b) again, posted as one bytes body by plain httpx: what the client's way of sending saves.
+            plain_turns = npy_turns(plain_httpx_post(plain, encode_url), batch, version.encode, turns=WARM_TURNS + 10)
     finally:
         if server is not None:
             stop(server)
@@ -279,9 +292,10 @@ def main() -> None:
     results["(b) .npy encode, 10,000 rows per request"] = (
         f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x (medians of turns "
         f"{WARM_TURNS + 1}-{WARM_TURNS + 10} each; of turns 2-{WARM_TURNS + 10}: {early_http / early_local:.2f} x)")
-    pixel_http, pixel_local = pixel_turns.rates(WARM_TURNS)
-    results["(b') the same with uint8 pixels on the wire (a quarter of the body)"] = (
-        f"{pixel_http:.0f} rows/s vs in-process {pixel_local:.0f} rows/s = {pixel_http / pixel_local:.2f} x")
+    for key, other in (("(b') the same with uint8 pixels on the wire (a quarter of the body)", pixel_turns),
+                       ("(b'') (b) posted by plain httpx as one bytes body", plain_turns)):
+        other_http, other_local = other.rates(WARM_TURNS)
+        results[key] = f"{other_http:.0f} rows/s vs in-process {other_local:.0f} rows/s = {other_http / other_local:.2f} x"
 
     print(f"\nmodel {args.model}:{version.version} ({version.manifest['kind']}, code {version.code_dim}), "
           f"{os.cpu_count()} CPUs, model on {args.device}\n")
