@@ -217,7 +217,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     use_process = settings.engine == "onnx" and settings.engine_process and device == "cpu"
     app.state.engine_process = EngineProcess() if use_process else None
     app.state.batcher = Batcher(settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_queue,
-                                settings.inference_threads, on_batch=metrics.batch_rows.observe,
+                                settings.inference_threads, on_batch=metrics.observe_batch,
                                 before_call=IntraOpThreads(torch.get_num_threads()), remote=app.state.engine_process)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
@@ -110,12 +111,12 @@ def _as_tuple(result: np.ndarray | tuple[np.ndarray, ...]) -> Outputs:
 
 class Batcher:
     def __init__(self, max_batch_rows: int, max_wait_s: float, max_queue: int, threads: int = 1,
-                 on_batch: Callable[[int], None] | None = None, before_call: Callable[[int], None] | None = None,
+                 on_batch: Callable[[int, float], None] | None = None, before_call: Callable[[int], None] | None = None,
                  remote: Remote | None = None) -> None:
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self.on_batch = on_batch or (lambda rows: None)
+        self.on_batch = on_batch or (lambda rows, seconds: None)  # each model call's rows and seconds, on the loop
         self.before_call = before_call or (lambda rows: None)  # runs in the model thread with the row count of each call
         self._threads = ModelThreads(threads)
         self.remote = remote
@@ -131,10 +132,11 @@ class Batcher:
             # Already a full batch: no reason to queue it behind others' rows.
             self.pending += 1
             try:
+                start = time.perf_counter()
                 result = await self._run(fn, rows)
             finally:
                 self.pending -= 1
-            self.on_batch(len(rows))
+            self.on_batch(len(rows), time.perf_counter() - start)
             return result
         key = (id(fn.__self__), fn.__name__)
         queue = self._queues.get(key)
@@ -190,11 +192,12 @@ class Batcher:
                 continue
             try:
                 rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+                start = time.perf_counter()
                 outputs = await self._run(fn, rows)
             except Exception:
                 await self._one_by_one(fn, batch)
                 continue
-            self.on_batch(len(rows))
+            self.on_batch(len(rows), time.perf_counter() - start)
             start = 0
             for pending in batch:
                 stop = start + len(pending.rows)

@@ -52,6 +52,9 @@ class Metrics:
         self.requests = RequestCollector()
         self.registry.register(self.requests)
         self.batch_rows = Histogram("aeserve_batch_rows", "rows per model call", buckets=BATCH_BUCKETS, registry=self.registry)
+        self.model_seconds = Histogram("aeserve_model_call_seconds", "seconds per model call, from the event loop handing the rows over "
+                                       "to the outputs coming back (the rest of a request's time is HTTP, parsing and queueing)",
+                                       buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("aeserve_queue_depth", "requests waiting for or inside a model call", registry=self.registry)
         self.loaded = Gauge("aeserve_loaded_versions", "model versions loaded and serving", registry=self.registry)
         self.on_onnx = Gauge("aeserve_onnx_engine_versions", "loaded versions whose small batches run on ONNX Runtime (in the server or the engine process)",
@@ -59,6 +62,10 @@ class Metrics:
         self.in_engine_process = Gauge("aeserve_engine_process_versions", "loaded versions whose small batches run in the engine process",
                                        registry=self.registry)
         self.refused = Gauge("aeserve_refused_versions", "model versions that failed to load", registry=self.registry)
+
+    def observe_batch(self, rows: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.model_seconds.observe(seconds)
 
     def observe_request(self, model: str, version: str, op: str, status: int, seconds: float) -> None:
         self.requests.observe((model, version, op, str(status)), seconds)

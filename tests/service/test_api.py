@@ -1,5 +1,6 @@
 """Every route in-process: answers checked against the models themselves, errors with exact codes and messages."""
 import io
+import re
 import time
 
 import numpy as np
@@ -170,7 +171,9 @@ def test_metrics_count_requests_by_model_version_op_status(api):
     assert 'aeserve_requests_total{model="digits-mlp",op="encode",status="422",version="1"} 1.0' in text
     assert f"aeserve_loaded_versions {float(len(NAMES))}" in text
     assert "aeserve_onnx_engine_versions 0.0" in text  # the tests' servers run torch only
-    assert "aeserve_batch_rows_count" in text and "aeserve_queue_depth 0.0" in text
+    assert "aeserve_batch_rows_count 1.0" in text and "aeserve_queue_depth 0.0" in text
+    assert "aeserve_model_call_seconds_count 1.0" in text  # the 422 never reached the model
+    assert float(re.search(r"^aeserve_model_call_seconds_sum (\S+)", text, re.M).group(1)) > 0
 
 
 def test_reload_picks_up_new_versions_and_refuses_corrupt_ones(api, service_registry):

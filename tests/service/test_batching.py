@@ -26,8 +26,9 @@ class Doubler:
 
 
 async def test_concurrent_requests_are_batched_and_split():
-    model, batches = Doubler(), []
-    batcher = Batcher(max_batch_rows=64, max_wait_s=0, max_queue=100, on_batch=batches.append)
+    model, batches, seconds = Doubler(), [], []
+    batcher = Batcher(max_batch_rows=64, max_wait_s=0, max_queue=100,
+                      on_batch=lambda rows, took: (batches.append(rows), seconds.append(took)))
     model.gate.clear()  # the first call holds; the others queue behind it
     first = asyncio.create_task(batcher.submit(model.run, np.full((1, 3), 100.0, np.float32)))
     await asyncio.sleep(0.05)
@@ -37,6 +38,7 @@ async def test_concurrent_requests_are_batched_and_split():
     results = await asyncio.gather(first, *rest)
     assert model.calls == [1, sum(range(1, 11))]  # ten requests, one model call
     assert batches == model.calls
+    assert len(seconds) == len(batches) and all(0 < took < 60 for took in seconds)
     np.testing.assert_array_equal(results[0][0], np.full((1, 3), 200.0))
     for i, (out,) in enumerate(results[1:]):
         np.testing.assert_array_equal(out, np.full((i + 1, 3), 2.0 * i))
