@@ -113,11 +113,21 @@ def wrk_round(pid: int, url: str, body: str, seconds: int, connections: int) -> 
                  (idle_after - idle) / max(1, ticks_after - ticks))
 
 
+def _histogram(base: str, name: str) -> tuple[float, float]:
+    """(sum, count) of one of the server's histograms, from its /metrics."""
+    metrics = httpx.get(f"{base}/metrics").text
+    return tuple(float(re.search(rf"^{name}_{part} (\S+)", metrics, re.M).group(1)) for part in ("sum", "count"))
+
+
 def mean_batch_rows(base: str) -> float:
     """Mean rows per model call so far, from the server's /metrics."""
-    metrics = httpx.get(f"{base}/metrics").text
-    rows, calls = (float(re.search(rf"^aeserve_batch_rows_{part} (\S+)", metrics, re.M).group(1)) for part in ("sum", "count"))
+    rows, calls = _histogram(base, "aeserve_batch_rows")
     return rows / calls
+
+
+def model_call_totals(base: str) -> tuple[float, float]:
+    """(seconds, calls) of the server's model calls so far, as its event loop timed them."""
+    return _histogram(base, "aeserve_model_call_seconds")
 
 
 @dataclass
@@ -275,7 +285,14 @@ def main() -> None:
         batch = np.random.default_rng(1).random((10_000, *version.input_shape)).astype(np.float32) * 255
         with Client(base, timeout=120) as client, httpx.Client(timeout=120) as plain:
             encode = lambda rows: client.encode(args.model, rows)  # noqa: E731
-            turns = npy_turns(encode, batch, version.encode, turns=WARM_TURNS + 10)
+            warm = npy_turns(encode, batch, version.encode, turns=WARM_TURNS)
+            seconds_before, calls_before = model_call_totals(base)
+            counted = npy_turns(encode, batch, version.encode, turns=10)
+            seconds_after, calls_after = model_call_totals(base)
+            turns = Turns(len(batch), warm.http_seconds + counted.http_seconds, warm.local_seconds + counted.local_seconds)
+            # Where a counted post's time went: the server's model calls (its /metrics) against the same call in-process.
+            server_model_ms = (seconds_after - seconds_before) / (calls_after - calls_before) * 1000
+            post_ms, local_ms = np.mean(counted.http_seconds) * 1000, np.mean(counted.local_seconds) * 1000
             # (b') the same with pixels as images store them (uint8), which the Python client sends as they are.
             pixels = np.random.default_rng(2).integers(0, 256, (10_000, *version.input_shape), dtype=np.uint8)
             pixel_turns = npy_turns(encode, pixels, version.encode, turns=WARM_TURNS + 10)
@@ -292,6 +309,9 @@ def main() -> None:
     results["(b) .npy encode, 10,000 rows per request"] = (
         f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x (medians of turns "
         f"{WARM_TURNS + 1}-{WARM_TURNS + 10} each; of turns 2-{WARM_TURNS + 10}: {early_http / early_local:.2f} x)")
+    results["(b) where a counted post's time went (means)"] = (
+        f"post {post_ms:.0f} ms = model call in the server {server_model_ms:.0f} ms (in-process {local_ms:.0f} ms) "
+        f"+ {post_ms - server_model_ms:.0f} ms of HTTP, reading, parsing and the client")
     for key, other in (("(b') the same with uint8 pixels on the wire (a quarter of the body)", pixel_turns),
                        ("(b'') (b) posted by plain httpx as one bytes body", plain_turns)):
         other_http, other_local = other.rates(WARM_TURNS)
