@@ -28,7 +28,7 @@ from service.engine_process import EngineProcess
 from service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store import ModelStore
+from service.store import ModelStore, one_torch_thread
 
 log = logging.getLogger("aeserve.service")
 HEALTH_PATHS = ("/health/", "/v2/health/")
@@ -71,7 +71,12 @@ async def _keep_engine_process(process: EngineProcess) -> None:
             continue
         versions, lost = lost, []
         if versions:
-            await asyncio.to_thread(EngineExport([v.folder for v in versions]).attach, versions, on_engine=process.take)
+            await asyncio.to_thread(_attach_again, versions, process)
+
+
+def _attach_again(versions: list, process: EngineProcess) -> None:
+    with one_torch_thread():  # the engine's check runs torch
+        EngineExport([v.folder for v in versions]).attach(versions, on_engine=process.take)
 
 
 @contextlib.asynccontextmanager

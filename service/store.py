@@ -9,17 +9,41 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import torch
 
 from models.checkpoint import CheckpointError, ModelVersion
 from models.onnx_engine import EngineExport
 from models.registry import NotFoundError, Registry, RegistryError, check_name
 
 log = logging.getLogger("aeserve.store")
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch work off the model threads (loading, warm-up, the engine's checks) runs on its calling thread alone.
+
+    OpenMP (libgomp) keeps a team of worker threads for every thread that ever
+    ran torch on several threads. Once a process holds more of them than it has
+    cores, every team stops spin-waiting between parallel regions and sleeps
+    instead, and a big model call then waits on each wake-up. On 2 cores a
+    loading thread's team (with ``OMP_WAIT_POLICY=PASSIVE``, as ``aeserve
+    serve`` set before) left the model thread's 10,000-row encode 9-30 ms
+    slower than the same call in a client process; with loading on one thread
+    and spin-waiting allowed, from 15 ms faster to 2 ms slower. Two servers side
+    by side, 40 alternating 10,000-row posts, twice: 24-25 ms less per post
+    (benchmarks/SERVING.md).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class NotReadyError(RuntimeError):
@@ -74,7 +98,7 @@ class ModelStore:
         seconds later. A call checks for the engine when it starts, so either
         way it finishes on the path it began on.
         """
-        with self._lock:
+        with self._lock, one_torch_thread():
             names = [n for n in self.registry.names() if not self.only or n in self.only]
             new = {name: [v for v in self.registry.versions(name)  # published versions never change: load each once
                           if v not in self._index.get(name, ModelEntry({}, {})).versions and f"{name}:{v}" not in self.failed]

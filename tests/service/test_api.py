@@ -342,6 +342,34 @@ def test_new_versions_serve_before_their_engine_arrives(service_registry, monkey
     assert store.refresh() == [] and len(exports) == 1  # nothing new: no export
 
 
+def test_a_refresh_runs_torch_on_its_own_thread_alone(service_registry, monkeypatch):
+    """Loading and warm-up run torch on one thread, so that OpenMP starts teams of threads for the model threads
+    only (more teams than cores and libgomp stops spin-waiting in all of them); the thread's setting comes back."""
+    import threading
+
+    import torch
+
+    from service.store import ModelStore
+
+    during, after, load = [], [], service_registry.load
+
+    def recording(*args, **kwargs):
+        during.append(torch.get_num_threads())
+        return load(*args, **kwargs)
+
+    def refresh():
+        torch.set_num_threads(2)
+        store = ModelStore(service_registry, only=["digits-mlp"])
+        monkeypatch.setattr(store.registry, "load", recording)
+        assert store.refresh() == ["digits-mlp:1"]
+        after.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=refresh)
+    thread.start()
+    thread.join()
+    assert during == [1] and after == [2]
+
+
 def test_a_refresh_that_fails_after_loading_stops_its_export(service_registry, monkeypatch):
     from service import store as store_module
     from service.store import ModelStore
