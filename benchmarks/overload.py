@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import npy_request, overload_run  # noqa: E402
-from benchmarks.serve import start, stop  # noqa: E402
+from benchmarks.serve import start, stop, wait_for_engine  # noqa: E402
 
 
 def ms(values: list[float], q: float) -> str:
@@ -51,6 +51,8 @@ def main() -> None:
     server, _ = start([sys.executable, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
                        "--models", args.model, "--poll-seconds", "0", "--no-access-log"], port)
     try:
+        # Ready comes before the ONNX export is done: wait for it, or the export child's CPU and memory count too.
+        wait_for_engine(base, engine_process=True)
         run = overload_run(base, request, server.pid, args.factor, args.seconds, args.capacity_seconds, args.concurrency, warmup_seconds=2)
     finally:
         stop(server)
