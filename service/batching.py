@@ -132,12 +132,9 @@ class Batcher:
             # Already a full batch: no reason to queue it behind others' rows.
             self.pending += 1
             try:
-                start = time.perf_counter()
-                result = await self._run(fn, rows)
+                return await self._run(fn, rows)
             finally:
                 self.pending -= 1
-            self.on_batch(len(rows), time.perf_counter() - start)
-            return result
         key = (id(fn.__self__), fn.__name__)
         queue = self._queues.get(key)
         if queue is None:
@@ -152,6 +149,13 @@ class Batcher:
             self.pending -= 1
 
     async def _run(self, fn: Callable, rows: np.ndarray) -> Outputs:
+        """One model call of ``rows``; once it succeeds, ``on_batch`` gets its rows and seconds."""
+        began = time.perf_counter()
+        outputs = await self._call_somewhere(fn, rows)
+        self.on_batch(len(rows), time.perf_counter() - began)
+        return outputs
+
+    async def _call_somewhere(self, fn: Callable, rows: np.ndarray) -> Outputs:
         remote = self.remote
         if remote is not None and remote.accepts(fn, len(rows)):
             try:
@@ -192,12 +196,10 @@ class Batcher:
                 continue
             try:
                 rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
-                start = time.perf_counter()
                 outputs = await self._run(fn, rows)
             except Exception:
                 await self._one_by_one(fn, batch)
                 continue
-            self.on_batch(len(rows), time.perf_counter() - start)
             start = 0
             for pending in batch:
                 stop = start + len(pending.rows)
