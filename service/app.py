@@ -18,7 +18,6 @@ from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
-from models.onnx_engine import EngineExport
 from models.registry import Registry
 from service.api import health, models, v2
 from service.api.operations import operation_target, operations_openapi, serve_operation
@@ -28,7 +27,7 @@ from service.engine_process import EngineProcess
 from service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store import ModelStore, one_torch_thread
+from service.store import ModelStore
 
 log = logging.getLogger("aeserve.service")
 HEALTH_PATHS = ("/health/", "/v2/health/")
@@ -47,7 +46,7 @@ async def _poll(app: FastAPI) -> None:
             log.exception("registry refresh failed")
 
 
-async def _keep_engine_process(process: EngineProcess) -> None:
+async def _keep_engine_process(process: EngineProcess, store: ModelStore) -> None:
     """Start a new engine process when the one running dies, and give it back the versions the dead one served.
 
     Meanwhile torch in the server serves their small batches. Their graphs are exported again (the server keeps no
@@ -71,12 +70,7 @@ async def _keep_engine_process(process: EngineProcess) -> None:
             continue
         versions, lost = lost, []
         if versions:
-            await asyncio.to_thread(_attach_again, versions, process)
-
-
-def _attach_again(versions: list, process: EngineProcess) -> None:
-    with one_torch_thread():  # the engine's check runs torch
-        EngineExport([v.folder for v in versions]).attach(versions, on_engine=process.take)
+            await asyncio.to_thread(store.export_again, versions)
 
 
 @contextlib.asynccontextmanager
@@ -87,7 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await process.start()
             app.state.store.on_engine = process.take
-            tasks.append(asyncio.create_task(_keep_engine_process(process)))
+            tasks.append(asyncio.create_task(_keep_engine_process(process, app.state.store)))
         except OSError as e:
             log.warning("small batches stay in the server process: cannot start the engine process: %s", e)
     tasks.append(asyncio.create_task(asyncio.to_thread(app.state.store.refresh)))  # readiness flips once this is done

@@ -121,6 +121,11 @@ class ModelStore:
                 export.attach([v for versions in loaded.values() for v in versions.values()], on_engine=self.on_engine)
             return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
 
+    def export_again(self, versions: list[ModelVersion]) -> None:
+        """Export loaded ``versions`` again and hand each checked engine to ``on_engine`` (a new engine process)."""
+        with one_torch_thread():  # the engine's check runs torch
+            EngineExport([v.folder for v in versions]).attach(versions, on_engine=self.on_engine)
+
     def _indexed(self, names: list[str], loaded: dict[str, dict[int, ModelVersion]]) -> dict[str, ModelEntry]:
         """The index after a refresh: the versions already served plus those just loaded, and their aliases."""
         index: dict[str, ModelEntry] = {}
