@@ -6,8 +6,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.cli import add_commands as add_service_commands
-    from training.cli import add_commands as add_training_commands
+    from aeserve.service.cli import add_commands as add_service_commands
+    from aeserve.training.cli import add_commands as add_training_commands
 
     parser = argparse.ArgumentParser(prog="aeserve", description="Train autoencoders offline and serve them over HTTP.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from training.cli import run
+    from aeserve.training.cli import run
 
     args = build_parser().parse_args(argv)
     return run(args)

@@ -13,14 +13,10 @@ import subprocess
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.onnx_engine import EngineExport  # noqa: E402
-from models.registry import Registry  # noqa: E402
+from aeserve.models.onnx_engine import EngineExport  # noqa: E402
+from aeserve.models.registry import Registry  # noqa: E402
 
 MEMORY_HOG = "import numpy as np\nb = np.ones(16 << 20, np.float32)\nwhile True: b *= 1.0000001"
 

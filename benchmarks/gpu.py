@@ -30,14 +30,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
+from aeserve.models.checkpoint import ModelVersion  # noqa: E402
+from aeserve.models.registry import Registry  # noqa: E402
+from aeserve.service.client import Client  # noqa: E402
+from aeserve.service.store import warmed  # noqa: E402
 
 from benchmarks.loadgen import Request, closed_loop, rss_mb  # noqa: E402
 from benchmarks.serve import mean_batch_rows, npy_turns, start, stop  # noqa: E402
-from models.checkpoint import ModelVersion  # noqa: E402
-from models.registry import Registry  # noqa: E402
-from service.client import Client  # noqa: E402
-from service.store import warmed  # noqa: E402
 
 BATCHES = (1, 32, 256, 10_000)
 

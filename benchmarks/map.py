@@ -14,12 +14,11 @@ import argparse
 import time
 
 import torch
-
-from models.projector import build_projector
-from models.registry import Registry
-from training.config import parse_override
-from training.data import DataConfig, load_dataset
-from training.evaluate import map_metrics
+from aeserve.models.projector import build_projector
+from aeserve.models.registry import Registry
+from aeserve.training.config import parse_override
+from aeserve.training.data import DataConfig, load_dataset
+from aeserve.training.evaluate import map_metrics
 
 
 def main() -> None:

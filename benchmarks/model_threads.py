@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models import checkpoint  # noqa: E402
-from models.onnx_engine import EngineExport  # noqa: E402
-from models.registry import Registry  # noqa: E402
+from aeserve.models import checkpoint  # noqa: E402
+from aeserve.models.onnx_engine import EngineExport  # noqa: E402
+from aeserve.models.registry import Registry  # noqa: E402
 
 
 def seconds_per_call(fn, x: np.ndarray, budget: float = 0.5) -> float:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import npy_request, overload_run  # noqa: E402
 from benchmarks.serve import start, stop, wait_for_engine  # noqa: E402
@@ -42,7 +41,7 @@ def main() -> None:
     port = 8766
     base = f"http://127.0.0.1:{port}"
 
-    from models.registry import Registry
+    from aeserve.models.registry import Registry
 
     version = Registry(args.registry).load(args.model)
     rows = (np.random.default_rng(0).random((args.rows, *version.input_shape)) * 255).astype(np.float32)

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-
-from models.registry import Registry
-from training.config import load_run_config
-from training.trainer import train
+from aeserve.models.registry import Registry
+from aeserve.training.config import load_run_config
+from aeserve.training.trainer import train
 
 DEFAULT_CONFIGS = ["configs/fmnist-pca30.toml", "configs/fmnist-mlp30.toml"]
 

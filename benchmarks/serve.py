@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import cpu_seconds, idle_ticks, main_thread_seconds, own_rss_mb, processes, rss_mb, wait_ready  # noqa: E402
 
@@ -184,7 +183,7 @@ def in_process_costs(version, body: str, mean_batch: float) -> str:
     """What the service does per request beyond the ceiling app, timed in this process: parsing and the model."""
     import timeit
 
-    from service.codec import _rows_from_json, json_bytes
+    from aeserve.service.codec import _rows_from_json, json_bytes
 
     encoded = body.encode()
     parse = min(timeit.repeat(lambda: _rows_from_json(encoded).astype(np.float32), number=1000, repeat=3)) / 1000
@@ -211,8 +210,8 @@ def main() -> None:
     port = 8765
     base = f"http://127.0.0.1:{port}"
 
-    from models.onnx_engine import EngineExport
-    from models.registry import Registry
+    from aeserve.models.onnx_engine import EngineExport
+    from aeserve.models.registry import Registry
 
     version = Registry(args.registry).load(args.model, device=args.device)
     if args.device == "cpu":
@@ -280,7 +279,7 @@ def main() -> None:
         # in-process, in turns. The server's first big requests grow its heap: page faults in four posts after (a),
         # 15.6k, 11.7k, 6.2k and 6.2k, then none (RSS 450 -> 497 MB), so the result counts the turns after
         # WARM_TURNS, and the turns after the first are shown beside it.
-        from service.client import Client
+        from aeserve.service.client import Client
 
         batch = np.random.default_rng(1).random((10_000, *version.input_shape)).astype(np.float32) * 255
         with Client(base, timeout=120) as client, httpx.Client(timeout=120) as plain:

@@ -17,15 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from aeserve.models import small_batches
+from aeserve.models.base import Autoencoder
+from aeserve.models.kinds import build_model
+from aeserve.models.preprocessing import Preprocessing
+from aeserve.models.projector import build_projector
+from aeserve.models.small_batches import SMALL_BATCH_ROWS, OnnxEngine
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
-
-from models import small_batches
-from models.base import Autoencoder
-from models.kinds import build_model
-from models.preprocessing import Preprocessing
-from models.projector import build_projector
-from models.small_batches import SMALL_BATCH_ROWS, OnnxEngine
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"

@@ -5,11 +5,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from aeserve.models.base import Autoencoder
+from aeserve.models.mlp import ACTIVATIONS
 from torch import nn
 from torch.nn import functional as F
-
-from models.base import Autoencoder
-from models.mlp import ACTIVATIONS
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ import logging
 from pathlib import Path
 
 import torch
+from aeserve.models.checkpoint import ModelVersion
 from torch import nn
-
-from models.checkpoint import ModelVersion
 
 OPSET = 18
 

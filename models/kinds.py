@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.base import Autoencoder, config_from_dict
-from models.conv import ConvAutoencoder
-from models.linear import LinearAutoencoder
-from models.mlp import MLPAutoencoder
-from models.pca import PCA
-from models.rbm import RBMAutoencoder
-from models.vae import VAE
+from aeserve.models.base import Autoencoder, config_from_dict
+from aeserve.models.conv import ConvAutoencoder
+from aeserve.models.linear import LinearAutoencoder
+from aeserve.models.mlp import MLPAutoencoder
+from aeserve.models.pca import PCA
+from aeserve.models.rbm import RBMAutoencoder
+from aeserve.models.vae import VAE
 
 # kind -> model class; each class names its config dataclass. Routes and trainers use this, never `if kind == ...`.
 MODEL_KINDS: dict[str, type[Autoencoder]] = {cls.kind: cls for cls in (PCA, LinearAutoencoder, MLPAutoencoder, RBMAutoencoder, ConvAutoencoder, VAE)}

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from aeserve.models.base import Autoencoder
 from torch import nn
-
-from models.base import Autoencoder
 
 
 @dataclass(frozen=True)

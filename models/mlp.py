@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from aeserve.models.base import Autoencoder
 from torch import nn
 from torch.nn import functional as F
-
-from models.base import Autoencoder
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,  # the paper's logistic units

@@ -35,12 +35,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from aeserve.models.small_batches import OnnxEngine
 from torch import nn
 
-from models.small_batches import OnnxEngine
-
 if TYPE_CHECKING:
-    from models.checkpoint import ModelVersion  # which imports this module
+    from aeserve.models.checkpoint import ModelVersion  # which imports this module
 
 log = logging.getLogger("aeserve.onnx")
 
@@ -131,7 +130,7 @@ class EngineExport:
         self._out = tempfile.TemporaryDirectory(prefix="aeserve-onnx-")
         self._stderr = Path(self._out.name) / "stderr.txt"
         with open(self._stderr, "w") as stderr:  # a file, not a pipe: a chatty child never blocks on it
-            self._child = subprocess.Popen([sys.executable, "-m", "models.onnx_engine", self._out.name, *map(str, self.folders)],
+            self._child = subprocess.Popen([sys.executable, "-m", "aeserve.models.onnx_engine", self._out.name, *map(str, self.folders)],
                                            stdout=subprocess.DEVNULL, stderr=stderr)
 
     def attach(self, versions: list[ModelVersion], timeout_s: float = 600,
@@ -196,8 +195,8 @@ class EngineExport:
 
 
 def _child(argv: list[str]) -> None:
-    """``python -m models.onnx_engine OUT FOLDER...``: OUT/i/{graph}.onnx and OUT/i/report.json for the i-th folder."""
-    from models.checkpoint import load_version
+    """``python -m aeserve.models.onnx_engine OUT FOLDER...``: OUT/i/{graph}.onnx and OUT/i/report.json for the i-th folder."""
+    from aeserve.models.checkpoint import load_version
 
     parser = argparse.ArgumentParser(description=_child.__doc__)
     parser.add_argument("out", type=Path)

@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from models.base import Autoencoder
+from aeserve.models.base import Autoencoder
 
 
 @dataclass(frozen=True)

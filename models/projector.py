@@ -16,11 +16,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from aeserve.models.base import config_from_dict
+from aeserve.models.mlp import layer_stack
+from aeserve.models.pca import principal_components
 from torch import nn
-
-from models.base import config_from_dict
-from models.mlp import layer_stack
-from models.pca import principal_components
 
 
 @dataclass(frozen=True)

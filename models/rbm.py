@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from models.mlp import MLPAutoencoder, MLPConfig
+from aeserve.models.mlp import MLPAutoencoder, MLPConfig
 
 
 @dataclass(frozen=True)

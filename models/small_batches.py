@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-
-from models.preprocessing import Preprocessing
+from aeserve.models.preprocessing import Preprocessing
 
 SMALL_BATCH_ROWS = 128
 OPERATIONS = ("encode", "decode", "reconstruct", "project")

@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from aeserve.models.base import Autoencoder
+from aeserve.models.mlp import ACTIVATIONS, layer_stack
 from torch.nn import functional as F
-
-from models.base import Autoencoder
-from models.mlp import ACTIVATIONS, layer_stack
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,16 @@ from pathlib import Path
 
 import orjson
 import torch
+from aeserve.models.registry import Registry
+from aeserve.service.api import health, models, v2
+from aeserve.service.api.operations import operation_target, operations_openapi, serve_operation
+from aeserve.service.auth import require_api_key
+from aeserve.service.batching import Batcher
+from aeserve.service.engine_process import EngineProcess
+from aeserve.service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
+from aeserve.service.metrics import Metrics
+from aeserve.service.settings import Settings
+from aeserve.service.store import ModelStore
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -17,17 +27,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
-
-from models.registry import Registry
-from service.api import health, models, v2
-from service.api.operations import operation_target, operations_openapi, serve_operation
-from service.auth import require_api_key
-from service.batching import Batcher
-from service.engine_process import EngineProcess
-from service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
-from service.metrics import Metrics
-from service.settings import Settings
-from service.store import ModelStore
 
 log = logging.getLogger("aeserve.service")
 HEALTH_PATHS = ("/health/", "/v2/health/")

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import secrets
 
+from aeserve.service.errors import ApiError
 from fastapi import Request
-
-from service.errors import ApiError
 
 
 def check_api_key(expected: str | None, authorization: str | None) -> None:

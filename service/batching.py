@@ -33,8 +33,7 @@ from queue import Empty, SimpleQueue
 from typing import Any, Protocol
 
 import numpy as np
-
-from service.errors import ApiError
+from aeserve.service.errors import ApiError
 
 log = logging.getLogger("aeserve.batching")
 Outputs = tuple[np.ndarray, ...]

@@ -33,8 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """Flags override AESERVE_* environment variables, which override the defaults."""
-    from models.registry import Registry
-    from service.settings import Settings
+    from aeserve.models.registry import Registry
+    from aeserve.service.settings import Settings
 
     flags = {key: value for key, value in vars(args).items()
              if key in Settings.model_fields and key != "registry" and value is not None}
@@ -43,8 +43,7 @@ def settings_from_args(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from service.app import create_app
+    from aeserve.service.app import create_app
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings_from_args(args)

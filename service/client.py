@@ -1,6 +1,6 @@
 """Python client for other apps: numpy arrays in and out, ``.npy`` on the wire, sync and async.
 
-    from service.client import Client
+    from aeserve.service.client import Client
     with Client("http://127.0.0.1:8000") as client:
         result = client.encode("fmnist-mlp30", images)      # images: (n, 28, 28) or (n, 784)
         result.outputs, result.model, result.version

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import orjson
 import simdjson
+from aeserve.service.errors import ApiError
 from starlette.types import Receive
-
-from service.errors import ApiError
 
 NPY = "application/x-npy"
 JSON = "application/json"

@@ -48,13 +48,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from models import small_batches
-from models.preprocessing import Preprocessing
-from models.small_batches import OPERATIONS, SMALL_BATCH_ROWS, OnnxEngine, served_operations
+from aeserve.models import small_batches
+from aeserve.models.preprocessing import Preprocessing
+from aeserve.models.small_batches import OPERATIONS, SMALL_BATCH_ROWS, OnnxEngine, served_operations
 
 if TYPE_CHECKING:
-    from models.checkpoint import ModelVersion
+    from aeserve.models.checkpoint import ModelVersion
 
 log = logging.getLogger("aeserve.engine")
 
@@ -89,7 +88,7 @@ class EngineProcess:
         """Start the child on the running loop (it imports ONNX Runtime while the server loads its models)."""
         parent, child = socket.socketpair()
         try:
-            self._child = subprocess.Popen([sys.executable, "-m", "service.engine_process", str(child.fileno())],
+            self._child = subprocess.Popen([sys.executable, "-m", "aeserve.service.engine_process", str(child.fileno())],
                                            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         finally:
             child.close()

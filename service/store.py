@@ -15,10 +15,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-
-from models.checkpoint import CheckpointError, ModelVersion
-from models.onnx_engine import EngineExport
-from models.registry import NotFoundError, Registry, RegistryError, check_name
+from aeserve.models.checkpoint import CheckpointError, ModelVersion
+from aeserve.models.onnx_engine import EngineExport
+from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name
 
 log = logging.getLogger("aeserve.store")
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from models.registry import Registry
-from training.config import build_run_config
-from training.trainer import train
+from aeserve.models.registry import Registry
+from aeserve.training.config import build_run_config
+from aeserve.training.trainer import train
 
 # Tiny tensors: one thread is faster than two and keeps timings steady on a shared machine.
 torch.set_num_threads(1)
@@ -91,8 +90,8 @@ def onnx_exported(trained_registry: Registry, tmp_path_factory: pytest.TempPathF
     (name -> version, its engine attached where it got one; name -> that engine's graphs, ONNX bytes)."""
     import shutil
 
-    from models.checkpoint import WEIGHTS
-    from models.onnx_engine import EngineExport
+    from aeserve.models.checkpoint import WEIGHTS
+    from aeserve.models.onnx_engine import EngineExport
 
     extra = Registry(tmp_path_factory.mktemp("engine") / "registry")
     config = build_run_config({"name": "tsne", "data": {"source": "digits", "limit": 300}, "model": {"kind": "pca", "code_dim": 6},
@@ -114,7 +113,7 @@ def tamper_version(registry: Registry, name: str, weights: bytes | None = None, 
     """Rewrite version 1's weights and/or manifest fields, keeping the sha256 consistent (a deliberate attack, not corruption)."""
     import json
 
-    from models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
+    from aeserve.models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
 
     folder = registry.version_dir(name, 1)
     manifest = json.loads((folder / MANIFEST).read_text())

@@ -6,15 +6,14 @@ import sys
 from pathlib import Path
 
 import torch
-
-from models.checkpoint import CheckpointError
-from models.registry import NotFoundError, Registry, RegistryError
-from training.config import load_run_config
-from training.data import DataConfig, DataError, load_dataset
-from training.distributed import process_group_from_env, spawn
-from training.evaluate import map_metrics, reconstruction_errors
-from training.report import REPORT_DIR, render_report
-from training.trainer import encode_all, project_codes, train
+from aeserve.models.checkpoint import CheckpointError
+from aeserve.models.registry import NotFoundError, Registry, RegistryError
+from aeserve.training.config import load_run_config
+from aeserve.training.data import DataConfig, DataError, load_dataset
+from aeserve.training.distributed import process_group_from_env, spawn
+from aeserve.training.evaluate import map_metrics, reconstruction_errors
+from aeserve.training.report import REPORT_DIR, render_report
+from aeserve.training.trainer import encode_all, project_codes, train
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -110,7 +109,7 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from models.export import export_onnx
+    from aeserve.models.export import export_onnx
 
     name, _, ref = args.target.partition(":")
     version = Registry(Registry.default_root(args.registry)).load(name, ref or "latest")

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.base import config_from_dict
-from models.kinds import MODEL_KINDS
-from models.projector import PROJECTOR_KINDS
-from training.data import DataConfig
+from aeserve.models.base import config_from_dict
+from aeserve.models.kinds import MODEL_KINDS
+from aeserve.models.projector import PROJECTOR_KINDS
+from aeserve.training.data import DataConfig
 
 
 @dataclass(frozen=True)

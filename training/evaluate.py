@@ -5,10 +5,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from models.base import Autoencoder
-from models.checkpoint import error_quantiles
-from models.pca import PCA, PCAConfig
+from aeserve.models.base import Autoencoder
+from aeserve.models.checkpoint import error_quantiles
+from aeserve.models.pca import PCA, PCAConfig
 
 EVAL_BATCH = 4096
 

@@ -7,8 +7,7 @@ import json
 from typing import Any
 
 import numpy as np
-
-from models.checkpoint import ModelVersion
+from aeserve.models.checkpoint import ModelVersion
 
 REPORT_DIR = "report"
 MAP_POINTS = 5000

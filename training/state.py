@@ -18,8 +18,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
-
-from models.registry import fsync_dir, write_synced
+from aeserve.models.registry import fsync_dir, write_synced
 
 LATEST = "LATEST"
 

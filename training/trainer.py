@@ -9,18 +9,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from aeserve.models.checkpoint import ModelVersion, weights_bytes
+from aeserve.models.kinds import build_model
+from aeserve.models.projector import build_projector, projector_manifest
+from aeserve.models.registry import Registry
+from aeserve.training.config import RunConfig
+from aeserve.training.data import Dataset, load_dataset
+from aeserve.training.distributed import current_world, loss_step
+from aeserve.training.evaluate import EVAL_BATCH, held_out_metrics, map_metrics, reconstruction_errors
+from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
+from aeserve.training.state import TrainingState, run_fingerprint
 from tqdm import tqdm
-
-from models.checkpoint import ModelVersion, weights_bytes
-from models.kinds import build_model
-from models.projector import build_projector, projector_manifest
-from models.registry import Registry
-from training.config import RunConfig
-from training.data import Dataset, load_dataset
-from training.distributed import current_world, loss_step
-from training.evaluate import EVAL_BATCH, held_out_metrics, map_metrics, reconstruction_errors
-from training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
-from training.state import TrainingState, run_fingerprint
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,12 +1,11 @@
 """Liveness, readiness and Prometheus metrics."""
 from __future__ import annotations
 
+from aeserve.service.auth import require_api_key
+from aeserve.service.codec import json_bytes
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import PlainTextResponse, Response
-
-from service.auth import require_api_key
-from service.codec import json_bytes
 
 router = APIRouter(tags=["health"])
 

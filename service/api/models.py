@@ -4,14 +4,13 @@ from __future__ import annotations
 import asyncio
 import re
 
+from aeserve.models.checkpoint import ModelVersion
+from aeserve.models.registry import NotFoundError
+from aeserve.service.codec import JSON, json_bytes
+from aeserve.service.errors import ApiError
+from aeserve.service.store import ModelStore, NotReadyError, valid_name
 from fastapi import APIRouter, Request
 from starlette.responses import Response
-
-from models.checkpoint import ModelVersion
-from models.registry import NotFoundError
-from service.codec import JSON, json_bytes
-from service.errors import ApiError
-from service.store import ModelStore, NotReadyError, valid_name
 
 ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}}
 router = APIRouter(prefix="/v1", tags=["models"], responses={

@@ -14,14 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from aeserve.models.checkpoint import ModelVersion
+from aeserve.service.api.models import lookup
+from aeserve.service.auth import check_api_key
+from aeserve.service.codec import JSON, NPY, body_kind, check_finite_outputs, decode_rows, json_bytes, npy_bytes, read_body, wants_npy
+from aeserve.service.errors import ApiError
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
-
-from models.checkpoint import ModelVersion
-from service.api.models import lookup
-from service.auth import check_api_key
-from service.codec import JSON, NPY, body_kind, check_finite_outputs, decode_rows, json_bytes, npy_bytes, read_body, wants_npy
-from service.errors import ApiError
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 import orjson
+from aeserve.models.checkpoint import ModelVersion
+from aeserve.service.api.models import request_lookup
+from aeserve.service.codec import read_body
+from aeserve.service.errors import ApiError
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 import aeserve
-from models.checkpoint import ModelVersion
-from service.api.models import request_lookup
-from service.codec import read_body
-from service.errors import ApiError
 
 ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], responses={

@@ -2,9 +2,8 @@
 import numpy as np
 import pytest
 import torch
-
-from models.kinds import build_model
-from models.vae import VAE, VAEConfig
+from aeserve.models.kinds import build_model
+from aeserve.models.vae import VAE, VAEConfig
 
 
 def test_conv_accepts_images_only_and_names_the_fix():

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from aeserve.models.checkpoint import load_version
+from aeserve.models.kinds import MODEL_KINDS, build_model
+from aeserve.models.preprocessing import Preprocessing
 
-from models.checkpoint import load_version
-from models.kinds import MODEL_KINDS, build_model
-from models.preprocessing import Preprocessing
 from tests.conftest import KIND_CONFIGS
 
 
@@ -43,7 +43,7 @@ def test_save_load_gives_identical_outputs(kind, trained_registry):
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
 def test_loaded_version_matches_its_manifest_metrics(kind, trained_registry):
     """The stored test error is reproduced by the loaded model on the same held-out data."""
-    from training.data import DataConfig, load_dataset
+    from aeserve.training.data import DataConfig, load_dataset
 
     loaded = trained_registry.load(f"digits-{kind}")
     dataset = load_dataset(DataConfig(**loaded.manifest["training"]["data"]))
@@ -55,7 +55,7 @@ def test_loaded_version_matches_its_manifest_metrics(kind, trained_registry):
 
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
 def test_calls_in_blocks_answer_as_one_call_does(kind, trained_registry, monkeypatch):
-    from models import checkpoint
+    from aeserve.models import checkpoint
 
     version = trained_registry.load(f"digits-{kind}")
     x = np.random.default_rng(2).random((11, 8, 8)).astype(np.float32) * 16

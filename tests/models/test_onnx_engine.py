@@ -6,9 +6,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+from aeserve.models.onnx_engine import EngineExport, mismatch
+from aeserve.models.small_batches import SMALL_BATCH_ROWS
 
-from models.onnx_engine import EngineExport, mismatch
-from models.small_batches import SMALL_BATCH_ROWS
 from tests.conftest import KIND_CONFIGS
 
 pytest.importorskip("onnxruntime")

@@ -1,8 +1,7 @@
 """PCA is numpy's SVD projection, with signs fixed."""
 import numpy as np
 import torch
-
-from models.pca import PCA, PCAConfig
+from aeserve.models.pca import PCA, PCAConfig
 
 
 def _data(n=300, d=20, seed=0):

@@ -2,10 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.manifold import trustworthiness
-from sklearn.neighbors import KNeighborsClassifier
-
-from models.projector import (
+from aeserve.models.projector import (
     PCAProjector,
     TSNEProjector,
     TSNEProjectorConfig,
@@ -15,9 +12,11 @@ from models.projector import (
     nearest_neighbours,
     umap_curve,
 )
-from models.registry import Registry
-from training.config import build_run_config
-from training.trainer import train
+from aeserve.models.registry import Registry
+from aeserve.training.config import build_run_config
+from aeserve.training.trainer import train
+from sklearn.manifold import trustworthiness
+from sklearn.neighbors import KNeighborsClassifier
 
 
 def _data(n=300, d=6, seed=0):

@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from aeserve.models.rbm import RBM, RBMAutoencoder, RBMConfig, reconstruction_error, train_rbm
+from aeserve.training.config import build_run_config
+from aeserve.training.trainer import fit
 from sklearn.datasets import load_digits
-
-from models.rbm import RBM, RBMAutoencoder, RBMConfig, reconstruction_error, train_rbm
-from training.config import build_run_config
-from training.trainer import fit
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, sha256_bytes
+from aeserve.models.registry import NotFoundError, Registry, RegistryError
+from aeserve.training.trainer import train
 
-from models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, sha256_bytes
-from models.registry import NotFoundError, Registry, RegistryError
 from tests.conftest import digits_run, tamper_version
-from training.trainer import train
 
 
 @pytest.fixture

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from aeserve.models.registry import Registry
+from aeserve.service.app import create_app
+from aeserve.service.settings import Settings
 from fastapi.testclient import TestClient
-
-from models.registry import Registry
-from service.app import create_app
-from service.settings import Settings
 
 DEVICE = os.environ.get("AESERVE_TEST_DEVICE", "cpu")
 
@@ -108,7 +107,7 @@ class Traffic:
         self._threads = [threading.Thread(target=self._loop) for _ in range(threads)]
 
     def _loop(self) -> None:
-        from service.client import Client
+        from aeserve.service.client import Client
 
         with Client(self.url) as client:
             while not self._stop.is_set():

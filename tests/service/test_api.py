@@ -177,8 +177,9 @@ def test_metrics_count_requests_by_model_version_op_status(api):
 
 
 def test_reload_picks_up_new_versions_and_refuses_corrupt_ones(api, service_registry):
+    from aeserve.training.trainer import train
+
     from tests.conftest import digits_run
-    from training.trainer import train
 
     train(digits_run("digits-pca", "pca"), service_registry, progress=False)
     train(digits_run("digits-pca", "pca"), service_registry, progress=False)
@@ -220,9 +221,8 @@ def test_npy_edge_cases(api, service_registry):
 
 
 def test_latency_histogram_buckets_are_cumulative():
+    from aeserve.service.metrics import Metrics
     from prometheus_client import generate_latest
-
-    from service.metrics import Metrics
 
     metrics = Metrics()
     for seconds in (0.0004, 0.003, 0.003, 20.0):
@@ -241,8 +241,7 @@ def test_latency_histogram_buckets_are_cumulative():
 
 def test_small_model_calls_run_on_one_torch_thread():
     import torch
-
-    from service.app import IntraOpThreads
+    from aeserve.service.app import IntraOpThreads
 
     before = torch.get_num_threads()
     choose = IntraOpThreads(threads=2)
@@ -260,9 +259,8 @@ def test_small_model_calls_run_on_one_torch_thread():
 @pytest.mark.skipif(DEVICE != "cpu", reason="the ONNX engine serves the CPU only")
 def test_small_batches_are_served_by_the_engine_process_by_torch_when_it_dies_then_by_a_new_one(service_registry, monkeypatch):
     import httpx
-
-    from service import app as app_module
-    from service.client import Client
+    from aeserve.service import app as app_module
+    from aeserve.service.client import Client
 
     monkeypatch.setattr(app_module, "ENGINE_RESTART_S", (1.0, 60.0))  # a second before the new child starts
     with LiveServer(service_registry, engine="onnx", models="digits-mlp", poll_seconds=0) as server, Client(server.url) as client:
@@ -318,8 +316,8 @@ def test_small_batches_are_served_by_the_onnx_engine_in_the_server(service_regis
 
 
 def test_new_versions_serve_before_their_engine_arrives(service_registry, monkeypatch):
-    from service import store as store_module
-    from service.store import ModelStore
+    from aeserve.service import store as store_module
+    from aeserve.service.store import ModelStore
 
     exports = []
 
@@ -348,8 +346,7 @@ def test_a_refresh_runs_torch_on_its_own_thread_alone(service_registry, monkeypa
     import threading
 
     import torch
-
-    from service.store import ModelStore
+    from aeserve.service.store import ModelStore
 
     during, after, load = [], [], service_registry.load
 
@@ -371,8 +368,8 @@ def test_a_refresh_runs_torch_on_its_own_thread_alone(service_registry, monkeypa
 
 
 def test_a_refresh_that_fails_after_loading_stops_its_export(service_registry, monkeypatch):
-    from service import store as store_module
-    from service.store import ModelStore
+    from aeserve.service import store as store_module
+    from aeserve.service.store import ModelStore
 
     closed = []
 

@@ -4,9 +4,8 @@ import threading
 
 import numpy as np
 import pytest
-
-from service.batching import Batcher, ModelThreads
-from service.errors import ApiError
+from aeserve.service.batching import Batcher, ModelThreads
+from aeserve.service.errors import ApiError
 
 
 class Doubler:

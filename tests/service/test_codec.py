@@ -7,9 +7,8 @@ import json
 import numpy as np
 import orjson
 import pytest
-
-from service.codec import JSON, NPY, _plain_rows, decode_rows, read_body
-from service.errors import ApiError
+from aeserve.service.codec import JSON, NPY, _plain_rows, decode_rows, read_body
+from aeserve.service.errors import ApiError
 
 
 def general(body: bytes) -> np.ndarray:

@@ -5,9 +5,9 @@ import asyncio
 
 import numpy as np
 import pytest
+from aeserve.models.small_batches import SMALL_BATCH_ROWS
+from aeserve.service.engine_process import EngineProcess, EngineProcessError
 
-from models.small_batches import SMALL_BATCH_ROWS
-from service.engine_process import EngineProcess, EngineProcessError
 from tests.conftest import KIND_CONFIGS
 
 pytest.importorskip("onnxruntime")

@@ -5,12 +5,12 @@ Seeded and bounded for CI; a larger run: AESERVE_FUZZ_EXAMPLES=500 pytest tests/
 import os
 
 import pytest
+from aeserve.models.registry import Registry
+from aeserve.training.trainer import train
 from hypothesis import HealthCheck, given, settings
 
-from models.registry import Registry
 from tests.conftest import digits_run
 from tests.service.conftest import make_client, wait_ready
-from training.trainer import train
 
 schemathesis = pytest.importorskip("schemathesis")
 

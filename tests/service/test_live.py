@@ -5,11 +5,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+from aeserve.service.client import AeserveError, AsyncClient, Client
+from aeserve.training.trainer import train
 
-from service.client import AeserveError, AsyncClient, Client
 from tests.conftest import KIND_CONFIGS, digits_run
 from tests.service.conftest import DEVICE, LiveServer, Traffic, wait_for_metric
-from training.trainer import train
 
 IMAGES = (np.random.default_rng(1).random((6, 8, 8)) * 16).astype(np.float32)
 
@@ -59,7 +59,7 @@ def test_a_big_npy_request_over_real_http(live, service_registry):
 
 
 def test_small_integers_cross_as_they_are_and_answer_as_float32(live, service_registry):
-    from service.client import _NpyBody
+    from aeserve.service.client import _NpyBody
 
     def sent(array):
         return np.load(io.BytesIO(b"".join(_NpyBody(array))))
@@ -82,7 +82,7 @@ def test_small_integers_cross_as_they_are_and_answer_as_float32(live, service_re
 async def test_the_client_sends_what_np_save_writes_with_its_length(shape):
     """The client sends the array's memory in pieces (no copy of a big batch before the socket); the server must
     still see one .npy body, as np.save writes it, with a Content-Length and no chunked framing, sync and async."""
-    from service.client import PIECE_BYTES
+    from aeserve.service.client import PIECE_BYTES
 
     array = np.random.default_rng(4).random(shape)  # float64: crosses as float32
     expected = io.BytesIO()

@@ -1,12 +1,12 @@
 """Data loaders: real formats on files made here, and errors that name the file and the problem."""
 import numpy as np
 import pytest
+from aeserve.models.registry import Registry
+from aeserve.training.config import build_run_config
+from aeserve.training.data import DataConfig, DataError, load_dataset, read_idx
+from aeserve.training.trainer import train
 
-from models.registry import Registry
 from tests.conftest import write_idx
-from training.config import build_run_config
-from training.data import DataConfig, DataError, load_dataset, read_idx
-from training.trainer import train
 
 
 def test_fashion_mnist_idx_files(fmnist_dir):

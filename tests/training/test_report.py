@@ -1,9 +1,10 @@
 """Reports: written with every version and by `aeserve eval`, with real figures."""
 import json
 
+from aeserve.training.config import build_run_config
+from aeserve.training.trainer import train
+
 from aeserve.cli import main
-from training.config import build_run_config
-from training.trainer import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,9 +7,8 @@ import time
 
 import pytest
 import torch
-
-from models.registry import Registry
-from training.state import LATEST, TrainingState
+from aeserve.models.registry import Registry
+from aeserve.training.state import LATEST, TrainingState
 
 RUN = ["configs/digits-mlp8.toml", "--quiet", "--set", "train.epochs=40", "--set", "train.report=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every run: bitwise-equal sums
@@ -69,7 +68,7 @@ def test_a_write_interrupted_midway_leaves_the_previous_state(tmp_path, monkeypa
     def killed(*args):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr("training.state.os.replace", killed)
+    monkeypatch.setattr("aeserve.training.state.os.replace", killed)
     with pytest.raises(KeyboardInterrupt):
         state.save(2, model, optimiser, None, shuffle, [{"epoch": 1}, {"epoch": 2}], {})
     monkeypatch.undo()

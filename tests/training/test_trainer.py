@@ -4,11 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aeserve.models.registry import Registry
+from aeserve.training.config import load_run_config, parse_override
+from aeserve.training.trainer import train
 
-from models.registry import Registry
 from tests.conftest import digits_run
-from training.config import load_run_config, parse_override
-from training.trainer import train
 
 
 def test_same_seed_gives_same_weights_sha256(tmp_path):
@@ -76,7 +76,7 @@ def test_map_metrics_are_measured_for_labelled_data(trained_registry):
 
 
 def test_map_metrics_on_a_perfect_and_a_useless_map():
-    from training.evaluate import map_metrics
+    from aeserve.training.evaluate import map_metrics
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 30)
