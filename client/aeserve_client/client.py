@@ -1,0 +1,193 @@
+"""Blocking and asyncio clients with the same calls: encode, decode, reconstruct, project, models, manifest, ready.
+
+Both retry an answer of 503 or 429 (the server is overloaded) a bounded number of times, waiting what its
+``Retry-After`` says, and split an array of more rows than the server takes in one request into several requests,
+joining the answers in order.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import numpy as np
+
+from aeserve_client import wire
+from aeserve_client.wire import Result
+
+DEFAULT_MAX_ROWS = 65_536  # the server's default `max_rows`
+RETRY_STATUSES = frozenset({429, 503})
+
+# Looked up at each wait, so tests can replace them.
+_sleep: Callable[[float], None] = time.sleep
+_async_sleep = asyncio.sleep
+
+
+class _Options:
+    """The retry and splitting settings shared by Client and AsyncClient, checked when the client is built."""
+
+    def __init__(self, max_retries: int, max_retry_wait: float, max_rows: int) -> None:
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries={max_retries!r}: must be a whole number >= 0 (0 turns retries off)")
+        if not max_retry_wait >= 0:
+            raise ValueError(f"max_retry_wait={max_retry_wait!r}: must be a number of seconds >= 0")
+        if not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows={max_rows!r}: must be a whole number >= 1, at most the server's max_rows (default {DEFAULT_MAX_ROWS})")
+        self.max_retries, self.max_retry_wait, self.max_rows = max_retries, float(max_retry_wait), max_rows
+
+    def wait(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before sending the request again, or None to keep this answer. ``attempt``: retries so far."""
+        if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+            return None
+        seconds = wire.retry_after_seconds(response.headers.get("Retry-After"))
+        if seconds is None:  # no usable Retry-After: back off 0.5 s, 1 s, 2 s, ...
+            seconds = 0.5 * 2 ** attempt
+        return min(seconds, self.max_retry_wait)
+
+    def slices(self, array: np.ndarray) -> Iterator[np.ndarray]:
+        """``array`` (n, ...) in consecutive slices of at most max_rows rows (views, no copies)."""
+        if array.ndim == 0 or len(array) <= self.max_rows:
+            yield array
+            return
+        for start in range(0, len(array), self.max_rows):
+            yield array[start:start + self.max_rows]
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Client:
+    """Blocking client. Raises an AeserveError subclass for error answers (OverloadedError once retries run out).
+
+    max_retries: how often a 503 or 429 answer is retried (0: never); each wait is the server's ``Retry-After``,
+    at most max_retry_wait seconds. max_rows: the most rows sent in one request, at most the server's ``max_rows``;
+    bigger arrays go out as several requests, all to the version that answered the first.
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None, *, max_retries: int = 3, max_retry_wait: float = 10.0,
+                 max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        self._options = _Options(max_retries, max_retry_wait, max_rows)
+        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
+
+    def _send(self, method: str, url: str, **kwargs) -> httpx.Response:
+        attempt = 0
+        while True:
+            response = self._http.request(method, url, **kwargs)
+            wait = self._options.wait(response, attempt)
+            if wait is None:
+                return response
+            _sleep(wait)
+            attempt += 1
+
+    def _call(self, op: str, name: str, array: np.ndarray, version: str | int | None) -> Result:
+        parts = []
+        for rows in self._options.slices(np.asarray(array)):
+            body, headers = wire.npy_request(op, rows)
+            parts.append(wire.result(self._send("POST", wire.path(name, op, version), content=body, headers=headers)))
+            version = parts[-1].version or version  # the other slices go to the version that answered the first
+        return wire.join(parts)
+
+    def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        """x (n, *input_shape) or (n, prod(input_shape)) -> codes (n, code_dim), float32."""
+        return self._call("encode", name, x, version)
+
+    def decode(self, name: str, codes: np.ndarray, version: str | int | None = None) -> Result:
+        """codes (n, code_dim) -> data (n, *input_shape), float32."""
+        return self._call("decode", name, codes, version)
+
+    def reconstruct(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        """x (n, ...) -> reconstructions (n, *input_shape), with errors (n,) and percentiles (n,), float32."""
+        return self._call("reconstruct", name, x, version)
+
+    def project(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        """x (n, ...) -> 2-D map coordinates (n, 2), float32."""
+        return self._call("project", name, x, version)
+
+    def models(self) -> list[dict]:
+        response = self._send("GET", "/v1/models")
+        wire.check(response)
+        return response.json()["models"]
+
+    def manifest(self, name: str, version: str | int | None = None) -> dict:
+        response = self._send("GET", f"/v1/models/{name}" if version is None else f"/v1/models/{name}/versions/{version}")
+        wire.check(response)
+        return response.json()
+
+    def ready(self) -> bool:
+        return self._http.get("/health/ready").status_code == 200
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Asyncio client with the same calls and settings as Client."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None, *, max_retries: int = 3, max_retry_wait: float = 10.0,
+                 max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        self._options = _Options(max_retries, max_retry_wait, max_rows)
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
+
+    async def _send(self, method: str, url: str, body: wire._NpyBody | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        attempt = 0
+        while True:
+            # A fresh iterator over the same memory for each attempt: an async generator runs only once.
+            content = None if body is None else wire.async_pieces(body)
+            response = await self._http.request(method, url, content=content, headers=headers)
+            wait = self._options.wait(response, attempt)
+            if wait is None:
+                return response
+            await _async_sleep(wait)
+            attempt += 1
+
+    async def _call(self, op: str, name: str, array: np.ndarray, version: str | int | None) -> Result:
+        parts = []
+        for rows in self._options.slices(np.asarray(array)):
+            body, headers = wire.npy_request(op, rows)
+            parts.append(wire.result(await self._send("POST", wire.path(name, op, version), body, headers)))
+            version = parts[-1].version or version  # the other slices go to the version that answered the first
+        return wire.join(parts)
+
+    async def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("encode", name, x, version)
+
+    async def decode(self, name: str, codes: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("decode", name, codes, version)
+
+    async def reconstruct(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("reconstruct", name, x, version)
+
+    async def project(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("project", name, x, version)
+
+    async def models(self) -> list[dict]:
+        response = await self._send("GET", "/v1/models")
+        wire.check(response)
+        return response.json()["models"]
+
+    async def manifest(self, name: str, version: str | int | None = None) -> dict:
+        response = await self._send("GET", f"/v1/models/{name}" if version is None else f"/v1/models/{name}/versions/{version}")
+        wire.check(response)
+        return response.json()
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/health/ready")).status_code == 200
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

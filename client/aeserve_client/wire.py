@@ -1,0 +1,132 @@
+"""What crosses the wire: the ``.npy`` request body, the answer as a Result, error answers as exceptions."""
+from __future__ import annotations
+
+import email.utils
+import io
+import math
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import numpy as np
+
+from aeserve_client.errors import error_for
+
+NPY = "application/x-npy"
+PIECE_BYTES = 1 << 18
+
+
+@dataclass
+class Result:
+    outputs: np.ndarray  # float32; codes (n, code_dim), data (n, *input_shape) or coordinates (n, 2)
+    model: str
+    version: str
+    errors: np.ndarray | None = None  # reconstruct only: (n,) summed squared errors
+    percentiles: np.ndarray | None = None  # reconstruct only: (n,) 0-100 among held-out errors
+
+
+def path(name: str, op: str, version: str | int | None) -> str:
+    return f"/v1/models/{name}/{op}" if version is None else f"/v1/models/{name}/versions/{version}/{op}"
+
+
+def _wire_dtype(dtype: np.dtype) -> np.dtype:
+    """Integers of one or two bytes (pixels, say) and float16 cross as they are, and the server widens them to float32
+    exactly: a batch of uint8 images is a quarter of its float32 size. Everything else crosses as float32, which is
+    what the model computes in."""
+    if (dtype.kind in "iu" and dtype.itemsize <= 2) or dtype == np.float16:
+        return dtype
+    return np.dtype(np.float32)
+
+
+class _NpyBody:
+    """A ``.npy`` body as its header, then slices of the array's own memory: nothing is copied before the socket.
+
+    Saving the array into a buffer copies it, and httpx joins a ``bytes`` body
+    with its framing into one more fresh copy; for a large batch those copies
+    are a visible share of the call. Each 256 KB piece is copied once by the
+    HTTP layer, while it is still in cache. The object can be iterated again,
+    so a request can be sent again (retries).
+    """
+
+    def __init__(self, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        array = np.ascontiguousarray(array, dtype=_wire_dtype(array.dtype))
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+        self.header = header.getvalue()
+        self.data = memoryview(array.reshape(-1).view(np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.header) + len(self.data)
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        yield self.header
+        for start in range(0, len(self.data), PIECE_BYTES):
+            yield self.data[start:start + PIECE_BYTES]
+
+
+async def async_pieces(body: _NpyBody) -> AsyncIterator[bytes | memoryview]:
+    for piece in body:
+        yield piece
+
+
+def npy_request(op: str, array: np.ndarray) -> tuple[_NpyBody, dict[str, str]]:
+    """The body and headers of one operation on ``array`` (n, ...)."""
+    # reconstruct answers errors and percentiles too, which only the JSON answer carries.
+    accept = "application/json" if op == "reconstruct" else NPY
+    body = _NpyBody(array)
+    return body, {"Content-Type": NPY, "Accept": accept, "Content-Length": str(len(body))}
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now: a number of seconds or an HTTP date (RFC 9110, 10.2.3); None when absent or
+    unreadable."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def check(response: httpx.Response) -> None:
+    """Raise the matching AeserveError subclass for an error answer."""
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
+    except ValueError:
+        detail = response.text
+    raise error_for(response.status_code, str(detail), retry_after_seconds(response.headers.get("Retry-After")))
+
+
+def result(response: httpx.Response) -> Result:
+    check(response)
+    model, version = response.headers.get("X-Model-Name", ""), response.headers.get("X-Model-Version", "")
+    if response.headers.get("content-type", "").startswith(NPY):
+        return Result(np.load(io.BytesIO(response.content), allow_pickle=False), model, version)
+    body = response.json()
+    optional = {k: np.asarray(body[k], dtype=np.float32) for k in ("errors", "percentiles") if k in body}
+    return Result(np.asarray(body["outputs"], dtype=np.float32), body["model"], body["version"], **optional)
+
+
+def join(parts: list[Result]) -> Result:
+    """The answers to consecutive row slices as one answer, rows in order."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def joined(field: str) -> np.ndarray | None:
+        values = [getattr(part, field) for part in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    first = parts[0]
+    return Result(np.concatenate([part.outputs for part in parts]), first.model, first.version, joined("errors"), joined("percentiles"))
