@@ -8,14 +8,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from aeserve.models.config import Config
 
-def config_from_dict(config_class: type, values: dict[str, Any]):
-    """Build a config dataclass, naming unknown keys and the keys that are allowed."""
-    allowed = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ValueError(f"unknown {config_class.__name__} key(s) {unknown}; allowed: {sorted(allowed)}")
-    return config_class(**values)
+
+class ModelConfig(Config):
+    """Base of each kind's config dataclass: its keys are the [model] table's."""
+
+    section = "model"
 
 
 class Autoencoder(nn.Module):
@@ -26,7 +25,7 @@ class Autoencoder(nn.Module):
     """
 
     kind: ClassVar[str]
-    config_class: ClassVar[type]
+    config_class: ClassVar[type[ModelConfig]]
 
     def __init__(self, config: Any, input_shape: tuple[int, ...]) -> None:
         super().__init__()

@@ -3,28 +3,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
-from aeserve.models.base import Autoencoder
-from aeserve.models.mlp import ACTIVATIONS
+from annotated_types import MinLen
 from torch import nn
 from torch.nn import functional as F
 
+from aeserve.models.base import Autoencoder, ModelConfig
+from aeserve.models.config import Size, Sizes
+from aeserve.models.mlp import ACTIVATIONS, Activation
+
 
 @dataclass(frozen=True)
-class ConvConfig:
-    code_dim: int = 64
-    channels: tuple[int, ...] = (32, 64)  # one stride-2 stage each: every stage halves height and width
-    activation: str = "gelu"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if self.code_dim < 1:
-            raise ValueError(f"model.code_dim must be >= 1, got {self.code_dim}")
-        if not self.channels or any(c < 1 for c in self.channels):
-            raise ValueError(f"model.channels must be a non-empty list of sizes >= 1, got {list(self.channels)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+class ConvConfig(ModelConfig):
+    code_dim: Size = 64
+    channels: Annotated[Sizes, MinLen(1)] = (32, 64)  # one stride-2 stage each: every stage halves height and width
+    activation: Activation = "gelu"
 
 
 def image_shape(input_shape: tuple[int, ...], stages: int) -> tuple[int, int, int]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aeserve.models.base import Autoencoder, config_from_dict
+from aeserve.models.base import Autoencoder
 from aeserve.models.conv import ConvAutoencoder
 from aeserve.models.linear import LinearAutoencoder
 from aeserve.models.mlp import MLPAutoencoder
@@ -20,7 +20,7 @@ def build_model(kind: str, config: dict[str, Any], input_shape: tuple[int, ...])
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; allowed: {sorted(MODEL_KINDS)}")
     cls = MODEL_KINDS[kind]
-    return cls(config_from_dict(cls.config_class, config), tuple(input_shape))
+    return cls(cls.config_class.from_dict(config, kind), tuple(input_shape))
 
 
 __all__ = ["MODEL_KINDS", "build_model"]

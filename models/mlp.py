@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from aeserve.models.base import Autoencoder
 from torch import nn
 from torch.nn import functional as F
+
+from aeserve.models.base import Autoencoder, ModelConfig
+from aeserve.models.config import Size, Sizes
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,  # the paper's logistic units
@@ -16,28 +19,17 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
 }
-OUTPUTS = ("sigmoid", "linear")
+Activation = Literal[tuple(ACTIVATIONS)]
 
 
 @dataclass(frozen=True)
-class MLPConfig:
-    code_dim: int = 30
-    hidden: tuple[int, ...] = (1000, 500, 250)
-    activation: str = "gelu"
+class MLPConfig(ModelConfig):
+    code_dim: Size = 30
+    hidden: Sizes = (1000, 500, 250)
+    activation: Activation = "gelu"
     # "sigmoid": reconstructions in [0, 1], trained with cross-entropy as in the paper;
     # "linear": unbounded reconstructions, trained with squared error.
-    output: str = "sigmoid"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if self.code_dim < 1:
-            raise ValueError(f"model.code_dim must be >= 1, got {self.code_dim}")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"model.hidden sizes must be >= 1, got {list(self.hidden)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if self.output not in OUTPUTS:
-            raise ValueError(f"model.output {self.output!r} is not one of {list(OUTPUTS)}")
+    output: Literal["sigmoid", "linear"] = "sigmoid"
 
 
 def layer_stack(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:

@@ -4,16 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from aeserve.models.base import Autoencoder
+
+from aeserve.models.base import Autoencoder, ModelConfig
+from aeserve.models.config import Size
 
 
 @dataclass(frozen=True)
-class PCAConfig:
-    code_dim: int = 30
-
-    def __post_init__(self) -> None:
-        if self.code_dim < 1:
-            raise ValueError(f"model.code_dim must be >= 1, got {self.code_dim}")
+class PCAConfig(ModelConfig):
+    code_dim: Size = 30
 
 
 def principal_components(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,18 +12,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
-from aeserve.models.base import config_from_dict
+from annotated_types import Ge, Interval
+from torch import nn
+
+from aeserve.models.config import Config, Count, Positive, Size, Sizes
 from aeserve.models.mlp import layer_stack
 from aeserve.models.pca import principal_components
-from torch import nn
+
+
+class ProjectorConfig(Config):
+    """Base of each projector kind's config dataclass: its keys are the [projector] table's."""
+
+    section = "projector"
 
 
 @dataclass(frozen=True)
-class PCAProjectorConfig:
+class PCAProjectorConfig(ProjectorConfig):
     pass
 
 
@@ -31,7 +39,7 @@ class PCAProjector(nn.Module):
     """Affine map from codes (n, code_dim) to map coordinates (n, 2), float32."""
 
     kind: ClassVar[str] = "pca"
-    config_class: ClassVar[type] = PCAProjectorConfig
+    config_class: ClassVar[type[ProjectorConfig]] = PCAProjectorConfig
 
     def __init__(self, code_dim: int, config: PCAProjectorConfig | None = None) -> None:
         super().__init__()
@@ -56,23 +64,15 @@ class PCAProjector(nn.Module):
 
 
 @dataclass(frozen=True)
-class UMAPProjectorConfig:
-    n_neighbors: int = 15
-    hidden: tuple[int, ...] = (256, 256)
-    epochs: int = 20
-    batch_size: int = 2048  # neighbour pairs per step
-    negatives: int = 5  # random pairs pushed apart per neighbour pair
-    lr: float = 1e-3
-    min_dist: float = 0.1
-    max_points: int = 60_000  # fit on at most this many training codes
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        for key in ("n_neighbors", "epochs", "batch_size", "negatives", "max_points"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"projector.{key} must be >= 1, got {getattr(self, key)}")
-        if not (self.lr > 0 and 0 <= self.min_dist < 1):
-            raise ValueError(f"projector.lr must be > 0 and projector.min_dist in [0, 1), got {self.lr} and {self.min_dist}")
+class UMAPProjectorConfig(ProjectorConfig):
+    n_neighbors: Size = 15
+    hidden: Sizes = (256, 256)
+    epochs: Size = 20
+    batch_size: Size = 2048  # neighbour pairs per step
+    negatives: Size = 5  # random pairs pushed apart per neighbour pair
+    lr: Positive = 1e-3
+    min_dist: Annotated[float, Interval(ge=0, lt=1)] = 0.1
+    max_points: Size = 60_000  # fit on at most this many training codes
 
 
 def umap_curve(min_dist: float, spread: float = 1.0) -> tuple[float, float]:
@@ -110,7 +110,7 @@ class UMAPProjector(nn.Module):
     """Network codes (n, code_dim) -> (n, 2): standardise, then an MLP trained on the neighbour graph."""
 
     kind: ClassVar[str] = "umap"
-    config_class: ClassVar[type] = UMAPProjectorConfig
+    config_class: ClassVar[type[ProjectorConfig]] = UMAPProjectorConfig
 
     def __init__(self, code_dim: int, config: UMAPProjectorConfig | None = None) -> None:
         super().__init__()
@@ -162,20 +162,17 @@ class UMAPProjector(nn.Module):
 
 
 @dataclass(frozen=True)
-class TSNEProjectorConfig:
-    perplexity: float = 30.0
-    dof: float = 1.0  # degrees of freedom of the map's Student-t kernel; below 1 separates clusters more
-    neighbours: int = 8  # a new point goes to the medoid of its this many nearest training codes' map positions
-    max_points: int = 60_000  # lay out at most this many training codes
-    points: int = 0  # set by fit: how many training codes the map keeps
+class TSNEProjectorConfig(ProjectorConfig):
+    perplexity: Positive = 30.0
+    dof: Positive = 1.0  # degrees of freedom of the map's Student-t kernel; below 1 separates clusters more
+    neighbours: Size = 8  # a new point goes to the medoid of its this many nearest training codes' map positions
+    max_points: Annotated[int, Ge(2)] = 60_000  # lay out at most this many training codes
+    points: Count = 0  # set by fit: how many training codes the map keeps
 
     def __post_init__(self) -> None:
-        if not (self.perplexity > 0 and self.dof > 0):
-            raise ValueError(f"projector.perplexity and projector.dof must be > 0, got {self.perplexity} and {self.dof}")
-        if self.neighbours < 1:
-            raise ValueError(f"projector.neighbours must be >= 1, got {self.neighbours}")
-        if self.max_points < 2 or not 0 <= self.points <= self.max_points:
-            raise ValueError(f"projector.max_points must be >= 2 and points in [0, max_points], got {self.max_points} and {self.points}")
+        super().__post_init__()
+        if self.points > self.max_points:  # a relation between two keys, which field types cannot state
+            raise ValueError(f"projector.points must be <= projector.max_points = {self.max_points}, got {self.points}")
 
 
 class TSNEProjector(nn.Module):
@@ -190,7 +187,7 @@ class TSNEProjector(nn.Module):
     """
 
     kind: ClassVar[str] = "tsne"
-    config_class: ClassVar[type] = TSNEProjectorConfig
+    config_class: ClassVar[type[ProjectorConfig]] = TSNEProjectorConfig
     chunk: ClassVar[int] = 128  # queries per distance block (128 x 60k floats, 31 MB): the fastest size measured
 
     def __init__(self, code_dim: int, config: TSNEProjectorConfig | None = None) -> None:
@@ -244,7 +241,7 @@ def build_projector(kind: str, code_dim: int, config: dict[str, Any] | None = No
     if kind not in PROJECTOR_KINDS:
         raise ValueError(f"unknown projector kind {kind!r}; allowed: {sorted(PROJECTOR_KINDS)}")
     cls = PROJECTOR_KINDS[kind]
-    return cls(code_dim, config_from_dict(cls.config_class, config or {}))
+    return cls(code_dim, cls.config_class.from_dict(config or {}, kind))
 
 
 def projector_manifest(projector: nn.Module) -> dict[str, Any]:

@@ -14,32 +14,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from aeserve.models.base import ModelConfig
+from aeserve.models.config import Count, NonNegative, Positive, Size, Sizes
 from aeserve.models.mlp import MLPAutoencoder, MLPConfig
 
 
 @dataclass(frozen=True)
-class RBMConfig:
-    code_dim: int = 30
-    hidden: tuple[int, ...] = (1000, 500, 250)
+class RBMConfig(ModelConfig):
+    code_dim: Size = 30
+    hidden: Sizes = (1000, 500, 250)
     pretrain: bool = True  # False: the same network from random initialisation (the comparison run)
-    pretrain_epochs: int = 10
-    pretrain_batch_size: int = 100
-    pretrain_lr: float = 0.1
-    top_lr: float = 0.001
-    weight_cost: float = 2e-4
+    pretrain_epochs: Count = 10
+    pretrain_batch_size: Size = 100
+    pretrain_lr: Positive = 0.1
+    top_lr: Positive = 0.001
+    weight_cost: NonNegative = 2e-4
     initial_momentum: float = 0.5
     final_momentum: float = 0.9
-    momentum_switch_epoch: int = 5
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if self.code_dim < 1 or any(h < 1 for h in self.hidden):
-            raise ValueError(f"model.code_dim and model.hidden sizes must be >= 1, got {self.code_dim} and {list(self.hidden)}")
-        for key in ("pretrain_epochs", "pretrain_batch_size", "momentum_switch_epoch"):
-            if getattr(self, key) < (0 if key != "pretrain_batch_size" else 1):
-                raise ValueError(f"model.{key} must be >= {0 if key != 'pretrain_batch_size' else 1}, got {getattr(self, key)}")
-        if not (self.pretrain_lr > 0 and self.top_lr > 0 and self.weight_cost >= 0):
-            raise ValueError("model.pretrain_lr and model.top_lr must be > 0 and model.weight_cost >= 0")
+    momentum_switch_epoch: Count = 5
 
 
 @dataclass

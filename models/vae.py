@@ -8,26 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from aeserve.models.base import Autoencoder
-from aeserve.models.mlp import ACTIVATIONS, layer_stack
 from torch.nn import functional as F
+
+from aeserve.models.base import Autoencoder, ModelConfig
+from aeserve.models.config import NonNegative, Size, Sizes
+from aeserve.models.mlp import ACTIVATIONS, Activation, layer_stack
 
 
 @dataclass(frozen=True)
-class VAEConfig:
-    code_dim: int = 16
-    hidden: tuple[int, ...] = (512, 256)
-    activation: str = "gelu"
-    beta: float = 1.0  # weight of the KL term (1: the true ELBO)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if self.code_dim < 1 or any(h < 1 for h in self.hidden):
-            raise ValueError(f"model.code_dim and model.hidden sizes must be >= 1, got {self.code_dim} and {list(self.hidden)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if not self.beta >= 0:
-            raise ValueError(f"model.beta must be >= 0, got {self.beta}")
+class VAEConfig(ModelConfig):
+    code_dim: Size = 16
+    hidden: Sizes = (512, 256)
+    activation: Activation = "gelu"
+    beta: NonNegative = 1.0  # weight of the KL term (1: the true ELBO)
 
 
 class VAE(Autoencoder):

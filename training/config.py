@@ -5,37 +5,31 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from aeserve.models.base import config_from_dict
+from aeserve.models.config import Config, Count, NonNegative, Positive, Size
 from aeserve.models.kinds import MODEL_KINDS
 from aeserve.models.projector import PROJECTOR_KINDS
 from aeserve.training.data import DataConfig
 
+# The kind of a [model] or [projector] table that names none; tables with a kind and their kinds by name.
+DEFAULT_KINDS = {"model": "mlp", "projector": "pca"}
+KINDS: dict[str, dict[str, Any]] = {"model": MODEL_KINDS, "projector": PROJECTOR_KINDS}
+
 
 @dataclass(frozen=True)
-class TrainParams:
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
+class TrainParams(Config):
+    section = "train"
+
+    epochs: Count = 20
+    batch_size: Size = 256
+    lr: Positive = 1e-3
     seed: int = 0
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     # "onecycle": warm up then anneal (fast convergence on a fixed budget); "constant": plain Adam.
-    schedule: str = "onecycle"
+    schedule: Literal["onecycle", "constant"] = "onecycle"
     # Write report/ (Markdown + PNG figures) into the version folder.
     report: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"train.epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in ("onecycle", "constant"):
-            raise ValueError(f"train.schedule {self.schedule!r} is not one of ['constant', 'onecycle']")
 
 
 @dataclass(frozen=True)
@@ -86,27 +80,31 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ValueError(f"unknown top-level key(s) {unknown}; allowed: ['data', 'model', 'name', 'projector', 'train']")
     model = _section(values, "model")
-    kind = model.pop("kind", "mlp")
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"model.kind {kind!r} is not one of {sorted(MODEL_KINDS)}")
-    config_from_dict(MODEL_KINDS[kind].config_class, model)  # validate now, before any data is loaded
+    kind = _kind(model, "model")
+    MODEL_KINDS[kind].config_class.from_dict(model, kind)  # validate now, before any data is loaded
     projector = _section(values, "projector")
-    projector_kind = projector.pop("kind", "pca")
-    if projector_kind not in PROJECTOR_KINDS:
-        raise ValueError(f"projector.kind {projector_kind!r} is not one of {sorted(PROJECTOR_KINDS)}")
-    config_from_dict(PROJECTOR_KINDS[projector_kind].config_class, projector)
+    projector_kind = _kind(projector, "projector")
+    PROJECTOR_KINDS[projector_kind].config_class.from_dict(projector, projector_kind)
     name = values.get("name")
     if not name:
         raise ValueError("the config needs a name (top-level `name = ...` or --name)")
     return RunConfig(
         name=str(name),
-        data=config_from_dict(DataConfig, _section(values, "data")),
+        data=DataConfig.from_dict(_section(values, "data")),
         model_kind=kind,
         model=model,
-        train=config_from_dict(TrainParams, _section(values, "train")),
+        train=TrainParams.from_dict(_section(values, "train")),
         projector_kind=projector_kind,
         projector=projector,
     )
+
+
+def _kind(table: dict[str, Any], section: str) -> str:
+    """Pop the table's ``kind`` (or its default), checking that it names one of the section's kinds."""
+    kind = table.pop("kind", DEFAULT_KINDS[section])
+    if kind not in KINDS[section]:
+        raise ValueError(f"{section}.kind {kind!r} is not one of {sorted(KINDS[section])}")
+    return kind
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = (), name: str | None = None, seed: int | None = None) -> RunConfig:

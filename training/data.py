@@ -12,8 +12,12 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from annotated_types import Interval
+
+from aeserve.models.config import Config, Count
 from aeserve.models.preprocessing import Preprocessing
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -30,28 +34,23 @@ class DataError(ValueError):
     """A data file that cannot be used; the message names the file and the problem."""
 
 
+Fraction = Annotated[float, Interval(ge=0, lt=0.5)]
+
+
 @dataclass(frozen=True)
-class DataConfig:
-    source: str = "fashion-mnist"
+class DataConfig(Config):
+    section = "data"
+
+    source: Source = "fashion-mnist"
     path: str = ""
     # Fraction of the training examples held out for validation (model selection only).
-    val_fraction: float = 0.1
+    val_fraction: Fraction = 0.1
     # For sources without a test split: fraction held out as the test set for the final metrics.
-    test_fraction: float = 0.1
+    test_fraction: Fraction = 0.1
     # Use only the first N training examples (0: all); for quick tries and tests.
-    limit: int = 0
+    limit: Count = 0
     # Fashion-MNIST only: fetch the IDX files into `path` when they are missing.
     download: bool = False
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source {self.source!r} is not one of {sorted(SOURCES)}")
-        for key in ("val_fraction", "test_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 0.5:
-                raise ValueError(f"data.{key} must be in [0, 0.5), got {value}")
-        if self.limit < 0:
-            raise ValueError(f"data.limit must be >= 0, got {self.limit}")
 
 
 @dataclass
@@ -249,6 +248,7 @@ SOURCES: dict[str, Callable[[DataConfig], Dataset]] = {
     "npz": load_npz,
     "csv": load_csv,
 }
+Source = Literal[tuple(SOURCES)]  # data.source: one of the loaders above
 
 
 def load_dataset(config: DataConfig) -> Dataset:

@@ -71,7 +71,7 @@ def test_calls_in_blocks_answer_as_one_call_does(kind, trained_registry, monkeyp
 def test_unknown_kind_and_bad_config_name_the_problem():
     with pytest.raises(ValueError, match=r"unknown model kind 'nope'; allowed: \['conv', 'linear', 'mlp', 'pca', 'rbm', 'vae'\]"):
         build_model("nope", {}, (10,))
-    with pytest.raises(ValueError, match=r"unknown MLPConfig key\(s\) \['layers'\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['model.layers'\] for model.kind 'mlp'; allowed: \['activation', 'code_dim', 'hidden', "):
         build_model("mlp", {"layers": [3]}, (10,))
     with pytest.raises(ValueError, match="model.activation 'swish' is not one of"):
         build_model("mlp", {"activation": "swish"}, (10,))

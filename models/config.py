@@ -1,0 +1,104 @@
+"""Config dataclasses whose field types declare what they accept, checked when a config is built.
+
+A config is a frozen dataclass deriving from :class:`Config`. Each field's type carries its
+constraints (``Annotated[int, Ge(1)]``, ``Literal[...]``, ``tuple[Size, ...]``; annotated-types,
+which pydantic reads), so no config writes its own checks. Building one coerces every field
+(TOML lists become tuples) and raises ValueError naming the key as ``section.key``, the bad
+value and what is allowed. The pydantic validators are made the first time a class is built,
+not at import: the server imports every model module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from typing import Annotated, Any, ClassVar, Self
+
+from annotated_types import Ge, GroupedMetadata, Gt, Le, Lt, MinLen
+
+Size = Annotated[int, Ge(1)]  # a width, a batch size: at least one
+Count = Annotated[int, Ge(0)]  # epochs, limits: zero allowed
+Positive = Annotated[float, Gt(0)]  # learning rates
+NonNegative = Annotated[float, Ge(0)]  # weight decay, weight cost, a loss weight
+Sizes = tuple[Size, ...]  # layer widths, outermost first
+
+# pydantic error types that break a bound declared on the field; their message quotes the field's bounds.
+BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long"}
+
+
+class Config:
+    """Base of the config dataclasses; ``section`` is their TOML table, the prefix of keys in error messages."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        from pydantic import ValidationError
+
+        problems = []
+        for name, (hint, adapter) in _fields(type(self)).items():
+            try:
+                object.__setattr__(self, name, adapter.validate_python(getattr(self, name)))
+            except ValidationError as e:
+                problems += [_describe(f"{self.section}.{name}", hint, error) for error in e.errors()]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], kind: str | None = None) -> Self:
+        """Build from a config table, refusing unknown keys; ``kind`` (the table's kind, if it has one) is named in that error."""
+        allowed = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            of_kind = f" for {cls.section}.kind {kind!r}" if kind else ""
+            raise ValueError(f"unknown key(s) {[f'{cls.section}.{key}' for key in unknown]}{of_kind}; allowed: {allowed}")
+        return cls(**values)
+
+
+@functools.cache
+def _fields(cls: type) -> dict[str, tuple[Any, Any]]:
+    """Field name -> (its type, a pydantic TypeAdapter for it); made once per class."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    settings = ConfigDict(coerce_numbers_to_str=True)  # --set data.path=2024 reads as a number; a path is still a string
+    return {f.name: (hints[f.name], TypeAdapter(hints[f.name], config=settings)) for f in dataclasses.fields(cls)}
+
+
+def _bare(hint: Any) -> Any:
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+
+
+def _bounds(hint: Any) -> list[str]:
+    """The annotated-types bounds on ``hint`` in words: ['>= 0', '< 0.5']."""
+    words = []
+    for item in typing.get_args(hint)[1:] if typing.get_origin(hint) is Annotated else []:
+        for bound in item if isinstance(item, GroupedMetadata) else [item]:
+            if isinstance(bound, Ge):
+                words.append(f">= {bound.ge}")
+            elif isinstance(bound, Gt):
+                words.append(f"> {bound.gt}")
+            elif isinstance(bound, Le):
+                words.append(f"<= {bound.le}")
+            elif isinstance(bound, Lt):
+                words.append(f"< {bound.lt}")
+            elif isinstance(bound, MinLen):
+                words.append(f"a list of at least {bound.min_length} item(s)")
+    return words
+
+
+def _describe(key: str, hint: Any, error: dict[str, Any]) -> str:
+    """One pydantic error as 'section.key ... got VALUE', saying what the field's type allows."""
+    for step in error["loc"]:  # an item of a tuple field: model.hidden[1]
+        key += f"[{step}]"
+        hint = typing.get_args(_bare(hint))[0]
+    value = error["input"]
+    if error["type"] == "literal_error":
+        return f"{key} {value!r} is not one of {sorted(typing.get_args(_bare(hint)))}"
+    if error["type"] in BOUND_ERRORS:
+        return f"{key} must be {' and '.join(_bounds(hint))}, got {value!r}"
+    # 'a valid integer', 'a valid boolean'; a tuple field is a list in TOML.
+    expected = error["msg"].removeprefix("Input should be ").split(",")[0].replace("a valid tuple", "a list")
+    return f"{key} must be {expected}, got {value!r}"
+
+
+__all__ = ["Config", "Count", "NonNegative", "Positive", "Size", "Sizes"]
