@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,24 @@ def _kind(table: dict[str, Any], section: str) -> str:
     return kind
 
 
+def _drop_keys_of_the_old_kind(values: dict[str, Any], file_kinds: dict[str, str], explicit: set[tuple[str, ...]]) -> None:
+    """Where --set changed a table's kind, leave out the file's keys of that table that the new kind does not take.
+
+    A note on stderr names them. Keys given by --set stay, so one the new kind does not take still fails, naming the keys it does.
+    """
+    for section, file_kind in file_kinds.items():
+        table = _section(values, section)
+        kind = table.get("kind", DEFAULT_KINDS[section])
+        if kind == file_kind or kind not in KINDS[section]:
+            continue
+        taken = {f.name for f in dataclasses.fields(KINDS[section][kind].config_class)} | {"kind"}
+        dropped = sorted(key for key in table if key not in taken and (section, key) not in explicit)
+        if dropped:
+            values[section] = {key: value for key, value in table.items() if key not in dropped}
+            print(f"note: {section}.kind changed from {file_kind!r} to {kind!r}: left out {', '.join(f'{section}.{key}' for key in dropped)} "
+                  f"from the config file (kind {kind!r} does not take them)", file=sys.stderr)
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] = (), name: str | None = None, seed: int | None = None) -> RunConfig:
     values: dict[str, Any] = {}
     if path is not None:
@@ -116,6 +135,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), name: st
             raise ValueError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML ({e})") from None
+    file_kinds = {section: _section(values, section).get("kind", default) for section, default in DEFAULT_KINDS.items()}
+    explicit: set[tuple[str, str]] = set()
     for text in overrides:
         keys, value = parse_override(text)
         target = values
@@ -124,6 +145,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), name: st
             if not isinstance(target, dict):
                 raise ValueError(f"--set {text!r}: {key!r} is not a table")
         target[keys[-1]] = value
+        explicit.add(tuple(keys[:2]))
+    _drop_keys_of_the_old_kind(values, file_kinds, explicit)
     if name is not None:
         values["name"] = name
     if seed is not None:
