@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+
 from aeserve.models.projector import build_projector
 from aeserve.models.registry import Registry
 from aeserve.training.config import parse_override

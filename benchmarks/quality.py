@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from aeserve.models.registry import Registry
 from aeserve.training.config import load_run_config
 from aeserve.training.trainer import train

@@ -10,29 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from aeserve.models import small_batches
-from aeserve.models.base import Autoencoder
-from aeserve.models.kinds import build_model
-from aeserve.models.preprocessing import Preprocessing
-from aeserve.models.projector import build_projector
-from aeserve.models.small_batches import SMALL_BATCH_ROWS, OnnxEngine
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from aeserve.models.base import Autoencoder
+from aeserve.models.kinds import build_model
+from aeserve.models.outputs import Call, compute, percentiles
+from aeserve.models.preprocessing import Preprocessing
+from aeserve.models.projector import build_projector
+
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-# Torch runs big CPU calls in blocks of this many rows. With the default MLP on 2 cores, 10,000 rows took 251 ms to
-# encode and 517 ms to reconstruct in blocks of 1,024, against 306 and 608 ms in one call (benchmarks/model_threads.py
-# --blocks). A block's activations (4 MB in the first layer) come back from the allocator warm; one call's (40 MB)
-# are fresh pages every time. Blocks also bound the memory a big request takes.
-CPU_BLOCK_ROWS = 1024
 # Held-out errors are stored as these many evenly spaced quantiles (0, 0.1, ..., 100 percent).
 N_QUANTILES = 1001
 # Request bodies arrive as read-only buffers, and torch warns once when a tensor is made over one; these are only read.
@@ -59,9 +53,54 @@ def error_quantiles(errors: np.ndarray) -> list[float]:
     return [float(q) for q in np.quantile(np.asarray(errors, dtype=np.float64), np.linspace(0, 1, N_QUANTILES))]
 
 
+class TorchGraphs:
+    """``Graphs`` (models/outputs.py) on torch, on the version's device.
+
+    On the CPU tensors share the numpy arrays' memory and nothing calls ``.to()``: a no-op there, but every torch call
+    lets go of the GIL. Off the CPU raw rows cross as they came and are scaled on the device, one copy each way.
+    """
+
+    def __init__(self, version: ModelVersion) -> None:
+        self.model, self.projector, self.pre, self.device = version.model, version.projector, version.preprocessing, version.device
+        self.on_cpu = version.device.type == "cpu"
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return t if self.on_cpu else t.to(self.device)
+
+    def numpy(self, t: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray((t if self.on_cpu else t.to("cpu")).numpy())
+
+    def to_model(self, x: np.ndarray) -> torch.Tensor:
+        if self.on_cpu:
+            return torch.from_numpy(self.pre.to_model(x))
+        return self.pre.to_model_tensor(self._tensor(x))
+
+    def from_model(self, x: torch.Tensor) -> np.ndarray:
+        if self.on_cpu:
+            return self.pre.from_model(x.numpy())
+        return self.numpy(self.pre.from_model_tensor(x))
+
+    def codes_in(self, z: np.ndarray) -> torch.Tensor:
+        return self._tensor(z)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        return self.projector(z)
+
+    @staticmethod
+    def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (x_hat - x).pow(2).sum(dim=1)
+
+
 @dataclass
 class ModelVersion:
-    """A loaded, ready-to-use version. All methods take and return numpy float32 arrays.
+    """A loaded version, on torch. All methods take and return numpy float32 arrays.
 
     Raw inputs are (n, *input_shape) or (n, input_dim); codes are (n, code_dim).
     """
@@ -73,8 +112,9 @@ class ModelVersion:
     quantiles: np.ndarray  # (N_QUANTILES,) float64, held-out summed squared errors
     device: torch.device
     folder: Path | None = None  # the version folder it was loaded from
-    # Calls of fewer than SMALL_BATCH_ROWS rows run here when set (the server sets it on the CPU); torch runs the rest.
-    engine: OnnxEngine | None = None
+
+    def __post_init__(self) -> None:
+        self._graphs = TorchGraphs(self)
 
     @property
     def name(self) -> str:
@@ -92,44 +132,18 @@ class ModelVersion:
     def code_dim(self) -> int:
         return self.model.code_dim
 
-    # On the CPU both conversions skip .to(): it would be a no-op, but every torch call lets go of the GIL, and
-    # in the server the model thread then waits for the event loop to hand it back.
-    def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return t if self.device.type == "cpu" else t.to(self.device)
-
-    @staticmethod
-    def _numpy(t: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray((t if t.device.type == "cpu" else t.to("cpu")).numpy())
-
-    # Off the CPU, raw values are scaled on the device: one pass over a big batch on the host saved each way.
-    def _model_input(self, x: np.ndarray) -> torch.Tensor:
-        """Raw rows -> (n, input_dim) model-space tensor on the version's device."""
-        if self.device.type == "cpu":
-            return torch.from_numpy(self.preprocessing.to_model(x))
-        return self.preprocessing.to_model_tensor(self._tensor(x))
-
-    def _raw_output(self, x_model: torch.Tensor) -> np.ndarray:
-        """(n, input_dim) model-space tensor -> (n, *input_shape) raw values."""
-        if self.device.type == "cpu":
-            return self.preprocessing.from_model(x_model.numpy())
-        return self._numpy(self.preprocessing.from_model_tensor(x_model))
-
-    def _engine_for(self, rows: int) -> OnnxEngine | None:
-        """The engine for a call of ``rows`` rows, or None for torch (read once: a server may take it away meanwhile)."""
-        return self.engine if rows < SMALL_BATCH_ROWS else None
+    @torch.inference_mode()
+    def run(self, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The outputs ``call`` asks for (models/outputs.py), in one pass of the model over ``rows``."""
+        return compute(self._graphs, self.quantiles, call, rows)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, code_dim)."""
-        if (engine := self._engine_for(len(x))) is not None:
-            return small_batches.encode(engine, self.preprocessing, x)
-        return self._encode_torch(x)
+        return self.run(ENCODE, x)[0]
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """(n, code_dim) -> (n, *input_shape) raw."""
-        if (engine := self._engine_for(len(z))) is not None:
-            return small_batches.decode(engine, self.preprocessing, z)
-        return self._decode_torch(z)
+        return self.run(DECODE, z)[0]
 
     def reconstruct(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(n, *input_shape) raw -> (reconstructions (n, *input_shape) raw, errors (n,), percentiles (n,)).
@@ -138,63 +152,19 @@ class ModelVersion:
         the same measure as ``metrics.test_sq_err``; percentiles place them among
         the held-out errors, 0-100.
         """
-        if (engine := self._engine_for(len(x))) is not None:
-            return small_batches.reconstruct(engine, self.preprocessing, self.quantiles, x)
-        return self._reconstruct_torch(x)
+        return self.run(RECONSTRUCT, x)
 
     def percentiles(self, errors: np.ndarray) -> np.ndarray:
         """Where each error falls among the held-out errors, 0-100, float32."""
-        return small_batches.percentiles(self.quantiles, errors)
+        return percentiles(self.quantiles, errors)
 
     def project(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, 2) map coordinates."""
-        if (engine := self._engine_for(len(x))) is not None:
-            if engine.serves("project"):
-                return small_batches.project(engine, self.preprocessing, x)
-            codes = small_batches.encode(engine, self.preprocessing, x)
-            with torch.inference_mode():
-                return self._numpy(self.projector(self._tensor(codes)))
-        return self._project_torch(x)
+        return self.run(PROJECT, x)[0]
 
-    def _in_blocks(self, run: Callable[[np.ndarray], tuple[np.ndarray, ...]], x: np.ndarray) -> tuple[np.ndarray, ...]:
-        """``run`` over ``x`` in blocks of CPU_BLOCK_ROWS rows on the CPU (outputs joined), in one call elsewhere."""
-        if self.device.type != "cpu" or len(x) <= CPU_BLOCK_ROWS:
-            return run(x)
-        parts = [run(x[start:start + CPU_BLOCK_ROWS]) for start in range(0, len(x), CPU_BLOCK_ROWS)]
-        return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
 
-    def _encode_torch(self, x: np.ndarray) -> np.ndarray:
-        return self._in_blocks(self._encode_block, x)[0]
-
-    def _decode_torch(self, z: np.ndarray) -> np.ndarray:
-        return self._in_blocks(self._decode_block, z)[0]
-
-    def _reconstruct_torch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x_hat, errors = self._in_blocks(self._reconstruct_block, x)
-        return x_hat, errors, self.percentiles(errors)
-
-    def _project_torch(self, x: np.ndarray) -> np.ndarray:
-        return self._in_blocks(self._project_block, x)[0]
-
-    @torch.inference_mode()
-    def _encode_block(self, x: np.ndarray) -> tuple[np.ndarray]:
-        return (self._numpy(self.model.encode(self._model_input(x))),)
-
-    @torch.inference_mode()
-    def _decode_block(self, z: np.ndarray) -> tuple[np.ndarray]:
-        return (self._raw_output(self.model.decode(self._tensor(z))),)
-
-    @torch.inference_mode()
-    def _reconstruct_block(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x_model = self._model_input(x)
-        x_hat = self.model(x_model)
-        errors = self._numpy((x_hat - x_model).pow(2).sum(dim=1))
-        return self._raw_output(x_hat), errors
-
-    @torch.inference_mode()
-    def _project_block(self, x: np.ndarray) -> tuple[np.ndarray]:
-        codes = self.model.encode(self._model_input(x))
-        return (self._numpy(self.projector(codes)),)
+ENCODE, DECODE = Call("inputs", ("code",)), Call("codes", ("reconstruction",))
+RECONSTRUCT, PROJECT = Call("inputs", ("reconstruction", "error", "percentile")), Call("inputs", ("coordinates",))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -248,6 +218,12 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
         raise CheckpointError(f"{weights_path}: tensors do not match the manifest's model (missing {missing}, unexpected {extra}, wrong shape {wrong})")
     if any(t.dtype != torch.float32 for t in tensors.values()):
         raise CheckpointError(f"{weights_path}: every tensor must be float32")
+
+    contradictions = [f"{key} {manifest.get(key)!r} but the model config gives {want!r}"
+                      for key, want in (("input_shape", list(preprocessing.input_shape)), ("code_dim", skeleton.code_dim))
+                      if manifest.get(key) != want]
+    if contradictions:
+        raise CheckpointError(f"{folder / MANIFEST}: the manifest contradicts itself: {'; '.join(contradictions)}")
 
     model = build_model(manifest["kind"], manifest["config"], preprocessing.input_shape)
     projector = build_projector(projector_spec["kind"], model.code_dim, projector_spec.get("config"))

@@ -1,25 +1,17 @@
-"""The service app: FastAPI routes, the operations' fast lane, lifespan (load, warm, poll the registry), access log, metrics."""
+"""The service app: the v1 operations' own lane, FastAPI for the other routes, the lifespan (load, warm, poll the
+registry), the access log and the request metrics."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TextIO
 
 import orjson
-import torch
-from aeserve.models.registry import Registry
-from aeserve.service.api import health, models, v2
-from aeserve.service.api.operations import operation_target, operations_openapi, serve_operation
-from aeserve.service.auth import require_api_key
-from aeserve.service.batching import Batcher
-from aeserve.service.engine_process import EngineProcess
-from aeserve.service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
-from aeserve.service.metrics import Metrics
-from aeserve.service.settings import Settings
-from aeserve.service.store import ModelStore
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -28,11 +20,49 @@ from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
+from aeserve.models.registry import Registry
+from aeserve.service.api import health, models, v2
+from aeserve.service.api.v1 import operation_target, operations_openapi, serve_operation
+from aeserve.service.auth import require_api_key
+from aeserve.service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
+from aeserve.service.metrics import Metrics
+from aeserve.service.runtime.batcher import Batcher
+from aeserve.service.runtime.engines import Engines
+from aeserve.service.runtime.store import ModelStore
+from aeserve.service.settings import Settings
+
 log = logging.getLogger("aeserve.service")
 HEALTH_PATHS = ("/health/", "/v2/health/")
-ENGINE_RESTART_S = (5.0, 600.0)  # the first wait before a dead engine process is replaced, and the longest
 STATIC = Path(__file__).parent / "static"
-access_log = logging.getLogger("aeserve.access")
+ACCESS_FLUSH_S = 0.2
+
+
+class AccessLog:
+    """One JSON line per request, written to ``stream`` in one piece every ACCESS_FLUSH_S seconds.
+
+    A ``logging`` call per request (a record, a formatter, a write and a flush under a lock) cost the single-row
+    benchmark about a quarter of its rate; lines gathered on the event loop and written together cost a few
+    microseconds each.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+        self._lines: list[bytes] = []
+
+    def add(self, entry: dict) -> None:
+        self._lines.append(orjson.dumps(entry))
+        if len(self._lines) == 1:
+            try:
+                asyncio.get_running_loop().call_later(ACCESS_FLUSH_S, self.flush)
+            except RuntimeError:  # no event loop to flush later
+                self.flush()
+
+    def flush(self) -> None:
+        lines, self._lines = self._lines, []
+        if lines:
+            stream = self.stream or sys.stderr
+            stream.write(b"\n".join(lines).decode() + "\n")
+            stream.flush()
 
 
 async def _poll(app: FastAPI) -> None:
@@ -45,44 +75,10 @@ async def _poll(app: FastAPI) -> None:
             log.exception("registry refresh failed")
 
 
-async def _keep_engine_process(process: EngineProcess, store: ModelStore) -> None:
-    """Start a new engine process when the one running dies, and give it back the versions the dead one served.
-
-    Meanwhile torch in the server serves their small batches. Their graphs are exported again (the server keeps no
-    copy: about 11 MB per version for the default model), as for a new version. The wait before a restart doubles
-    from ENGINE_RESTART_S[0] up to ENGINE_RESTART_S[1], and starts over once a child has lived that long.
-    """
-    delay, lost = ENGINE_RESTART_S[0], []
-    while True:
-        started = time.monotonic()
-        lost += await process.wait_lost()
-        if time.monotonic() - started > ENGINE_RESTART_S[1]:
-            delay = ENGINE_RESTART_S[0]
-        log.error("the engine process has exited; a new one starts in %.0f s (until then torch in the server serves the "
-                  "small batches of %d versions)", delay, len(lost))
-        await asyncio.sleep(delay)
-        delay = min(2 * delay, ENGINE_RESTART_S[1])
-        try:
-            await process.start()
-        except OSError as e:
-            log.error("cannot start the engine process: %s", e)
-            continue
-        versions, lost = lost, []
-        if versions:
-            await asyncio.to_thread(store.export_again, versions)
-
-
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    process = app.state.engine_process
+    await app.state.engines.start()
     tasks = []
-    if process is not None:
-        try:
-            await process.start()
-            app.state.store.on_engine = process.take
-            tasks.append(asyncio.create_task(_keep_engine_process(process, app.state.store)))
-        except OSError as e:
-            log.warning("small batches stay in the server process: cannot start the engine process: %s", e)
     tasks.append(asyncio.create_task(asyncio.to_thread(app.state.store.refresh)))  # readiness flips once this is done
     if app.state.settings.poll_seconds > 0:
         tasks.append(asyncio.create_task(_poll(app)))
@@ -93,8 +89,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await app.state.batcher.close()
-        if process is not None:
-            await process.close()
+        await app.state.engines.close()
+        if app.state.access_log is not None:
+            app.state.access_log.flush()
 
 
 class ServiceApp:
@@ -111,7 +108,7 @@ class ServiceApp:
     ``api`` is the FastAPI app behind it and ``state`` its state.
     """
 
-    def __init__(self, api: FastAPI, metrics: Metrics, access_log: bool, max_inflight: int) -> None:
+    def __init__(self, api: FastAPI, metrics: Metrics, access_log: AccessLog | None, max_inflight: int) -> None:
         self.api = api
         self.state = api.state
         self.metrics = metrics
@@ -132,11 +129,9 @@ class ServiceApp:
             context = scope.get("aeserve")
             if context is not None:
                 self.metrics.observe_request(context.get("model", ""), context.get("version", ""), context.get("op", ""), status, seconds)
-            if self.access_log:
-                access_log.info(orjson.dumps({
-                    "method": scope["method"], "path": scope["path"], "status": status, "ms": round(seconds * 1000, 3),
-                    **(context or {}),
-                }).decode())
+            if self.access_log is not None:
+                self.access_log.add({"ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"], "status": status,
+                                     "ms": round(seconds * 1000, 3), **(context or {})})
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Serve one HTTP request; returns the status it answered."""
@@ -148,7 +143,7 @@ class ServiceApp:
             return 503
         self.inflight += 1
         try:
-            target = operation_target(path) if scope["method"] == "POST" else None
+            target = operation_target(path)
             if target is None:
                 return await self._fastapi(scope, receive, send)
             return await self._operation(scope, receive, send, target)
@@ -180,27 +175,6 @@ class ServiceApp:
             return 500
 
 
-class IntraOpThreads:
-    """Torch's CPU threads for a model call of ``rows`` rows: one below SPLIT_ROWS, all of them above.
-
-    On 2 cores the default MLP's encode of one row takes 0.47 ms on one thread
-    and 1.31 ms on two: waking the second thread costs more than it saves.
-    From about 64 rows the split pays (benchmarks/model_threads.py). Small
-    batches are also what a busy server runs, and there the event loop needs
-    the other core.
-    """
-
-    SPLIT_ROWS = 64
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def __call__(self, rows: int) -> None:
-        wanted = 1 if rows < self.SPLIT_ROWS else self.threads
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
-
-
 def create_app(settings: Settings | None = None) -> ServiceApp:
     """The service as an ASGI app; ``.api`` is the FastAPI app behind it, ``.state`` its state."""
     settings = settings or Settings()
@@ -211,12 +185,11 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.metrics = metrics
     app.state.draining = False
     device = settings.resolved_device()
-    app.state.store = ModelStore(Registry(settings.registry), device=device, engine=settings.engine, only=settings.model_names)
-    use_process = settings.engine == "onnx" and settings.engine_process and device == "cpu"
-    app.state.engine_process = EngineProcess() if use_process else None
-    app.state.batcher = Batcher(settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_queue,
-                                settings.inference_threads, on_batch=metrics.observe_batch,
-                                before_call=IntraOpThreads(torch.get_num_threads()), remote=app.state.engine_process)
+    app.state.engines = engines = Engines(device, settings.engine, settings.engine_process, settings.inference_threads)
+    app.state.store = ModelStore(Registry(settings.registry), device=device, engines=engines, only=settings.model_names)
+    app.state.batcher = Batcher(engines.run, settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_queue,
+                                on_batch=metrics.observe_batch)
+    app.state.access_log = AccessLog() if settings.access_log else None
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
@@ -227,7 +200,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.openapi = lambda: _openapi_with_operations(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_api_route("/", _index, include_in_schema=False)
-    return ServiceApp(app, metrics, settings.access_log, settings.max_inflight)
+    return ServiceApp(app, metrics, app.state.access_log, settings.max_inflight)
 
 
 async def _index() -> FileResponse:
@@ -236,8 +209,11 @@ async def _index() -> FileResponse:
 
 
 def _openapi_with_operations(app: FastAPI) -> dict:
-    if app.openapi_schema is None:
+    """The OpenAPI document, made again when the loaded versions change (the operations' rows follow their shapes)."""
+    store = app.state.store
+    key = (store.loaded_once, store.generation)
+    if app.openapi_schema is None or app.state.openapi_key != key:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        schema["paths"].update(operations_openapi())
-        app.openapi_schema = schema
+        schema["paths"].update(operations_openapi(store, app.state.settings.max_rows))
+        app.openapi_schema, app.state.openapi_key = schema, key
     return app.openapi_schema

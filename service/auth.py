@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import secrets
 
-from aeserve.service.errors import ApiError
 from fastapi import Request
+
+from aeserve.service.errors import ApiError
 
 
 def check_api_key(expected: str | None, authorization: str | None) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import orjson
 import simdjson
-from aeserve.service.errors import ApiError
 from starlette.types import Receive
+
+from aeserve.service.errors import ApiError
 
 NPY = "application/x-npy"
 JSON = "application/json"
@@ -188,30 +189,41 @@ def _rows_from_npy(body: Body) -> np.ndarray:
     return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
-def decode_rows(kind: str, body: Body, row_shape: tuple[int, ...], max_rows: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """A body of ``kind`` (JSON or NPY) as ((n, *row_shape) float32, all finite; one row's shape as the client sent it).
+def parse_rows(kind: str, body: Body) -> np.ndarray:
+    """A body of ``kind`` (JSON or NPY) as an array of rows, not yet validated."""
+    return _rows_from_npy(body) if kind == NPY else _rows_from_json(body)
 
-    Accepts rows that are flat (prod(row_shape) numbers) or nested in row_shape.
+
+def validate_rows(array: np.ndarray, row_shape: tuple[int, ...], max_rows: int, where: str = "",
+                  bound: float = FLOAT32_MAX) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Rows as the model takes them: ((n, *row_shape) float32, all finite and within ``bound``; one row's shape as sent).
+
+    The one validator of every protocol. Accepts rows that are flat (prod(row_shape) numbers) or nested in
+    row_shape; ``where`` starts each message (say "input 'input': ").
     """
-    array = _rows_from_npy(body) if kind == NPY else _rows_from_json(body)
     if array.ndim == 0 or len(array) == 0:
-        raise ApiError(422, "inputs must hold at least one row")
+        raise ApiError(422, f"{where}inputs must hold at least one row")
     if len(array) > max_rows:
-        raise ApiError(413, f"{len(array)} rows exceed the limit of {max_rows} rows per request")
+        raise ApiError(413, f"{where}{len(array)} rows exceed the limit of {max_rows} rows per request")
     flat_dim = math.prod(row_shape)
     if array.shape[1:] != row_shape and array.shape[1:] != (flat_dim,):
         allowed = f"{flat_dim} numbers" + (f" or nested shape {list(row_shape)}" if len(row_shape) > 1 else "")
-        raise ApiError(422, f"each row must be {allowed}; got rows of shape {list(array.shape[1:])}")
+        raise ApiError(422, f"{where}each row must be {allowed}; got rows of shape {list(array.shape[1:])}")
     with np.errstate(over="ignore", invalid="ignore"):
         rows = array.astype(np.float32, copy=False).reshape(len(array), *row_shape)
     finite = np.isfinite(rows)
     if not finite.all():
         bad_row = int(np.argmin(finite.reshape(len(rows), -1).all(axis=1)))
-        raise ApiError(422, f"row {bad_row} holds a NaN, an infinity or a value that overflows float32; all inputs must be finite")
+        raise ApiError(422, f"{where}row {bad_row} holds a NaN, an infinity or a value that overflows float32; all inputs must be finite")
+    within = np.abs(array) <= bound  # in the numbers' own precision, before rounding to float32
+    if not within.all():
+        bad_row = int(np.argmin(within.reshape(len(array), -1).all(axis=1)))
+        raise ApiError(422, f"{where}row {bad_row} holds a value beyond ±{bound:.7g}, a million times the range of the training data; "
+                            "all inputs must lie within it")
     return rows, array.shape[1:]
 
 
-def check_finite_outputs(*arrays: np.ndarray) -> None:
+def check_finite_outputs(arrays: tuple[np.ndarray, ...]) -> None:
     for array in arrays:
         if not np.isfinite(array).all():
             raise ApiError(422, "the model produced non-finite outputs for these inputs (they are far outside the training range)")

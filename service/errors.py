@@ -18,7 +18,7 @@ class ApiError(Exception):
 
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> Response:
     """``{"detail": ...}``, or the Open Inference Protocol's ``{"error": ...}`` under /v2/."""
-    key = "error" if path.startswith("/v2/") else "detail"
+    key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
     return Response(orjson.dumps({key: detail}), status_code=status, media_type="application/json", headers=headers)
 
 
@@ -35,9 +35,11 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> R
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no route {request.method} {request.url.path}; see /docs for the API"
-    return error_response(exc.status_code, detail, getattr(exc, "headers", None))
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', '')}"
+    return error_response(exc.status_code, detail, getattr(exc, "headers", None), request.url.path)
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> Response:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return error_response(422, problems)
+    return error_response(422, problems, path=request.url.path)

@@ -13,8 +13,8 @@ class Settings(BaseSettings):
 
     registry: Path = Field(default=Path("registry"), description="registry folder")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the service to the network")
-    port: int = Field(default=8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where models run; auto: a GPU when there is one")
     engine: Literal["onnx", "torch"] = Field(
         default="onnx", description="onnx: on the CPU, calls under 128 rows run on ONNX Runtime (torch runs the rest); torch: torch only")
     engine_process: bool = Field(
@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=2.0, ge=0, description="how often to look for new versions (0: only on POST /v1/reload)")
     drain_grace_seconds: float = Field(default=2.0, ge=0, description="after SIGTERM: readiness 503 but still serving, for this long")
     drain_seconds: float = Field(default=10.0, ge=0, description="then: how long to wait for requests in flight")
-    access_log: bool = True
+    access_log: bool = Field(default=True, description="one JSON line per request on stderr")
 
     @property
     def model_names(self) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
@@ -85,13 +86,13 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 
 @pytest.fixture(scope="session")
 def onnx_exported(trained_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
-    """Small batches on ONNX Runtime for every kind, a t-SNE-projector version (whose projector does not export) and
-    one whose weights changed after it loaded, through one export child (it takes about 20 s):
-    (name -> version, its engine attached where it got one; name -> that engine's graphs, ONNX bytes)."""
+    """Graphs for ONNX Runtime of every kind, a t-SNE-projector version (whose projector does not export) and one whose
+    weights changed after it loaded, through one export child (it takes about 20 s):
+    (name -> version; name -> its graphs' ONNX bytes, for the versions whose graphs exported and passed the check)."""
     import shutil
 
     from aeserve.models.checkpoint import WEIGHTS
-    from aeserve.models.onnx_engine import EngineExport
+    from aeserve.service.runtime.export import GraphExport
 
     extra = Registry(tmp_path_factory.mktemp("engine") / "registry")
     config = build_run_config({"name": "tsne", "data": {"source": "digits", "limit": 300}, "model": {"kind": "pca", "code_dim": 6},
@@ -104,8 +105,7 @@ def onnx_exported(trained_registry: Registry, tmp_path_factory: pytest.TempPathF
     (extra.version_dir("changed", 1) / WEIGHTS).write_bytes(b"not the weights it loaded")
     names = {id(version): name for name, version in loaded.items()}
     graphs: dict[str, dict[str, bytes]] = {}
-    EngineExport([v.folder for v in loaded.values()]).attach(list(loaded.values()),
-                                                             on_engine=lambda v, g: graphs.__setitem__(names[id(v)], g))
+    GraphExport([v.folder for v in loaded.values()]).collect(list(loaded.values()), lambda v, g: graphs.__setitem__(names[id(v)], g))
     return loaded, graphs
 
 

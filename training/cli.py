@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from aeserve.models.checkpoint import CheckpointError
 from aeserve.models.registry import NotFoundError, Registry, RegistryError
 from aeserve.training.config import load_run_config

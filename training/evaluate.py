@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from aeserve.models.base import Autoencoder
 from aeserve.models.checkpoint import error_quantiles
 from aeserve.models.pca import PCA, PCAConfig

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import numpy as np
+
 from aeserve.models.checkpoint import ModelVersion
 
 REPORT_DIR = "report"

@@ -18,6 +18,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+
 from aeserve.models.registry import fsync_dir, write_synced
 
 LATEST = "LATEST"

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from aeserve.models.checkpoint import ModelVersion, weights_bytes
 from aeserve.models.kinds import build_model
 from aeserve.models.projector import build_projector, projector_manifest
@@ -19,7 +21,6 @@ from aeserve.training.distributed import current_world, loss_step
 from aeserve.training.evaluate import EVAL_BATCH, held_out_metrics, map_metrics, reconstruction_errors
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from aeserve.training.state import TrainingState, run_fingerprint
-from tqdm import tqdm
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

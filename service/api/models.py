@@ -4,13 +4,14 @@ from __future__ import annotations
 import asyncio
 import re
 
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
 from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.registry import NotFoundError
 from aeserve.service.codec import JSON, json_bytes
 from aeserve.service.errors import ApiError
-from aeserve.service.store import ModelStore, NotReadyError, valid_name
-from fastapi import APIRouter, Request
-from starlette.responses import Response
+from aeserve.service.runtime.store import ModelStore, NotReadyError, valid_name
 
 ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}}
 router = APIRouter(prefix="/v1", tags=["models"], responses={

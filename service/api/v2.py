@@ -1,10 +1,11 @@
 """The Open Inference Protocol (KServe v2) over REST, with the binary tensor data extension.
 
 What Triton, KServe and MLServer clients speak. The input tensor is ``input``
-(FP32, shape [n, *input_shape] or [n, prod(input_shape)]) or ``code`` ([n,
-code_dim], to decode); the requested outputs choose the work: ``code``,
-``reconstruction``, ``error`` and ``percentile``, ``coordinates``. Errors
-answer ``{"error": "..."}``.
+(shape [n, *input_shape] or [n, prod(input_shape)]) or ``code`` ([n,
+code_dim], to decode); the requested outputs (``models/outputs.py``: ``code``,
+``reconstruction``, ``error``, ``percentile``, ``coordinates``) are one call
+of the pipeline, so the encoder runs once however many are asked for. Errors
+answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422.
 """
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from typing import Any
 
 import numpy as np
 import orjson
-from aeserve.models.checkpoint import ModelVersion
-from aeserve.service.api.models import request_lookup
-from aeserve.service.codec import read_body
-from aeserve.service.errors import ApiError
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 import aeserve
+from aeserve.models.checkpoint import ModelVersion
+from aeserve.models.outputs import FROM_CODES, OUTPUTS, Call
+from aeserve.service import pipeline
+from aeserve.service.api.health import readiness
+from aeserve.service.api.models import request_lookup
+from aeserve.service.codec import read_body
+from aeserve.service.errors import ApiError
 
 ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], responses={
@@ -32,7 +36,19 @@ health_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])  # 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "INT8": np.int8,
              "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT16": np.uint16}
-DATA_OUTPUTS = ("code", "reconstruction", "error", "percentile", "coordinates")
+TAKES = {"input": "inputs", "code": "codes"}  # input tensor name -> what its rows are
+TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string", "enum": list(TAKES)}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "datatype": {"type": "string", "enum": sorted(DATATYPES)}, "data": {"type": "array", "items": {"type": "number"}},
+    "parameters": {"type": "object"}}}
+INFER_BODY = {"requestBody": {"required": True, "description": (
+    "One input tensor, 'input' (data) or 'code' (to decode), its data's length the product of its shape; with the binary "
+    "tensor data extension the JSON header is followed by the tensor's bytes (Inference-Header-Content-Length)."),
+    "content": {"application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "enum": list(OUTPUTS)}, "parameters": {"type": "object"}}}},
+        "parameters": {"type": "object"}}}}}}}
 
 
 def _json(document: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -41,7 +57,7 @@ def _json(document: dict[str, Any], status: int = 200, headers: dict[str, str] |
 
 
 def _version(request: Request, name: str, version: str) -> ModelVersion:
-    request.scope.setdefault("aeserve", {})["op"] = "v2"
+    request.scope.setdefault("aeserve", {})["op"] = "infer"
     return request_lookup(request, name, version)
 
 
@@ -60,21 +76,18 @@ async def live() -> Response:
 @health_router.get("/health/ready", responses={503: {"description": "not ready"}})
 async def ready(request: Request) -> Response:
     """200 when models are loaded and the server is not draining."""
-    state = request.app.state
-    ok = bool(state.store.loaded_once and state.store.names() and not state.draining)
-    return _json({"ready": ok}, 200 if ok else 503)
+    ok = readiness(request.app.state) is None
+    return _json({"ready": ok}, 200 if ok else 503, None if ok else {"Retry-After": "1"})
 
 
 def model_metadata(version: ModelVersion) -> dict[str, Any]:
-    shape = [-1, *version.input_shape]
-    tensor = lambda name, dims: {"name": name, "datatype": "FP32", "shape": dims}  # noqa: E731
+    tensor = lambda name, row: {"name": name, "datatype": "FP32", "shape": [-1, *row]}  # noqa: E731
     return {
         "name": version.name,
         "versions": [str(version.version)],
         "platform": f"aeserve_{version.manifest['kind']}",
-        "inputs": [tensor("input", shape), tensor("code", [-1, version.code_dim])],
-        "outputs": [tensor("code", [-1, version.code_dim]), tensor("reconstruction", shape), tensor("error", [-1]),
-                    tensor("percentile", [-1]), tensor("coordinates", [-1, 2])],
+        "inputs": [tensor(name, pipeline.row_shape(version, Call(takes, ("code",)))) for name, takes in TAKES.items()],
+        "outputs": [tensor(name, output.row_shape(version)) for name, output in OUTPUTS.items()],
     }
 
 
@@ -111,13 +124,13 @@ async def ready_version(request: Request, name: str, version: str) -> Response:
     return await _model_ready(request, name, version)
 
 
-@router.post("/models/{name}/infer")
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
 async def infer_latest(request: Request, name: str) -> Response:
     """Inference (latest version)."""
     return await infer(request, name, "latest")
 
 
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
 async def infer_version(request: Request, name: str, version: str) -> Response:
     """Inference (a version number or alias)."""
     return await infer(request, name, version)
@@ -157,37 +170,22 @@ def _input_tensor(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.n
     return name, array.reshape(shape), offset
 
 
-def _rows(version: ModelVersion, name: str, array: np.ndarray) -> np.ndarray:
-    row_shape = (version.code_dim,) if name == "code" else tuple(version.input_shape)
-    flat = math.prod(row_shape)
-    if array.ndim < 1 or (array.shape[1:] != row_shape and array.shape[1:] != (flat,)):
-        raise ApiError(400, f"input {name!r}: shape must be [n, {', '.join(map(str, row_shape))}] or [n, {flat}], got {list(array.shape)}")
-    if len(array) == 0:
-        raise ApiError(400, f"input {name!r} holds no rows")
-    if len(array) > 0 and array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise ApiError(400, f"input {name!r} holds NaN or infinite values; all inputs must be finite")
-    with np.errstate(over="ignore"):
-        rows = array.astype(np.float32).reshape(len(array), *row_shape)
-    if not np.isfinite(rows).all():
-        raise ApiError(400, f"input {name!r} holds values that overflow FP32")
-    return rows
-
-
-async def _compute(request: Request, version: ModelVersion, input_name: str, rows: np.ndarray, wanted: list[str]) -> dict[str, np.ndarray]:
-    batcher = request.app.state.batcher
-    if input_name == "code":
-        if wanted != ["reconstruction"]:
-            raise ApiError(400, f"from input 'code' the only output is 'reconstruction' (decoded data); asked for {wanted}")
-        (decoded,) = await batcher.submit(version.decode, rows)
-        return {"reconstruction": decoded}
-    results: dict[str, np.ndarray] = {}
-    if "code" in wanted:
-        (results["code"],) = await batcher.submit(version.encode, rows)
-    if {"reconstruction", "error", "percentile"} & set(wanted):
-        results["reconstruction"], results["error"], results["percentile"] = await batcher.submit(version.reconstruct, rows)
-    if "coordinates" in wanted:
-        (results["coordinates"],) = await batcher.submit(version.project, rows)
-    return results
+def _call(input_name: str, document: dict[str, Any]) -> tuple[Call, list[dict[str, Any]]]:
+    """The call a request asks for, and its requested outputs (all that its input can answer when it names none)."""
+    if input_name not in TAKES:
+        raise ApiError(400, f"unknown input {input_name!r}; use 'input' (data) or 'code' (to decode)")
+    takes = TAKES[input_name]
+    requested = document.get("outputs") or [{"name": n} for n in (FROM_CODES if takes == "codes" else OUTPUTS)]
+    if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+        raise ApiError(400, "outputs must be a list of objects with a name")
+    unknown = [o["name"] for o in requested if o["name"] not in OUTPUTS]
+    if unknown:
+        raise ApiError(400, f"unknown output(s) {unknown}; allowed: {list(OUTPUTS)}")
+    try:
+        call = Call(takes, tuple(dict.fromkeys(o["name"] for o in requested))).check()
+    except ValueError as e:
+        raise ApiError(400, f"input {input_name!r}: {e}") from None
+    return call, requested
 
 
 async def infer(request: Request, name: str, version_ref: str) -> Response:
@@ -205,24 +203,16 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list) or len(document["inputs"]) != 1:
         raise ApiError(400, "the request must hold exactly one input tensor, named 'input' (data) or 'code' (to decode)")
     input_name, array, _ = _input_tensor(document["inputs"][0], memoryview(body)[split:], 0)
-    if input_name not in ("input", "code"):
-        raise ApiError(400, f"unknown input {input_name!r}; use 'input' (data) or 'code' (to decode)")
-    rows = _rows(version, input_name, array)
-    if len(rows) > settings.max_rows:
-        raise ApiError(413, f"{len(rows)} rows exceed the limit of {settings.max_rows} rows per request")
-    requested = document.get("outputs") or [{"name": n} for n in (("reconstruction",) if input_name == "code" else DATA_OUTPUTS)]
-    if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
-        raise ApiError(400, "outputs must be a list of objects with a name")
-    unknown = [o["name"] for o in requested if o["name"] not in DATA_OUTPUTS]
-    if unknown:
-        raise ApiError(400, f"unknown output(s) {unknown}; allowed: {list(DATA_OUTPUTS)}")
-    results = await _compute(request, version, input_name, rows, [o["name"] for o in requested])
+    call, requested = _call(input_name, document)
+    try:
+        outputs, _ = await pipeline.run(request.app.state.batcher, version, call, array, settings.max_rows, f"input {input_name!r}: ")
+    except ApiError as e:
+        raise ApiError(400 if e.status == 422 else e.status, e.detail, e.headers) from None
+    results = dict(zip(call.outputs, outputs, strict=True))
     binary_default = bool(_parameters(document).get("binary_data_output", False))
-    outputs, chunks = [], []
+    answers, chunks = [], []
     for spec in requested:
         array = np.ascontiguousarray(results[spec["name"]], dtype=np.float32)
-        if not np.isfinite(array).all():
-            return _json({"error": "the model produced non-finite outputs for these inputs"}, 400)
         entry: dict[str, Any] = {"name": spec["name"], "datatype": "FP32", "shape": list(array.shape)}
         if _parameters(spec).get("binary_data", binary_default):
             data = array.astype("<f4").tobytes()
@@ -230,8 +220,8 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
             chunks.append(data)
         else:
             entry["data"] = array.ravel()
-        outputs.append(entry)
-    answer = {"model_name": name, "model_version": str(version.version), "outputs": outputs}
+        answers.append(entry)
+    answer = {"model_name": name, "model_version": str(version.version), "outputs": answers}
     if "id" in document:
         answer["id"] = document["id"]
     header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -6,10 +6,11 @@ import io
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-import aeserve_client
 import httpx
 import numpy as np
 import pytest
+
+import aeserve_client
 from aeserve_client import (
     AeserveError,
     AsyncClient,

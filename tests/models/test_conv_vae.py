@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+
 from aeserve.models.kinds import build_model
 from aeserve.models.vae import VAE, VAEConfig
 

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
+
 from aeserve.models.checkpoint import load_version
 from aeserve.models.kinds import MODEL_KINDS, build_model
 from aeserve.models.preprocessing import Preprocessing
-
 from tests.conftest import KIND_CONFIGS
 
 
@@ -51,21 +51,6 @@ def test_loaded_version_matches_its_manifest_metrics(kind, trained_registry):
     _, errors, percentiles = loaded.reconstruct(dataset.test_x)
     assert errors.mean() == pytest.approx(loaded.manifest["metrics"]["test_sq_err"], rel=1e-5)
     assert 40 < np.median(percentiles) < 60  # the held-out set sits in the middle of its own distribution
-
-
-@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
-def test_calls_in_blocks_answer_as_one_call_does(kind, trained_registry, monkeypatch):
-    from aeserve.models import checkpoint
-
-    version = trained_registry.load(f"digits-{kind}")
-    x = np.random.default_rng(2).random((11, 8, 8)).astype(np.float32) * 16
-    z = version.encode(x)
-    whole = [version.encode(x), version.decode(z), version.project(x), *version.reconstruct(x)]
-    monkeypatch.setattr(checkpoint, "CPU_BLOCK_ROWS", 4)  # blocks of 4, 4 and 3 rows
-    blocks = [version.encode(x), version.decode(z), version.project(x), *version.reconstruct(x)]
-    for one_call, in_blocks in zip(whole, blocks, strict=True):
-        assert in_blocks.shape == one_call.shape
-        np.testing.assert_allclose(in_blocks, one_call, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_kind_and_bad_config_name_the_problem():

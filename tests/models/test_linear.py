@@ -1,9 +1,10 @@
 """The lecture's claim: a linear autoencoder trained by gradient descent spans the PCA subspace."""
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+
 from aeserve.models.linear import LinearAutoencoder, LinearConfig
 from aeserve.models.pca import principal_components
-from sklearn.datasets import load_digits
 
 # Largest principal angle allowed between span(U) and the top-K principal subspace.
 MAX_ANGLE_DEGREES = 1.0

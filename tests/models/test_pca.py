@@ -1,6 +1,7 @@
 """PCA is numpy's SVD projection, with signs fixed."""
 import numpy as np
 import torch
+
 from aeserve.models.pca import PCA, PCAConfig
 
 

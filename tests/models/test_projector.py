@@ -2,6 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.manifold import trustworthiness
+from sklearn.neighbors import KNeighborsClassifier
+
 from aeserve.models.projector import (
     PCAProjector,
     TSNEProjector,
@@ -15,8 +18,6 @@ from aeserve.models.projector import (
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
-from sklearn.manifold import trustworthiness
-from sklearn.neighbors import KNeighborsClassifier
 
 
 def _data(n=300, d=6, seed=0):

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.datasets import load_digits
+
 from aeserve.models.rbm import RBM, RBMAutoencoder, RBMConfig, reconstruction_error, train_rbm
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import fit
-from sklearn.datasets import load_digits
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,14 @@
 """Registry layout, atomic publishing, aliases, and refusal of tampered versions."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
+
 from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, sha256_bytes
 from aeserve.models.registry import NotFoundError, Registry, RegistryError
 from aeserve.training.trainer import train
-
 from tests.conftest import digits_run, tamper_version
 
 
@@ -100,6 +101,16 @@ def test_pickle_in_place_of_weights_is_refused(published):
 def test_manifest_shapes_that_do_not_match_the_weights_are_refused(published):
     _rewrite(published, config={"code_dim": 5})
     with pytest.raises(CheckpointError, match=r"tensors do not match the manifest's model .*wrong shape \['model.components'"):
+        published.load("digits")
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"code_dim": 7}, "code_dim 7 but the model config gives 4"),
+    ({"input_shape": [64]}, "input_shape [64] but the model config gives [8, 8]"),
+])
+def test_manifest_facts_that_contradict_the_model_are_refused(published, change, reason):
+    _rewrite(published, **change)
+    with pytest.raises(CheckpointError, match=re.escape(f"the manifest contradicts itself: {reason}")):
         published.load("digits")
 
 

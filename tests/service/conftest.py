@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
+
 from aeserve.models.registry import Registry
 from aeserve.service.app import create_app
 from aeserve.service.settings import Settings
-from fastapi.testclient import TestClient
 
 DEVICE = os.environ.get("AESERVE_TEST_DEVICE", "cpu")
 

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from aeserve.service.operations import OPERATIONS
 from tests.conftest import KIND_CONFIGS
 from tests.service.conftest import DEVICE, LiveServer, make_client, wait_for_metric, wait_ready
 
@@ -178,7 +179,6 @@ def test_metrics_count_requests_by_model_version_op_status(api):
 
 def test_reload_picks_up_new_versions_and_refuses_corrupt_ones(api, service_registry):
     from aeserve.training.trainer import train
-
     from tests.conftest import digits_run
 
     train(digits_run("digits-pca", "pca"), service_registry, progress=False)
@@ -221,8 +221,9 @@ def test_npy_edge_cases(api, service_registry):
 
 
 def test_latency_histogram_buckets_are_cumulative():
-    from aeserve.service.metrics import Metrics
     from prometheus_client import generate_latest
+
+    from aeserve.service.metrics import Metrics
 
     metrics = Metrics()
     for seconds in (0.0004, 0.003, 0.003, 20.0):
@@ -239,59 +240,43 @@ def test_latency_histogram_buckets_are_cumulative():
 
 
 
-def test_small_model_calls_run_on_one_torch_thread():
-    import torch
-    from aeserve.service.app import IntraOpThreads
-
-    before = torch.get_num_threads()
-    choose = IntraOpThreads(threads=2)
-    try:
-        choose(1)
-        assert torch.get_num_threads() == 1
-        choose(IntraOpThreads.SPLIT_ROWS)
-        assert torch.get_num_threads() == 2
-        choose(IntraOpThreads.SPLIT_ROWS - 1)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.skipif(DEVICE != "cpu", reason="the ONNX engine serves the CPU only")
 def test_small_batches_are_served_by_the_engine_process_by_torch_when_it_dies_then_by_a_new_one(service_registry, monkeypatch):
     import httpx
-    from aeserve.service import app as app_module
-    from aeserve.service.client import Client
 
-    monkeypatch.setattr(app_module, "ENGINE_RESTART_S", (1.0, 60.0))  # a second before the new child starts
+    from aeserve.service.client import Client
+    from aeserve.service.runtime import engines as engines_module
+
+    monkeypatch.setattr(engines_module, "RESTART_S", (1.0, 60.0))  # a second before the new child starts
     with LiveServer(service_registry, engine="onnx", models="digits-mlp", poll_seconds=0) as server, Client(server.url) as client:
         get, deadline = (lambda path: httpx.get(server.url + path)), time.monotonic() + 240
         wait_for_metric(get, "aeserve_engine_process_versions 1.0", deadline)
         version = server.app.state.store.get("digits-mlp")
-        assert version.engine is None  # its sessions live in the child
-        process, rows_sent = server.app.state.engine_process, []
+        process, rows_sent = server.app.state.engines.process, []
+        assert server.app.state.engines.small is process
         run = process.run
-        process.run = lambda fn, rows: rows_sent.append(len(rows)) or run(fn, rows)
+        process.run = lambda version, call, rows: rows_sent.append(len(rows)) or run(version, call, rows)
         codes = client.encode("digits-mlp", IMAGES).outputs
-        np.testing.assert_allclose(codes, version._encode_torch(IMAGES), atol=1e-4)
+        np.testing.assert_allclose(codes, version.encode(IMAGES), atol=1e-4)
         reconstructed = client.reconstruct("digits-mlp", IMAGES)
-        for got, want in zip((reconstructed.outputs, reconstructed.errors, reconstructed.percentiles), version._reconstruct_torch(IMAGES), strict=True):
+        for got, want in zip((reconstructed.outputs, reconstructed.errors, reconstructed.percentiles), version.reconstruct(IMAGES), strict=True):
             np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
-        np.testing.assert_allclose(client.decode("digits-mlp", codes).outputs, version._decode_torch(codes), atol=1e-3)
-        np.testing.assert_allclose(client.project("digits-mlp", IMAGES).outputs, version._project_torch(IMAGES), atol=1e-4)
+        np.testing.assert_allclose(client.decode("digits-mlp", codes).outputs, version.decode(codes), atol=1e-3)
+        np.testing.assert_allclose(client.project("digits-mlp", IMAGES).outputs, version.project(IMAGES), atol=1e-4)
         assert rows_sent == [5, 5, 5, 5]
         many = np.repeat(IMAGES, 26, axis=0)  # 130 rows: torch, in the server
-        np.testing.assert_array_equal(client.encode("digits-mlp", many).outputs, version._encode_torch(many))
+        np.testing.assert_array_equal(client.encode("digits-mlp", many).outputs, version.encode(many))
         assert rows_sent == [5, 5, 5, 5]
 
         process._child.kill()
         process._child.wait()
         for _ in range(5):  # the first may find the socket not yet known to be closed: retried on torch all the same
-            np.testing.assert_array_equal(client.encode("digits-mlp", IMAGES).outputs, version._encode_torch(IMAGES))
+            np.testing.assert_array_equal(client.encode("digits-mlp", IMAGES).outputs, version.encode(IMAGES))
         metrics = httpx.get(f"{server.url}/metrics").text
         assert "aeserve_engine_process_versions 0.0" in metrics and "aeserve_onnx_engine_versions 0.0" in metrics
 
         wait_for_metric(get, "aeserve_engine_process_versions 1.0", deadline)  # exported again, into a new child
-        assert process._child.poll() is None and version.engine is None
+        assert process._child.poll() is None
         np.testing.assert_allclose(client.encode("digits-mlp", IMAGES).outputs, codes, atol=1e-6)
         assert rows_sent == [5, 5, 5, 5, 5]
 
@@ -302,22 +287,25 @@ def test_small_batches_are_served_by_the_onnx_engine_in_the_server(service_regis
         wait_ready(client.get)
         version = client.app.state.store.get("digits-mlp")
         wait_for_metric(client.get, "aeserve_onnx_engine_versions 1.0", time.monotonic() + 120)
-        assert version.engine is not None
+        small = client.app.state.engines.small
+        assert small.serves(version, OPERATIONS["encode"].call) and client.app.state.engines.process is None
         answer = client.post("/v1/models/digits-mlp/encode", json={"inputs": IMAGES.tolist()})
         assert answer.status_code == 200, answer.text
         codes = np.array(answer.json()["outputs"], dtype=np.float32)
-        np.testing.assert_array_equal(codes, version.engine.run("encode", version.preprocessing.to_model(IMAGES)))
-        np.testing.assert_allclose(codes, version._encode_torch(IMAGES), atol=1e-4)
+        engine = small._versions[id(version)][1]
+        np.testing.assert_array_equal(codes, engine.graph("encode", version.preprocessing.to_model(IMAGES)))
+        np.testing.assert_allclose(codes, version.encode(IMAGES), atol=1e-4)
         many = np.repeat(IMAGES, 26, axis=0)  # 130 rows: torch
         answer = client.post("/v1/models/digits-mlp/encode", content=npy(many),
                              headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
-        np.testing.assert_array_equal(np.load(io.BytesIO(answer.content)), version._encode_torch(many))
+        np.testing.assert_array_equal(np.load(io.BytesIO(answer.content)), version.encode(many))
         assert "aeserve_onnx_engine_versions 1.0" in client.get("/metrics").text
 
 
 def test_new_versions_serve_before_their_engine_arrives(service_registry, monkeypatch):
-    from aeserve.service import store as store_module
-    from aeserve.service.store import ModelStore
+    from aeserve.service.runtime import engines as engines_module
+    from aeserve.service.runtime.engines import Engines
+    from aeserve.service.runtime.store import ModelStore
 
     exports = []
 
@@ -326,12 +314,12 @@ def test_new_versions_serve_before_their_engine_arrives(service_registry, monkey
             self.folders = folders
             exports.append(self)
 
-        def attach(self, versions, on_engine=None):
+        def collect(self, versions, take):
             self.serving = {name: [v for n, v in store.loaded() if n == name] for name in store.names()}
             self.versions = [f"{v.name}:{v.version}" for v in versions]
 
-    monkeypatch.setattr(store_module, "EngineExport", RecordingExport)
-    store = ModelStore(service_registry, engine="onnx", only=["digits-mlp"])
+    monkeypatch.setattr(engines_module, "GraphExport", RecordingExport)
+    store = ModelStore(service_registry, engines=Engines("cpu", "onnx", engine_process=False), only=["digits-mlp"])
     assert store.refresh() == ["digits-mlp:1"]
     (export,) = exports
     assert export.folders == [service_registry.version_dir("digits-mlp", 1)]
@@ -346,7 +334,8 @@ def test_a_refresh_runs_torch_on_its_own_thread_alone(service_registry, monkeypa
     import threading
 
     import torch
-    from aeserve.service.store import ModelStore
+
+    from aeserve.service.runtime.store import ModelStore
 
     during, after, load = [], [], service_registry.load
 
@@ -368,8 +357,9 @@ def test_a_refresh_runs_torch_on_its_own_thread_alone(service_registry, monkeypa
 
 
 def test_a_refresh_that_fails_after_loading_stops_its_export(service_registry, monkeypatch):
-    from aeserve.service import store as store_module
-    from aeserve.service.store import ModelStore
+    from aeserve.service.runtime import engines as engines_module
+    from aeserve.service.runtime.engines import Engines
+    from aeserve.service.runtime.store import ModelStore
 
     closed = []
 
@@ -382,8 +372,8 @@ def test_a_refresh_that_fails_after_loading_stops_its_export(service_registry, m
 
     def unreadable(name):
         raise PermissionError(f"aliases.json of {name}: permission denied")
-    monkeypatch.setattr(store_module, "EngineExport", RecordingExport)
-    store = ModelStore(service_registry, engine="onnx", only=["digits-mlp"])
+    monkeypatch.setattr(engines_module, "GraphExport", RecordingExport)
+    store = ModelStore(service_registry, engines=Engines("cpu", "onnx", engine_process=False), only=["digits-mlp"])
     monkeypatch.setattr(store.registry, "aliases", unreadable)
     with pytest.raises(PermissionError, match="aliases.json of digits-mlp"):
         store.refresh()

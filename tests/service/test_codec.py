@@ -7,8 +7,14 @@ import json
 import numpy as np
 import orjson
 import pytest
-from aeserve.service.codec import JSON, NPY, _plain_rows, decode_rows, read_body
+
+from aeserve.service.codec import JSON, NPY, _plain_rows, parse_rows, read_body, validate_rows
 from aeserve.service.errors import ApiError
+
+
+def decode_rows(kind, body, row_shape, max_rows):
+    """A body through the v1 codec and the one validator, as the pipeline takes it."""
+    return validate_rows(parse_rows(kind, body), row_shape, max_rows)
 
 
 def general(body: bytes) -> np.ndarray:

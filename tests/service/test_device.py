@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from aeserve.service.settings import Settings
 
+from aeserve.service.settings import Settings
 from tests.conftest import KIND_CONFIGS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

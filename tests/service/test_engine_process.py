@@ -1,21 +1,24 @@
-"""The engine process: small batches in a child process answer exactly as the in-process engine, and failures stay contained."""
+"""The engine process: small calls in a child process on ONNX Runtime, fed by the event loop."""
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
 import pytest
-from aeserve.models.small_batches import SMALL_BATCH_ROWS
-from aeserve.service.engine_process import EngineProcess, EngineProcessError
 
+from aeserve.models.outputs import OUTPUTS, Call
+from aeserve.service.operations import OPERATIONS
+from aeserve.service.runtime.engine_process import EngineProcess, EngineProcessError, pack_call, unpack_call
+from aeserve.service.runtime.onnx import OnnxVersion
 from tests.conftest import KIND_CONFIGS
 
 pytest.importorskip("onnxruntime")
+ENCODE, DECODE, PROJECT = (OPERATIONS[op].call for op in ("encode", "decode", "project"))
 
 
 @pytest.fixture(scope="module")
 def exported(onnx_exported) -> dict:
-    """kind -> (version with its in-process engine, its graphs' ONNX bytes)."""
+    """kind -> (version, its graphs' ONNX bytes)."""
     versions, graphs = onnx_exported
     return {kind: (versions[kind], graphs[kind]) for kind in KIND_CONFIGS}
 
@@ -32,46 +35,48 @@ def rows(n: int, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).random((n, 8, 8)) * 16).astype(np.float32)
 
 
-async def test_every_operation_answers_as_the_in_process_engine(exported, process):
+def test_calls_cross_the_socket_as_they_are():
+    calls = [op.call for op in OPERATIONS.values()] + [Call("inputs", tuple(OUTPUTS)), Call("inputs", ("percentile", "code"))]
+    assert [unpack_call(pack_call(call)) for call in calls] == calls
+
+
+async def test_every_call_answers_as_the_in_process_engine(exported, process):
     for version, graphs in exported.values():
         await process.load(version, graphs)
     assert process.versions() == len(exported)
-    for kind, (version, _) in exported.items():
+    for kind, (version, graphs) in exported.items():
+        engine = OnnxVersion(graphs, version.preprocessing, version.quantiles)  # same graphs, same ONNX Runtime, one thread
         for n in (1, 5):
             x = rows(n)
-            codes = version.encode(x)  # the in-process engine: same graphs, same ONNX Runtime, one thread
-            want = {"encode": (codes,), "decode": (version.decode(codes),), "reconstruct": version.reconstruct(x),
-                    "project": (version.project(x),)}
-            for op, expected in want.items():
-                fn = getattr(version, op)
-                assert process.accepts(fn, n), (kind, op)
-                got = await process.run(fn, codes if op == "decode" else x)
-                assert len(got) == len(expected), (kind, op)
+            codes = version.encode(x)
+            for call in [*(op.call for op in OPERATIONS.values()), Call("inputs", tuple(OUTPUTS))]:
+                given = codes if call.takes == "codes" else x
+                assert process.serves(version, call), (kind, call)
+                got, expected = await process.run(version, call, given), engine.run(call, given)
+                assert len(got) == len(expected), (kind, call)
                 for g, e in zip(got, expected, strict=True):
-                    assert g.shape == e.shape and g.dtype == e.dtype, (kind, op)
-                    np.testing.assert_array_equal(g, e, err_msg=f"{kind} {op} on {n} rows")
+                    assert g.shape == e.shape and g.dtype == e.dtype, (kind, call)
+                    np.testing.assert_array_equal(g, e, err_msg=f"{kind} {call} on {n} rows")
 
 
-async def test_only_small_calls_of_loaded_versions_and_exported_graphs_are_accepted(exported, process):
+async def test_only_loaded_versions_and_exported_graphs_are_served(exported, process):
     mlp, graphs = exported["mlp"]
     pca, _ = exported["pca"]
-    assert not process.accepts(mlp.encode, 1)  # not loaded yet
+    assert not process.serves(mlp, ENCODE)  # not loaded yet
     await process.load(mlp, {name: data for name, data in graphs.items() if name != "project"})
-    assert process.accepts(mlp.encode, SMALL_BATCH_ROWS - 1) and process.accepts(mlp.reconstruct, 1)
-    assert not process.accepts(mlp.encode, SMALL_BATCH_ROWS)  # torch is faster from here on
-    assert not process.accepts(mlp.project, 1)  # no projector graph: torch projects
-    assert not process.accepts(pca.encode, 1)
-    assert not process.accepts(np.sum, 1)
+    assert process.serves(mlp, ENCODE) and process.serves(mlp, OPERATIONS["reconstruct"].call)
+    assert not process.serves(mlp, PROJECT)  # no projector graph: torch projects
+    assert not process.serves(pca, ENCODE)
 
 
 async def test_a_failing_call_fails_alone(exported, process):
     mlp, graphs = exported["mlp"]
     await process.load(mlp, graphs)
-    wrong_width = np.zeros((2, 5), np.float32)  # the graph wants 64 numbers per row
-    bad, good = process.run(mlp.decode, wrong_width), process.run(mlp.encode, rows(3))
+    wrong_width = np.zeros((2, 5), np.float32)  # the graph wants 4 numbers per code
+    bad, good = process.run(mlp, DECODE, wrong_width), process.run(mlp, ENCODE, rows(3))
     with pytest.raises(EngineProcessError, match="decode|INVALID_ARGUMENT|Got invalid dimensions"):
         await bad
-    np.testing.assert_array_equal((await good)[0], mlp.encode(rows(3)))
+    np.testing.assert_allclose((await good)[0], mlp.encode(rows(3)), atol=1e-4)
 
 
 async def test_graphs_that_do_not_load_are_refused_and_the_process_serves_on(exported, process):
@@ -79,34 +84,32 @@ async def test_graphs_that_do_not_load_are_refused_and_the_process_serves_on(exp
     pca, _ = exported["pca"]
     with pytest.raises(EngineProcessError, match="InvalidProtobuf|Fail|protobuf"):
         await process.load(pca, {"encode": b"not a graph", "decode": b"nor this"})
-    assert not process.accepts(pca.encode, 1)
+    assert not process.serves(pca, ENCODE)
     await process.load(mlp, graphs)
-    np.testing.assert_array_equal((await process.run(mlp.encode, rows(2)))[0], mlp.encode(rows(2)))
+    np.testing.assert_allclose((await process.run(mlp, ENCODE, rows(2)))[0], mlp.encode(rows(2)), atol=1e-4)
 
 
 async def test_a_dead_process_fails_the_calls_in_flight_and_takes_no_more(exported, process):
     mlp, graphs = exported["mlp"]
     await process.load(mlp, graphs)
-    in_flight = [process.run(mlp.encode, rows(1, seed)) for seed in range(20)]
+    in_flight = [process.run(mlp, ENCODE, rows(1, seed)) for seed in range(20)]
     process._child.kill()
-    outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
-    assert any(isinstance(o, EngineProcessError) for o in outcomes)  # the later ones, at least, never got an answer
+    process._child.wait()  # blocking: the event loop must not see the death yet
+    after = [process.run(mlp, ENCODE, rows(1, seed)) for seed in range(5)]  # sent before the loop has seen the death
+    outcomes = await asyncio.gather(*in_flight, *after, return_exceptions=True)
+    assert all(isinstance(o, EngineProcessError) for o in outcomes[20:])  # nobody was left to answer them
     for outcome in outcomes:
         assert isinstance(outcome, EngineProcessError | tuple)
-    assert not process.up and process.versions() == 0 and not process.accepts(mlp.encode, 1)
+    assert not process.up and process.versions() == 0 and not process.serves(mlp, ENCODE)
     with pytest.raises(EngineProcessError, match="not running"):
         await process.load(mlp, graphs)
 
 
-async def test_take_moves_a_version_out_of_the_server(exported, process):
+async def test_take_loads_a_version_from_the_refresh_thread(exported, process):
     mlp, graphs = exported["mlp"]
-    engine = mlp.engine
-    try:
-        await asyncio.to_thread(process.take, mlp, graphs)  # as the registry refresh calls it, from its thread
-        assert mlp.engine is None and process.accepts(mlp.encode, 1)
-        np.testing.assert_allclose((await process.run(mlp.encode, rows(2)))[0], mlp._encode_torch(rows(2)), atol=1e-4)
-    finally:
-        mlp.engine = engine  # the module's other tests compare with it
+    await asyncio.to_thread(process.take, mlp, graphs)  # as the registry refresh calls it, from its thread
+    assert process.serves(mlp, ENCODE)
+    np.testing.assert_allclose((await process.run(mlp, ENCODE, rows(2)))[0], mlp.encode(rows(2)), atol=1e-4)
 
 
 def test_the_child_imports_neither_torch_nor_the_web_stack():
@@ -114,5 +117,5 @@ def test_the_child_imports_neither_torch_nor_the_web_stack():
     import subprocess
     import sys
 
-    code = "import sys, service.engine_process; print(sorted({'torch', 'fastapi', 'starlette'} & set(sys.modules)))"
+    code = "import sys, aeserve.service.runtime.engine_process; print(sorted({'torch', 'fastapi', 'starlette'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

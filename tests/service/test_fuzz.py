@@ -1,39 +1,42 @@
-"""Property-based fuzzing over the OpenAPI schema (schemathesis): no 5xx, and every answer fits the schema.
+"""Schemathesis against a live server, with every check: no 5xx, answers fit the schema, the schema admits exactly
+what the server accepts, undeclared methods get 405.
 
-Seeded and bounded for CI; a larger run: AESERVE_FUZZ_EXAMPLES=500 pytest tests/service/test_fuzz.py
+Seeded and bounded for CI; a larger run: AESERVE_FUZZ_EXAMPLES=300 pytest tests/service/test_fuzz.py
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
 from aeserve.models.registry import Registry
 from aeserve.training.trainer import train
-from hypothesis import HealthCheck, given, settings
-
 from tests.conftest import digits_run
-from tests.service.conftest import make_client, wait_ready
+from tests.service.conftest import LiveServer
 
-schemathesis = pytest.importorskip("schemathesis")
+pytest.importorskip("schemathesis")
 
-EXAMPLES = int(os.environ.get("AESERVE_FUZZ_EXAMPLES", "25"))
+EXAMPLES = os.environ.get("AESERVE_FUZZ_EXAMPLES", "25")
+# JSON Schema cannot tie an Open Inference Protocol tensor's data length to its shape, so the two data-acceptance
+# checks cannot hold for v2 inference; every other check runs there too.
+V2_INFER = "^/v2/models/.*/infer$"
 
 
-def test_no_server_errors_and_answers_fit_the_schema(tmp_path):
+def schemathesis(url: str, *options: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/openapi.json", "--checks", "all",
+               "--max-examples", EXAMPLES, "--generation-deterministic", "--no-color", "--workers", "1", *options]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_schemathesis_with_every_check_finds_nothing(tmp_path):
     registry = Registry(tmp_path / "registry")
     train(digits_run("digits-pca", "pca"), registry, progress=False)
-    with make_client(registry) as client:  # one app, one event loop, models loaded: as in production
-        wait_ready(client.get)
-        schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
-        operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) >= 12
-
-        for operation in operations:
-            @given(case=operation.as_strategy())
-            @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
-            def check(case):
-                kwargs = case.as_transport_kwargs(base_url="http://testserver")
-                response = client.request(**kwargs)
-                assert response.status_code < 500, (case.method, case.formatted_path, response.status_code, response.text)
-                case.validate_response(response)
-
-            check()
+    with LiveServer(registry, poll_seconds=0) as server:  # one loaded model: the schema's names and versions are real
+        everything_else = schemathesis(server.url, "--exclude-path-regex", V2_INFER)
+        assert everything_else.returncode == 0, everything_else.stdout[-6000:]
+        assert "API Operations:" in everything_else.stdout and "Tested: 23" in everything_else.stdout, everything_else.stdout[-3000:]
+        v2_infer = schemathesis(server.url, "--include-path-regex", V2_INFER,
+                                "--exclude-checks", "positive_data_acceptance,negative_data_rejection")
+        assert v2_infer.returncode == 0, v2_infer.stdout[-6000:]
+        assert "Tested: 2" in v2_infer.stdout, v2_infer.stdout[-3000:]

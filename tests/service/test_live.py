@@ -5,9 +5,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from aeserve.service.client import AeserveError, AsyncClient, Client
-from aeserve.training.trainer import train
 
+from aeserve.service.client import AeserveError, AsyncClient, Client
+from aeserve.service.operations import OPERATIONS
+from aeserve.training.trainer import train
 from tests.conftest import KIND_CONFIGS, digits_run
 from tests.service.conftest import DEVICE, LiveServer, Traffic, wait_for_metric
 
@@ -140,7 +141,7 @@ def test_hot_reload_into_the_engine_process_while_requests_flow(service_registry
             train(digits_run("digits-mlp", "mlp", epochs=1), service_registry, progress=False)
             wait_for_metric(get, "aeserve_engine_process_versions 2.0", deadline)
             settled = traffic.versions_after_settling()
-        store = server.app.state.store
-        assert all(store.get("digits-mlp", ref).engine is None for ref in ("1", "2"))  # both run in the child
+        store, process = server.app.state.store, server.app.state.engines.process
+        assert all(process.serves(store.get("digits-mlp", ref), OPERATIONS["encode"].call) for ref in ("1", "2"))  # both in the child
     assert traffic.failures == []
     assert traffic.versions[0] == "1" and settled == {"2"}

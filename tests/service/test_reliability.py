@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+
 from aeserve.models.checkpoint import MANIFEST, WEIGHTS
 from aeserve.models.registry import Registry
 from aeserve.service.client import Client
-from aeserve.service.store import ModelStore
+from aeserve.service.runtime.store import ModelStore
 from aeserve.training.trainer import train
-
 from benchmarks.loadgen import npy_request, overload_run, wait_ready
 from tests.conftest import digits_run, tamper_version
 from tests.service.conftest import LiveServer, Traffic, free_port

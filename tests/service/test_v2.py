@@ -70,7 +70,7 @@ def test_errors_use_the_protocols_error_body(client, live):
 
     request = httpclient.InferInput("input", [2, 5], "FP32")
     request.set_data_from_numpy(np.zeros((2, 5), np.float32))
-    with pytest.raises(InferenceServerException, match=r"input 'input': shape must be \[n, 8, 8\] or \[n, 64\], got \[2, 5\]"):
+    with pytest.raises(InferenceServerException, match=r"input 'input': each row must be 64 numbers or nested shape \[8, 8\]; got rows of shape \[5\]"):
         client.infer("digits-mlp", [request])
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
         client.infer("nope", [request])

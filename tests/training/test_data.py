@@ -1,11 +1,11 @@
 """Data loaders: real formats on files made here, and errors that name the file and the problem."""
 import numpy as np
 import pytest
+
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.data import DataConfig, DataError, load_dataset, read_idx
 from aeserve.training.trainer import train
-
 from tests.conftest import write_idx
 
 

@@ -1,8 +1,8 @@
 """Data-parallel training: two CPU processes (gloo) train one model and publish exactly one version."""
 import pytest
-from aeserve.models.registry import Registry
 
 from aeserve.cli import main
+from aeserve.models.registry import Registry
 
 QUICK = ["--quiet", "--set", "data.limit=320", "--set", "train.epochs=3", "--set", "train.batch_size=64", "--set", "train.report=false"]
 

@@ -1,10 +1,9 @@
 """Reports: written with every version and by `aeserve eval`, with real figures."""
 import json
 
+from aeserve.cli import main
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
-
-from aeserve.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

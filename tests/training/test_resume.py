@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+
 from aeserve.models.registry import Registry
 from aeserve.training.state import LATEST, TrainingState
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from aeserve.models.registry import Registry
 from aeserve.training.config import load_run_config, parse_override
 from aeserve.training.trainer import train
-
 from tests.conftest import digits_run
 
 

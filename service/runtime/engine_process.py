@@ -10,20 +10,21 @@ pairs) a prototype served 13 % more requests per second than the model
 threads, every pair higher. The same child called from a model thread that
 blocked on the socket served 10 % fewer than the loop-driven one.
 
-The child imports numpy and ONNX Runtime, not torch, and runs the functions
-``ModelVersion`` runs in-process (``models/small_batches.py``), so its answers
-are the in-process engine's, bit for bit. A version loaded into the child
-drops its in-process engine (about 28 MB of sessions). If the child dies,
-calls in flight are retried on torch in the server and later calls stay there
-(logged, and ``aeserve_engine_process_versions`` drops) until the server has
-started a new child and exported its versions again (service/app.py).
+The child imports numpy and ONNX Runtime, not torch, and runs the same code as
+the in-process ONNX engine (``onnx.py``), so its answers are that engine's, bit
+for bit. If the child dies, calls in flight are retried on torch in the server
+and later calls stay there (logged, and ``aeserve_engine_process_versions``
+drops) until the engines have started a new child and exported its versions
+again (``engines.py``).
 
 Protocol, over a Unix socket pair; the child answers each request before it
 reads the next, so answers come in the order of the requests:
 
-- request: ``REQUEST`` (kind, operation, slot, rows, payload bytes), then the
+- request: ``REQUEST`` (kind, call, slot, rows, payload bytes), then the
   payload: for LOAD, a JSON description (graph sizes, preprocessing, held-out
   error quantiles) and the graphs' ONNX bytes; for CALL, the rows as float32.
+  ``call`` packs a ``Call``: bit 0 for rows of codes, then three bits per
+  wanted output (its index in ``OUTPUTS``, plus one).
 - answer: ``ANSWER`` (status, payload bytes), then the outputs as float32, one
   after the other, or an error message.
 
@@ -44,20 +45,20 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from aeserve.models import small_batches
+
+from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.models.preprocessing import Preprocessing
-from aeserve.models.small_batches import OPERATIONS, SMALL_BATCH_ROWS, OnnxEngine, served_operations
+from aeserve.service.runtime.onnx import OnnxVersion
 
 if TYPE_CHECKING:
     from aeserve.models.checkpoint import ModelVersion
 
 log = logging.getLogger("aeserve.engine")
 
-REQUEST = struct.Struct("<BBIII")  # kind, operation index, slot, rows, payload bytes
+REQUEST = struct.Struct("<BHIII")  # kind, call, slot, rows, payload bytes
 ANSWER = struct.Struct("<BI")  # status, payload bytes
 LOAD, CALL = 0, 1
 OK, FAILED = 0, 1
@@ -68,27 +69,40 @@ class EngineProcessError(RuntimeError):
     """The engine process refused a request, or is gone."""
 
 
-class EngineProcess:
-    """The server's side: start the child, load versions into it, run their small calls there.
+OUTPUT_NAMES = list(OUTPUTS)
 
-    ``accepts`` and ``run`` are what the batcher asks (service/batching.py);
-    ``fn`` is a ModelVersion's bound operation, e.g. ``version.encode``.
-    """
+
+def pack_call(call: Call) -> int:
+    code = int(call.takes == "codes")
+    for i, name in enumerate(call.outputs):
+        code |= (OUTPUT_NAMES.index(name) + 1) << (1 + 3 * i)
+    return code
+
+
+def unpack_call(code: int) -> Call:
+    outputs, rest = [], code >> 1
+    while rest:
+        outputs.append(OUTPUT_NAMES[(rest & 7) - 1])
+        rest >>= 3
+    return Call("codes" if code & 1 else "inputs", tuple(outputs))
+
+
+class EngineProcess:
+    """The server's side of the engine process: start the child, load versions into it, run their calls there."""
 
     def __init__(self) -> None:
         self._child: subprocess.Popen | None = None
         self._channel: _Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # id(version) -> (version, slot, operation served -> the shape of one row of each output); holding the version
-        # keeps its id from being reused.
-        self._versions: dict[int, tuple[ModelVersion, int, dict[str, tuple[tuple[int, ...], ...]]]] = {}
+        # id(version) -> (version, slot, the graphs it has); holding the version keeps its id from being reused.
+        self._versions: dict[int, tuple[ModelVersion, int, frozenset[str]]] = {}
         self._slots = 0
 
     async def start(self) -> None:
         """Start the child on the running loop (it imports ONNX Runtime while the server loads its models)."""
         parent, child = socket.socketpair()
         try:
-            self._child = subprocess.Popen([sys.executable, "-m", "aeserve.service.engine_process", str(child.fileno())],
+            self._child = subprocess.Popen([sys.executable, "-m", "aeserve.service.runtime.engine_process", str(child.fileno())],
                                            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         finally:
             child.close()
@@ -121,37 +135,29 @@ class EngineProcess:
                                   "quantiles": version.quantiles.tolist()}).encode()
         parts = [struct.pack("<I", len(description)), description, *graphs.values()]
         await self._channel.send(LOAD, 0, slot, 0, parts, lambda answer: None)
-        shapes = {"encode": ((version.code_dim,),), "decode": (version.input_shape,),
-                  "reconstruct": (version.input_shape, (), ()), "project": ((2,),)}
-        self._versions[id(version)] = (version, slot, {op: shapes[op] for op in served_operations(graphs)})
+        self._versions[id(version)] = (version, slot, frozenset(graphs))
 
     def take(self, version: ModelVersion, graphs: dict[str, bytes]) -> None:
-        """From another thread (the registry refresh): ``load`` the version, then drop its in-process engine.
-
-        Its sessions cost the server about 28 MB; should the child die, torch serves the version's small batches.
-        If the load fails, the in-process engine stays (logged).
-        """
+        """From another thread (the registry refresh): ``load`` the version; if that fails, torch serves it (logged)."""
         key = f"{version.name}:{version.version}"
         try:
             asyncio.run_coroutine_threadsafe(self.load(version, graphs), self._loop).result(LOAD_TIMEOUT_S)
         except (EngineProcessError, FutureTimeout, RuntimeError, OSError) as e:
-            log.warning("small batches of %s stay in the server process: %s", key, e)
+            log.warning("small batches of %s stay on torch: %s", key, e)
             return
-        version.engine = None
-        release_freed_memory()  # the sessions' memory: the server's resident size fell from 399 to 383 MB with the default model
         log.info("small batches of %s run in the engine process", key)
 
-    def accepts(self, fn: Callable, rows: int) -> bool:
-        entry = self._versions.get(id(getattr(fn, "__self__", None)))
-        return entry is not None and rows < SMALL_BATCH_ROWS and fn.__name__ in entry[2] and self.up
+    def serves(self, version: ModelVersion, call: Call) -> bool:
+        entry = self._versions.get(id(version))
+        return entry is not None and ("coordinates" not in call.outputs or "project" in entry[2]) and self.up
 
-    def run(self, fn: Callable, rows: np.ndarray) -> asyncio.Future:
-        """``fn(rows)`` in the child; the future gets the outputs as a tuple of arrays."""
-        _, slot, served = self._versions[id(fn.__self__)]
-        op = fn.__name__
+    def run(self, version: ModelVersion, call: Call, rows: np.ndarray) -> asyncio.Future:
+        """``call`` on ``rows`` in the child; the future gets the outputs as a tuple of arrays."""
+        _, slot, _ = self._versions[id(version)]
         n = len(rows)
+        shapes = tuple(OUTPUTS[name].row_shape(version) for name in call.outputs)
         data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
-        return self._channel.send(CALL, OPERATIONS.index(op), slot, n, [data], lambda answer: _outputs(n, served[op], answer))
+        return self._channel.send(CALL, pack_call(call), slot, n, [data], lambda answer: _outputs(n, shapes, answer))
 
     async def close(self) -> None:
         """Close the socket (the child exits on its end) and wait for the child."""
@@ -258,35 +264,16 @@ class _Channel(asyncio.Protocol):
 # The child's side.
 
 
-@dataclass(frozen=True)
-class _Loaded:
-    engine: OnnxEngine
-    preprocessing: Preprocessing
-    quantiles: np.ndarray
-
-
-CALLS: dict[str, Callable[[_Loaded, np.ndarray], tuple[np.ndarray, ...]]] = {
-    "encode": lambda v, x: (small_batches.encode(v.engine, v.preprocessing, x),),
-    "decode": lambda v, z: (small_batches.decode(v.engine, v.preprocessing, z),),
-    "reconstruct": lambda v, x: small_batches.reconstruct(v.engine, v.preprocessing, v.quantiles, x),
-    "project": lambda v, x: (small_batches.project(v.engine, v.preprocessing, x),),
-}
-
-
-def _load(payload: memoryview) -> _Loaded:
+def _load(payload: memoryview) -> OnnxVersion:
     (size,) = struct.unpack_from("<I", payload)
     description = json.loads(bytes(payload[4:4 + size]))
     graphs, start = {}, 4 + size
     for name, length in description["graphs"]:
         graphs[name] = bytes(payload[start:start + length])
         start += length
-    loaded = _Loaded(OnnxEngine(graphs), Preprocessing.from_dict(description["preprocessing"]),
-                     np.asarray(description["quantiles"], dtype=np.float64))
+    loaded = OnnxVersion(graphs, Preprocessing.from_dict(description["preprocessing"]), np.asarray(description["quantiles"], dtype=np.float64))
     del graphs
-    x = np.zeros((1, loaded.preprocessing.input_dim), np.float32)
-    for op in OPERATIONS:  # warm every session: the first run of each costs milliseconds
-        if loaded.engine.serves(op):
-            CALLS[op](loaded, x if op != "decode" else CALLS["encode"](loaded, x)[0])
+    loaded.warm()
     return loaded
 
 
@@ -304,9 +291,9 @@ def _receive(sock: socket.socket, size: int) -> memoryview | None:
 
 def serve(sock: socket.socket) -> None:
     """Answer requests until the server closes its end."""
-    versions: dict[int, _Loaded] = {}
+    versions: dict[int, OnnxVersion] = {}
     while (header := _receive(sock, REQUEST.size)) is not None:
-        kind, op, slot, rows, size = REQUEST.unpack(header)
+        kind, op, slot, rows, size = REQUEST.unpack(header)  # op: a packed Call
         payload = _receive(sock, size)
         if payload is None:
             return
@@ -318,7 +305,7 @@ def serve(sock: socket.socket) -> None:
                 outputs: tuple[np.ndarray, ...] = ()
             else:
                 x = np.frombuffer(payload, dtype=np.float32).reshape(rows, -1)
-                outputs = CALLS[OPERATIONS[op]](versions[slot], x)
+                outputs = versions[slot].run(unpack_call(op), x)
         except Exception as e:  # onnxruntime's own error types among them; the server falls back for this call
             message = f"{type(e).__name__}: {e}".encode()
             sock.sendall(ANSWER.pack(FAILED, len(message)) + message)

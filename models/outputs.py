@@ -1,0 +1,127 @@
+"""What a version can answer, and how each answer is computed from the model's three graphs.
+
+Torch-free: the same ``compute`` runs a version on torch (``ModelVersion``) and on ONNX Runtime (in the server or in
+the engine process, which imports neither torch nor the web stack), so every engine gives every output the same way.
+
+A call takes rows of data (``"inputs"``, (n, *input_shape) raw) or of codes (``"codes"``, (n, code_dim)) and asks
+for any of the outputs below; each model graph runs at most once per call, however many outputs need it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Protocol
+
+import numpy as np
+
+Takes = Literal["inputs", "codes"]
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    description: str
+    row_shape: Callable[[Any], tuple[int, ...]]  # a version (anything with input_shape and code_dim) -> one row's shape
+    mirrors_input: bool = False  # answered flat or nested, as the rows were sent
+
+
+OUTPUTS: dict[str, Output] = {o.name: o for o in (
+    Output("code", "codes (n, code_dim)", lambda v: (v.code_dim,)),
+    Output("reconstruction", "data in its own units (n, *input_shape)", lambda v: tuple(v.input_shape), mirrors_input=True),
+    Output("error", "summed squared error per row, in the model's [0, 1] space (n,)", lambda v: ()),
+    Output("percentile", "where each error falls among the held-out errors, 0-100 (n,)", lambda v: ()),
+    Output("coordinates", "2-D map coordinates (n, 2)", lambda v: (2,)),
+)}
+FROM_CODES = ("reconstruction",)  # what rows of codes can answer
+
+
+class Call(NamedTuple):
+    """One model call's question: what the rows are, and the outputs wanted (names from OUTPUTS, in answer order)."""
+
+    takes: Takes
+    outputs: tuple[str, ...]
+
+    def check(self) -> Call:
+        unknown = [o for o in self.outputs if o not in OUTPUTS]
+        if unknown or not self.outputs:
+            raise ValueError(f"unknown or no outputs {list(self.outputs)}; allowed: {list(OUTPUTS)}")
+        if self.takes == "codes" and set(self.outputs) - set(FROM_CODES):
+            raise ValueError(f"from codes the only output is {FROM_CODES[0]!r}, asked for {list(self.outputs)}")
+        return self
+
+
+class Graphs(Protocol):
+    """A version's arithmetic on one backend (torch tensors or numpy arrays); ``T`` is that backend's array type."""
+
+    def to_model(self, x: np.ndarray) -> Any: ...  # raw (n, ...) -> model space (n, input_dim)
+    def from_model(self, x: Any) -> np.ndarray: ...  # model space -> raw (n, *input_shape) float32
+    def encode(self, x: Any) -> Any: ...  # model space -> codes (n, code_dim)
+    def decode(self, z: Any) -> Any: ...  # codes -> model space (n, input_dim)
+    def project(self, z: Any) -> Any: ...  # codes -> (n, 2)
+    def codes_in(self, z: np.ndarray) -> Any: ...  # numpy codes -> backend
+    def numpy(self, t: Any) -> np.ndarray: ...  # backend -> numpy float32
+    def squared_error(self, x_hat: Any, x: Any) -> Any: ...  # (n, input_dim) twice -> (n,)
+
+
+def percentiles(quantiles: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """Where each error falls among the held-out errors (given as evenly spaced ``quantiles``), 0-100, float32."""
+    grid = np.linspace(0.0, 100.0, len(quantiles))
+    return np.interp(np.asarray(errors, dtype=np.float64), quantiles, grid).astype(np.float32)
+
+
+def compute(graphs: Graphs, quantiles: np.ndarray, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The outputs ``call`` asks for, in its order, for ``rows`` (float32); each graph runs at most once."""
+    wanted = set(call.outputs)
+    answer: dict[str, np.ndarray] = {}
+    if call.takes == "codes":
+        answer["reconstruction"] = graphs.from_model(graphs.decode(graphs.codes_in(rows)))
+        return tuple(answer[name] for name in call.outputs)
+    x = graphs.to_model(rows)
+    code = graphs.encode(x)
+    if "code" in wanted:
+        answer["code"] = graphs.numpy(code)
+    if wanted & {"reconstruction", "error", "percentile"}:
+        x_hat = graphs.decode(code)
+        if "reconstruction" in wanted:
+            answer["reconstruction"] = graphs.from_model(x_hat)
+        errors = graphs.numpy(graphs.squared_error(x_hat, x))
+        answer["error"] = errors
+        answer["percentile"] = percentiles(quantiles, errors)
+    if "coordinates" in wanted:
+        answer["coordinates"] = graphs.numpy(graphs.project(code))
+    return tuple(answer[name] for name in call.outputs)
+
+
+class NumpyGraphs:
+    """``Graphs`` over numpy, for graphs that map float32 arrays to float32 arrays (ONNX Runtime sessions)."""
+
+    def __init__(self, preprocessing: Any, run: Callable[[str, np.ndarray], np.ndarray]) -> None:
+        self.preprocessing = preprocessing
+        self._run = run
+
+    def to_model(self, x: np.ndarray) -> np.ndarray:
+        return self.preprocessing.to_model(x)
+
+    def from_model(self, x: np.ndarray) -> np.ndarray:
+        return self.preprocessing.from_model(x)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return self._run("encode", x)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        return self._run("decode", z)
+
+    def project(self, z: np.ndarray) -> np.ndarray:
+        return self._run("project", z)
+
+    @staticmethod
+    def codes_in(z: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(z, dtype=np.float32)
+
+    @staticmethod
+    def numpy(t: np.ndarray) -> np.ndarray:
+        return t
+
+    @staticmethod
+    def squared_error(x_hat: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.square(x_hat - x).sum(axis=1)

@@ -1,0 +1,126 @@
+"""The v1 operations (``OPERATIONS``), served straight from ASGI: JSON and ``.npy`` codecs over the one pipeline.
+
+``POST /v1/models/{name}[/versions/{version}]/{op}`` is the service's hot path, so it skips FastAPI: on a single-row
+request FastAPI's routing, dependency solving, Request and Response objects cost more than parsing the body, and the
+model thread waits for the GIL while the event loop spends it. Headers are read once from the scope, the body
+straight from ``receive``, and the answer goes out as two ASGI messages. The routes still appear in the OpenAPI
+document (``operations_openapi``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from starlette.datastructures import State
+from starlette.types import Receive, Scope, Send
+
+from aeserve.models.outputs import OUTPUTS
+from aeserve.service import pipeline
+from aeserve.service.api.models import lookup
+from aeserve.service.auth import check_api_key
+from aeserve.service.codec import FLOAT32_MAX, JSON, NPY, body_kind, json_bytes, npy_bytes, parse_rows, read_body, wants_npy
+from aeserve.service.errors import ApiError
+from aeserve.service.operations import OPERATIONS
+from aeserve.service.runtime.store import ModelStore
+
+ERROR = {"application/json": {"schema": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
+STATUSES = ((400, "malformed body"), (401, "missing or wrong API key"), (404, "unknown model, version or operation"),
+            (405, "method not allowed"), (413, "body or row count over the limit"), (415, "unsupported Content-Type"),
+            (422, "wrong shape, wrong type or a non-finite number"), (503, "overloaded or still loading"))
+
+
+def operation_target(path: str) -> tuple[str, str, str] | None:
+    """(name, version, op) for ``/v1/models/{name}[/versions/{version}]/{op}``, else None."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[:3] == ["", "v1", "models"]:
+        return parts[3], "latest", parts[4]
+    if len(parts) == 7 and parts[:3] == ["", "v1", "models"] and parts[4] == "versions":
+        return parts[3], parts[5], parts[6]
+    return None
+
+
+async def serve_operation(state: State, scope: Scope, receive: Receive, send: Send, name: str, ref: str, op: str) -> None:
+    """Answer one operation request, or raise ApiError; ``scope["aeserve"]`` gets model, version and op for metrics and logs."""
+    operation = OPERATIONS.get(op)
+    if operation is None:
+        raise ApiError(404, f"unknown operation {op!r}; allowed: {', '.join(OPERATIONS)}")
+    context = scope["aeserve"] = {"op": op}
+    if scope["method"] != "POST":
+        raise ApiError(405, f"{scope['method']} is not allowed on an operation; use POST", {"Allow": "POST"})
+    headers = dict(scope["headers"])  # ASGI header names are lower-case bytes
+    settings = state.settings
+    check_api_key(settings.api_key, _text(headers.get(b"authorization")))
+    version = lookup(state.store, name, ref, context)
+    kind = body_kind(_text(headers.get(b"content-type")))
+    body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
+    call = operation.call
+    outputs, sent_shape = await pipeline.run(state.batcher, version, call, parse_rows(kind, body), settings.max_rows)
+    if call.takes == "inputs":  # data comes back flat or nested, as it was sent
+        outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
+    if wants_npy(_text(headers.get(b"accept"))):
+        content, media = npy_bytes(outputs[0]), NPY
+    else:
+        content, media = json_bytes({"model": name, "version": context["version"], **dict(zip(operation.answer_keys, outputs, strict=True))}), JSON
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", media.encode()), (b"content-length", b"%d" % len(content)),
+        (b"x-model-name", name.encode()), (b"x-model-version", context["version"].encode())]})
+    await send({"type": "http.response.body", "body": content})
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+def _number(bound: float) -> dict[str, Any]:
+    return {"type": "number", "minimum": -bound, "maximum": bound}
+
+
+def _nested(shape: tuple[int, ...], number: dict[str, Any]) -> dict[str, Any]:
+    if not shape:
+        return number
+    return {"type": "array", "minItems": shape[0], "maxItems": shape[0], "items": _nested(shape[1:], number)}
+
+
+def _inputs_schema(shapes: dict[tuple[int, ...], float], max_rows: int) -> dict[str, Any]:
+    """Rows all flat or all nested, in one of ``shapes`` (shape -> largest magnitude admitted); any lists of numbers
+    when nothing is loaded."""
+    rows = {"type": "array", "minItems": 1, "maxItems": max_rows,
+            "description": "rows: flat lists of numbers, or nested in the model's input_shape (for decode: codes)"}
+    forms = [{"type": "array", "minItems": 1, "items": _number(FLOAT32_MAX)}] if not shapes else []
+    for shape, bound in sorted(shapes.items()):
+        forms.append(_nested((int(np.prod(shape)),), _number(bound)))
+        if len(shape) > 1:
+            forms.append(_nested(shape, _number(bound)))
+    if len(forms) == 1:
+        return {**rows, "items": forms[0]}
+    return {**rows, "anyOf": [{"items": form} for form in forms]}
+
+
+def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
+    """OpenAPI path items for the operations, with rows shaped as the loaded versions take them."""
+    versions = [store.get(name, str(number)) for name, number in store.loaded()] if store.loaded_once else []
+    names = sorted({v.name for v in versions})
+    refs = sorted({ref for name in names for ref in [*map(str, store.entry(name).versions), *store.entry(name).aliases]})
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", **({"enum": names} if names else {})}}
+    version = {"name": "version", "in": "path", "required": True, "description": "a version number or an alias",
+               "schema": {"type": "string", **({"enum": refs} if refs else {})}}
+    paths: dict[str, dict] = {}
+    for op, operation in OPERATIONS.items():
+        shapes: dict[tuple[int, ...], float] = {}
+        for v in versions:
+            shape = pipeline.row_shape(v, operation.call)
+            shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), pipeline.value_bound(v, operation.call))
+        inputs = _inputs_schema(shapes, max_rows)
+        body = {"required": True, "content": {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}},
+                "description": f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}"}
+        answer = {"model": {"type": "string"}, "version": {"type": "string"}}
+        answer.update({key: {"type": "array"} for key in operation.answer_keys})
+        responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
+                             "content": {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys],
+                                                           "properties": answer}}, NPY: {}}}}
+        responses.update({str(status): {"description": text, "content": ERROR} for status, text in STATUSES})
+        for path, parameters, suffix in ((f"/v1/models/{{name}}/{op}", [name], "latest"),
+                                         (f"/v1/models/{{name}}/versions/{{version}}/{op}", [name, version], "versioned")):
+            paths[path] = {"post": {"tags": ["models"], "summary": operation.summary, "operationId": f"{op}_{suffix}",
+                                    "parameters": parameters, "requestBody": body, "responses": responses}}
+    return paths

@@ -1,0 +1,33 @@
+"""The operations, declared once: the v1 routes, the OpenAPI document, the metric labels and the engines read this.
+
+An operation is a ``Call`` (``models/outputs.py``: what the rows are, which outputs it answers) plus its summary and
+the JSON keys of its answer: the main output is ``outputs``, the others follow under their own keys. Adding an
+operation is one entry here plus, for a new kind of output, its computation in ``models/outputs.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aeserve.models.outputs import Call
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    summary: str
+    call: Call
+    answer_keys: tuple[str, ...] = ("outputs",)  # one JSON key per output of the call, in its order
+
+    def __post_init__(self) -> None:
+        self.call.check()
+        if len(self.answer_keys) != len(self.call.outputs):
+            raise ValueError(f"operation {self.name!r}: one answer key per output, got {self.answer_keys} for {self.call.outputs}")
+
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in (
+    Operation("encode", "Inputs -> codes (n, code_dim).", Call("inputs", ("code",))),
+    Operation("decode", "Codes -> inputs (n, *input_shape).", Call("codes", ("reconstruction",))),
+    Operation("reconstruct", "Inputs -> reconstructions, with summed squared errors and their held-out percentiles.",
+              Call("inputs", ("reconstruction", "error", "percentile")), ("outputs", "errors", "percentiles")),
+    Operation("project", "Inputs -> 2-D map coordinates (n, 2).", Call("inputs", ("coordinates",))),
+)}

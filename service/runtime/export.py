@@ -1,0 +1,157 @@
+"""Graphs for the ONNX Runtime engine, exported and checked in a child process while the server loads the versions.
+
+Exporting imports about 150 MB of compiler machinery (torch.export, sympy, onnxscript) that the server would keep for
+life, and the child never holds the server's GIL. For each version folder the child exports the graphs
+(``models/export.py``), runs them on ONNX Runtime against torch on sample rows, and writes the graphs that pass. A
+version whose graphs do not export or differ is served by torch alone, and the log says why. The server itself never
+imports the exporter, and with the engine process not even ONNX Runtime.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from aeserve.models.checkpoint import ModelVersion
+    from aeserve.service.runtime.onnx import OnnxVersion
+
+log = logging.getLogger("aeserve.onnx")
+
+# float32 kernels differ between torch and ONNX Runtime; a check fails beyond this, relative to the outputs' scale.
+TOLERANCE = 1e-3
+EXPORT_TIMEOUT_S = 600.0
+
+
+class GraphExport:
+    """Graph exports for version folders, running in a child process from construction; ``collect`` hands them out."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        self.folders = [Path(f) for f in folders]
+        self._out = tempfile.TemporaryDirectory(prefix="aeserve-onnx-")
+        self._stderr = Path(self._out.name) / "stderr.txt"
+        with open(self._stderr, "w") as stderr:  # a file, not a pipe: a chatty child never blocks on it
+            self._child = subprocess.Popen([sys.executable, "-m", "aeserve.service.runtime.export", self._out.name, *map(str, self.folders)],
+                                           stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def collect(self, versions: list[ModelVersion], take: Callable[[ModelVersion, dict[str, bytes]], None],
+                timeout_s: float = EXPORT_TIMEOUT_S) -> None:
+        """``take(version, graphs)`` for each of ``versions`` (from these folders) whose graphs exported and passed."""
+        try:
+            try:
+                self._child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("small batches stay on torch: the ONNX export took over %.0f s", timeout_s)
+                return
+            if self._child.returncode != 0:
+                tail = (self._stderr.read_text(errors="replace").strip().splitlines() or [f"exit status {self._child.returncode}"])[-1]
+                log.warning("small batches stay on torch: the ONNX export failed: %s", tail)
+                return
+            for version in versions:
+                if version.folder in self.folders:
+                    graphs = self._graphs(version, Path(self._out.name) / str(self.folders.index(version.folder)))
+                    if graphs is not None:
+                        take(version, graphs)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the child if it still runs and remove its files."""
+        if self._child.poll() is None:
+            self._child.kill()
+            self._child.wait()
+        self._out.cleanup()
+
+    @staticmethod
+    def _graphs(version: ModelVersion, out: Path) -> dict[str, bytes] | None:
+        key = f"{version.name}:{version.version}"
+        try:
+            report = json.loads((out / "report.json").read_text())
+            graphs = {name: (out / f"{name}.onnx").read_bytes() for name in report["graphs"]}
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("small batches of %s stay on torch: no export (%s)", key, e)
+            return None
+        if report["refused"]:
+            log.warning("small batches of %s stay on torch: %s", key, report["refused"])
+            return None
+        on_torch = f"; on torch: {report['failed']}" if report["failed"] else ""
+        log.info("small batches of %s can run on ONNX Runtime (%s)%s", key, ", ".join(sorted(graphs)), on_torch)
+        return graphs
+
+
+def mismatch(version: ModelVersion, engine: OnnxVersion) -> str | None:
+    """Why ``engine`` cannot stand in for torch on ``version``, or None: each graph against torch on 1 and 3 sample rows."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    pre = version.preprocessing
+    for n in (1, 3):
+        x = (pre.offset + rng.random((n, pre.input_dim)) / pre.scale).astype(np.float32)  # the training data's range
+        with torch.inference_mode():
+            x_model = torch.from_numpy(pre.to_model(x))
+            codes = version.model.encode(x_model)
+            expected = {"encode": codes, "decode": version.model.decode(codes), "project": version.projector(codes)}
+            inputs = {"encode": x_model.numpy(), "decode": codes.numpy(), "project": codes.numpy()}
+        for graph, want in expected.items():
+            if not engine.has(graph):
+                continue
+            try:
+                got = engine.graph(graph, inputs[graph])
+            except Exception as e:  # onnxruntime's own error types
+                return f"{graph} failed on {n} row(s): {type(e).__name__}: {e}"
+            want = want.numpy()
+            if got.shape != want.shape:
+                return f"{graph} gave shape {got.shape} for {n} row(s), torch {want.shape}"
+            scale = max(1.0, float(np.abs(want).max()))
+            if not np.allclose(got, want, rtol=TOLERANCE, atol=TOLERANCE * scale):
+                return f"{graph} differs from torch by up to {float(np.abs(got - want).max()):.3g} on {n} row(s)"
+    return None
+
+
+def export_checked(folder: Path) -> tuple[dict[str, bytes], dict[str, str], str | None]:
+    """(graphs, graph -> why it did not export, why the graphs cannot be used or None) for one version folder."""
+    from aeserve.models.checkpoint import load_version
+    from aeserve.models.export import export_graphs
+    from aeserve.service.runtime.onnx import OnnxVersion
+
+    try:
+        version = load_version(folder, "cpu")
+    except Exception as e:  # a folder the server refuses too
+        return {}, {}, f"{type(e).__name__}: {e}"
+    graphs, failed = export_graphs(version)
+    if "encode" not in graphs or "decode" not in graphs:
+        return graphs, failed, f"the encoder or decoder did not export: {failed}"
+    try:
+        why = mismatch(version, OnnxVersion(graphs, version.preprocessing, version.quantiles))
+    except Exception as e:  # onnxruntime's own error types
+        why = f"{type(e).__name__}: {e}"
+    return graphs, failed, why
+
+
+def _child(argv: list[str]) -> None:
+    """``python -m aeserve.service.runtime.export OUT FOLDER...``: OUT/i/{graph}.onnx and OUT/i/report.json per folder."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=_child.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("folders", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the server is busy on the other cores
+    for i, folder in enumerate(args.folders):
+        graphs, failed, refused = export_checked(folder)
+        (args.out / str(i)).mkdir(parents=True)
+        for name, graph in graphs.items():
+            (args.out / str(i) / f"{name}.onnx").write_bytes(graph)
+        (args.out / str(i) / "report.json").write_text(json.dumps({"graphs": sorted(graphs), "failed": failed, "refused": refused}))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])
