@@ -1,14 +1,17 @@
 """GPU serving: every version in a registry gives the CPU's answers on the GPU, in-process and over HTTP; then speed.
 
-    python benchmarks/gpu.py --registry registry --model fmnist-mlp30 [--device cuda] [--json out.json]
+    python -m benchmarks.gpu --registry registry --model fmnist-mlp30 [--device cuda] [--json out.json]
+
+(from the repository root, which makes ``benchmarks`` importable.)
 
 1. Agreement, in-process: each model's latest version is loaded on the CPU and on --device; the four operations on
    fresh random inputs of 1, 7 and 300 rows are compared by relative error ||device - cpu|| / ||cpu||.
 2. Agreement, served: `aeserve serve --device DEVICE` on 127.0.0.1; the Python client calls the four operations of
    every model (.npy), encode also as JSON; each answer must match the CPU's and name the model and version.
-3. Speed, for --model: in-process encode at 1 to 10,000 rows on the CPU and on the device (the first call after
-   the server's warm-up, then the median); a 10,000-row .npy encode over HTTP against the same call in-process;
-   single-row JSON encode one at a time and at 32 concurrent connections; the server's memory.
+3. Speed, for --model: in-process encode at 1 to 10,000 rows on the CPU and on the device, on torch as the server
+   runs it (the first call after the server's warm-up, then the median); a 10,000-row .npy encode over HTTP against
+   the same call in-process; single-row JSON encode one at a time and at 32 concurrent connections; the server's
+   memory.
 
 --device cpu runs every step on the CPU: a dry run of the script where there is no GPU.
 """
@@ -23,21 +26,21 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from aeserve.models.checkpoint import ModelVersion  # noqa: E402
-from aeserve.models.registry import Registry  # noqa: E402
-from aeserve.service.client import Client  # noqa: E402
-from aeserve.service.store import warmed  # noqa: E402
-
-from benchmarks.loadgen import Request, closed_loop, rss_mb  # noqa: E402
-from benchmarks.serve import mean_batch_rows, npy_turns, start, stop  # noqa: E402
+from aeserve.models.checkpoint import ModelVersion
+from aeserve.models.registry import Registry
+from aeserve.service.client import Client
+from aeserve.service.operations import OPERATIONS
+from aeserve.service.runtime.engines import Engines
+from aeserve.service.runtime.store import warmed
+from benchmarks.loadgen import Request, closed_loop, rss_mb
+from benchmarks.serve import mean_batch_rows, npy_turns, start, stop
 
 BATCHES = (1, 32, 256, 10_000)
 
@@ -110,13 +113,21 @@ def timed(call, repeats: int) -> tuple[float, float]:
     return first, float(np.median(seconds))
 
 
+def on_torch(version: ModelVersion, operation: str) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """``operation`` on torch as the server runs it (``Engines._torch``: one thread under ONE_THREAD_ROWS rows, on the
+    CPU in blocks of CPU_BLOCK_ROWS rows), here on the calling thread."""
+    engines, call = Engines(version.device.type, "torch"), OPERATIONS[operation].call
+    return lambda x: engines._torch(version, call, x)
+
+
 def in_process_speed(registry: Registry, name: str, device: str, rng: np.random.Generator) -> dict[str, dict[str, tuple[float, float]]]:
     """{device: {call: (first call, median)}}: encode of each batch size, then a 10,000-row reconstruct, each version
     loaded and warmed as the server does."""
     speed = {}
     for where in dict.fromkeys(("cpu", device)):
         version = warmed(registry.load(name, device=where))
-        calls = {f"encode {rows:,}": (version.encode, rows) for rows in BATCHES} | {"reconstruct 10,000": (version.reconstruct, 10_000)}
+        encode, reconstruct = on_torch(version, "encode"), on_torch(version, "reconstruct")
+        calls = {f"encode {rows:,}": (encode, rows) for rows in BATCHES} | {"reconstruct 10,000": (reconstruct, 10_000)}
         speed[where] = {call: timed(lambda f=f, x=raw_inputs(version, rows, rng): f(x), 20 if rows >= 10_000 else 200)
                         for call, (f, rows) in calls.items()}
     return speed
@@ -135,7 +146,7 @@ def gpu_memory_mb(pid: int) -> float | None:
 def served_speed(version: ModelVersion, base: str, name: str, rng: np.random.Generator) -> dict[str, float]:
     with Client(base, timeout=120) as client:
         post = lambda rows: client.encode(name, rows)  # noqa: E731
-        http_rows, local_rows = npy_turns(post, raw_inputs(version, 10_000, rng), version.encode).rates(1)
+        http_rows, local_rows = npy_turns(post, raw_inputs(version, 10_000, rng), on_torch(version, "encode")).rates(1)
     row = raw_inputs(version, 1, rng)[0].reshape(-1)
     single = Request(f"/v1/models/{name}/encode", json.dumps({"inputs": [row.tolist()]}).encode(), "application/json", "application/json")
     one = asyncio.run(closed_loop(base, single, 3.0, 1))

@@ -1,7 +1,8 @@
-"""Model call time by batch size: torch on one thread and on all of them, and the ONNX Runtime engine on one thread.
+"""Model call time by batch size: torch on one thread and on all of them, and ONNX Runtime on one thread.
 
-Where IntraOpThreads splits torch's threads, and where small batches leave torch for the engine (SMALL_BATCH_ROWS).
-With --blocks, the time of one big call by the size of the blocks torch runs it in (CPU_BLOCK_ROWS).
+Where ONE_THREAD_ROWS splits torch's threads, and where small batches leave torch for ONNX Runtime (SMALL_BATCH_ROWS);
+both are in service/runtime/engines.py. With --blocks, the time of one big call by the size of the blocks torch runs it
+in (CPU_BLOCK_ROWS, there too).
 
     .venv/bin/python benchmarks/model_threads.py --registry registry --model fmnist-mlp30
     .venv/bin/python benchmarks/model_threads.py --registry registry --model fmnist-mlp30 --blocks
@@ -11,12 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
-from aeserve.models import checkpoint  # noqa: E402
-from aeserve.models.onnx_engine import EngineExport  # noqa: E402
-from aeserve.models.registry import Registry  # noqa: E402
+
+from aeserve.models.checkpoint import ModelVersion
+from aeserve.models.registry import Registry
+from aeserve.service.operations import OPERATIONS
+from aeserve.service.runtime import engines
+from aeserve.service.runtime.export import GraphExport
+from aeserve.service.runtime.onnx import OnnxVersion
 
 
 def seconds_per_call(fn, x: np.ndarray, budget: float = 0.5) -> float:
@@ -29,6 +35,15 @@ def seconds_per_call(fn, x: np.ndarray, budget: float = 0.5) -> float:
     return (time.perf_counter() - started) / calls
 
 
+def onnx_version(version: ModelVersion) -> OnnxVersion:
+    """``version`` on ONNX Runtime, its graphs exported and checked against torch as the server does."""
+    graphs: dict[str, bytes] = {}
+    GraphExport([version.folder]).collect([version], lambda _, exported: graphs.update(exported))
+    if not graphs:
+        raise SystemExit("the ONNX export failed; see the log")
+    return OnnxVersion(graphs, version.preprocessing, version.quantiles)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", default="registry")
@@ -39,9 +54,11 @@ def main() -> None:
     version = Registry(args.registry).load(args.model)
     if args.blocks:
         return by_block_size(version)
-    EngineExport([version.folder]).attach([version])
-    if version.engine is None:
-        raise SystemExit("the ONNX export failed; see the log")
+    onnx = onnx_version(version)
+    encode = OPERATIONS["encode"].call
+    # torch as the server runs it (in blocks of CPU_BLOCK_ROWS rows), but on the threads each column asks for
+    runner = engines.Engines("cpu", "torch")
+    engines.ONE_THREAD_ROWS = 0
     most = torch.get_num_threads()
     print(f"model {args.model}:{version.version}, encode, {os.cpu_count()} CPUs, microseconds per row\n")
     print(f"| rows | torch, 1 thread | torch, {most} threads | ONNX Runtime, 1 thread |\n|---|---|---|---|")
@@ -50,26 +67,28 @@ def main() -> None:
         x = (rng.random((rows, *version.input_shape)) * 255).astype(np.float32)
         times = []
         for threads in (1, most):
-            torch.set_num_threads(threads)
-            times.append(seconds_per_call(version._encode_torch, x))
-        times.append(seconds_per_call(lambda x: version.engine.run("encode", version.preprocessing.to_model(x)), x))
+            runner.torch_threads = threads
+            times.append(seconds_per_call(partial(runner._torch, version, encode), x))
+        times.append(seconds_per_call(partial(onnx.run, encode), x))
         print(f"| {rows} | " + " | ".join(f"{t / rows * 1e6:.1f}" for t in times) + " |")
 
 
-def by_block_size(version, rows: int = 10_000, rounds: int = 7) -> None:
+def by_block_size(version: ModelVersion, rows: int = 10_000, rounds: int = 7) -> None:
     """Milliseconds per call of ``rows`` rows on all threads, by block size; the block sizes take turns each round."""
     x = (np.random.default_rng(0).random((rows, *version.input_shape)) * 255).astype(np.float32)
     sizes = [rows, 4096, 2048, 1024, 512, 256]
-    print(f"model {version.name}:{version.version}, {rows} rows per call, {torch.get_num_threads()} threads, "
+    runner = engines.Engines("cpu", "torch")
+    print(f"model {version.name}:{version.version}, {rows} rows per call, {runner.torch_threads} threads, "
           f"milliseconds per call (median of {rounds} rounds)\n")
     print("| operation | " + " | ".join("one call" if size == rows else f"blocks of {size}" for size in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
     for operation in ("encode", "reconstruct"):
+        call = OPERATIONS[operation].call
         times: dict[int, list[float]] = {size: [] for size in sizes}
         for _ in range(rounds):
             for size in sizes:
-                checkpoint.CPU_BLOCK_ROWS = size
-                times[size].append(seconds_per_call(getattr(version, f"_{operation}_torch"), x, budget=1.0))
+                engines.CPU_BLOCK_ROWS = size
+                times[size].append(seconds_per_call(partial(runner._torch, version, call), x, budget=1.0))
         print(f"| {operation} | " + " | ".join(f"{np.median(times[size]) * 1e3:.0f}" for size in sizes) + " |")
 
 
