@@ -1,8 +1,9 @@
 """Serving benchmark: throughput against the HTTP stack's ceiling, big .npy batches, latency, memory, start-up.
 
-    .venv/bin/python benchmarks/serve.py --registry registry --model fmnist-mlp30
+    .venv/bin/python -m benchmarks.serve --registry registry --model fmnist-mlp30
 
-Needs `wrk` (Debian package) for (a). Starts each server as its own process on 127.0.0.1.
+Measures `aeserve serve --registry R --port P` with every other setting at its default; `--serve-args` adds flags
+(the results then say so). Needs `wrk` (Debian package) for (a). Starts each server as its own process on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.loadgen import cpu_seconds, idle_ticks, main_thread_seconds, own_rss_mb, processes, rss_mb, wait_ready
 
-from benchmarks.loadgen import cpu_seconds, idle_ticks, main_thread_seconds, own_rss_mb, processes, rss_mb, wait_ready  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 WARM_TURNS = 4  # (b): turns not counted while the server's heap grows to a big request's needs
 
@@ -179,16 +180,20 @@ def python_client_latency(url: str, body: str, requests: int = 1000) -> tuple[fl
     return float(p50), float(p99)
 
 
-def in_process_costs(version, body: str, mean_batch: float) -> str:
-    """What the service does per request beyond the ceiling app, timed in this process: parsing and the model."""
+def in_process_costs(version, small_engine, body: str, mean_batch: float) -> str:
+    """What the service does per request beyond the ceiling app, timed in this process: parsing and the model
+    (on ONNX Runtime, as the server runs small batches, when the version's graphs exported)."""
     import timeit
 
     from aeserve.service.codec import _rows_from_json, json_bytes
+    from aeserve.service.operations import OPERATIONS
 
+    encode = OPERATIONS["encode"].call
+    run = small_engine.run if small_engine is not None else version.run
     encoded = body.encode()
     parse = min(timeit.repeat(lambda: _rows_from_json(encoded).astype(np.float32), number=1000, repeat=3)) / 1000
     batch = np.repeat(_rows_from_json(encoded).astype(np.float32), max(1, round(mean_batch)), axis=0)
-    model = min(timeit.repeat(lambda: version.encode(batch), number=200, repeat=3)) / 200 / len(batch)
+    model = min(timeit.repeat(lambda: run(encode, batch), number=200, repeat=3)) / 200 / len(batch)
     code = version.encode(batch[:1])
     answer = min(timeit.repeat(lambda: json_bytes({"outputs": code}), number=1000, repeat=3)) / 1000
     return f"JSON parse {parse * 1e6:.0f} us, model {model * 1e6:.0f} us per row at batch {len(batch)}, answer {answer * 1e6:.0f} us"
@@ -201,8 +206,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=5, help="(a): turns of ceiling then service")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--no-engine-process", dest="engine_process", action="store_false",
-                        help="the server runs small batches on its own threads (aeserve serve --no-engine-process)")
+    parser.add_argument("--serve-args", default="", help="flags added to `aeserve serve`, e.g. '--no-access-log' (not the defaults)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where the server and the in-process side of (b) run the model (cuda: torch only, no ONNX engine)")
     args = parser.parse_args()
@@ -210,12 +214,22 @@ def main() -> None:
     port = 8765
     base = f"http://127.0.0.1:{port}"
 
-    from aeserve.models.onnx_engine import EngineExport
     from aeserve.models.registry import Registry
+    from aeserve.service.operations import OPERATIONS
+    from aeserve.service.runtime.engines import Engines
+    from aeserve.service.runtime.export import export_checked
+    from aeserve.service.runtime.onnx import OnnxVersion
 
     version = Registry(args.registry).load(args.model, device=args.device)
-    if args.device == "cpu":
-        EngineExport([version.folder]).attach([version])  # as the server runs it: small batches on ONNX Runtime
+    small_engine = None
+    if args.device == "cpu":  # as the server runs small batches: on ONNX Runtime, when the graphs export
+        graphs, _, refused = export_checked(version.folder)
+        small_engine = None if refused else OnnxVersion(graphs, version.preprocessing, version.quantiles)
+    serve_args = args.serve_args.split()
+    engine_process = "--no-engine-process" not in serve_args and "torch" not in serve_args
+    # The in-process side of (b): the call the server makes for a big batch (torch, every core, in blocks).
+    engines, encode_call = Engines(args.device, "torch"), OPERATIONS["encode"].call
+    local_encode = lambda rows: engines._torch(version, encode_call, rows)  # noqa: E731
     row = np.random.default_rng(0).random(version.preprocessing.input_dim).astype(np.float32) * 255
     body = '{"inputs": [[' + ",".join(f"{v:.1f}" for v in row) + "]]}"
     results: dict[str, str] = {}
@@ -231,13 +245,13 @@ def main() -> None:
                      "--log-level", "warning"], ceiling_port)[0] if have_wrk else None
     server = None
     try:
+        device = [] if args.device == "cpu" else ["--device", args.device]
         server, ready_seconds = start([python, "-m", "aeserve", "serve", "--registry", args.registry, "--port", str(port),
-                                       "--models", args.model, "--poll-seconds", "0", "--no-access-log", "--device", args.device,
-                                       *([] if args.engine_process else ["--no-engine-process"])], port)
+                                       *device, *serve_args], port)
         results["(e) start to ready"] = f"{ready_seconds:.2f} s"
         if args.device == "cpu":
-            engine_seconds = ready_seconds + wait_for_engine(base, args.engine_process)
-            where = "in the engine process" if args.engine_process else "on ONNX Runtime"
+            engine_seconds = ready_seconds + wait_for_engine(base, engine_process)
+            where = "in the engine process" if engine_process else "on ONNX Runtime"
             results[f"(e') start to small batches {where}"] = f"{engine_seconds:.2f} s"
         results["(d) resident memory, model loaded"] = memory(server.pid)
         if have_wrk:
@@ -284,9 +298,9 @@ def main() -> None:
         batch = np.random.default_rng(1).random((10_000, *version.input_shape)).astype(np.float32) * 255
         with Client(base, timeout=120) as client, httpx.Client(timeout=120) as plain:
             encode = lambda rows: client.encode(args.model, rows)  # noqa: E731
-            warm = npy_turns(encode, batch, version.encode, turns=WARM_TURNS)
+            warm = npy_turns(encode, batch, local_encode, turns=WARM_TURNS)
             seconds_before, calls_before = model_call_totals(base)
-            counted = npy_turns(encode, batch, version.encode, turns=10)
+            counted = npy_turns(encode, batch, local_encode, turns=10)
             seconds_after, calls_after = model_call_totals(base)
             turns = Turns(len(batch), warm.http_seconds + counted.http_seconds, warm.local_seconds + counted.local_seconds)
             # Where a counted post's time went: the server's model calls (its /metrics) against the same call in-process.
@@ -294,16 +308,16 @@ def main() -> None:
             post_ms, local_ms = np.mean(counted.http_seconds) * 1000, np.mean(counted.local_seconds) * 1000
             # (b') the same with pixels as images store them (uint8), which the Python client sends as they are.
             pixels = np.random.default_rng(2).integers(0, 256, (10_000, *version.input_shape), dtype=np.uint8)
-            pixel_turns = npy_turns(encode, pixels, version.encode, turns=WARM_TURNS + 10)
+            pixel_turns = npy_turns(encode, pixels, local_encode, turns=WARM_TURNS + 10)
             # (b'') (b) again, posted as one bytes body by plain httpx: what the client's way of sending saves.
-            plain_turns = npy_turns(plain_httpx_post(plain, encode_url), batch, version.encode, turns=WARM_TURNS + 10)
+            plain_turns = npy_turns(plain_httpx_post(plain, encode_url), batch, local_encode, turns=WARM_TURNS + 10)
     finally:
         if server is not None:
             stop(server)
         if ceiling is not None:
             stop(ceiling)
     if have_wrk:
-        results["(a'') in-process costs per single-row request"] = in_process_costs(version, body, mean_batch)
+        results["(a'') in-process costs per single-row request"] = in_process_costs(version, small_engine, body, mean_batch)
     (http_rows, local_rows), (early_http, early_local) = turns.rates(WARM_TURNS), turns.rates(1)
     results["(b) .npy encode, 10,000 rows per request"] = (
         f"{http_rows:.0f} rows/s vs in-process {local_rows:.0f} rows/s = {http_rows / local_rows:.2f} x (medians of turns "
@@ -317,7 +331,7 @@ def main() -> None:
         results[key] = f"{other_http:.0f} rows/s vs in-process {other_local:.0f} rows/s = {other_http / other_local:.2f} x"
 
     print(f"\nmodel {args.model}:{version.version} ({version.manifest['kind']}, code {version.code_dim}), "
-          f"{os.cpu_count()} CPUs, model on {args.device}\n")
+          f"{os.cpu_count()} CPUs, model on {args.device}, aeserve serve {' '.join(serve_args) or 'at its defaults'}\n")
     print("| measure | result |\n|---|---|")
     for key in sorted(results):
         print(f"| {key} | {results[key]} |")

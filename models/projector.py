@@ -47,7 +47,9 @@ class PCAProjector(nn.Module):
         self.config = config or PCAProjectorConfig()
         # Fitted state, set by fit().
         self.register_buffer("mean", torch.zeros(code_dim))
-        self.register_buffer("components", torch.eye(2, code_dim) if code_dim >= 2 else torch.zeros(2, code_dim))
+        self.register_buffer("components", torch.zeros(2, code_dim))
+        if code_dim >= 2:  # the first two axes; not torch.eye, which on the meta device imports torch._dynamo (1 s)
+            self.components.diagonal().fill_(1.0)
 
     def fit(self, codes: torch.Tensor) -> dict[str, Any]:
         if self.code_dim == 1:
