@@ -88,7 +88,7 @@ ERRORS = [
     ({"inputs": [[True] * 64]}, 422, "inputs must be numbers, got booleans"),
     ({"inputs": [ROW[:-1] + [1e39]]}, 422, "row 0 holds a NaN, an infinity or a value that overflows float32; all inputs must be finite"),
     ({"inputs": [ROW[:-1] + [10**400]]}, 422, "a number in inputs overflows float32"),
-    ({"inputs": [ROW, ROW[:-1] + [-2e7]]}, 422, "row 1 holds a value beyond ±16000000, a million times the range of the training data"),
+    ({"inputs": [ROW, ROW[:-1] + [-2e7]]}, 422, "row 1 holds a value beyond ±1.6e+07, a million times the range of the training data"),
     ({"inputs": [ROW, [None] * 64]}, 422, "inputs are ragged or mixed"),
     ({"inputs": []}, 422, "inputs must hold at least one row"),
     ({"inputs": 3}, 422, "inputs must be a list of rows, got int"),
