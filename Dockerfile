@@ -15,6 +15,7 @@ COPY aeserve ./aeserve
 COPY models ./models
 COPY training ./training
 COPY service ./service
+COPY client ./client
 RUN /opt/venv/bin/pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE}

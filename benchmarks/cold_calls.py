@@ -4,7 +4,7 @@ A server's model thread sleeps between batches. On a shared VM its caches are co
 more CPU than the same call in a loop; this measures by how much, with nothing else running and beside a process
 that streams through 64 MB of memory.
 
-    .venv/bin/python benchmarks/cold_calls.py --registry registry --model fmnist-mlp30
+    .venv/bin/python -m benchmarks.cold_calls --registry registry --model fmnist-mlp30
 """
 from __future__ import annotations
 

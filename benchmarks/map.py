@@ -1,6 +1,6 @@
 """Map benchmark: fit a 2-D projector on a version's training codes and measure it on held-out points.
 
-    .venv/bin/python benchmarks/map.py --registry registry --model fmnist-mlp30 [--set epochs=20 ...]
+    .venv/bin/python -m benchmarks.map --registry registry --model fmnist-mlp30 [--set epochs=20 ...]
 
 Prints 5-NN label accuracy (classifier fitted on the training points' 2-D
 coordinates), trustworthiness (k=5, held-out inputs vs their coordinates),

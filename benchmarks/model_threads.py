@@ -4,8 +4,8 @@ Where ONE_THREAD_ROWS splits torch's threads, and where small batches leave torc
 both are in service/runtime/engines.py. With --blocks, the time of one big call by the size of the blocks torch runs it
 in (CPU_BLOCK_ROWS, there too).
 
-    .venv/bin/python benchmarks/model_threads.py --registry registry --model fmnist-mlp30
-    .venv/bin/python benchmarks/model_threads.py --registry registry --model fmnist-mlp30 --blocks
+    .venv/bin/python -m benchmarks.model_threads --registry registry --model fmnist-mlp30
+    .venv/bin/python -m benchmarks.model_threads --registry registry --model fmnist-mlp30 --blocks
 """
 from __future__ import annotations
 

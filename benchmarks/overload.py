@@ -1,6 +1,6 @@
 """Overload benchmark: measure capacity, send twice that open-loop, watch health and memory, check recovery.
 
-    .venv/bin/python benchmarks/overload.py --registry registry --model fmnist-mlp30 [--seconds 60] [--rows 64]
+    .venv/bin/python -m benchmarks.overload --registry registry --model fmnist-mlp30 [--seconds 60] [--rows 64]
 
 1. Capacity: closed-loop clients send `reconstruct` requests of --rows rows (.npy) for a few seconds.
 2. Overload: an open-loop generator sends --factor x that rate for --seconds while a probe

@@ -1,6 +1,6 @@
 """Quality benchmark: train the shipped Fashion-MNIST configs and compare each with closed-form PCA.
 
-    .venv/bin/python benchmarks/quality.py [--configs configs/fmnist-pca30.toml ...] [--registry DIR]
+    .venv/bin/python -m benchmarks.quality [--configs configs/fmnist-pca30.toml ...] [--registry DIR]
 
 Prints a Markdown table: kind, code size, test MSE per pixel, summed squared
 error per image, PCA at the same size, the ratio, and training seconds.

@@ -40,9 +40,8 @@ ACCESS_FLUSH_S = 0.2
 class AccessLog:
     """One JSON line per request, written to ``stream`` in one piece every ACCESS_FLUSH_S seconds.
 
-    A ``logging`` call per request (a record, a formatter, a write and a flush under a lock) cost the single-row
-    benchmark about a quarter of its rate; lines gathered on the event loop and written together cost a few
-    microseconds each.
+    A ``logging`` call per request (a record, a formatter, a write and a flush under a lock) costs the single-row
+    benchmark a large share of its rate; a line gathered here costs about 2.5 µs of the event loop (docs/serving.md).
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:

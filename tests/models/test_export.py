@@ -7,6 +7,8 @@ import pytest
 from aeserve.cli import main
 from tests.conftest import KIND_CONFIGS
 
+pytestmark = pytest.mark.slow  # torch's ONNX exporter for every kind
+
 ort = pytest.importorskip("onnxruntime")
 
 # float32 kernels differ between PyTorch and onnxruntime: absolute tolerance on codes and on pixel values (0..16).

@@ -49,7 +49,7 @@ def service_registry(trained_registry: Registry, tmp_path: Path) -> Registry:
 
 
 def make_client(registry: Registry, **settings) -> TestClient:
-    app = create_app(Settings(registry=registry.root, poll_seconds=0, access_log=False, device=DEVICE, **settings))
+    app = create_app(Settings(**{"registry": registry.root, "poll_seconds": 0, "access_log": False, "device": DEVICE, **settings}))
     return TestClient(app, raise_server_exceptions=False)
 
 

@@ -241,6 +241,7 @@ def test_latency_histogram_buckets_are_cumulative():
 
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEVICE != "cpu", reason="the ONNX engine serves the CPU only")
 def test_small_batches_are_served_by_the_engine_process_by_torch_when_it_dies_then_by_a_new_one(service_registry, monkeypatch):
     import httpx
@@ -282,6 +283,7 @@ def test_small_batches_are_served_by_the_engine_process_by_torch_when_it_dies_th
         assert rows_sent == [5, 5, 5, 5, 5]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEVICE != "cpu", reason="the ONNX engine serves the CPU only")
 def test_small_batches_are_served_by_the_onnx_engine_in_the_server(service_registry):
     with make_client(service_registry, engine="onnx", engine_process=False, models="digits-mlp") as client:
@@ -379,3 +381,22 @@ def test_a_refresh_that_fails_after_loading_stops_its_export(service_registry, m
     with pytest.raises(PermissionError, match="aliases.json of digits-mlp"):
         store.refresh()
     assert closed == [True]
+
+
+def test_the_access_log_writes_one_json_line_per_request(service_registry):
+    import orjson
+
+    with make_client(service_registry, access_log=True) as client:
+        wait_ready(client.get)
+        log = client.app.state.access_log
+        log.flush()  # the readiness polls so far
+        log.stream = io.StringIO()
+        assert client.post("/v1/models/digits-mlp/encode", json={"inputs": IMAGES.tolist()}).status_code == 200
+        assert client.post("/v1/models/digits-mlp/encode", json={"inputs": [[1.0]]}).status_code == 422
+        assert client.get("/v1/models").status_code == 200
+        log.flush()
+        lines = [orjson.loads(line) for line in log.stream.getvalue().splitlines()]
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        ("POST", "/v1/models/digits-mlp/encode", 200), ("POST", "/v1/models/digits-mlp/encode", 422), ("GET", "/v1/models", 200)]
+    assert lines[0]["op"] == "encode" and lines[0]["model"] == "digits-mlp" and lines[0]["version"] == "1"
+    assert all(line["ms"] > 0 and line["ts"] > 1.7e9 for line in lines)

@@ -12,6 +12,8 @@ from aeserve.service.runtime.engine_process import EngineProcess, EngineProcessE
 from aeserve.service.runtime.onnx import OnnxVersion
 from tests.conftest import KIND_CONFIGS
 
+pytestmark = pytest.mark.slow  # the ONNX export of every kind, and child processes
+
 pytest.importorskip("onnxruntime")
 ENCODE, DECODE, PROJECT = (OPERATIONS[op].call for op in ("encode", "decode", "project"))
 

@@ -15,6 +15,8 @@ from aeserve.training.trainer import train
 from tests.conftest import digits_run
 from tests.service.conftest import LiveServer
 
+pytestmark = pytest.mark.slow  # two schemathesis runs against a live server
+
 pytest.importorskip("schemathesis")
 
 EXAMPLES = os.environ.get("AESERVE_FUZZ_EXAMPLES", "25")

@@ -130,6 +130,7 @@ def test_hot_reload_while_requests_flow(live, service_registry):
     assert settled == {"2"}  # once switched, answers stay on the new version
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEVICE != "cpu", reason="the engine process serves the CPU only")
 def test_hot_reload_into_the_engine_process_while_requests_flow(service_registry):
     """With the engine process: a version published mid-traffic serves on torch, then moves into the child once

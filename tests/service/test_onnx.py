@@ -13,6 +13,8 @@ from aeserve.service.runtime.export import GraphExport, mismatch
 from aeserve.service.runtime.onnx import OnnxVersion
 from tests.conftest import KIND_CONFIGS
 
+pytestmark = pytest.mark.slow  # the ONNX export of every kind
+
 pytest.importorskip("onnxruntime")
 
 # float32 kernels differ between torch and ONNX Runtime: tolerances on codes and on pixel values (0..16).

@@ -9,9 +9,12 @@ import time
 import httpx
 import numpy as np
 import orjson
+import pytest
 
 from benchmarks.loadgen import wait_ready
 from tests.service.conftest import free_port
+
+pytestmark = pytest.mark.slow  # a server process drained after SIGTERM
 
 
 def test_sigterm_drains_in_flight_requests(service_registry):

@@ -4,6 +4,8 @@ import pytest
 from aeserve.cli import main
 from aeserve.models.registry import Registry
 
+pytestmark = pytest.mark.slow  # two training processes
+
 QUICK = ["--quiet", "--set", "data.limit=320", "--set", "train.epochs=3", "--set", "train.batch_size=64", "--set", "train.report=false"]
 
 

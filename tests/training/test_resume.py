@@ -36,6 +36,7 @@ def kill_after_epoch(process, state_dir, epoch: int) -> None:
     process.wait()
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     reference, interrupted = Registry(tmp_path / "reference"), Registry(tmp_path / "interrupted")
     assert aeserve_train(reference, tmp_path / "state-ref").wait() == 0
