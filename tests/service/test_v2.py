@@ -83,6 +83,7 @@ def test_errors_use_the_protocols_error_body(client, live):
     assert response.status_code == 400 and "must be a byte count within the body" in response.json()["error"]
     odd = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64, "parameters": [1]}], "parameters": "x"}
     assert httpx.post(f"{live.url}/v2/models/digits-mlp/infer", json=odd).status_code == 200
+    assert httpx.get(f"{live.url}/v2/nothing").json() == {"error": "no route GET /v2/nothing; see /docs for the API"}
     nan = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [float("nan")] * 64}]}
     response = httpx.post(f"{live.url}/v2/models/digits-mlp/infer", content=orjson_nan(nan), headers={"Content-Type": "application/json"})
     assert response.status_code == 400
