@@ -41,10 +41,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def weights_bytes(model: Autoencoder, projector: torch.nn.Module) -> bytes:
-    """Serialise model and projector tensors (contiguous float32 on CPU) to safetensors bytes."""
+def weights_bytes(model: Autoencoder, projector: torch.nn.Module, preprocessing: Preprocessing | None = None) -> bytes:
+    """Serialise model and projector tensors, and per-feature preprocessing vectors (contiguous float32 on CPU), to
+    safetensors bytes."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
+    if preprocessing is not None:
+        tensors.update({k: torch.from_numpy(v) for k, v in preprocessing.tensors().items()})
     return save_safetensors_bytes({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
 
 
@@ -193,10 +196,11 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     if actual != expected:
         raise CheckpointError(f"{weights_path}: sha256 {actual} does not match the manifest's {expected}; the file was changed or corrupted")
     try:
-        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        input_shape = tuple(int(s) for s in manifest["preprocessing"]["input_shape"])
+        per_feature = bool(manifest["preprocessing"].get("per_feature"))
         # Build on the meta device first: absurd sizes in a manifest cost nothing until checked against the file.
         with torch.device("meta"):
-            skeleton = build_model(manifest["kind"], manifest["config"], preprocessing.input_shape)
+            skeleton = build_model(manifest["kind"], manifest["config"], input_shape)
             projector_spec = manifest.get("projector", {"kind": "pca"})
             skeleton_projector = build_projector(projector_spec["kind"], skeleton.code_dim, projector_spec.get("config"))
         quantiles = np.asarray(manifest["metrics"]["error_quantiles"], dtype=np.float64)
@@ -210,6 +214,8 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({e})") from None
     expected_shapes = {f"model.{k}": v.shape for k, v in skeleton.state_dict().items()}
     expected_shapes.update({f"projector.{k}": v.shape for k, v in skeleton_projector.state_dict().items()})
+    if per_feature:
+        expected_shapes.update({f"preprocessing.{name}": torch.Size([skeleton.input_dim]) for name in ("offset", "scale")})
     got_shapes = {k: v.shape for k, v in tensors.items()}
     if got_shapes != expected_shapes:
         missing = sorted(set(expected_shapes) - set(got_shapes))
@@ -218,6 +224,10 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
         raise CheckpointError(f"{weights_path}: tensors do not match the manifest's model (missing {missing}, unexpected {extra}, wrong shape {wrong})")
     if any(t.dtype != torch.float32 for t in tensors.values()):
         raise CheckpointError(f"{weights_path}: every tensor must be float32")
+    try:
+        preprocessing = Preprocessing.from_dict(manifest["preprocessing"], {k: v.numpy() for k, v in tensors.items() if k.startswith("preprocessing.")})
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / MANIFEST}: invalid preprocessing ({type(e).__name__}: {e})") from None
 
     contradictions = [f"{key} {manifest.get(key)!r} but the model config gives {want!r}"
                       for key, want in (("input_shape", list(preprocessing.input_shape)), ("code_dim", skeleton.code_dim))

@@ -40,26 +40,25 @@ def _onnx_program(module: nn.Module, examples: tuple[torch.Tensor, ...], input_n
                                  opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
 
 
-class _RawEncoder(nn.Module):
+class _Scaled(nn.Module):
+    """The version's preprocessing as constants of the graph: one offset and scale, or one per feature."""
+
     def __init__(self, version: ModelVersion) -> None:
         super().__init__()
         self.model = version.model
         self.input_dim = version.preprocessing.input_dim
-        self.offset = float(version.preprocessing.offset)
-        self.scale = float(version.preprocessing.scale)
+        self.input_shape = tuple(version.input_shape)
+        for name in ("offset", "scale"):
+            value = getattr(version.preprocessing, name)
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32).reshape(-1))
 
+
+class _RawEncoder(_Scaled):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode((x.reshape(-1, self.input_dim) - self.offset) * self.scale)
 
 
-class _RawDecoder(nn.Module):
-    def __init__(self, version: ModelVersion) -> None:
-        super().__init__()
-        self.model = version.model
-        self.input_shape = tuple(version.input_shape)
-        self.offset = float(version.preprocessing.offset)
-        self.scale = float(version.preprocessing.scale)
-
+class _RawDecoder(_Scaled):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return (self.model.decode(z) / self.scale + self.offset).reshape(-1, *self.input_shape)
 

@@ -28,7 +28,7 @@ def value_bound(version: ModelVersion, call: Call) -> float:
     if call.takes == "codes":
         return VALUE_RANGE
     pre = version.preprocessing
-    return float(np.float32(abs(pre.offset) + VALUE_RANGE / pre.scale))
+    return float(np.float32(np.max(np.abs(np.asarray(pre.offset, np.float64)) + VALUE_RANGE / np.asarray(pre.scale, np.float64))))
 
 
 async def run(batcher: Batcher, version: ModelVersion, call: Call, array: np.ndarray, max_rows: int,

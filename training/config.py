@@ -89,15 +89,35 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
     name = values.get("name")
     if not name:
         raise ValueError("the config needs a name (top-level `name = ...` or --name)")
+    data = DataConfig.from_dict(_section(values, "data"))
+    _output_for_scaling(data, kind, model)
     return RunConfig(
         name=str(name),
-        data=DataConfig.from_dict(_section(values, "data")),
+        data=data,
         model_kind=kind,
         model=model,
         train=TrainParams.from_dict(_section(values, "train")),
         projector_kind=projector_kind,
         projector=projector,
     )
+
+
+UNIT_OUTPUT_KINDS = ("rbm", "conv", "vae")  # their reconstructions are logistic: values in [0, 1]
+
+
+def _output_for_scaling(data: DataConfig, kind: str, model: dict[str, Any]) -> None:
+    """The output layer suits the scaling: standardized features are centred and unbounded, so an MLP reconstructs them
+    with a linear output unless the config says otherwise; kinds whose output is logistic need data in [0, 1]."""
+    if data.resolved_scaling != "standard":
+        return
+    if kind == "mlp":
+        model.setdefault("output", "linear")
+        if model["output"] == "sigmoid":
+            raise ValueError("model.output 'sigmoid' reconstructs values in [0, 1], but data.scaling 'standard' centres the features at 0; "
+                             "use model.output = 'linear', or data.scaling = 'minmax'")
+    elif kind in UNIT_OUTPUT_KINDS:
+        raise ValueError(f"model.kind {kind!r} reconstructs values in [0, 1], but data.scaling 'standard' centres the features at 0; "
+                         f"use data.scaling = 'minmax', or model.kind 'mlp', 'pca' or 'linear'")
 
 
 def _kind(table: dict[str, Any], section: str) -> str:

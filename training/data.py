@@ -1,8 +1,8 @@
-"""Data sources: Fashion-MNIST (IDX files), scikit-learn's 8x8 digits, and the user's .npy/.npz/.csv.
+"""Data sources: Fashion-MNIST (IDX files), scikit-learn's 8x8 digits, the user's .npy/.npz/.csv arrays and tables.
 
-Every loader returns raw arrays plus the preprocessing that maps them to [0, 1];
-the preprocessing goes into the manifest and is applied again when serving.
-Problems with a file raise DataError naming the file and what is wrong.
+Every loader returns raw arrays; the preprocessing that maps them to the model's space (``data.scaling``) is fitted
+on the training split, goes into the version and is applied again when serving. Problems with a file raise
+DataError naming the file, and for tables the line as an editor shows it and the column by name.
 """
 from __future__ import annotations
 
@@ -51,6 +51,22 @@ class DataConfig(Config):
     limit: Count = 0
     # Fashion-MNIST only: fetch the IDX files into `path` when they are missing.
     download: bool = False
+    # How values map to the model's space: global (one offset and scale, the data in [0, 1]), minmax (each feature in
+    # [0, 1]), standard (each feature mean 0, deviation 1); auto: standard for tables, global for everything else.
+    scaling: Literal["auto", "global", "minmax", "standard"] = "auto"
+    # Tables: the label column (kept out of the features), the feature columns (default: all but the label and
+    # `exclude`), the columns one-hot encoded, and what to do with empty or NA fields.
+    label: str = ""
+    columns: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    missing: Literal["error", "drop", "median"] = "error"
+
+    @property
+    def resolved_scaling(self) -> str:
+        if self.scaling != "auto":
+            return self.scaling
+        return "standard" if self.source == "table" else "global"
 
 
 @dataclass
@@ -60,9 +76,10 @@ class Dataset:
     name: str
     train_x: np.ndarray
     test_x: np.ndarray
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | None  # None until load_dataset fits it
     train_y: np.ndarray | None = None
     test_y: np.ndarray | None = None
+    features: list[dict] | None = None  # tables: each feature's name, type and categories, for the manifest
 
     @property
     def fingerprint(self) -> str:
@@ -171,14 +188,27 @@ def _check_finite(path: Path, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _min_max(path: Path, x: np.ndarray) -> Preprocessing:
-    low, high = float(np.min(x)), float(np.max(x))
-    if not high > low:
-        raise DataError(f"{path}: all values equal {low}; nothing to learn")
-    return Preprocessing(input_shape=x.shape[1:], offset=low, scale=1.0 / (high - low))
+def fit_scaling(name: str, x: np.ndarray, scaling: str) -> Preprocessing:
+    """The preprocessing of ``scaling`` fitted on the training rows ``x`` (n, ...).
+
+    A feature that never varies gets a scale of 1 (it maps to 0); global scaling of data that never varies is an error.
+    """
+    flat = x.reshape(len(x), -1)
+    if scaling == "global":
+        low, high = float(np.min(flat)), float(np.max(flat))
+        if not high > low:
+            raise DataError(f"{name}: all values equal {low}; nothing to learn")
+        return Preprocessing(input_shape=x.shape[1:], offset=low, scale=1.0 / (high - low), scaling="global")
+    flat = flat.astype(np.float64)
+    if scaling == "minmax":
+        offset, spread = flat.min(axis=0), flat.max(axis=0) - flat.min(axis=0)
+    else:
+        offset, spread = flat.mean(axis=0), flat.std(axis=0)
+    scale = np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 1.0)
+    return Preprocessing(input_shape=x.shape[1:], offset=offset, scale=scale, scaling=scaling)
 
 
-def _split_off_test(name: str, x: np.ndarray, y: np.ndarray | None, config: DataConfig, preprocessing: Preprocessing) -> Dataset:
+def _split_off_test(name: str, x: np.ndarray, y: np.ndarray | None, config: DataConfig, preprocessing: Preprocessing | None) -> Dataset:
     """Hold out a seeded ``test_fraction`` of the examples as the test split."""
     order = np.random.default_rng(12345).permutation(len(x))
     n_test = max(1, int(round(len(x) * config.test_fraction))) if config.test_fraction > 0 else 0
@@ -194,7 +224,7 @@ def load_npy(config: DataConfig) -> Dataset:
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable .npy array ({e})") from None
     x = _check_finite(path, x)
-    return _split_off_test(path.name, x, None, config, _min_max(path, x))
+    return _split_off_test(path.name, x, None, config, None)
 
 
 def load_npz(config: DataConfig) -> Dataset:
@@ -207,7 +237,7 @@ def load_npz(config: DataConfig) -> Dataset:
         raise DataError(f"{path}: not a readable .npz archive ({e})") from None
     if "x_train" in arrays:
         train_x = _check_finite(path, arrays["x_train"])
-        preprocessing = _min_max(path, train_x)
+        preprocessing = None
         if "x_test" in arrays:
             test_x = _check_finite(path, arrays["x_test"])
             if test_x.shape[1:] != train_x.shape[1:]:
@@ -219,7 +249,7 @@ def load_npz(config: DataConfig) -> Dataset:
         raise DataError(f"{path}: expected an array named 'x' or 'x_train', found {sorted(arrays)}")
     x = _check_finite(path, arrays["x"])
     y = arrays.get("y")
-    return _split_off_test(path.name, x, None if y is None else y.astype(np.int64), config, _min_max(path, x))
+    return _split_off_test(path.name, x, None if y is None else y.astype(np.int64), config, None)
 
 
 def load_csv(config: DataConfig) -> Dataset:
@@ -238,7 +268,122 @@ def load_csv(config: DataConfig) -> Dataset:
             except ValueError:
                 raise DataError(f"{path}: line {line_no} holds a value that is not a number: {line.strip()[:80]!r}") from None
     x = _check_finite(path, np.asarray(rows, dtype=np.float32))
-    return _split_off_test(path.name, x, None, config, _min_max(path, x))
+    return _split_off_test(path.name, x, None, config, None)
+
+
+# --- tables ------------------------------------------------------------------------
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+
+
+def _read_table(path: Path):
+    """A pyarrow Table from CSV (delimiter sniffed among , ; tab |; header row; quoting; a UTF-8 BOM) or Parquet."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pq.read_table(path)
+        head = path.read_bytes()[:65536].decode("utf-8-sig", errors="replace")
+        try:
+            delimiter = "\t" if path.suffix.lower() == ".tsv" else csv.Sniffer().sniff(head.split("\n", 1)[0], delimiters=",;\t|").delimiter
+        except csv.Error:
+            delimiter = ","
+        return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter),
+                               convert_options=pa_csv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=True))
+    except (pa.ArrowInvalid, OSError) as e:
+        if path.suffix.lower() not in (".parquet", ".pq") and "columns, got" in str(e):
+            _raise_ragged_line(path, delimiter)
+        raise DataError(f"{path}: not a readable table ({str(e).splitlines()[0]})") from None
+
+
+def _raise_ragged_line(path: Path, delimiter: str) -> None:
+    """Name the first line whose field count differs from the header's (pyarrow's message names none)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader)
+        for fields in reader:
+            if fields and len(fields) != len(header):
+                raise DataError(f"{path}: line {reader.line_num} has {len(fields)} fields, the header {len(header)} "
+                                f"({delimiter!r}-separated; quote a field that holds {delimiter!r})")
+
+
+def _where(path: Path, row: int) -> str:
+    """A row (0-based, of the data) as an editor shows it: CSV line numbers count the header line."""
+    return f"{path}: line {row + 2}" if path.suffix.lower() not in (".parquet", ".pq") else f"{path}: row {row + 1}"
+
+
+def load_table(config: DataConfig) -> Dataset:
+    """A table with a header row: numeric features as they are, `categorical` ones one-hot, `label` kept apart."""
+    import pyarrow as pa
+
+    path = _require_path(config)
+    table = _read_table(path)
+    names = table.column_names
+    wanted = [config.label] if config.label else []
+    for key in ("columns", "exclude", "categorical"):
+        wanted += list(getattr(config, key))
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise DataError(f"{path}: no column(s) {unknown}; the header names {names}")
+    features = list(config.columns) or [n for n in names if n != config.label and n not in config.exclude]
+    if config.label in features:
+        raise DataError(f"{path}: data.label {config.label!r} is also a feature; leave it out of data.columns")
+    if not features:
+        raise DataError(f"{path}: no feature columns left (the header names {names})")
+    used = features + ([config.label] if config.label else [])
+    nulls = np.zeros(table.num_rows, bool)
+    for name in used:
+        column_nulls = table.column(name).is_null().to_numpy(zero_copy_only=False)
+        if column_nulls.any() and config.missing == "error":
+            row = int(np.argmax(column_nulls))
+            raise DataError(f"{_where(path, row)}, column {name!r}: the field is empty or NA; set data.missing = 'drop' or 'median'")
+        if name == config.label or config.missing == "drop" or name in config.categorical:
+            nulls |= column_nulls
+    keep = np.flatnonzero(~nulls)
+    if len(keep) < 2:
+        raise DataError(f"{path}: {len(keep)} usable row(s); at least 2 are needed")
+    blocks, described = [], []
+    for name in features:
+        column = table.column(name)
+        if name in config.categorical:
+            values = np.asarray(column.cast(pa.string()).to_pylist(), dtype=object)[keep]
+            categories = sorted(set(values))
+            blocks.append((values[:, None] == np.asarray(categories, dtype=object)[None, :]).astype(np.float32))
+            described.append({"name": name, "type": "category", "categories": categories})
+            continue
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_null(column.type)):
+            texts = column.cast(pa.string()).to_pylist()
+            for row, text in enumerate(texts):
+                try:
+                    float(text if text is not None else "nan")
+                except ValueError:
+                    raise DataError(f"{_where(path, row)}, column {name!r}: {text!r} is not a number; "
+                                    f"list the column in data.categorical if it holds categories") from None
+            column = pa.array([None if t is None else float(t) for t in texts], pa.float64())
+        values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+        if config.missing == "median":
+            present = values[~np.isnan(values)]
+            values = np.where(np.isnan(values), float(np.median(present)) if len(present) else 0.0, values)
+        values = values[keep]
+        infinite = ~np.isfinite(values)
+        if infinite.any():
+            raise DataError(f"{_where(path, int(keep[np.argmax(infinite)]))}, column {name!r}: the value is not finite")
+        blocks.append(values[:, None].astype(np.float32))
+        described.append({"name": name, "type": "number"})
+    x = np.concatenate(blocks, axis=1)
+    y = None
+    if config.label:
+        labels = np.asarray(table.column(config.label).cast(pa.string()).to_pylist(), dtype=object)[keep]
+        _, y = np.unique(labels, return_inverse=True)
+    dataset = _split_off_test(path.name, x, None if y is None else y.astype(np.int64), config, None)
+    dataset.features = described
+    return dataset
 
 
 SOURCES: dict[str, Callable[[DataConfig], Dataset]] = {
@@ -247,13 +392,18 @@ SOURCES: dict[str, Callable[[DataConfig], Dataset]] = {
     "npy": load_npy,
     "npz": load_npz,
     "csv": load_csv,
+    "table": load_table,
 }
 Source = Literal[tuple(SOURCES)]  # data.source: one of the loaders above
 
 
 def load_dataset(config: DataConfig) -> Dataset:
+    """The source's data, limited, with its preprocessing fitted on the training split where the source has none of
+    its own (Fashion-MNIST and digits know their pixel range) or ``data.scaling`` asks for one."""
     dataset = SOURCES[config.source](config)
     if config.limit:
         dataset.train_x = dataset.train_x[: config.limit]
         dataset.train_y = None if dataset.train_y is None else dataset.train_y[: config.limit]
+    if dataset.preprocessing is None or config.scaling != "auto":
+        dataset.preprocessing = fit_scaling(config.path or dataset.name, dataset.train_x, config.resolved_scaling)
     return dataset

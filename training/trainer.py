@@ -162,6 +162,7 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
         "input_shape": list(preprocessing.input_shape),
         "code_dim": model.code_dim,
         "preprocessing": preprocessing.to_dict(),
+        **({"features": dataset.features} if dataset.features else {}),
         "projector": projector_manifest(projector),
         "training": {
             "dataset": dataset.name,
@@ -193,7 +194,7 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
             files.update(render_report(version, dataset.test_x, dataset.test_y))
         return files
 
-    version = registry.publish(config.name, manifest, weights_bytes(model, projector), extra_files=version_files)
+    version = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing), extra_files=version_files)
     if state is not None:
         state.clear()
     return version

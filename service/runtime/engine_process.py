@@ -131,7 +131,7 @@ class EngineProcess:
             raise EngineProcessError("the engine process is not running")
         slot, self._slots = self._slots, self._slots + 1
         description = json.dumps({"graphs": [[name, len(data)] for name, data in graphs.items()],
-                                  "preprocessing": version.preprocessing.to_dict(),
+                                  "preprocessing": version.preprocessing.to_wire(),
                                   "quantiles": version.quantiles.tolist()}).encode()
         parts = [struct.pack("<I", len(description)), description, *graphs.values()]
         await self._channel.send(LOAD, 0, slot, 0, parts, lambda answer: None)

@@ -1,0 +1,149 @@
+"""Tables: a header row, separators, quoting and a BOM read by pyarrow; the label kept apart; categories one-hot;
+missing fields by policy; every data error names the file, the line as an editor shows it and the column."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aeserve.models.checkpoint import WEIGHTS
+from aeserve.models.registry import Registry
+from aeserve.training.config import build_run_config
+from aeserve.training.data import DataConfig, DataError, load_dataset
+from aeserve.training.trainer import train
+
+
+def table_rows(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Two numeric features on very different scales, a category and a label."""
+    rng = np.random.default_rng(seed)
+    small = rng.normal(0.05, 0.01, n)
+    large = rng.normal(2000.0, 400.0, n)
+    colour = rng.choice(["red", "green", "blue"], n)
+    label = (large > 2000).astype(int)
+    return np.stack([small, large], axis=1), label, list(colour)
+
+
+def write_csv(path, sep=",", bom=False, quote_numbers=False, blank=None):
+    x, label, colour = table_rows()
+    lines = [sep.join(["small", "large", "colour", "is_big"])]
+    for i, (row, lab, c) in enumerate(zip(x, label, colour, strict=True)):
+        small = f'"{float(row[0])!r}"' if quote_numbers else repr(float(row[0]))
+        fields = [small, repr(float(row[1])), c, str(lab)]
+        if blank is not None and i == blank[0]:
+            fields[blank[1]] = blank[2]
+        lines.append(sep.join(fields))
+    path.write_text(("\ufeff" if bom else "") + "\n".join(lines) + "\n")
+    return path
+
+
+def config(path, **data) -> DataConfig:
+    return DataConfig.from_dict({"source": "table", "path": str(path), "label": "is_big", "categorical": ["colour"], **data})
+
+
+@pytest.mark.parametrize("sep,bom,quoted", [(",", False, False), (";", True, True), ("\t", False, False)])
+def test_a_csv_with_a_header_reads_with_its_separator_bom_and_quotes(tmp_path, sep, bom, quoted):
+    path = write_csv(tmp_path / ("rows.tsv" if sep == "\t" else "rows.csv"), sep=sep, bom=bom, quote_numbers=quoted)
+    dataset = load_dataset(config(path))
+    x, label, colour = table_rows()
+    assert dataset.features == [{"name": "small", "type": "number"}, {"name": "large", "type": "number"},
+                                {"name": "colour", "type": "category", "categories": ["blue", "green", "red"]}]
+    rows = np.concatenate([dataset.train_x, dataset.test_x])
+    assert rows.shape == (60, 5) and len(dataset.train_x) == 54  # 2 numbers + 3 one-hot columns; 10 % held out
+    np.testing.assert_allclose(np.sort(rows[:, 1]), np.sort(x[:, 1]), rtol=1e-6)
+    assert rows[:, 2:].sum(axis=1).tolist() == [1.0] * 60
+    assert sorted(np.concatenate([dataset.train_y, dataset.test_y]).tolist()) == sorted(label.tolist())
+
+
+def test_standard_scaling_is_fitted_per_feature_on_the_training_rows(tmp_path):
+    dataset = load_dataset(config(write_csv(tmp_path / "rows.csv")))
+    pre = dataset.preprocessing
+    assert pre.scaling == "standard" and pre.per_feature
+    scaled = pre.to_model(dataset.train_x)
+    np.testing.assert_allclose(scaled[:, :2].mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(scaled[:, :2].std(axis=0), 1, atol=1e-4)
+    np.testing.assert_allclose(pre.from_model(scaled), dataset.train_x, rtol=1e-5, atol=1e-3)
+    minmax = load_dataset(config(write_csv(tmp_path / "rows.csv"), scaling="minmax")).preprocessing.to_model(dataset.train_x)
+    np.testing.assert_allclose([minmax.min(axis=0), minmax.max(axis=0)], [np.zeros(5), np.ones(5)], atol=1e-5)
+
+
+@pytest.mark.parametrize("blank,missing,message", [
+    ((6, 1, ""), "error", "rows.csv: line 8, column 'large': the field is empty or NA; set data.missing = 'drop' or 'median'"),
+    ((6, 1, "NA"), "error", "rows.csv: line 8, column 'large': the field is empty or NA"),
+    ((9, 0, "0.05,7"), "error", "rows.csv: line 11 has 5 fields, the header 4 (','-separated; quote a field that holds ',')"),
+    ((3, 1, "1e999"), "error", "rows.csv: line 5, column 'large': the value is not finite"),
+])
+def test_bad_fields_name_the_file_the_line_and_the_column(tmp_path, blank, missing, message):
+    path = write_csv(tmp_path / "rows.csv", blank=blank)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_dataset(config(path, missing=missing))
+
+
+def test_a_decimal_comma_in_a_semicolon_file_names_its_line_and_column(tmp_path):
+    path = write_csv(tmp_path / "rows.csv", sep=";", blank=(9, 0, "0,05"))
+    with pytest.raises(DataError, match="rows.csv: line 11, column 'small': '0,05' is not a number; list the column in data.categorical"):
+        load_dataset(config(path))
+
+
+def test_missing_fields_are_dropped_or_filled_with_the_median(tmp_path):
+    path = write_csv(tmp_path / "rows.csv", blank=(6, 1, "NA"))
+    dropped = load_dataset(config(path, missing="drop"))
+    assert len(dropped.train_x) + len(dropped.test_x) == 59
+    filled = load_dataset(config(path, missing="median"))
+    rows = np.concatenate([filled.train_x, filled.test_x])
+    x, _, _ = table_rows()
+    assert len(rows) == 60 and np.isclose(rows[:, 1], np.median(np.delete(x[:, 1], 6)), rtol=1e-6).sum() >= 1
+
+
+def test_columns_exclude_and_unknown_names(tmp_path):
+    path = write_csv(tmp_path / "rows.csv")
+    only = load_dataset(config(path, columns=["large"], categorical=[]))
+    assert only.features == [{"name": "large", "type": "number"}] and only.train_x.shape[1] == 1
+    without = load_dataset(config(path, exclude=["small"]))
+    assert [f["name"] for f in without.features] == ["large", "colour"]
+    with pytest.raises(DataError, match=r"no column\(s\) \['price'\]; the header names \['small', 'large', 'colour', 'is_big'\]"):
+        load_dataset(config(path, label="price"))
+
+
+def test_parquet_reads_as_the_csv_does(tmp_path):
+    csv_data = load_dataset(config(write_csv(tmp_path / "rows.csv")))
+    x, label, colour = table_rows()
+    pq.write_table(pa.table({"small": x[:, 0], "large": x[:, 1], "colour": colour, "is_big": label}), tmp_path / "rows.parquet")
+    parquet = load_dataset(config(tmp_path / "rows.parquet"))
+    np.testing.assert_allclose(parquet.train_x, csv_data.train_x, rtol=1e-6)
+    assert parquet.features == csv_data.features
+
+
+def test_standard_scaling_gets_a_linear_output_and_logistic_kinds_are_refused(tmp_path):
+    base = {"name": "t", "data": {"source": "table", "path": "x.csv"}}
+    assert build_run_config({**base, "model": {"kind": "mlp", "code_dim": 2}}).model["output"] == "linear"
+    with pytest.raises(ValueError, match="model.output 'sigmoid' reconstructs values in \\[0, 1\\], but data.scaling 'standard'"):
+        build_run_config({**base, "model": {"kind": "mlp", "code_dim": 2, "output": "sigmoid"}})
+    with pytest.raises(ValueError, match="model.kind 'vae' reconstructs values in \\[0, 1\\]"):
+        build_run_config({**base, "model": {"kind": "vae", "code_dim": 2}})
+    minmax = {"name": "t", "data": {"source": "table", "path": "x.csv", "scaling": "minmax"}, "model": {"kind": "mlp", "code_dim": 2}}
+    assert "output" not in build_run_config(minmax).model  # the MLP's own default, sigmoid, suits [0, 1]
+
+
+def test_a_table_version_stores_its_scaling_and_features_and_serves_in_the_datas_units(tmp_path):
+    path = write_csv(tmp_path / "rows.csv")
+    registry = Registry(tmp_path / "registry")
+    run = build_run_config({"name": "rows", "data": {"source": "table", "path": str(path), "label": "is_big", "categorical": ["colour"]},
+                            "model": {"kind": "mlp", "code_dim": 2, "hidden": [16]}, "train": {"epochs": 3, "batch_size": 16, "report": False}})
+    train(run, registry, progress=False)
+    manifest = registry.manifest("rows")
+    assert manifest["preprocessing"] == {"input_shape": [5], "scaling": "standard", "per_feature": True}
+    assert [f["name"] for f in manifest["features"]] == ["small", "large", "colour"] and manifest["config"]["output"] == "linear"
+    assert "is_big" not in json.dumps(manifest["features"])
+    version = registry.load("rows")
+    dataset = load_dataset(run.data)
+    np.testing.assert_array_equal(version.preprocessing.offset, dataset.preprocessing.offset)
+    np.testing.assert_array_equal(version.preprocessing.scale, dataset.preprocessing.scale)
+    x_hat, errors, _ = version.reconstruct(dataset.test_x)
+    scaled_errors = ((version.preprocessing.to_model(x_hat) - version.preprocessing.to_model(dataset.test_x)) ** 2).sum(axis=1)
+    np.testing.assert_allclose(errors, scaled_errors, rtol=1e-4)  # errors in the scaled space
+    assert abs(float(np.median(x_hat[:, 1])) - 2000) < 800  # reconstructions in the data's own units
+    # The vectors live in the weights file, checked like every tensor.
+    from safetensors.numpy import load_file
+    tensors = load_file(registry.version_dir("rows", 1) / WEIGHTS)
+    assert tensors["preprocessing.scale"].shape == (5,) and tensors["preprocessing.offset"].dtype == np.float32
