@@ -63,10 +63,26 @@ class Graphs(Protocol):
     def squared_error(self, x_hat: Any, x: Any) -> Any: ...  # (n, input_dim) twice -> (n,)
 
 
+# Percentile points kept above the largest held-out error, so that larger errors there still rank higher.
+BEYOND_HELD_OUT = 0.1
+
+
 def percentiles(quantiles: np.ndarray, errors: np.ndarray) -> np.ndarray:
-    """Where each error falls among the held-out errors (given as evenly spaced ``quantiles``), 0-100, float32."""
-    grid = np.linspace(0.0, 100.0, len(quantiles))
-    return np.interp(np.asarray(errors, dtype=np.float64), quantiles, grid).astype(np.float32)
+    """Where each error (n,) falls among the held-out errors, given as evenly spaced ``quantiles`` (k,); (n,) float32.
+
+    Up to the largest held-out error m = quantiles[-1]: linear between the quantiles, scaled to 0 .. 99.9.
+    Beyond it, where no held-out row says how rare an error is, a rank that stays below 100:
+    100 - 0.1 / (1 + log10(e / m)), so 99.95 is ten times m, 99.967 a hundred times, 99.975 a thousand times.
+    In float32 this keeps errors 0.5 % apart strictly ordered up to a million times m.
+    """
+    quantiles = np.asarray(quantiles, dtype=np.float64)
+    errors = np.asarray(errors, dtype=np.float64)
+    grid = np.linspace(0.0, 100.0 - BEYOND_HELD_OUT, len(quantiles))
+    inside = np.interp(errors, quantiles, grid)
+    largest = max(float(quantiles[-1]), np.finfo(np.float64).tiny)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beyond = 100.0 - BEYOND_HELD_OUT / (1.0 + np.log10(np.maximum(errors, largest) / largest))
+    return np.where(errors > quantiles[-1], beyond, inside).astype(np.float32)
 
 
 def compute(graphs: Graphs, quantiles: np.ndarray, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -28,22 +28,32 @@ def pca_baseline(x_train: torch.Tensor, code_dim: int) -> PCA:
     return pca
 
 
-def held_out_metrics(model: Autoencoder, x_train: torch.Tensor, x_test: torch.Tensor) -> dict[str, Any]:
-    """The metrics block of a manifest. Inputs are in model space ([0, 1])."""
+def held_out_metrics(model: Autoencoder, x_train: torch.Tensor, x_test: torch.Tensor, x_val: torch.Tensor | None = None) -> dict[str, Any]:
+    """The metrics block of a manifest. Inputs (n, input_dim) are in model space ([0, 1]).
+
+    The anomaly percentiles' quantiles come from every held-out row, validation and test together (never a
+    training row), so that they rest on more rows than the test split alone; ``error_quantiles_rows`` says how many.
+    """
     errors = reconstruction_errors(model, x_test)
+    val_errors = reconstruction_errors(model, x_val) if x_val is not None else np.zeros(0)
     pca_errors = reconstruction_errors(pca_baseline(x_train, model.code_dim), x_test)
     input_dim = x_test.shape[1]
     test_sq_err = float(errors.mean())
     pca_sq_err = float(pca_errors.mean())
-    return {
+    held_out = np.concatenate([val_errors, errors])
+    metrics = {
         "test_sq_err": test_sq_err,
         "test_mse": test_sq_err / input_dim,
         "pca_sq_err": pca_sq_err,
         "pca_mse": pca_sq_err / input_dim,
         "ratio_to_pca": test_sq_err / pca_sq_err if pca_sq_err > 0 else None,
         "n_test": int(len(x_test)),
-        "error_quantiles": error_quantiles(errors),
+        "error_quantiles": error_quantiles(held_out),
+        "error_quantiles_rows": int(len(held_out)),
     }
+    if len(val_errors):
+        metrics["val_sq_err"] = float(val_errors.mean())
+    return metrics
 
 
 def map_metrics(train_coords: np.ndarray, train_labels: np.ndarray | None, test_inputs: np.ndarray, test_coords: np.ndarray,

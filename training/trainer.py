@@ -146,10 +146,8 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     if not world.is_main:
         return None
     model.eval()
-    metrics = held_out_metrics(model, x_train, x_test)
+    metrics = held_out_metrics(model, x_train, x_test, x_val)
     metrics.update(model.extra_metrics(x_test))
-    if len(x_val):
-        metrics["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
     codes = encode_all(model, x_all)
     projector, projector_facts = fit_projector(model.code_dim, codes[train_index], config)
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
