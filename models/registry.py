@@ -26,6 +26,7 @@ from aeserve.models.checkpoint import MANIFEST, WEIGHTS, ModelVersion, load_vers
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 ALIASES = "aliases.json"
+LOCK = ".lock"
 
 
 class RegistryError(ValueError):
@@ -143,14 +144,29 @@ class Registry:
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[Path]:
+        """Hold ``<name>/.lock`` exclusively; the file is removed on the way out, so no run leaves a lock behind.
+
+        Removing it is safe because a waiter that got the lock on a file since removed (or replaced) sees that
+        the path no longer names the file it holds, and starts again on the current one.
+        """
         folder = self._model_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "a+") as lock:
+        path = folder / LOCK
+        while True:
+            lock = open(path, "a+")
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield folder
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                held, current = os.fstat(lock.fileno()), os.stat(path)
+                if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            lock.close()
+        try:
+            yield folder
+        finally:
+            path.unlink(missing_ok=True)  # before unlocking: a waiter then finds the path gone or new, never shared
+            lock.close()
 
     def _write_aliases(self, folder: Path, aliases: dict[str, int]) -> None:
         data = (json.dumps({k: str(v) for k, v in sorted(aliases.items())}, indent=2) + "\n").encode()

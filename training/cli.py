@@ -14,6 +14,7 @@ from aeserve.training.data import DataConfig, DataError, load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
 from aeserve.training.evaluate import map_metrics, reconstruction_errors
 from aeserve.training.report import REPORT_DIR, render_report
+from aeserve.training.state import LATEST
 from aeserve.training.trainer import encode_all, project_codes, train
 
 
@@ -66,13 +67,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     state_dir = Path(args.state_dir or f".aeserve/state/{config.name}")
-    if args.nproc > 1:
-        version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume)
-    else:
-        with process_group_from_env():  # a torchrun process group, when there is one
-            version = train(config, registry, progress=not args.quiet, state_dir=state_dir, resume=args.resume)
-        if version is None:
-            return 0  # not rank 0: rank 0 publishes and reports
+    try:
+        if args.nproc > 1:
+            version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume)
+        else:
+            with process_group_from_env():  # a torchrun process group, when there is one
+                version = train(config, registry, progress=not args.quiet, state_dir=state_dir, resume=args.resume)
+    except BaseException:
+        if not args.resume and (state_dir / LATEST).is_file():
+            print(f"note: the training state is kept in {state_dir}; the same command with --resume continues from it", file=sys.stderr)
+        raise
+    if version is None:
+        return 0  # not rank 0: rank 0 publishes and reports
     manifest = registry.manifest(config.name, version)
     m = manifest["metrics"]
     print(f"published {config.name}:{version} in {registry.root}  test_sq_err {m['test_sq_err']:.3f}  "

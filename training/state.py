@@ -22,11 +22,19 @@ import torch
 from aeserve.models.registry import fsync_dir, write_synced
 
 LATEST = "LATEST"
+# Config keys that only shape what happens after training (the registry name, the report, the map's projector):
+# a run resumed with them changed, say with the report turned off after it failed, continues the same training.
+AFTER_TRAINING = ("name", "projector", "train.report")
 
 
 def run_fingerprint(run_config: dict[str, Any], data_fingerprint: str) -> str:
-    """Names the run a state belongs to: the whole config and the exact data."""
-    return hashlib.sha256((json.dumps(run_config, sort_keys=True) + data_fingerprint).encode()).hexdigest()
+    """Names the run a state belongs to: the config of the training itself and the exact data."""
+    training = {key: dict(value) if isinstance(value, dict) else value for key, value in run_config.items() if key not in AFTER_TRAINING}
+    for key in AFTER_TRAINING:
+        section, _, name = key.partition(".")
+        if name and isinstance(training.get(section), dict):
+            training[section].pop(name, None)
+    return hashlib.sha256((json.dumps(training, sort_keys=True) + data_fingerprint).encode()).hexdigest()
 
 
 class TrainingState:
@@ -76,7 +84,11 @@ class TrainingState:
         if not pointer.is_file():
             return None
         folder = self.folder / pointer.read_text().strip()
-        document = json.loads((folder / "state.json").read_text())
+        try:
+            document = json.loads((folder / "state.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{self.folder} holds an unreadable training state ({type(e).__name__}: {e}); "
+                             "remove it, or train without --resume") from None
         if document["fingerprint"] != self.fingerprint:
             raise ValueError(f"{self.folder} holds the state of a different run (other config or data); "
                              "remove it, or train without --resume")

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -137,3 +138,29 @@ def test_default_root(monkeypatch):
     monkeypatch.setenv("AESERVE_REGISTRY", "/srv/reg")
     assert str(Registry.default_root()) == "/srv/reg"
     assert str(Registry.default_root("/x")) == "/x"
+
+
+def test_publishing_leaves_no_lock_even_when_it_fails(registry):
+    def broken(manifest):
+        raise RuntimeError("report failed")
+
+    with pytest.raises(RuntimeError, match="report failed"):
+        registry.publish("m", {"kind": "pca"}, b"weights", extra_files=broken)
+    assert sorted(p.name for p in (registry.root / "m").iterdir()) == []
+    assert registry.publish("m", {"kind": "pca"}, b"weights") == 1
+    assert sorted(p.name for p in (registry.root / "m").iterdir()) == ["1", "aliases.json"]
+
+
+def test_concurrent_publishers_get_different_versions_though_the_lock_file_comes_and_goes(registry):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow_files(manifest):
+        time.sleep(0.01)  # hold the lock a while, so that the others wait on it
+        return {"note.txt": str(manifest["version"]).encode()}
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda i: registry.publish("m", {"kind": "pca"}, bytes([i]), extra_files=slow_files), range(16)))
+    assert sorted(versions) == list(range(1, 17))
+    for version in versions:
+        assert (registry.version_dir("m", version) / "note.txt").read_text() == str(version)
+    assert ".lock" not in {p.name for p in (registry.root / "m").iterdir()}

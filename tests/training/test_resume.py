@@ -85,3 +85,80 @@ def test_state_of_another_run_is_refused(tmp_path):
     TrainingState(tmp_path, "run-a").save(1, model, torch.optim.Adam(model.parameters()), None, torch.Generator(), [], {})
     with pytest.raises(ValueError, match="holds the state of a different run"):
         TrainingState(tmp_path, "run-b").load()
+
+
+def leftovers(registry, name):
+    folder = registry.root / name
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_run_that_fails_after_training_leaves_no_lock_and_resumes_with_the_report_turned_off(tmp_path, monkeypatch):
+    from aeserve.training.trainer import train
+    from tests.conftest import digits_run
+
+    reference, registry, state_dir = Registry(tmp_path / "reference"), Registry(tmp_path / "registry"), tmp_path / "state"
+    train(digits_run("run", "mlp", epochs=3), reference, progress=False)
+
+    def broken_report(*args):
+        raise RuntimeError("the report broke")
+
+    monkeypatch.setattr("aeserve.training.trainer.render_report", broken_report)
+    with pytest.raises(RuntimeError, match="the report broke"):
+        train(digits_run("run", "mlp", epochs=3), registry, progress=False, state_dir=state_dir)
+    monkeypatch.undo()
+    assert registry.versions("run") == [] and leftovers(registry, "run") == []  # no lock, no half-written version
+    assert saved_epoch(state_dir) == 3
+    # The report does not shape the training: the same run continues after its last epoch, with nothing to train.
+    assert train(digits_run("run", "mlp", epochs=3, report=False), registry, progress=False, state_dir=state_dir, resume=True) == 1
+    assert registry.manifest("run")["sha256"] == reference.manifest("run")["sha256"]
+    assert len(registry.manifest("run")["training"]["history"]) == 3
+    assert leftovers(registry, "run") == ["1", "aliases.json"] and not state_dir.exists()
+
+
+def test_a_run_that_fails_mid_training_resumes_or_reruns_to_the_same_weights(tmp_path, monkeypatch):
+    from aeserve.training import trainer
+    from tests.conftest import digits_run
+
+    config = digits_run("run", "mlp", epochs=3)  # 360 training rows in batches of 64: 6 steps an epoch
+    reference, registry, state_dir = Registry(tmp_path / "reference"), Registry(tmp_path / "registry"), tmp_path / "state"
+    trainer.train(config, reference, progress=False)
+    real_loss_step = trainer.loss_step
+
+    def failing_in_epoch_2(model):
+        step, calls = real_loss_step(model), []
+
+        def counted(batch):
+            calls.append(1)
+            if len(calls) == 8:
+                raise RuntimeError("failed in epoch 2")
+            return step(batch)
+        return counted
+
+    monkeypatch.setattr(trainer, "loss_step", failing_in_epoch_2)
+    with pytest.raises(RuntimeError, match="failed in epoch 2"):
+        trainer.train(config, registry, progress=False, state_dir=state_dir)
+    monkeypatch.undo()
+    assert saved_epoch(state_dir) == 1 and leftovers(registry, "run") == []
+    assert trainer.train(config, registry, progress=False, state_dir=state_dir, resume=True) == 1
+    assert trainer.train(config, registry, progress=False, state_dir=state_dir) == 2  # a plain rerun starts afresh
+    for version in (1, 2):
+        assert registry.manifest("run", version)["sha256"] == reference.manifest("run")["sha256"]
+    assert ".lock" not in leftovers(registry, "run") and not state_dir.exists()
+
+
+def test_a_data_error_leaves_nothing_behind_and_the_rerun_works(tmp_path, capsys):
+    from aeserve.cli import main
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("\n".join(",".join(str((i * 7 + j) % 11) for j in range(5)) for i in range(60)) + "\n1,2,x,4,5\n")
+    config = tmp_path / "rows.toml"
+    config.write_text(f'name = "rows"\n[data]\nsource = "csv"\npath = "{rows}"\n[model]\nkind = "mlp"\ncode_dim = 2\nhidden = [8]\n'
+                      "[train]\nepochs = 2\nreport = false\n")
+    registry, state_dir = Registry(tmp_path / "registry"), tmp_path / "state"
+    command = ["train", str(config), "--registry", str(registry.root), "--state-dir", str(state_dir), "--quiet"]
+    assert main(command) == 2
+    assert f"{rows}: line 61" in capsys.readouterr().err
+    assert leftovers(registry, "rows") == [] and not state_dir.exists()
+    rows.write_text(rows.read_text().replace("x", "3"))
+    assert main(command) == 0 and main([*command, "--resume"]) == 0
+    assert registry.versions("rows") == [1, 2] and leftovers(registry, "rows") == ["1", "2", "aliases.json"] and not state_dir.exists()
