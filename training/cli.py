@@ -59,10 +59,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 # Errors a user can fix: printed as one line, exit status 2.
 USER_ERRORS = (ValueError, NotFoundError, DataError, CheckpointError, RegistryError, RuntimeError)
+# Fewer held-out rows than this behind the anomaly percentiles earns a note after training.
+MIN_PERCENTILE_ROWS = 1000
+
+
+def not_a_directory(path: str | None, what: str) -> str | None:
+    """``path`` unchanged, or a ValueError when it names a folder where a file is expected."""
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"{path}: is a directory; expected {what}")
+    return path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = load_run_config(args.config, args.overrides, name=args.name, seed=args.seed)
+    config = load_run_config(not_a_directory(args.config, "a config file (TOML)"), args.overrides, name=args.name, seed=args.seed)
     registry = Registry(Registry.default_root(args.registry))
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
@@ -81,8 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # not rank 0: rank 0 publishes and reports
     manifest = registry.manifest(config.name, version)
     m = manifest["metrics"]
-    print(f"published {config.name}:{version} in {registry.root}  test_sq_err {m['test_sq_err']:.3f}  "
-          f"test_mse {m['test_mse']:.5f}  pca_sq_err {m['pca_sq_err']:.3f}  ({manifest['training']['seconds']:.1f} s)")
+    print(f"published {config.name}:{version} in {registry.root}  test_sq_err {m['test_sq_err']:.4g}  "
+          f"test_mse {m['test_mse']:.4g}  pca_sq_err {m['pca_sq_err']:.4g}  ({manifest['training']['seconds']:.1f} s)")
+    rows = m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS)
+    if rows < MIN_PERCENTILE_ROWS:
+        print(f"note: the anomaly percentiles rest on {rows} held-out rows (validation and test), fewer than {MIN_PERCENTILE_ROWS:,}", file=sys.stderr)
     return 0
 
 
@@ -101,7 +113,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             try:
                 manifest = registry.manifest(name, version)
                 m = manifest["metrics"]
-                row = f"{manifest['kind']:<8} {manifest['code_dim']:>4} {m['test_sq_err']:>11.3f} {m['pca_sq_err']:>10.3f}"
+                row = f"{manifest['kind']:<8} {manifest['code_dim']:>4} {m['test_sq_err']:>11.4g} {m['pca_sq_err']:>10.4g}"
             except (OSError, ValueError, KeyError, TypeError):
                 row = f"{'(unreadable manifest)':<37}"
             print(f"{name:<24} {version:>7} {row}  {','.join(sorted(by_version.get(version, [])))}")
@@ -171,4 +183,7 @@ def run(args: argparse.Namespace) -> int:
         return args.func(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except IsADirectoryError as e:  # a folder where a file is expected, wherever it was opened
+        print(f"error: {e.filename}: is a directory; expected a file", file=sys.stderr)
         return 2

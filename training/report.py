@@ -63,8 +63,10 @@ def map_figure(version: ModelVersion, x: np.ndarray, labels: np.ndarray | None) 
     x = x[:MAP_POINTS]
     coords = version.project(x)
     fig, ax = plt.subplots(figsize=(6, 6))
-    scatter = ax.scatter(coords[:, 0], coords[:, 1], s=2, c=None if labels is None else labels[:MAP_POINTS], cmap="tab10")
-    if labels is not None:
+    if labels is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=2)  # no colour map without labels (matplotlib warns about an unused cmap)
+    else:
+        scatter = ax.scatter(coords[:, 0], coords[:, 1], s=2, c=labels[:MAP_POINTS], cmap="tab10")
         ax.legend(*scatter.legend_elements(), loc="best", fontsize=7, markerscale=0.7, title="label")
     ax.set_title(f"2-D map of {len(x)} held-out points ({version.manifest.get('projector', {}).get('kind', '?')} projector)", fontsize=9)
     figure = _png(fig)

@@ -51,6 +51,7 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
     shuffle = torch.Generator().manual_seed(train.seed + 1)
     world = current_world()
     progress = progress and world.is_main
+    bars = progress and sys.stderr.isatty()  # elsewhere (a log, CI) one line per epoch, without a bar's redraws
     step = loss_step(model)
     history, first_epoch = [], 1
     if saved is not None:
@@ -61,7 +62,7 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
         order = torch.randperm(len(x_train), generator=shuffle)  # the same order on every rank
         total, seen = 0.0, 0
         bar = tqdm(range(0, len(x_train), train.batch_size), desc=f"epoch {epoch}/{train.epochs}",
-                   disable=not progress, leave=False, file=sys.stderr)
+                   disable=not bars, leave=False, file=sys.stderr)
         for start in bar:
             rows = order[start:start + train.batch_size]
             if len(rows) < world.size:

@@ -1,5 +1,8 @@
 """The aeserve command line on small data: train, models, alias, eval."""
+import pytest
+
 from aeserve.cli import main
+from aeserve.models.registry import Registry
 
 
 def test_train_models_alias_eval(tmp_path, capsys):
@@ -34,3 +37,33 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main(["train", "configs/digits-mlp8.toml", "--registry", str(tmp_path), "--set", "model.activation=swish"]) == 2
     assert "model.activation 'swish' is not one of" in capsys.readouterr().err
     assert main(["eval", "nope", "--registry", str(tmp_path)]) == 2
+
+
+def test_a_folder_given_as_the_config_file_is_named_as_a_directory(tmp_path, capsys):
+    assert main(["train", str(tmp_path), "--registry", str(tmp_path / "registry")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a directory; expected a config file (TOML)"
+
+
+def test_a_folder_opened_as_a_file_anywhere_says_is_a_directory(tmp_path, capsys, monkeypatch):
+    def opens_a_folder(args):
+        return open(tmp_path).read()
+
+    monkeypatch.setattr("aeserve.training.cli.cmd_models", opens_a_folder)
+    assert main(["models", "--registry", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a directory; expected a file"
+
+
+def test_summary_and_models_print_significant_digits_and_count_the_held_out_rows(tmp_path, capsys):
+    reg = str(tmp_path / "registry")
+    # PCA with 56 of 64 components reconstructs the digits almost exactly: a tiny error that once printed as 0.000.
+    assert main(["train", "configs/digits-pca8.toml", "--registry", reg, "--quiet", "--state-dir", str(tmp_path / "state"),
+                 "--set", "model.code_dim=56", "--set", "train.report=false"]) == 0
+    m = Registry(reg).manifest("digits-pca8")["metrics"]
+    assert 1e-7 < m["test_sq_err"] < 1e-4
+    captured = capsys.readouterr()
+    assert f"test_sq_err {m['test_sq_err']:.4g}  test_mse {m['test_mse']:.4g}  pca_sq_err {m['pca_sq_err']:.4g}" in captured.out
+    assert float(captured.out.split("test_sq_err ")[1].split()[0]) == pytest.approx(m["test_sq_err"], rel=1e-3)
+    assert captured.err.strip() == "note: the anomaly percentiles rest on 341 held-out rows (validation and test), fewer than 1,000"
+    assert main(["models", "--registry", reg]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert [float(v) for v in row[4:6]] == pytest.approx([m["test_sq_err"], m["pca_sq_err"]], rel=1e-3)

@@ -40,3 +40,21 @@ def test_eval_writes_a_report_and_prints_the_table(trained_registry, tmp_path, c
     assert "ratio to PCA" in printed and "1.000" in printed  # PCA is its own baseline
     assert (out / "map.png").read_bytes().startswith(PNG_MAGIC)
     assert json.loads((trained_registry.version_dir("digits-pca", 1) / "manifest.json").read_text())["version"] == 1
+
+
+def test_a_report_on_unlabelled_data_raises_no_warning(registry, tmp_path):
+    import warnings
+
+    import numpy as np
+
+    from aeserve.training.report import render_report
+
+    x = np.random.default_rng(0).random((120, 6)).astype(np.float32)
+    np.save(tmp_path / "rows.npy", x)
+    train(build_run_config({"name": "rows", "data": {"source": "npy", "path": str(tmp_path / "rows.npy")},
+                            "model": {"kind": "pca", "code_dim": 2}, "train": {"report": False}}), registry, progress=False)
+    version = registry.load("rows")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        files = render_report(version, x[:20], None)
+    assert files["report/map.png"].startswith(PNG_MAGIC)

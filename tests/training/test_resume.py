@@ -162,3 +162,27 @@ def test_a_data_error_leaves_nothing_behind_and_the_rerun_works(tmp_path, capsys
     rows.write_text(rows.read_text().replace("x", "3"))
     assert main(command) == 0 and main([*command, "--resume"]) == 0
     assert registry.versions("rows") == [1, 2] and leftovers(registry, "rows") == ["1", "2", "aliases.json"] and not state_dir.exists()
+
+
+def test_the_command_says_where_a_failed_run_left_its_state_and_resume_finishes_it(tmp_path, capsys, monkeypatch):
+    from aeserve.cli import main
+
+    def broken_report(*args):
+        raise RuntimeError("the report broke")
+
+    state_dir = tmp_path / "state"
+    command = ["train", "configs/digits-mlp8.toml", "--registry", str(tmp_path / "registry"), "--state-dir", str(state_dir), "--quiet",
+               "--set", "train.epochs=1", "--set", "data.limit=200"]
+    monkeypatch.setattr("aeserve.training.trainer.render_report", broken_report)
+    assert main(command) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: the training state is kept in {state_dir}; the same command with --resume continues from it", "error: the report broke"]
+    monkeypatch.undo()
+    assert main([*command, "--resume", "--set", "train.report=false"]) == 0
+    assert Registry(tmp_path / "registry").versions("digits-mlp8") == [1] and not state_dir.exists()
+
+
+def test_an_unreadable_state_is_named(tmp_path):
+    (tmp_path / LATEST).write_text("epoch-0003")
+    with pytest.raises(ValueError, match=f"{tmp_path} holds an unreadable training state .*; remove it, or train without --resume"):
+        TrainingState(tmp_path, "run").load()

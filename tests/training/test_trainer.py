@@ -91,3 +91,27 @@ def test_map_metrics_on_a_perfect_and_a_useless_map():
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*.toml")))
 def test_shipped_configs_are_valid(path):
     assert load_run_config(path).name == Path(path).stem
+
+
+def test_progress_bars_only_on_a_terminal_elsewhere_one_line_per_epoch(capsys, monkeypatch):
+    import sys
+
+    import torch
+
+    from aeserve.models.kinds import build_model
+    from aeserve.training.trainer import fit
+
+    config = digits_run("bars", "mlp", epochs=2)
+    x = torch.rand(200, 64)
+
+    def trained_output(terminal: bool) -> str:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        fit(build_model("mlp", config.model, (8, 8)), x[:160], x[160:], config, progress=True)
+        return capsys.readouterr().err
+
+    lines = trained_output(False).splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(line.split("  ")[1].startswith("train_loss ") and "\r" not in line for line in lines)
+    on_terminal = trained_output(True)
+    assert "\r" in on_terminal and "it/s" in on_terminal  # the bar, redrawn in place
+    assert "epoch 1/2  train_loss " in on_terminal and "epoch 2/2  train_loss " in on_terminal
