@@ -100,6 +100,10 @@ class TorchGraphs:
     def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (x_hat - x).pow(2).sum(dim=1)
 
+    @staticmethod
+    def squared_errors(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (x_hat - x).pow(2)
+
 
 @dataclass
 class ModelVersion:

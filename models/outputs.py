@@ -31,6 +31,7 @@ OUTPUTS: dict[str, Output] = {o.name: o for o in (
     Output("error", "summed squared error per row, in the model's [0, 1] space (n,)", lambda v: ()),
     Output("percentile", "where each error falls among the held-out errors, 0-100 (n,)", lambda v: ()),
     Output("coordinates", "2-D map coordinates (n, 2)", lambda v: (2,)),
+    Output("feature_error", "squared error of each value, in the model's scaled space (n, input_dim)", lambda v: (v.preprocessing.input_dim,)),
 )}
 FROM_CODES = ("reconstruction",)  # what rows of codes can answer
 
@@ -61,6 +62,7 @@ class Graphs(Protocol):
     def codes_in(self, z: np.ndarray) -> Any: ...  # numpy codes -> backend
     def numpy(self, t: Any) -> np.ndarray: ...  # backend -> numpy float32
     def squared_error(self, x_hat: Any, x: Any) -> Any: ...  # (n, input_dim) twice -> (n,)
+    def squared_errors(self, x_hat: Any, x: Any) -> Any: ...  # (n, input_dim) twice -> (n, input_dim)
 
 
 # Percentile points kept above the largest held-out error, so that larger errors there still rank higher.
@@ -96,10 +98,12 @@ def compute(graphs: Graphs, quantiles: np.ndarray, call: Call, rows: np.ndarray)
     code = graphs.encode(x)
     if "code" in wanted:
         answer["code"] = graphs.numpy(code)
-    if wanted & {"reconstruction", "error", "percentile"}:
+    if wanted & {"reconstruction", "error", "percentile", "feature_error"}:
         x_hat = graphs.decode(code)
         if "reconstruction" in wanted:
             answer["reconstruction"] = graphs.from_model(x_hat)
+        if "feature_error" in wanted:
+            answer["feature_error"] = graphs.numpy(graphs.squared_errors(x_hat, x))
         errors = graphs.numpy(graphs.squared_error(x_hat, x))
         answer["error"] = errors
         answer["percentile"] = percentiles(quantiles, errors)
@@ -141,3 +145,7 @@ class NumpyGraphs:
     @staticmethod
     def squared_error(x_hat: np.ndarray, x: np.ndarray) -> np.ndarray:
         return np.square(x_hat - x).sum(axis=1)
+
+    @staticmethod
+    def squared_errors(x_hat: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.square(x_hat - x)

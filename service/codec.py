@@ -132,14 +132,19 @@ def _plain_rows(body: Body) -> np.ndarray | None:
     return flat.reshape(rows, width)
 
 
+def parse_json_inputs(body: Body) -> Any:
+    """The ``inputs`` of a JSON body ``{"inputs": [row, ...]}``, as parsed."""
+    document = _parse_json(body)
+    if not isinstance(document, dict) or "inputs" not in document:
+        raise ApiError(422, 'the JSON body must be an object {"inputs": [row, ...]}')
+    return document["inputs"]
+
+
 def _rows_from_json(body: Body) -> np.ndarray:
     plain = _plain_rows(body)
     if plain is not None:
         return plain
-    document = _parse_json(body)
-    if not isinstance(document, dict) or "inputs" not in document:
-        raise ApiError(422, 'the JSON body must be an object {"inputs": [row, ...]}')
-    inputs = document["inputs"]
+    inputs = parse_json_inputs(body)
     if not isinstance(inputs, list):
         raise ApiError(422, f"inputs must be a list of rows, got {type(inputs).__name__}")
     try:

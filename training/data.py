@@ -171,6 +171,8 @@ def _require_path(config: DataConfig) -> Path:
     if not config.path:
         raise DataError(f"data.source {config.source!r} needs data.path (a file)")
     path = Path(config.path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; data.source {config.source!r} needs a file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     return path

@@ -18,10 +18,11 @@ from aeserve.models.outputs import OUTPUTS
 from aeserve.service import pipeline
 from aeserve.service.api.models import lookup
 from aeserve.service.auth import check_api_key
-from aeserve.service.codec import FLOAT32_MAX, JSON, NPY, body_kind, json_bytes, npy_bytes, parse_rows, read_body, wants_npy
+from aeserve.service.codec import FLOAT32_MAX, JSON, NPY, body_kind, json_bytes, npy_bytes, parse_json_inputs, parse_rows, read_body, wants_npy
 from aeserve.service.errors import ApiError
 from aeserve.service.operations import OPERATIONS
 from aeserve.service.runtime.store import ModelStore
+from aeserve.service.tables import TableRows
 
 ERROR = {"application/json": {"schema": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
 STATUSES = ((400, "malformed body"), (401, "missing or wrong API key"), (404, "unknown model, version or operation"),
@@ -53,14 +54,27 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     version = lookup(state.store, name, ref, context)
     kind = body_kind(_text(headers.get(b"content-type")))
     body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
-    call = operation.call
-    outputs, sent_shape = await pipeline.run(state.batcher, version, call, parse_rows(kind, body), settings.max_rows)
+    table = TableRows.of(version.manifest)
+    call, keys = operation.for_version(table is not None)
+    objects = False
+    if table is not None and kind == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
+        array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
+    else:
+        array = parse_rows(kind, body)
+    outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows)
     if call.takes == "inputs":  # data comes back flat or nested, as it was sent
         outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
     if wants_npy(_text(headers.get(b"accept"))):
         content, media = npy_bytes(outputs[0]), NPY
     else:
-        content, media = json_bytes({"model": name, "version": context["version"], **dict(zip(operation.answer_keys, outputs, strict=True))}), JSON
+        answer: dict[str, Any] = dict(zip(keys, outputs, strict=True))
+        if table is not None:
+            for output, key in zip(call.outputs, keys, strict=True):
+                if output == "reconstruction":
+                    answer[key] = table.decode(answer[key], objects)
+                elif output == "feature_error":
+                    answer[key] = table.per_column(answer[key], objects)
+        content, media = json_bytes({"model": name, "version": context["version"], **answer}), JSON
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", media.encode()), (b"content-length", b"%d" % len(content)),
         (b"x-model-name", name.encode()), (b"x-model-version", context["version"].encode())]})
@@ -81,16 +95,26 @@ def _nested(shape: tuple[int, ...], number: dict[str, Any]) -> dict[str, Any]:
     return {"type": "array", "minItems": shape[0], "maxItems": shape[0], "items": _nested(shape[1:], number)}
 
 
-def _inputs_schema(shapes: dict[tuple[int, ...], float], max_rows: int) -> dict[str, Any]:
-    """Rows all flat or all nested, in one of ``shapes`` (shape -> largest magnitude admitted); any lists of numbers
-    when nothing is loaded."""
+def _table_rows(table: TableRows, bound: float) -> list[dict[str, Any]]:
+    """A table version's row forms: values in column order, or an object keyed by column name."""
+    columns = [{"type": "string", "enum": table.categories[n]} if n in table.categories else _number(bound) for n in table.names]
+    return [{"type": "array", "prefixItems": columns, "items": False, "minItems": len(columns), "maxItems": len(columns)},
+            {"type": "object", "properties": dict(zip(table.names, columns, strict=True)), "required": table.names,
+             "additionalProperties": False}]
+
+
+def _inputs_schema(shapes: dict[tuple[int, ...], float], tables: list[list[dict]], max_rows: int) -> dict[str, Any]:
+    """Rows all of one form: flat or nested in one of ``shapes`` (shape -> largest magnitude admitted), or a table's
+    forms; any lists of numbers when nothing is loaded."""
     rows = {"type": "array", "minItems": 1, "maxItems": max_rows,
-            "description": "rows: flat lists of numbers, or nested in the model's input_shape (for decode: codes)"}
-    forms = [{"type": "array", "minItems": 1, "items": _number(FLOAT32_MAX)}] if not shapes else []
+            "description": "rows: flat lists of numbers, or nested in the model's input_shape (for decode: codes); "
+                           "for a table, values in the manifest's column order or objects keyed by column name"}
+    forms = [{"type": "array", "minItems": 1, "items": _number(FLOAT32_MAX)}] if not shapes and not tables else []
     for shape, bound in sorted(shapes.items()):
         forms.append(_nested((int(np.prod(shape)),), _number(bound)))
         if len(shape) > 1:
             forms.append(_nested(shape, _number(bound)))
+    forms += [form for table in tables for form in table if form not in forms]
     if len(forms) == 1:
         return {**rows, "items": forms[0]}
     return {**rows, "anyOf": [{"items": form} for form in forms]}
@@ -107,14 +131,19 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
     paths: dict[str, dict] = {}
     for op, operation in OPERATIONS.items():
         shapes: dict[tuple[int, ...], float] = {}
+        tables = []
         for v in versions:
+            table, bound = TableRows.of(v.manifest), pipeline.value_bound(v, operation.call)
+            if table is not None and operation.call.takes == "inputs":
+                tables.append(_table_rows(table, bound))
+                continue
             shape = pipeline.row_shape(v, operation.call)
-            shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), pipeline.value_bound(v, operation.call))
-        inputs = _inputs_schema(shapes, max_rows)
+            shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), bound)
+        inputs = _inputs_schema(shapes, tables, max_rows)
         body = {"required": True, "content": {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}},
                 "description": f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}"}
         answer = {"model": {"type": "string"}, "version": {"type": "string"}}
-        answer.update({key: {"type": "array"} for key in operation.answer_keys})
+        answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
         responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
                              "content": {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys],
                                                            "properties": answer}}, NPY: {}}}}

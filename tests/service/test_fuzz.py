@@ -31,9 +31,19 @@ def schemathesis(url: str, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-def test_schemathesis_with_every_check_finds_nothing(tmp_path):
+def table_run(folder):
+    from aeserve.training.config import build_run_config
+    from tests.training.test_tables import write_csv
+
+    return build_run_config({"name": "rows", "data": {"source": "table", "path": str(write_csv(folder / "rows.csv")), "label": "is_big",
+                                                      "categorical": ["colour"]},
+                             "model": {"kind": "mlp", "code_dim": 2, "hidden": [16]}, "train": {"epochs": 2, "report": False}})
+
+
+@pytest.mark.parametrize("data", ["digits", "table"])
+def test_schemathesis_with_every_check_finds_nothing(tmp_path, data):
     registry = Registry(tmp_path / "registry")
-    train(digits_run("digits-pca", "pca"), registry, progress=False)
+    train(digits_run("digits-pca", "pca") if data == "digits" else table_run(tmp_path), registry, progress=False)
     with LiveServer(registry, poll_seconds=0) as server:  # one loaded model: the schema's names and versions are real
         everything_else = schemathesis(server.url, "--exclude-path-regex", V2_INFER)
         assert everything_else.returncode == 0, everything_else.stdout[-6000:]

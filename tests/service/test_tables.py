@@ -29,16 +29,22 @@ def rows(n: int) -> np.ndarray:
     return np.concatenate([rng.normal(0.05, 0.01, (n, 1)), rng.normal(2000, 400, (n, 1)), colour], axis=1).astype(np.float32)
 
 
-def test_table_rows_are_served_in_the_manifests_column_order(table_registry):
+def test_an_npy_body_holds_the_rows_as_the_model_takes_them(table_registry):
+    import io
+
     version = table_registry.load("rows")
     x = rows(4)
+    body = io.BytesIO()
+    np.save(body, x)
     with make_client(table_registry) as client:
         wait_ready(client.get)
-        answer = client.post("/v1/models/rows/reconstruct", json={"inputs": x.tolist()}).json()
+        answer = client.post("/v1/models/rows/reconstruct", content=body.getvalue(), headers={"Content-Type": "application/x-npy"}).json()
         manifest = client.get("/v1/models/rows").json()
-    want = version.reconstruct(x)
-    for key, expected in zip(("outputs", "errors", "percentiles"), want, strict=True):
-        np.testing.assert_allclose(np.asarray(answer[key], np.float32), expected, rtol=1e-5, atol=1e-4)
+    x_hat, errors, percentiles = version.reconstruct(x)
+    np.testing.assert_allclose(answer["errors"], errors, rtol=1e-5)
+    np.testing.assert_allclose(answer["percentiles"], percentiles, rtol=1e-5)
+    assert [row[2] for row in answer["outputs"]] == [["blue", "green", "red"][k] for k in np.argmax(x_hat[:, 2:], axis=1)]
+    np.testing.assert_allclose([row[1] for row in answer["outputs"]], x_hat[:, 1], rtol=1e-5)
     assert [f["name"] for f in manifest["features"]] == ["small", "large", "colour"]
     assert manifest["preprocessing"]["scaling"] == "standard"
 
@@ -62,3 +68,46 @@ def test_onnx_runtime_and_the_exported_models_scale_each_feature_as_torch_does(t
     np.testing.assert_allclose(codes, version.encode(x), rtol=1e-4, atol=1e-4)
     decoded = ort.InferenceSession(str(tmp_path / "decoder.onnx")).run(None, {"code": codes})[0]
     np.testing.assert_allclose(decoded, version.decode(codes), rtol=1e-4, atol=1e-2)
+
+
+def test_object_rows_get_object_answers_with_feature_errors(table_registry):
+    version = table_registry.load("rows")
+    objects = [{"small": 0.05, "large": 2100.0, "colour": "red"}, {"colour": "blue", "large": 1500.0, "small": 0.07}]
+    encoded = np.array([[0.05, 2100.0, 0, 0, 1], [0.07, 1500.0, 1, 0, 0]], np.float32)  # blue, green, red
+    with make_client(table_registry) as client:
+        wait_ready(client.get)
+        answer = client.post("/v1/models/rows/reconstruct", json={"inputs": objects}).json()
+        as_arrays = client.post("/v1/models/rows/reconstruct", json={"inputs": [[0.05, 2100.0, "red"], [0.07, 1500.0, "blue"]]}).json()
+        codes = client.post("/v1/models/rows/encode", json={"inputs": objects}).json()["outputs"]
+        decoded = client.post("/v1/models/rows/decode", json={"inputs": codes}).json()["outputs"]
+    x_hat, errors, _ = version.reconstruct(encoded)
+    scaled = version.preprocessing
+    per_value = (scaled.to_model(x_hat) - scaled.to_model(encoded)) ** 2
+    assert [sorted(row) for row in answer["outputs"]] == [["colour", "large", "small"]] * 2
+    for row, want in zip(answer["outputs"], x_hat, strict=True):
+        assert row["colour"] == ["blue", "green", "red"][int(np.argmax(want[2:]))]
+        assert row["large"] == pytest.approx(float(want[1]), rel=1e-5) and row["small"] == pytest.approx(float(want[0]), rel=1e-4, abs=1e-6)
+    for row, want in zip(answer["feature_errors"], per_value, strict=True):
+        assert row["small"] == pytest.approx(float(want[0]), rel=1e-4, abs=1e-6)
+        assert row["colour"] == pytest.approx(float(want[2:].sum()), rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(answer["errors"], errors, rtol=1e-4)
+    assert as_arrays["outputs"] == [[row["small"], row["large"], row["colour"]] for row in answer["outputs"]]
+    assert as_arrays["feature_errors"] == [[row["small"], row["large"], row["colour"]] for row in answer["feature_errors"]]
+    np.testing.assert_allclose(codes, version.encode(encoded), rtol=1e-5, atol=1e-5)
+    assert all(len(row) == 3 and row[2] in ("blue", "green", "red") for row in decoded)
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"small": 0.05, "large": 2000.0}], "row 0: column(s) ['colour'] missing; the columns are ['small', 'large', 'colour']"),
+    ([{"small": 0.05, "large": 2000.0, "colour": "red", "price": 3}], "row 0: unknown column(s) ['price']; the columns are"),
+    ([{"small": None, "large": 2000.0, "colour": "red"}], "row 0, column 'small': expected a finite number, got None"),
+    ([[0.05, 2000.0, "red"], [0.05, "2000", "red"]], "row 1, column 'large': expected a finite number, got '2000'"),
+    ([[0.05, 2000.0, "purple"]], "row 0, column 'colour': unknown category 'purple'; known: ['blue', 'green', 'red']"),
+    ([[0.05, 2000.0]], "row 0: expected 3 values in the column order ['small', 'large', 'colour'], got 2 values"),
+    ([{"small": 0.05, "large": 2000.0, "colour": "red"}, [0.05, 2000.0, "red"]], "row 1: expected an object keyed by column name"),
+])
+def test_bad_table_rows_name_the_row_and_the_column(table_registry, rows, message):
+    with make_client(table_registry) as client:
+        wait_ready(client.get)
+        response = client.post("/v1/models/rows/encode", json={"inputs": rows})
+    assert response.status_code == 422 and response.json()["detail"].startswith(message)

@@ -147,3 +147,8 @@ def test_a_table_version_stores_its_scaling_and_features_and_serves_in_the_datas
     from safetensors.numpy import load_file
     tensors = load_file(registry.version_dir("rows", 1) / WEIGHTS)
     assert tensors["preprocessing.scale"].shape == (5,) and tensors["preprocessing.offset"].dtype == np.float32
+
+
+def test_a_folder_given_as_the_table_says_it_is_a_directory(tmp_path):
+    with pytest.raises(DataError, match=r"is a directory; data.source 'table' needs a file"):
+        load_dataset(config(tmp_path))
