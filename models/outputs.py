@@ -23,6 +23,7 @@ class Output:
     description: str
     row_shape: Callable[[Any], tuple[int, ...]]  # a version (anything with input_shape and code_dim) -> one row's shape
     mirrors_input: bool = False  # answered flat or nested, as the rows were sent
+    by_default: bool = True  # answered when a request names no outputs (a value per input value is not)
 
 
 OUTPUTS: dict[str, Output] = {o.name: o for o in (
@@ -31,7 +32,8 @@ OUTPUTS: dict[str, Output] = {o.name: o for o in (
     Output("error", "summed squared error per row, in the model's [0, 1] space (n,)", lambda v: ()),
     Output("percentile", "where each error falls among the held-out errors, 0-100 (n,)", lambda v: ()),
     Output("coordinates", "2-D map coordinates (n, 2)", lambda v: (2,)),
-    Output("feature_error", "squared error of each value, in the model's scaled space (n, input_dim)", lambda v: (v.preprocessing.input_dim,)),
+    Output("feature_error", "squared error of each value, in the model's scaled space (n, input_dim)", lambda v: (v.preprocessing.input_dim,),
+           by_default=False),
 )}
 FROM_CODES = ("reconstruction",)  # what rows of codes can answer
 

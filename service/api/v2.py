@@ -175,7 +175,8 @@ def _call(input_name: str, document: dict[str, Any]) -> tuple[Call, list[dict[st
     if input_name not in TAKES:
         raise ApiError(400, f"unknown input {input_name!r}; use 'input' (data) or 'code' (to decode)")
     takes = TAKES[input_name]
-    requested = document.get("outputs") or [{"name": n} for n in (FROM_CODES if takes == "codes" else OUTPUTS)]
+    defaults = FROM_CODES if takes == "codes" else [name for name, output in OUTPUTS.items() if output.by_default]
+    requested = document.get("outputs") or [{"name": n} for n in defaults]
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise ApiError(400, "outputs must be a list of objects with a name")
     unknown = [o["name"] for o in requested if o["name"] not in OUTPUTS]

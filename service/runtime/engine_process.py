@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aeserve.engine")
 
-REQUEST = struct.Struct("<BHIII")  # kind, call, slot, rows, payload bytes
+REQUEST = struct.Struct("<BIIII")  # kind, call, slot, rows, payload bytes
 ANSWER = struct.Struct("<BI")  # status, payload bytes
 LOAD, CALL = 0, 1
 OK, FAILED = 0, 1
