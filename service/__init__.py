@@ -1,1 +1,2 @@
-"""The HTTP service: FastAPI app, schemas, batching, settings, Python client, `aeserve serve`."""
+"""The HTTP service: the app and its settings, the codecs over one request pipeline (api/), the runtime (store,
+batcher, engines), the Python client re-exported from aeserve_client, and `aeserve serve`."""
