@@ -27,7 +27,12 @@ def image_shape(input_shape: tuple[int, ...], stages: int) -> tuple[int, int, in
     if len(input_shape) == 2:
         input_shape = (1, *input_shape)
     if len(input_shape) != 3:
-        raise ValueError(f"kind 'conv' needs image inputs of shape (H, W) or (C, H, W), got {list(input_shape)}")
+        raise ValueError(f"kind 'conv' needs image inputs of shape (H, W) or (C, H, W), got {list(input_shape)}; "
+                         "arrays are (n, H, W) for one channel or channels first: (n, C, H, W)")
+    if input_shape[-1] in (1, 3, 4) and input_shape[0] not in (1, 3, 4):
+        raise ValueError(f"kind 'conv' needs image inputs channels first: (n, C, H, W), or (n, H, W) for one channel; rows of shape "
+                         f"{list(input_shape)} look channels last (H, W, C): move the channels with np.moveaxis(x, -1, 1), "
+                         "or read image files with data.source = 'images'")
     factor = 2 ** stages
     if input_shape[1] % factor or input_shape[2] % factor:
         raise ValueError(f"image height and width {list(input_shape[1:])} must be divisible by {factor} for {stages} stages; "

@@ -31,19 +31,43 @@ def _pyplot():
     return plt
 
 
+def picture_layout(input_shape: tuple[int, ...]) -> str | None:
+    """How a row of ``input_shape`` shows as a picture: "gray" (H, W) or (1, H, W), "chw" (3, H, W), "hwc" (H, W, 3);
+    None for anything else (a vector, many channels), which is drawn as a line."""
+    if len(input_shape) == 2 or (len(input_shape) == 3 and input_shape[0] == 1):
+        return "gray"
+    if len(input_shape) == 3 and input_shape[0] == 3:
+        return "chw"
+    if len(input_shape) == 3 and input_shape[-1] == 3:
+        return "hwc"
+    return None
+
+
+def _picture(version: ModelVersion, values: np.ndarray, layout: str) -> np.ndarray:
+    """One row as pixels for imshow: (H, W) gray as it is (imshow scales it), colour (H, W, 3) in [0, 1]."""
+    shape = version.input_shape
+    if layout == "gray":
+        return np.asarray(values, dtype=np.float32).reshape(shape[-2:])
+    unit = version.preprocessing.to_model(np.asarray(values)[None])[0]
+    if version.preprocessing.scaling == "standard":  # centred values: show each picture's own range
+        unit = (unit - unit.min()) / max(float(unit.max() - unit.min()), 1e-12)
+    unit = np.clip(unit, 0, 1).reshape(shape)
+    return np.moveaxis(unit, 0, -1) if layout == "chw" else unit
+
+
 def reconstructions_figure(version: ModelVersion, x: np.ndarray, n: int = 10) -> bytes:
-    """Held-out inputs (top row) above their reconstructions (bottom row)."""
+    """Held-out inputs (top row) above their reconstructions (bottom row): pictures for images, gray or colour, and
+    lines for any other input."""
     plt = _pyplot()
     x = x[:n]
     recon, errors, percentiles = version.reconstruct(x)
-    image = len(version.input_shape) >= 2
+    layout = picture_layout(tuple(version.input_shape))
     fig, axes = plt.subplots(2, len(x), figsize=(1.3 * len(x), 2.9), squeeze=False)
     for i in range(len(x)):
         for row, values in enumerate((x[i], recon[i])):
             ax = axes[row][i]
-            if image:
-                pixels = np.asarray(values).reshape(version.input_shape[-2:]) if len(version.input_shape) == 2 else np.moveaxis(values, 0, -1)
-                ax.imshow(pixels, cmap="gray")
+            if layout is not None:
+                ax.imshow(_picture(version, values, layout), cmap="gray" if layout == "gray" else None)
             else:
                 ax.plot(np.ravel(values))
             ax.set_xticks([])
@@ -67,7 +91,12 @@ def map_figure(version: ModelVersion, x: np.ndarray, labels: np.ndarray | None) 
         ax.scatter(coords[:, 0], coords[:, 1], s=2)  # no colour map without labels (matplotlib warns about an unused cmap)
     else:
         scatter = ax.scatter(coords[:, 0], coords[:, 1], s=2, c=labels[:MAP_POINTS], cmap="tab10")
-        ax.legend(*scatter.legend_elements(), loc="best", fontsize=7, markerscale=0.7, title="label")
+        handles, texts = scatter.legend_elements()
+        names = version.manifest.get("training", {}).get("labels")  # an image folder's label subfolders
+        present = np.unique(labels[:MAP_POINTS])
+        if names and len(handles) == len(present) and present.max() < len(names):
+            texts = [names[int(i)] for i in present]
+        ax.legend(handles, texts, loc="best", fontsize=7, markerscale=0.7, title="label")
     ax.set_title(f"2-D map of {len(x)} held-out points ({version.manifest.get('projector', {}).get('kind', '?')} projector)", fontsize=9)
     figure = _png(fig)
     plt.close(fig)
