@@ -1,4 +1,5 @@
-"""Data sources: Fashion-MNIST (IDX files), scikit-learn's 8x8 digits, the user's .npy/.npz/.csv arrays and tables.
+"""Data sources: Fashion-MNIST (IDX files), scikit-learn's 8x8 digits, the user's .npy/.npz/.csv arrays, tables and
+image folders.
 
 Every loader returns raw arrays; the preprocessing that maps them to the model's space (``data.scaling``) is fitted
 on the training split, goes into the version and is applied again when serving. Problems with a file raise
@@ -8,16 +9,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import sys
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from annotated_types import Interval
+from annotated_types import Interval, MaxLen
 
-from aeserve.models.config import Config, Count
+from aeserve.models.config import Config, Count, Size
+from aeserve.models.images import IMAGE_SUFFIXES, image_input_shape, is_gray, open_image, to_pixels
 from aeserve.models.preprocessing import Preprocessing
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -61,6 +64,16 @@ class DataConfig(Config):
     exclude: tuple[str, ...] = ()
     categorical: tuple[str, ...] = ()
     missing: Literal["error", "drop", "median"] = "error"
+    # Images: every picture brought to [height, width] (default: the first image's size) with channels 1 or 3
+    # (0: 1 when every image is gray, else 3); an unreadable file is an error, or skipped and counted with skip_bad.
+    image_size: Annotated[tuple[Size, ...], MaxLen(2)] = ()
+    channels: Literal[0, 1, 3] = 0
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.image_size) not in (0, 2):
+            raise ValueError(f"data.image_size must be [height, width], got {list(self.image_size)}")
 
     @property
     def resolved_scaling(self) -> str:
@@ -80,6 +93,9 @@ class Dataset:
     train_y: np.ndarray | None = None
     test_y: np.ndarray | None = None
     features: list[dict] | None = None  # tables: each feature's name, type and categories, for the manifest
+    # Facts about the source for the manifest's training facts: for images the label names, image size, channels,
+    # files read and files skipped.
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -388,6 +404,86 @@ def load_table(config: DataConfig) -> Dataset:
     return dataset
 
 
+# --- image folders -------------------------------------------------------------------
+
+def _image_files(folder: Path) -> tuple[list[Path], list[int] | None, list[str]]:
+    """(files, label index per file or None, label names): one subfolder per label, or a flat folder without labels.
+
+    Hidden files and files whose suffix is not an image's are left out; a label subfolder is searched to any depth.
+    """
+    def visible(name: str) -> bool:
+        return not name.startswith(".")
+
+    def images_in(directory: Path, recursive: bool) -> list[Path]:
+        found = directory.rglob("*") if recursive else directory.iterdir()
+        return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                      and all(visible(part) for part in p.relative_to(directory).parts))
+
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and visible(p.name))
+    if not subfolders:
+        return images_in(folder, recursive=False), None, []
+    loose = images_in(folder, recursive=False)
+    if loose:
+        raise DataError(f"{folder}: holds both image files ({loose[0].name}, ...) and subfolders ({subfolders[0].name}, ...); "
+                        "put every image in a subfolder named after its label, or use a flat folder without subfolders")
+    files, labels = [], []
+    for index, subfolder in enumerate(subfolders):
+        found = images_in(subfolder, recursive=True)
+        if not found:
+            raise DataError(f"{subfolder}: the label folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += found
+        labels += [index] * len(found)
+    return files, labels, [p.name for p in subfolders]
+
+
+def load_images(config: DataConfig) -> Dataset:
+    """A folder of PNG, JPEG, WebP or BMP files, decoded one by one (``models/images.py`` has the resize and colour rule).
+
+    Arrays are uint8 (n, H, W) for one channel and (n, 3, H, W) for three; pixels 0..255 scaled by 1/255 unless
+    ``data.scaling`` says otherwise.
+    """
+    if not config.path:
+        raise DataError("data.source 'images' needs data.path (a folder of images)")
+    folder = Path(config.path)
+    if folder.is_file():
+        raise DataError(f"{folder}: is a file; data.source 'images' needs a folder of images (one subfolder per label, or flat)")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    files, labels, names = _image_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no images found (files ending {', '.join(IMAGE_SUFFIXES)}, in the folder or in label subfolders)")
+    size = tuple(config.image_size) or None
+    pixels, kept, skipped = [], [], []
+    for i, file in enumerate(files):
+        try:
+            image = open_image(file)
+        except (OSError, ValueError, SyntaxError) as e:
+            if not config.skip_bad:
+                raise DataError(f"{file}: not a readable image ({e}); set data.skip_bad = true to skip such files") from None
+            skipped.append(f"{file.relative_to(folder)} ({e})")
+            continue
+        if size is None:
+            size = (image.height, image.width)  # the default: the first readable image's size
+        # Auto channels: gray images stay one channel until a colour one shows up; they are repeated to three below.
+        channels = config.channels or (1 if is_gray(image) else 3)
+        pixels.append(to_pixels(image, size, channels))
+        kept.append(i)
+    if skipped:
+        print(f"note: skipped {len(skipped)} unreadable image(s) of {len(files)} in {folder} (data.skip_bad): "
+              f"{'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
+    if len(pixels) < 2:
+        raise DataError(f"{folder}: {len(pixels)} readable image(s); at least 2 are needed")
+    channels = config.channels or (3 if any(p.ndim == 3 for p in pixels) else 1)
+    x = np.empty((len(pixels), *image_input_shape(size, channels)), dtype=np.uint8)
+    for row, p in enumerate(pixels):
+        x[row] = p if p.ndim == x.ndim - 1 else p[None]  # a gray image among colour ones: its one channel three times
+    y = None if labels is None else np.asarray(labels, dtype=np.int64)[kept]
+    dataset = _split_off_test(folder.name, x, y, config, Preprocessing(input_shape=x.shape[1:], offset=0.0, scale=1 / 255))
+    dataset.facts = {**({"labels": names} if names else {}), "image_size": list(size), "channels": channels,
+                     "files": len(pixels), "skipped_files": len(skipped)}
+    return dataset
+
+
 SOURCES: dict[str, Callable[[DataConfig], Dataset]] = {
     "fashion-mnist": load_fashion_mnist,
     "digits": load_digits,
@@ -395,6 +491,7 @@ SOURCES: dict[str, Callable[[DataConfig], Dataset]] = {
     "npz": load_npz,
     "csv": load_csv,
     "table": load_table,
+    "images": load_images,
 }
 Source = Literal[tuple(SOURCES)]  # data.source: one of the loaders above
 

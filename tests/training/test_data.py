@@ -113,5 +113,5 @@ def test_bad_data_writes_no_registry_entry(tmp_path):
 
 
 def test_unknown_source_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"data.source 'mnist' is not one of \['csv', 'digits', 'fashion-mnist', 'npy', 'npz', 'table'\]"):
+    with pytest.raises(ValueError, match=r"data.source 'mnist' is not one of \['csv', 'digits', 'fashion-mnist', 'images', 'npy', 'npz', 'table'\]"):
         DataConfig(source="mnist")

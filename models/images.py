@@ -1,0 +1,72 @@
+"""Image files to pixel arrays, one rule for training (``data.source = "images"``) and serving (image bodies).
+
+The rule: EXIF orientation is applied; transparent pixels are laid on white; colour goes to one channel by ITU-R
+601-2 luma (``L = 0.299 R + 0.587 G + 0.114 B``, Pillow's ``convert("L")``) or gray to three by repeating it;
+16-bit grayscale is brought to 0..255. An image whose size differs from (H, W) is centre-cropped to the aspect ratio
+H:W and resized with a Lanczos filter (Pillow's ``ImageOps.fit``), so nothing is stretched. Pixels stay 0..255.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what Pillow is allowed to decode
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp")
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def open_image(source: str | Path | bytes):
+    """A decoded Pillow image from a file or bytes; OSError, ValueError or SyntaxError when it is not a readable image."""
+    from PIL import Image, ImageOps
+
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source, formats=IMAGE_FORMATS)
+        image.load()  # decode now: a truncated or corrupt file fails here, not later
+    except Image.DecompressionBombError as e:
+        raise ValueError(str(e)) from None
+    return ImageOps.exif_transpose(image)
+
+
+def is_gray(image) -> bool:
+    """Whether an image holds no colour by its mode (a palette counts as gray when every entry is)."""
+    if image.mode in GRAY_MODES:
+        return True
+    if image.mode in ("P", "PA"):
+        palette = np.asarray(image.getpalette() or [], dtype=np.uint8)
+        rgb = palette[: len(palette) // 3 * 3].reshape(-1, 3)
+        return bool((rgb == rgb[:, :1]).all())
+    return False
+
+
+def to_pixels(image, size: tuple[int, int], channels: int) -> np.ndarray:
+    """uint8 pixels of ``image`` at ``size`` (H, W): (H, W) for one channel, (3, H, W) for three."""
+    from PIL import Image, ImageOps
+
+    if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: Pillow's convert("L") would clip at 255
+        values = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    image = image.convert("L" if channels == 1 else "RGB")
+    height, width = size
+    if image.size != (width, height):
+        image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def image_input_shape(size: tuple[int, int], channels: int) -> tuple[int, ...]:
+    """A version's input_shape: (H, W) for one channel, (3, H, W) for three."""
+    return tuple(size) if channels == 1 else (channels, *size)
+
+
+def size_and_channels(input_shape: tuple[int, ...]) -> tuple[tuple[int, int], int]:
+    """The inverse of ``image_input_shape``."""
+    if len(input_shape) == 2:
+        return (int(input_shape[0]), int(input_shape[1])), 1
+    return (int(input_shape[1]), int(input_shape[2])), int(input_shape[0])
