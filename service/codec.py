@@ -16,6 +16,7 @@ import orjson
 import simdjson
 from starlette.types import Receive
 
+from aeserve.models.images import IMAGE_MEDIA_TYPES, open_image, size_and_channels, to_pixels
 from aeserve.service.errors import ApiError
 
 NPY = "application/x-npy"
@@ -82,11 +83,32 @@ def media_type(value: str | None) -> str:
 
 
 def body_kind(content_type: str | None) -> str:
-    """JSON or NPY for a request's Content-Type (none means JSON); 415 for anything else."""
+    """JSON, NPY or an image media type for a request's Content-Type (none means JSON); 415 for anything else."""
     kind = media_type(content_type)
-    if kind not in ("", JSON, NPY):
-        raise ApiError(415, f"unsupported Content-Type {kind!r}; send {JSON} or {NPY}")
+    if kind not in ("", JSON, NPY, *IMAGE_MEDIA_TYPES):
+        images = f", or to a version trained on images one image as {', '.join(IMAGE_MEDIA_TYPES)}" if kind.startswith("image/") else ""
+        raise ApiError(415, f"unsupported Content-Type {kind!r}; send {JSON} or {NPY}{images}")
     return kind or JSON
+
+
+def is_image_version(manifest: dict[str, Any]) -> bool:
+    """Whether a version was trained on an image folder, and so takes image bodies."""
+    return manifest.get("training", {}).get("data", {}).get("source") == "images"
+
+
+def image_rows(body: Body, manifest: dict[str, Any], takes: str) -> np.ndarray:
+    """One image file as one row (1, *input_shape) uint8, brought to the version's size and channels by the rule the
+    training data went through (``models/images.py``)."""
+    if not is_image_version(manifest):
+        raise ApiError(415, f"this version takes {JSON} or {NPY}; image bodies are for versions trained on an image folder "
+                            "(data.source = 'images')")
+    if takes != "inputs":
+        raise ApiError(415, f"this operation takes codes, not an image; send {JSON} or {NPY}")
+    try:
+        image = open_image(bytes(body))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ApiError(400, f"the body is not a readable image ({e}); send one PNG, JPEG, WebP or BMP file") from None
+    return to_pixels(image, *size_and_channels(tuple(manifest["input_shape"])))[None]
 
 
 def wants_npy(accept: str | None) -> bool:

@@ -11,14 +11,29 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
+from aeserve.models.images import IMAGE_MEDIA_TYPES
 from aeserve.models.outputs import OUTPUTS
 from aeserve.service import pipeline
 from aeserve.service.api.models import lookup
 from aeserve.service.auth import check_api_key
-from aeserve.service.codec import FLOAT32_MAX, JSON, NPY, body_kind, json_bytes, npy_bytes, parse_json_inputs, parse_rows, read_body, wants_npy
+from aeserve.service.codec import (
+    FLOAT32_MAX,
+    JSON,
+    NPY,
+    body_kind,
+    image_rows,
+    is_image_version,
+    json_bytes,
+    npy_bytes,
+    parse_json_inputs,
+    parse_rows,
+    read_body,
+    wants_npy,
+)
 from aeserve.service.errors import ApiError
 from aeserve.service.operations import OPERATIONS
 from aeserve.service.runtime.store import ModelStore
@@ -57,7 +72,9 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     table = TableRows.of(version.manifest)
     call, keys = operation.for_version(table is not None)
     objects = False
-    if table is not None and kind == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
+    if kind not in (JSON, NPY):  # an image file: one row, decoded as the training images were
+        array = await run_in_threadpool(image_rows, body, version.manifest, call.takes)  # decoding a photo takes milliseconds
+    elif table is not None and kind == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
         array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
     else:
         array = parse_rows(kind, body)
@@ -140,8 +157,12 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
             shape = pipeline.row_shape(v, operation.call)
             shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), bound)
         inputs = _inputs_schema(shapes, tables, max_rows)
-        body = {"required": True, "content": {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}},
-                "description": f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}"}
+        content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}}
+        if operation.call.takes == "inputs" and any(is_image_version(v.manifest) for v in versions):
+            content.update({media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES})
+        body = {"required": True, "content": content,
+                "description": f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}; "
+                               "to a version trained on images, also one image file"}
         answer = {"model": {"type": "string"}, "version": {"type": "string"}}
         answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
         responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
