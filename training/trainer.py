@@ -165,6 +165,7 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
         "projector": projector_manifest(projector),
         "training": {
             "dataset": dataset.name,
+            **dataset.facts,
             "data_fingerprint": dataset.fingerprint,
             "data": config.to_dict()["data"],
             "epochs": config.train.epochs,
