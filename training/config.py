@@ -1,6 +1,7 @@
 """One training run's configuration: TOML file + ``--set section.key=value`` overrides, validated when built."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import tomllib
@@ -27,6 +28,8 @@ class TrainParams(Config):
     lr: Positive = 1e-3
     seed: int = 0
     weight_decay: NonNegative = 0.0
+    # Stop after this many epochs without a lower validation error and keep the best epoch's weights (0: off).
+    patience: Count = 0
     # "onecycle": warm up then anneal (fast convergence on a fixed budget); "constant": plain Adam.
     schedule: Literal["onecycle", "constant"] = "onecycle"
     # Write report/ (Markdown + PNG figures) into the version folder.
@@ -146,8 +149,10 @@ def _drop_keys_of_the_old_kind(values: dict[str, Any], file_kinds: dict[str, str
                   f"from the config file (kind {kind!r} does not take them)", file=sys.stderr)
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = (), name: str | None = None, seed: int | None = None) -> RunConfig:
-    values: dict[str, Any] = {}
+def load_run_config(path: str | Path | None, overrides: list[str] = (), name: str | None = None, seed: int | None = None,
+                    values: dict[str, Any] | None = None) -> RunConfig:
+    """The run of the TOML file at ``path``, or of the config dict ``values`` (a recipe), with ``--set`` overrides, name and seed."""
+    values = copy.deepcopy(values or {})
     if path is not None:
         try:
             values = tomllib.loads(Path(path).read_text())

@@ -57,6 +57,9 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
     if saved is not None:
         state.restore(saved, model, optimiser, scheduler, shuffle)
         history, first_epoch = list(saved["history"]), saved["epoch"] + 1
+    # Early stopping: the best validation error so far, its epoch and its weights (a resumed run counts from where it resumes).
+    stopping = bool(train.patience and len(x_val))
+    best = (history[-1]["val_sq_err"] if history else math.inf, first_epoch - 1, _copy_weights(model) if stopping else {})
     for epoch in range(first_epoch, train.epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=shuffle)  # the same order on every rank
@@ -85,7 +88,20 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, conf
             state.save(epoch, model, optimiser, scheduler, shuffle, history, prepare_facts or {})
         if progress:
             print(f"epoch {epoch}/{train.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), file=sys.stderr)
+        if stopping:
+            if record["val_sq_err"] < best[0]:
+                best = (record["val_sq_err"], epoch, _copy_weights(model))
+            elif epoch - best[1] >= train.patience:
+                break
+    if stopping and best[1] < history[-1]["epoch"]:
+        model.load_state_dict(best[2])
+        if progress:
+            print(f"stopped after epoch {history[-1]['epoch']}; kept the weights of epoch {best[1]} (val_sq_err {best[0]:.4f})", file=sys.stderr)
     return history
+
+
+def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
 @torch.inference_mode()
@@ -169,6 +185,8 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
             "data_fingerprint": dataset.fingerprint,
             "data": config.to_dict()["data"],
             "epochs": config.train.epochs,
+            **({"epochs_run": len(history), "best_epoch": min(history, key=lambda r: r["val_sq_err"])["epoch"]}
+               if config.train.patience and history and "val_sq_err" in history[0] else {}),
             "seed": config.train.seed,
             "seconds": round(seconds, 2),
             "n_train": int(len(x_train)),
