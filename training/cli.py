@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -9,18 +10,22 @@ import torch
 
 from aeserve.models.checkpoint import CheckpointError
 from aeserve.models.registry import NotFoundError, Registry, RegistryError
-from aeserve.training.config import load_run_config
-from aeserve.training.data import DataConfig, DataError, load_dataset
+from aeserve.training.config import RunConfig, load_run_config
+from aeserve.training.data import DataConfig, DataError, Dataset, load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
 from aeserve.training.evaluate import map_metrics, reconstruction_errors
+from aeserve.training.recipes import recipe_run_config
 from aeserve.training.report import REPORT_DIR, render_report
 from aeserve.training.state import LATEST
 from aeserve.training.trainer import encode_all, project_codes, train
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model from a TOML config and publish a new version")
-    p.add_argument("config", help="training config (TOML)")
+    p = sub.add_parser("train", help="train a model from a TOML config, or from --data with a recipe, and publish a new version")
+    p.add_argument("config", nargs="?", help="training config (TOML); without one, --data picks a recipe")
+    p.add_argument("--data", metavar="PATH", help="a table (.csv/.tsv/.parquet), an array (.npy/.npz) or an image folder; "
+                   "without CONFIG a recipe is sized to it, with CONFIG it sets data.path")
+    p.add_argument("--label", metavar="COLUMN", help="a table's label column, kept out of the features (sets data.label)")
     p.add_argument("--registry", help="registry folder (default: $AESERVE_REGISTRY or ./registry)")
     p.add_argument("--name", help="registry name (overrides the config's name)")
     p.add_argument("--seed", type=int, help="random seed (overrides train.seed)")
@@ -70,8 +75,25 @@ def not_a_directory(path: str | None, what: str) -> str | None:
     return path
 
 
+def run_config_of(args: argparse.Namespace) -> tuple[RunConfig, Dataset | None]:
+    """The run that ``aeserve train`` was asked for: the config file's, or the recipe for ``--data`` (with the data it read).
+
+    With both, the config file is the run: ``--data`` sets data.path and ``--label`` data.label, before any ``--set``.
+    """
+    if args.config is None:
+        if args.data is None:
+            raise ValueError("aeserve train needs a config file (TOML) or --data PATH")
+        return recipe_run_config(args.data, args.label, args.overrides, name=args.name, seed=args.seed)
+    given = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
+    given += [f"data.label={json.dumps(args.label)}"] if args.label is not None else []
+    config = load_run_config(not_a_directory(args.config, "a config file (TOML)"), given + args.overrides, name=args.name, seed=args.seed)
+    return config, None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    config = load_run_config(not_a_directory(args.config, "a config file (TOML)"), args.overrides, name=args.name, seed=args.seed)
+    config, dataset = run_config_of(args)
+    if args.config is None and not args.quiet:
+        print(f"recipe for {args.data}: {json.dumps({k: v for k, v in config.to_dict().items() if k in ('model', 'train')})}", file=sys.stderr)
     registry = Registry(Registry.default_root(args.registry))
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
@@ -81,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume)
         else:
             with process_group_from_env():  # a torchrun process group, when there is one
-                version = train(config, registry, progress=not args.quiet, state_dir=state_dir, resume=args.resume)
+                version = train(config, registry, progress=not args.quiet, dataset=dataset, state_dir=state_dir, resume=args.resume)
     except BaseException:
         if not args.resume and (state_dir / LATEST).is_file():
             print(f"note: the training state is kept in {state_dir}; the same command with --resume continues from it", file=sys.stderr)

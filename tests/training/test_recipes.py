@@ -1,0 +1,131 @@
+"""Training without a config: `aeserve train --data PATH` sizes a recipe to the data, stops early on the validation
+error, and records a run config that trains again."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from aeserve.cli import main
+from aeserve.models.kinds import build_model
+from aeserve.models.registry import Registry
+from aeserve.training.config import build_run_config
+from aeserve.training.data import DataError
+from aeserve.training.evaluate import reconstruction_errors
+from aeserve.training.recipes import mlp_sizes, run_config_toml, source_for
+from aeserve.training.trainer import fit
+
+
+def write_rows(path, n=200, seed=0):
+    """Six numeric features on different scales, an id column and a label column."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 2))
+    x = np.concatenate([base, base @ rng.normal(size=(2, 4)) * [1, 10, 100, 1000]], axis=1)
+    lines = ["id,a,b,c,d,e,f,y"] + [",".join([str(i), *map(repr, map(float, row)), str(i % 2)]) for i, row in enumerate(x)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("features,code_dim,hidden", [(30, 8, [32]), (6, 2, [32]), (100, 25, [100]), (784, 64, [512])])
+def test_the_mlp_is_sized_to_the_feature_count(features, code_dim, hidden):
+    assert mlp_sizes(features) == {"code_dim": code_dim, "hidden": hidden}
+
+
+def test_the_source_follows_the_suffix_and_names_what_it_takes(tmp_path):
+    assert [source_for(f"x{s}") for s in (".csv", ".TSV", ".parquet", ".npy", ".npz")] == ["table", "table", "table", "npy", "npz"]
+    with pytest.raises(DataError, match=r"x\.h5: cannot tell the data's kind from the suffix '\.h5'; --data takes a table"):
+        source_for("x.h5")
+    assert source_for(str(tmp_path)) == "images"
+
+
+def test_a_table_trains_without_a_config_and_its_run_config_trains_again(tmp_path, capsys, monkeypatch):
+    reg = str(tmp_path / "registry")
+    monkeypatch.chdir(tmp_path)  # the training state folder (.aeserve/state) lands there
+    data = write_rows(tmp_path / "rows.csv")
+    assert main(["train", "--data", str(data), "--label", "y", "--registry", reg, "--quiet",
+                 "--set", "data.exclude=['id']", "--set", "train.epochs=6", "--set", "train.report=false"]) == 0
+    assert "published rows:1" in capsys.readouterr().out  # the name is the file's stem
+    manifest = Registry(reg).manifest("rows", 1)
+    run = manifest["training"]["run_config"]
+    assert run["data"]["source"] == "table" and run["data"]["label"] == "y" and run["data"]["exclude"] == ["id"]
+    assert run["model"] == {"kind": "mlp", "activation": "gelu", "code_dim": 2, "hidden": [32], "output": "linear"}
+    assert manifest["preprocessing"]["scaling"] == "standard" and manifest["input_shape"] == [6]  # id and label left out
+    assert run["train"]["patience"] == 20 and run["train"]["epochs"] == 6 and run["train"]["batch_size"] == 16
+    assert manifest["training"]["epochs_run"] == len(manifest["training"]["history"]) <= 6
+
+    toml = tmp_path / "again.toml"
+    toml.write_text(run_config_toml(run))
+    assert main(["train", str(toml), "--registry", reg, "--quiet"]) == 0
+    again = Registry(reg).manifest("rows", 2)
+    assert again["training"]["run_config"] == run
+    assert again["training"]["data_fingerprint"] == manifest["training"]["data_fingerprint"]
+    assert again["metrics"]["test_sq_err"] == pytest.approx(manifest["metrics"]["test_sq_err"], rel=1e-5)
+
+
+def test_set_overrides_the_recipe_and_a_config_wins_over_data(tmp_path, capsys, monkeypatch):
+    reg = str(tmp_path / "registry")
+    monkeypatch.chdir(tmp_path)  # the training state folder (.aeserve/state) lands there
+    data = write_rows(tmp_path / "rows.csv")
+    assert main(["train", "--data", str(data), "--label", "y", "--name", "t", "--registry", reg, "--quiet",
+                 "--set", "model.kind=pca", "--set", "model.code_dim=3"]) == 0
+    run = Registry(reg).manifest("t", 1)["training"]["run_config"]
+    assert run["model"] == {"kind": "pca", "code_dim": 3}  # the recipe's MLP keys left out for the new kind
+    capsys.readouterr()
+
+    config = tmp_path / "c.toml"
+    config.write_text('name = "c"\n[data]\nsource = "table"\npath = "elsewhere.csv"\n[model]\nkind = "pca"\ncode_dim = 2\n')
+    assert main(["train", str(config), "--data", str(data), "--label", "y", "--registry", reg, "--quiet"]) == 0
+    run = Registry(reg).manifest("c", 1)["training"]["run_config"]
+    assert run["data"]["path"] == str(data) and run["data"]["label"] == "y" and run["model"] == {"kind": "pca", "code_dim": 2}
+    assert run["train"]["patience"] == 0  # a config's training stops early only when it says so
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train"], "error: aeserve train needs a config file (TOML) or --data PATH"),
+    (["train", "--data", "{npy}", "--label", "y"], "error: --label names a table's label column; {npy} is not a table"),
+    (["train", "--data", "{missing}"], "error: {missing}: file not found"),
+])
+def test_data_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    paths = {"npy": str(tmp_path / "x.npy"), "missing": str(tmp_path / "none.csv")}
+    np.save(paths["npy"], np.zeros((10, 3), np.float32))
+    assert main([a.format(**paths) for a in argv] + ["--registry", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == message.format(**paths)
+
+
+def test_an_array_gets_an_mlp_sized_to_its_values(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "points.npy"
+    np.save(path, np.random.default_rng(0).random((200, 4, 3)).astype(np.float32))
+    assert main(["train", "--data", str(path), "--registry", str(tmp_path / "r"), "--quiet", "--set", "train.epochs=2"]) == 0
+    run = Registry(str(tmp_path / "r")).manifest("points", 1)["training"]["run_config"]
+    assert run["data"]["source"] == "npy" and run["model"]["code_dim"] == 3 and run["model"]["hidden"] == [32]
+
+
+def test_early_stopping_keeps_the_best_epochs_weights():
+    torch.manual_seed(0)
+    x = torch.randn(64, 5) @ torch.randn(5, 5)
+    x_train, x_val = x[:48], x[48:]
+    # A learning rate this high makes the validation error jump about, so the last epoch is rarely the best.
+    config = build_run_config({"name": "t", "model": {"code_dim": 2, "hidden": [8], "output": "linear"},
+                               "train": {"epochs": 40, "patience": 3, "lr": 0.3, "schedule": "constant", "batch_size": 8}})
+    model = build_model("mlp", config.model, (5,))
+    history = fit(model, x_train, x_val, config, progress=False)
+    val = [r["val_sq_err"] for r in history]
+    best = int(np.argmin(val))
+    assert len(history) == min(40, best + 1 + 3)  # stopped `patience` epochs after the best, or at the end
+    assert float(reconstruction_errors(model, x_val).mean()) == pytest.approx(val[best], rel=1e-6)
+    assert json.dumps(history)  # the history stays JSON for the manifest
+
+
+def test_an_image_folder_gets_the_conv_model(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        (tmp_path / "photos" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).save(tmp_path / "photos" / "ab"[i % 2] / f"{i}.png")
+    assert main(["train", "--data", str(tmp_path / "photos"), "--registry", "r", "--quiet", "--set", "train.epochs=1",
+                 "--set", "train.report=false"]) == 0
+    run = Registry("r").manifest("photos", 1)["training"]["run_config"]
+    assert run["data"]["source"] == "images" and run["model"]["kind"] == "conv" and run["train"]["patience"] == 20

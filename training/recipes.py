@@ -1,0 +1,109 @@
+"""Training without a config: ``aeserve train --data PATH`` picks a recipe from the data.
+
+The recipe is a whole config dict (the same keys as a TOML config), sized to the data after it is read:
+
+- a table (.csv, .tsv, .txt, .parquet, .pq): an MLP with standard scaling (so a linear output);
+- an array (.npy, .npz): an MLP with the source's default scaling;
+- a folder of images: the convolutional model.
+
+The MLP's widths follow the number of encoded features d (numbers plus one-hot columns, or values per example):
+``code_dim = clamp(round(d / 4), 2, 64)`` and one hidden layer of ``clamp(d, 32, 512)`` units (at least
+``2 code_dim``). Training stops early on the validation error (``train.patience``) and keeps the best epoch's
+weights; the batch gives about ten steps per epoch. ``--set`` overrides any key; the manifest records the result in
+``training.run_config``, which ``run_config_toml`` writes as a config that trains again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from aeserve.training.config import RunConfig, load_run_config, parse_override
+from aeserve.training.data import SOURCES, TABLE_SUFFIXES, DataConfig, DataError, Dataset, load_dataset
+
+ARRAY_SOURCES = {".npy": "npy", ".npz": "npz"}
+MAX_CODE_DIM = 64
+MAX_HIDDEN = 512
+MAX_EPOCHS = 500
+PATIENCE = 20
+STEPS_PER_EPOCH = 10
+
+
+def source_for(path: str) -> str:
+    """The data source that reads ``path``: a table or an array by its suffix, or a folder of images."""
+    if Path(path).is_dir():
+        if "images" not in SOURCES:
+            raise DataError(f"{path}: is a directory; image folders are not supported yet (give a table or a .npy/.npz array)")
+        return "images"
+    suffix = Path(path).suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        return "table"
+    if suffix in ARRAY_SOURCES:
+        return ARRAY_SOURCES[suffix]
+    raise DataError(f"{path}: cannot tell the data's kind from the suffix {suffix!r}; "
+                    f"--data takes a table ({', '.join(TABLE_SUFFIXES)}), an array (.npy, .npz) or a folder of images")
+
+
+def mlp_sizes(features: int) -> dict[str, Any]:
+    """The MLP's code size and hidden widths for ``features`` inputs (see the module docstring for the rule)."""
+    code_dim = min(MAX_CODE_DIM, max(2, round(features / 4)))
+    # One hidden layer: on the breast-cancer table (250 rows) it reached a lower validation error than two (docs/benchmarks.md).
+    return {"code_dim": code_dim, "hidden": [min(MAX_HIDDEN, max(32, features, 2 * code_dim))]}
+
+
+def recipe(data: DataConfig, dataset: Dataset) -> dict[str, Any]:
+    """The config dict (``name`` left out) for ``data``, sized to ``dataset`` as read."""
+    features = math.prod(dataset.train_x.shape[1:])
+    if data.source == "images":
+        model = {"kind": "conv"}
+    else:
+        model = {"kind": "mlp", "activation": "gelu", **mlp_sizes(features)}
+    n_train = int(len(dataset.train_x) * (1 - data.val_fraction))
+    batch_size = min(256, max(16, n_train // STEPS_PER_EPOCH))
+    train = {"epochs": MAX_EPOCHS, "patience": PATIENCE, "batch_size": batch_size, "lr": 1e-3, "schedule": "constant"}
+    return {"data": dataclasses.asdict(data), "model": model, "train": train}
+
+
+def recipe_run_config(path: str, label: str | None = None, overrides: list[str] = (), name: str | None = None,
+                      seed: int | None = None) -> tuple[RunConfig, Dataset]:
+    """The run that ``aeserve train --data PATH`` makes, and the data it read to size it.
+
+    ``--set data.*`` keys shape the data before the recipe is sized to it; every ``--set`` key then overrides the recipe.
+    """
+    values: dict[str, Any] = {"source": source_for(path), "path": str(path)}
+    if label:
+        if values["source"] != "table":
+            raise ValueError(f"--label names a table's label column; {path} is not a table")
+        values["label"] = label
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] == "data" and len(keys) == 2:
+            values[keys[1]] = value
+    data = DataConfig.from_dict(values)
+    dataset = load_dataset(data)
+    config = load_run_config(None, overrides, name=name or Path(path).stem, seed=seed, values=recipe(data, dataset))
+    if config.data != data:
+        dataset = load_dataset(config.data)
+    return config, dataset
+
+
+def run_config_toml(run_config: dict[str, Any]) -> str:
+    """A version's ``training.run_config`` as a TOML config: top-level keys, then one table per section."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in run_config.items() if not isinstance(value, dict)]
+    for section, table in run_config.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{section}]"] + [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ValueError(f"cannot write {value!r} as TOML")
