@@ -20,7 +20,7 @@ MLP = "configs/digits-mlp8.toml"
 @pytest.mark.parametrize("overrides, message", [
     (["model.activation=swish"], "model.activation 'swish' is not one of ['elu', 'gelu', 'relu', 'sigmoid', 'silu', 'tanh']"),
     (["train.schedule=cosine"], "train.schedule 'cosine' is not one of ['constant', 'onecycle']"),
-    (["data.source=mnist"], "data.source 'mnist' is not one of ['csv', 'digits', 'fashion-mnist', 'npy', 'npz', 'table']"),
+    (["data.source=mnist"], "data.source 'mnist' is not one of ['csv', 'digits', 'fashion-mnist', 'images', 'npy', 'npz', 'table']"),
     (["train.epochs=-1"], "train.epochs must be >= 0, got -1"),
     (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
     (["train.lr=0"], "train.lr must be > 0, got 0"),
