@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import mmap
 import sys
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import torch
 from annotated_types import Interval, MaxLen
 
 from aeserve.models.config import Config, Count, Size
@@ -103,8 +106,39 @@ class Dataset:
         h = hashlib.sha256()
         for a in (self.train_x, self.test_x):
             h.update(str((a.dtype.str, a.shape)).encode())
-            h.update(np.ascontiguousarray(a).tobytes())
+            for chunk in chunks(a):  # row-major bytes chunk by chunk: the same digest as the whole array's bytes
+                h.update(np.ascontiguousarray(chunk).tobytes())
         return h.hexdigest()
+
+
+# --- reading arrays in chunks -------------------------------------------------------
+
+CHUNK_ROWS = 8192  # rows per pass of the finite check, the scaling fit and the fingerprint
+RELEASE_BYTES = 256 * 2**20  # after reading this much of a memory-mapped array, its pages leave the resident set
+
+
+def release_pages(x: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process's resident set (a no-op for arrays in memory).
+
+    Pages of a read-only file mapping count as resident once touched; without this a pass over a 4 GB file shows as
+    4 GB of RSS. They stay in the kernel's page cache, so reading them again is cheap.
+    """
+    mapping = getattr(x, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def chunks(x: np.ndarray, rows: int = CHUNK_ROWS):
+    """Consecutive row blocks x[i:i + rows] (views), releasing a memory-mapped array's pages as it goes."""
+    read = 0
+    for start in range(0, len(x), rows):
+        chunk = x[start:start + rows]
+        yield chunk
+        read += chunk.nbytes
+        if read >= RELEASE_BYTES:
+            release_pages(x)
+            read = 0
+    release_pages(x)
 
 
 # --- Fashion-MNIST ---------------------------------------------------------------
@@ -194,15 +228,69 @@ def _require_path(config: DataConfig) -> Path:
     return path
 
 
+class ModelRows:
+    """Rows of a raw array (n, *input_shape) in the model's space, scaled when asked for: the training set without a
+    float32 copy of the whole of it.
+
+    ``rows[index]`` (a tensor or array of row numbers, or a slice) is a float32 tensor (k, input_dim), the same values
+    as scaling everything first and indexing after. ``index`` (m,) picks and orders the rows of ``raw`` this holds.
+    """
+
+    def __init__(self, raw: np.ndarray, preprocessing: Preprocessing, index: np.ndarray | None = None) -> None:
+        self.raw, self.preprocessing = raw, preprocessing
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+        self._read = 0
+
+    def __len__(self) -> int:
+        return len(self.raw) if self.index is None else len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.preprocessing.input_dim)
+
+    def subset(self, index) -> ModelRows:
+        """The rows ``index`` (m,) of these rows, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        return ModelRows(self.raw, self.preprocessing, index if self.index is None else self.index[index])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, torch.Tensor):
+            key = key.numpy()
+        rows = key if self.index is None else self.index[key]
+        raw = self.raw[rows]
+        self._read += raw.nbytes
+        if self._read >= RELEASE_BYTES:  # random rows of a memory-mapped file: keep the touched pages bounded
+            release_pages(self.raw)
+            self._read = 0
+        return torch.from_numpy(self.preprocessing.to_model(raw))
+
+    def tensor(self) -> torch.Tensor:
+        """Every row, (len, input_dim) float32: only for rows known to fit in memory."""
+        return self[slice(None)]
+
+
 def _check_finite(path: Path, x: np.ndarray) -> np.ndarray:
+    """x checked for numbers, a shape (n >= 2, ...) and finite values, in chunks of CHUNK_ROWS rows.
+
+    An array in memory comes back as float32 when it holds floats; a memory-mapped one comes back as it is (no copy),
+    and its rows become float32 batch by batch in ``Preprocessing.to_model``.
+    """
     if x.dtype.kind not in "biuf":
         raise DataError(f"{path}: expected numbers, got dtype {x.dtype}")
     if x.ndim < 2 or len(x) < 2:
         raise DataError(f"{path}: expected an array of shape (n, ...) with n >= 2, got {x.shape}")
-    x = x.astype(np.float32) if x.dtype.kind == "f" else x
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1) if x.dtype.kind == "f" else np.zeros(len(x), bool)
-    if bad.any():
-        raise DataError(f"{path}: {int(bad.sum())} row(s) hold NaN or infinite values, first at row {int(np.argmax(bad))}")
+    if x.dtype.kind == "f":
+        bad_rows, first = 0, -1
+        for start, chunk in zip(range(0, len(x), CHUNK_ROWS), chunks(x), strict=True):
+            # As float32, the type the model sees: a float64 beyond float32's range counts as infinite.
+            bad = ~np.isfinite(chunk.astype(np.float32).reshape(len(chunk), -1)).all(axis=1)
+            if bad.any():
+                bad_rows += int(bad.sum())
+                first = start + int(np.argmax(bad)) if first < 0 else first
+        if bad_rows:
+            raise DataError(f"{path}: {bad_rows} row(s) hold NaN or infinite values, first at row {first}")
+        if not isinstance(x, np.memmap):
+            x = x.astype(np.float32)
     return x
 
 
@@ -210,7 +298,11 @@ def fit_scaling(name: str, x: np.ndarray, scaling: str) -> Preprocessing:
     """The preprocessing of ``scaling`` fitted on the training rows ``x`` (n, ...).
 
     A feature that never varies gets a scale of 1 (it maps to 0); global scaling of data that never varies is an error.
+    More than CHUNK_ROWS rows are read in chunks (float32 rows, float64 sums), so a memory-mapped array is never
+    copied whole; the standard deviation then comes from a second pass over the rows, around the mean of the first.
     """
+    if len(x) > CHUNK_ROWS:
+        return _fit_scaling_in_chunks(name, x, scaling)
     flat = x.reshape(len(x), -1)
     if scaling == "global":
         low, high = float(np.min(flat)), float(np.max(flat))
@@ -226,32 +318,102 @@ def fit_scaling(name: str, x: np.ndarray, scaling: str) -> Preprocessing:
     return Preprocessing(input_shape=x.shape[1:], offset=offset, scale=scale, scaling=scaling)
 
 
+def _fit_scaling_in_chunks(name: str, x: np.ndarray, scaling: str) -> Preprocessing:
+    def rows(chunk: np.ndarray) -> np.ndarray:
+        chunk = chunk.reshape(len(chunk), -1)
+        return chunk.astype(np.float32) if chunk.dtype.kind == "f" else chunk
+
+    low = high = None
+    total = None
+    for chunk in chunks(x):
+        flat = rows(chunk)
+        if scaling == "standard":
+            part = flat.astype(np.float64).sum(axis=0)
+            total = part if total is None else total + part
+            continue
+        axis = None if scaling == "global" else 0
+        chunk_low, chunk_high = flat.min(axis=axis), flat.max(axis=axis)
+        low = chunk_low if low is None else np.minimum(low, chunk_low)
+        high = chunk_high if high is None else np.maximum(high, chunk_high)
+    if scaling == "global":
+        low, high = float(low), float(high)
+        if not high > low:
+            raise DataError(f"{name}: all values equal {low}; nothing to learn")
+        return Preprocessing(input_shape=x.shape[1:], offset=low, scale=1.0 / (high - low), scaling="global")
+    if scaling == "minmax":
+        offset, spread = low.astype(np.float64), high.astype(np.float64) - low.astype(np.float64)
+    else:
+        offset = total / len(x)
+        squares = sum(np.square(rows(chunk).astype(np.float64) - offset).sum(axis=0) for chunk in chunks(x))
+        spread = np.sqrt(squares / len(x))
+    scale = np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 1.0)
+    return Preprocessing(input_shape=x.shape[1:], offset=offset, scale=scale, scaling=scaling)
+
+
 def _split_off_test(name: str, x: np.ndarray, y: np.ndarray | None, config: DataConfig, preprocessing: Preprocessing | None) -> Dataset:
-    """Hold out a seeded ``test_fraction`` of the examples as the test split."""
-    order = np.random.default_rng(12345).permutation(len(x))
+    """Hold out a seeded ``test_fraction`` of the examples as the test split.
+
+    A memory-mapped array is split without a copy: its last ``test_fraction`` rows are the test split and the rows
+    before them the training split (views of the file). Shuffle such a file's rows once if they are ordered (by
+    label, by time). Arrays in memory get a seeded random split.
+    """
     n_test = max(1, int(round(len(x) * config.test_fraction))) if config.test_fraction > 0 else 0
-    test, train = order[:n_test], order[n_test:]
+    if isinstance(x, np.memmap):
+        train, test = slice(0, len(x) - n_test), slice(len(x) - n_test, len(x))
+    else:
+        order = np.random.default_rng(12345).permutation(len(x))
+        test, train = order[:n_test], order[n_test:]
     test_y, train_y = (None, None) if y is None else (y[test], y[train])
     return Dataset(name, x[train], x[test], preprocessing, train_y, test_y)
 
 
 def load_npy(config: DataConfig) -> Dataset:
+    """An .npy array (n, ...), memory-mapped: rows are read from the file as training needs them."""
     path = _require_path(config)
     try:
-        x = np.load(path, allow_pickle=False)
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable .npy array ({e})") from None
     x = _check_finite(path, x)
     return _split_off_test(path.name, x, None, config, None)
 
 
+def _npz_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npz member: memory-mapped when stored uncompressed (``np.savez``), read into memory when compressed
+    (``np.savez_compressed``: a deflated member cannot be mapped, so it must fit in memory)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        with archive.open(info) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: name and extra field lengths at bytes 26..29
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"member {info.filename}: bad local header")
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+        if read_header is None:  # a newer header version: read it the ordinary way
+            with archive.open(info) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+        shape, fortran_order, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError(f"member {info.filename}: Python objects in dtype {dtype}")
+        offset = f.tell()
+    if 0 in shape:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+
+
 def load_npz(config: DataConfig) -> Dataset:
-    """An .npz with ``x`` (or ``x_train``, optionally ``x_test``) and optional ``y``/``y_train``/``y_test``."""
+    """An .npz with ``x`` (or ``x_train``, optionally ``x_test``) and optional ``y``/``y_train``/``y_test``.
+
+    Members saved uncompressed (``np.savez``) are memory-mapped; compressed ones (``np.savez_compressed``) are read
+    into memory, so a bigger-than-memory array belongs in an .npy or an uncompressed .npz.
+    """
     path = _require_path(config)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (ValueError, OSError, EOFError) as e:
+        with zipfile.ZipFile(path) as archive:
+            arrays = {info.filename[:-4]: _npz_member(path, archive, info) for info in archive.infolist() if info.filename.endswith(".npy")}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz archive ({e})") from None
     if "x_train" in arrays:
         train_x = _check_finite(path, arrays["x_train"])

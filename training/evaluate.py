@@ -9,27 +9,74 @@ import torch
 from aeserve.models.base import Autoencoder
 from aeserve.models.checkpoint import error_quantiles
 from aeserve.models.pca import PCA, PCAConfig
+from aeserve.training.data import ModelRows
 
 EVAL_BATCH = 4096
+# Training sets up to WHOLE_ELEMENTS values (256 MB as float32) are used whole wherever a step needs every row at once
+# (the model's prepare step, the map's projector); bigger ones give those steps a seeded sample of SAMPLE_ELEMENTS
+# values (64 MB), recorded in the manifest as training.sample_rows. Errors and the PCA baseline stream over every row.
+WHOLE_ELEMENTS = 2**26
+SAMPLE_ELEMENTS = 2**24
+
+
+def bounded_sample(index: np.ndarray, input_dim: int, seed: int) -> np.ndarray:
+    """``index`` (n,) itself when its rows fit in WHOLE_ELEMENTS values, else a seeded sample of it in file order."""
+    index = np.asarray(index, dtype=np.int64)
+    if len(index) * input_dim <= WHOLE_ELEMENTS:
+        return index
+    size = max(1, SAMPLE_ELEMENTS // input_dim)
+    return np.sort(np.random.default_rng(seed).choice(index, size=size, replace=False))
 
 
 @torch.inference_mode()
-def reconstruction_errors(model: Autoencoder, x: torch.Tensor) -> np.ndarray:
-    """Summed squared error per example: x (n, input_dim) float32 in model space -> (n,) float64."""
+def reconstruction_errors(model: Autoencoder, x: torch.Tensor | ModelRows) -> np.ndarray:
+    """Summed squared error per example: x (n, input_dim) float32 in model space -> (n,) float64, EVAL_BATCH rows at a time."""
     model.eval()
     chunks = [(model(x[i:i + EVAL_BATCH]) - x[i:i + EVAL_BATCH]).pow(2).sum(dim=1) for i in range(0, len(x), EVAL_BATCH)]
     return torch.cat(chunks).double().numpy() if chunks else np.zeros(0)
 
 
-def pca_baseline(x_train: torch.Tensor, code_dim: int) -> PCA:
-    """Closed-form PCA with the same code size, fitted on the same training data."""
+def pca_baseline(x_train: torch.Tensor | ModelRows, code_dim: int) -> PCA:
+    """Closed-form PCA with the same code size, fitted on the same training data.
+
+    Rows beyond WHOLE_ELEMENTS values are streamed: the d x d scatter matrix is summed EVAL_BATCH rows at a time in
+    float64 (the maths of ``principal_components``, without the rows in memory at once).
+    """
     pca = PCA(PCAConfig(code_dim=min(code_dim, *x_train.shape)), (x_train.shape[1],))
+    if isinstance(x_train, ModelRows):
+        if len(x_train) * x_train.shape[1] > WHOLE_ELEMENTS:
+            mean, components = _streamed_principal_components(x_train, pca.code_dim)
+            pca.mean.copy_(mean)
+            pca.components.copy_(components)
+            return pca
+        x_train = x_train.tensor()
     pca.prepare(x_train)
     return pca
 
 
-def held_out_metrics(model: Autoencoder, x_train: torch.Tensor, x_test: torch.Tensor, x_val: torch.Tensor | None = None) -> dict[str, Any]:
-    """The metrics block of a manifest. Inputs (n, input_dim) are in model space ([0, 1]).
+def _streamed_principal_components(rows: ModelRows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (d,), components (k, d)) float32 of rows (n, d), two passes in file order; signs as scikit-learn's svd_flip."""
+    if rows.index is not None:
+        rows = ModelRows(rows.raw, rows.preprocessing, np.sort(rows.index))  # the same rows, read front to back
+    n, d = rows.shape
+    total = torch.zeros(d, dtype=torch.float64)
+    for i in range(0, n, EVAL_BATCH):
+        total += rows[i:i + EVAL_BATCH].double().sum(dim=0)
+    mean = total / n
+    scatter = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, n, EVAL_BATCH):
+        centred = rows[i:i + EVAL_BATCH].double() - mean
+        scatter += centred.T @ centred
+    eigenvalues, eigenvectors = torch.linalg.eigh(scatter)
+    components = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:k]].T
+    pivot = components.abs().argmax(dim=1)
+    signs = torch.sign(components[torch.arange(k), pivot])
+    return mean.float(), (components * signs[:, None]).float()
+
+
+def held_out_metrics(model: Autoencoder, x_train: torch.Tensor | ModelRows, x_test: torch.Tensor | ModelRows,
+                     x_val: torch.Tensor | ModelRows | None = None) -> dict[str, Any]:
+    """The metrics block of a manifest. Inputs (n, input_dim) are in model space, tensors or rows scaled per chunk.
 
     The anomaly percentiles' quantiles come from every held-out row, validation and test together (never a
     training row), so that they rest on more rows than the test split alone; ``error_quantiles_rows`` says how many.

@@ -16,11 +16,13 @@ from aeserve.models.kinds import build_model
 from aeserve.models.projector import build_projector, projector_manifest
 from aeserve.models.registry import Registry
 from aeserve.training.config import RunConfig
-from aeserve.training.data import Dataset, load_dataset
+from aeserve.training.data import Dataset, ModelRows, load_dataset
 from aeserve.training.distributed import current_world, loss_step
-from aeserve.training.evaluate import EVAL_BATCH, held_out_metrics, map_metrics, reconstruction_errors
+from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metrics, reconstruction_errors
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from aeserve.training.state import TrainingState, run_fingerprint
+
+MAP_METRIC_POINTS = 10_000  # held-out rows the map's neighbour metrics are scored on
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,10 +32,13 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
     return order[n_val:], order[:n_val]
 
 
-def fit(model: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, config: RunConfig, progress: bool = True,
+def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.Tensor | ModelRows, config: RunConfig, progress: bool = True,
         state: TrainingState | None = None, saved: dict[str, Any] | None = None,
         prepare_facts: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Gradient training of whatever parameters the model has; returns per-epoch history.
+
+    x_train, x_val: (n, input_dim) float32 in model space, as tensors or as ModelRows that scale each batch's rows
+    when it is drawn (a memory-mapped training set is then read batch by batch, never copied whole).
 
     With ``state``, the training state is saved after every epoch; with ``saved`` (a state
     loaded from it), training continues after the saved epoch exactly as if never stopped.
@@ -105,10 +110,10 @@ def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def encode_all(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def encode_all(model: torch.nn.Module, x: torch.Tensor | ModelRows) -> torch.Tensor:
     """Codes (n, code_dim) of inputs (n, input_dim) in model space, in chunks."""
     chunks = [model.encode(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
-    return torch.cat(chunks) if chunks else x.new_zeros(0, model.code_dim)
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.code_dim)
 
 
 @torch.inference_mode()
@@ -137,10 +142,14 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     started = time.perf_counter()
     dataset = dataset or load_dataset(config.data)
     preprocessing = dataset.preprocessing
-    x_all = torch.from_numpy(preprocessing.to_model(dataset.train_x))
-    x_test = torch.from_numpy(preprocessing.to_model(dataset.test_x))
+    # Rows are scaled to model space as they are read, batch by batch: a memory-mapped source is never copied whole.
+    x_all, x_test = ModelRows(dataset.train_x, preprocessing), ModelRows(dataset.test_x, preprocessing)
     train_index, val_index = split_validation(len(x_all), config.data.val_fraction, config.train.seed)
-    x_train, x_val = x_all[train_index], x_all[val_index]
+    x_train, x_val = x_all.subset(train_index), x_all.subset(val_index)
+    # The steps that need rows at once (prepare, the projector, kind-specific metrics) get every training row when
+    # they fit in memory, else a seeded sample; the manifest records its size as training.sample_rows.
+    sample_index = bounded_sample(train_index.numpy(), preprocessing.input_dim, config.train.seed)
+    sampled = len(sample_index) < len(train_index)
 
     state = saved = None
     if state_dir is not None:
@@ -157,18 +166,20 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
         if progress:
             print(f"resuming {config.name} after epoch {saved['epoch']} from {state.folder}", file=sys.stderr)
     else:
-        prepare_facts = model.prepare(x_train)
+        prepare_facts = model.prepare(x_all.subset(sample_index).tensor())
     history = fit(model, x_train, x_val, config, progress, state, saved, prepare_facts)
     world = current_world()
     if not world.is_main:
         return None
     model.eval()
     metrics = held_out_metrics(model, x_train, x_test, x_val)
-    metrics.update(model.extra_metrics(x_test))
-    codes = encode_all(model, x_all)
-    projector, projector_facts = fit_projector(model.code_dim, codes[train_index], config)
+    metrics.update(model.extra_metrics(x_test.subset(bounded_sample(np.arange(len(x_test)), preprocessing.input_dim, config.train.seed)).tensor()))
+    # The map: fitted on the training codes and scored against every training row's code, or on the sample's alone.
+    codes = encode_all(model, x_all.subset(sample_index) if sampled else x_all)
+    projector, projector_facts = fit_projector(model.code_dim, codes if sampled else codes[train_index], config)
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
-    metrics.update(map_metrics(train_coords, dataset.train_y, x_test.numpy(), test_coords, dataset.test_y))
+    train_labels = dataset.train_y[sample_index] if sampled and dataset.train_y is not None else dataset.train_y
+    metrics.update(map_metrics(train_coords, train_labels, x_test[:MAP_METRIC_POINTS].numpy(), test_coords, dataset.test_y, MAP_METRIC_POINTS))
     seconds = time.perf_counter() - started
 
     manifest: dict[str, Any] = {
@@ -191,6 +202,7 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
             "seconds": round(seconds, 2),
             "n_train": int(len(x_train)),
             "n_val": int(len(x_val)),
+            "sample_rows": int(len(sample_index)),
             "run_config": config.to_dict(),
             "history": history,
             "prepare": prepare_facts,
