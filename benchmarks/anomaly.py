@@ -131,7 +131,7 @@ def main() -> None:
         print(f"| {label} | {auc:.4f} |")
     run_train = {k: training["run_config"]["train"][k] for k in ("epochs", "patience", "batch_size", "lr", "weight_decay")}
     print(f"\naeserve recipe: model {json.dumps(run_model)}, train {json.dumps(run_train)}")
-    print(f"  epochs run {len(history)}, best epoch {training.get('best_epoch')}, best val_sq_err {best_val:.4f}, "
+    print(f"  epochs run {len(history)}, best epoch {training.get('best_epoch')}, best val_sq_err {best_val:.4f} ({training['n_val']} rows), "
           f"test_sq_err {metrics['test_sq_err']:.4f} (PCA {metrics['pca_sq_err']:.4f}), percentile rows {metrics.get('error_quantiles_rows')}, "
           f"training {train_seconds:.1f} s")
     print(f"\nmachine: {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
