@@ -115,6 +115,7 @@ class Dataset:
 
 CHUNK_ROWS = 8192  # rows per pass of the finite check, the scaling fit and the fingerprint
 RELEASE_BYTES = 256 * 2**20  # after reading this much of a memory-mapped array, its pages leave the resident set
+FAULT_AROUND_BYTES = 64 * 2**10  # what reading one row at a random place may map (Linux's fault_around_bytes)
 
 
 def release_pages(x: np.ndarray) -> None:
@@ -257,12 +258,37 @@ class ModelRows:
         if isinstance(key, torch.Tensor):
             key = key.numpy()
         rows = key if self.index is None else self.index[key]
-        raw = self.raw[rows]
-        self._read += raw.nbytes
-        if self._read >= RELEASE_BYTES:  # random rows of a memory-mapped file: keep the touched pages bounded
+        if isinstance(rows, slice):
+            raw = self.raw[rows]
+            self._touched(raw.nbytes)
+        else:
+            raw = self._gather(np.asarray(rows))
+        return torch.from_numpy(self.preprocessing.to_model(raw))
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """raw[rows] in blocks, so that a memory-mapped file's touched pages stay bounded even for a large sample.
+
+        A gathered row maps more than its own bytes: the kernel maps the cached pages around a faulting page too
+        (fault-around, 64 KB by default), so each row counts as at least FAULT_AROUND_BYTES.
+        """
+        row_bytes = max(self.raw[:1].nbytes, FAULT_AROUND_BYTES)
+        block = max(1, RELEASE_BYTES // row_bytes)
+        if len(rows) <= block:
+            raw = self.raw[rows]
+            self._touched(len(rows) * row_bytes)
+            return raw
+        raw = np.empty((len(rows), *self.raw.shape[1:]), dtype=self.raw.dtype)
+        for start in range(0, len(rows), block):
+            raw[start:start + block] = self.raw[rows[start:start + block]]
+            self._touched(len(rows[start:start + block]) * row_bytes)
+        return raw
+
+    def _touched(self, nbytes: int) -> None:
+        """Count bytes read; past RELEASE_BYTES a memory-mapped file's pages leave the resident set."""
+        self._read += nbytes
+        if self._read >= RELEASE_BYTES:
             release_pages(self.raw)
             self._read = 0
-        return torch.from_numpy(self.preprocessing.to_model(raw))
 
     def tensor(self) -> torch.Tensor:
         """Every row, (len, input_dim) float32: only for rows known to fit in memory."""

@@ -22,7 +22,9 @@ from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metri
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from aeserve.training.state import TrainingState, run_fingerprint
 
-MAP_METRIC_POINTS = 10_000  # held-out rows the map's neighbour metrics are scored on
+# Held-out rows the map's neighbour metrics are scored on; 2,000 for a training set beyond evaluate.WHOLE_ELEMENTS,
+# since trustworthiness holds n x n distances and their ranks (10,000 rows: about 2.5 GB).
+MAP_METRIC_POINTS, MAP_METRIC_POINTS_SAMPLED = 10_000, 2_000
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +181,8 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     projector, projector_facts = fit_projector(model.code_dim, codes if sampled else codes[train_index], config)
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
     train_labels = dataset.train_y[sample_index] if sampled and dataset.train_y is not None else dataset.train_y
-    metrics.update(map_metrics(train_coords, train_labels, x_test[:MAP_METRIC_POINTS].numpy(), test_coords, dataset.test_y, MAP_METRIC_POINTS))
+    map_points = min(len(x_test), MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
+    metrics.update(map_metrics(train_coords, train_labels, x_test[:map_points].numpy(), test_coords, dataset.test_y, map_points))
     seconds = time.perf_counter() - started
 
     manifest: dict[str, Any] = {
@@ -203,6 +206,7 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
             "n_train": int(len(x_train)),
             "n_val": int(len(x_val)),
             "sample_rows": int(len(sample_index)),
+            "map_metric_rows": int(map_points),
             "run_config": config.to_dict(),
             "history": history,
             "prepare": prepare_facts,

@@ -133,6 +133,7 @@ def test_a_training_set_beyond_the_bound_is_never_scaled_whole(big, tmp_path, mo
     train(config(folder, epochs=1), registry, progress=False)
     manifest = registry.manifest("big")
     assert manifest["training"]["sample_rows"] == 3000 and manifest["training"]["n_train"] == 16_200
+    assert manifest["training"]["map_metric_rows"] == 2000
     assert max(largest) <= evaluate.EVAL_BATCH
     # Training reads the same batches either way; only the PCA baseline's summation order differs (streamed).
     monkeypatch.undo()
