@@ -4,6 +4,7 @@ Torch-free (the tensor maps only call tensor methods), so the engine process can
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,6 +61,18 @@ class Preprocessing:
     @property
     def per_feature(self) -> bool:
         return isinstance(self.scale, np.ndarray)
+
+    @functools.cached_property
+    def _bounds(self) -> dict[float, float]:
+        return {}
+
+    def magnitude_bound(self, reach: float) -> float:
+        """The largest raw magnitude within ``reach`` scaled units of zero for every value: max(|offset| + reach / scale),
+        as float32. Worked out once per reach: servers ask it on every request."""
+        bounds = self._bounds
+        if reach not in bounds:
+            bounds[reach] = float(np.float32(np.max(np.abs(np.asarray(self.offset, np.float64)) + reach / np.asarray(self.scale, np.float64))))
+        return bounds[reach]
 
     def to_model(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) or (n, input_dim) raw values -> (n, input_dim) float32 in model space."""

@@ -27,8 +27,7 @@ def value_bound(version: ModelVersion, call: Call) -> float:
     """The largest magnitude taken in the call's input rows."""
     if call.takes == "codes":
         return VALUE_RANGE
-    pre = version.preprocessing
-    return float(np.float32(np.max(np.abs(np.asarray(pre.offset, np.float64)) + VALUE_RANGE / np.asarray(pre.scale, np.float64))))
+    return version.preprocessing.magnitude_bound(VALUE_RANGE)
 
 
 async def run(batcher: Batcher, version: ModelVersion, call: Call, array: np.ndarray, max_rows: int,
