@@ -6,30 +6,8 @@
         result = client.encode("fmnist-mlp30", images)      # images: (n, 28, 28) or (n, 784)
         result.outputs, result.model, result.version
 """
-from aeserve_client import (
-    DEFAULT_MAX_ROWS,
-    AeserveError,
-    AsyncClient,
-    Client,
-    InvalidInputError,
-    NotFoundError,
-    OverloadedError,
-    Result,
-    UnauthorizedError,
-)
-from aeserve_client.wire import NPY, PIECE_BYTES, _NpyBody
+from aeserve_client import *  # noqa: F403  (the client's public names, as aeserve_client lists them)
+from aeserve_client import __all__ as _public
+from aeserve_client.wire import NPY, PIECE_BYTES, _NpyBody  # noqa: F401  (the wire format, for tests and benchmarks)
 
-__all__ = [
-    "DEFAULT_MAX_ROWS",
-    "NPY",
-    "PIECE_BYTES",
-    "AeserveError",
-    "AsyncClient",
-    "Client",
-    "InvalidInputError",
-    "NotFoundError",
-    "OverloadedError",
-    "Result",
-    "UnauthorizedError",
-    "_NpyBody",
-]
+__all__ = [*_public, "NPY", "PIECE_BYTES", "_NpyBody"]
