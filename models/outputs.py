@@ -104,9 +104,11 @@ def compute(graphs: Graphs, quantiles: np.ndarray, call: Call, rows: np.ndarray)
         x_hat = graphs.decode(code)
         if "reconstruction" in wanted:
             answer["reconstruction"] = graphs.from_model(x_hat)
-        if "feature_error" in wanted:
+        if "feature_error" in wanted:  # each value's error, and the row's as their sum: the differences squared once
             answer["feature_error"] = graphs.numpy(graphs.squared_errors(x_hat, x))
-        errors = graphs.numpy(graphs.squared_error(x_hat, x))
+            errors = answer["feature_error"].sum(axis=1)
+        else:
+            errors = graphs.numpy(graphs.squared_error(x_hat, x))
         answer["error"] = errors
         answer["percentile"] = percentiles(quantiles, errors)
     if "coordinates" in wanted:

@@ -140,7 +140,7 @@ def _inputs_schema(shapes: dict[tuple[int, ...], float], tables: list[list[dict]
 def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
     """OpenAPI path items for the operations, with rows shaped as the loaded versions take them."""
     versions = [store.get(name, str(number)) for name, number in store.loaded()] if store.loaded_once else []
-    names = sorted({v.name for v in versions})
+    names = store.names() if store.loaded_once else []  # the names a request uses: the registry's folders
     refs = sorted({ref for name in names for ref in [*map(str, store.entry(name).versions), *store.entry(name).aliases]})
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", **({"enum": names} if names else {})}}
     version = {"name": "version", "in": "path", "required": True, "description": "a version number or an alias",
