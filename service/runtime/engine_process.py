@@ -51,7 +51,7 @@ import numpy as np
 
 from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.models.preprocessing import Preprocessing
-from aeserve.service.runtime.onnx import OnnxVersion
+from aeserve.service.runtime.onnx import OnnxVersion, graphs_serve
 
 if TYPE_CHECKING:
     from aeserve.models.checkpoint import ModelVersion
@@ -149,7 +149,7 @@ class EngineProcess:
 
     def serves(self, version: ModelVersion, call: Call) -> bool:
         entry = self._versions.get(id(version))
-        return entry is not None and ("coordinates" not in call.outputs or "project" in entry[2]) and self.up
+        return entry is not None and graphs_serve(entry[2], call) and self.up
 
     def run(self, version: ModelVersion, call: Call, rows: np.ndarray) -> asyncio.Future:
         """``call`` on ``rows`` in the child; the future gets the outputs as a tuple of arrays."""

@@ -4,10 +4,17 @@ Imports numpy and ONNX Runtime, never torch: the engine process runs this same c
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from aeserve.models.outputs import Call, NumpyGraphs, compute
 from aeserve.models.preprocessing import Preprocessing
+
+
+def graphs_serve(graphs: Iterable[str], call: Call) -> bool:
+    """Whether graphs of these names run all of ``call``: map coordinates need the projector's, which may not export."""
+    return "coordinates" not in call.outputs or "project" in graphs
 
 
 class OnnxVersion:
@@ -36,8 +43,8 @@ class OnnxVersion:
         return self._sessions[name].run(None, {self._inputs[name]: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def serves(self, call: Call) -> bool:
-        """Whether all of ``call`` runs here: map coordinates need the projector's graph, which may not export."""
-        return "coordinates" not in call.outputs or self.has("project")
+        """Whether all of ``call`` runs here."""
+        return graphs_serve(self._sessions, call)
 
     def run(self, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         return compute(self._graphs, self.quantiles, call, rows)
