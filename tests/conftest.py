@@ -122,3 +122,6 @@ def tamper_version(registry: Registry, name: str, weights: bytes | None = None, 
         manifest["sha256"] = sha256_bytes(weights)
     manifest.update(manifest_changes)
     (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+from tests.s3 import s3_bucket, s3_server  # noqa: E402,F401  (fixtures: an S3 API server on loopback)
