@@ -69,6 +69,7 @@ def write_synced(path: Path, data: bytes) -> None:
 class Registry:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self.location = str(self.root)
 
     @staticmethod
     def default_root(explicit: str | None = None) -> Path:
@@ -225,3 +226,8 @@ class Registry:
             aliases = self.aliases(name)
             aliases[alias] = resolved
             self._write_aliases(folder, aliases)
+
+
+def open_registry(location: str | os.PathLike[str] | None = None) -> Registry:
+    """The registry at ``location`` (``--registry``), else ``$AESERVE_REGISTRY``, else ``./registry``."""
+    return Registry(Registry.default_root(None if location is None else str(location)))

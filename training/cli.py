@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from aeserve.models.checkpoint import CheckpointError
-from aeserve.models.registry import NotFoundError, Registry, RegistryError
+from aeserve.models.registry import NotFoundError, RegistryError, open_registry
 from aeserve.training.config import RunConfig, load_run_config
 from aeserve.training.data import DataConfig, DataError, Dataset, load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
@@ -19,6 +19,8 @@ from aeserve.training.report import REPORT_DIR, render_report
 from aeserve.training.state import LATEST
 from aeserve.training.trainer import encode_all, project_codes, train
 
+REGISTRY_HELP = "a folder or a URL: s3://bucket/prefix, gs://bucket/prefix, file://... (default: $AESERVE_REGISTRY or ./registry)"
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a TOML config, or from --data with a recipe, and publish a new version")
@@ -26,7 +28,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="PATH", help="a table (.csv/.tsv/.parquet), an array (.npy/.npz) or an image folder; "
                    "without CONFIG a recipe is sized to it, with CONFIG it sets data.path")
     p.add_argument("--label", metavar="COLUMN", help="a table's label column, kept out of the features (sets data.label)")
-    p.add_argument("--registry", help="registry folder (default: $AESERVE_REGISTRY or ./registry)")
+    p.add_argument("--registry", help=REGISTRY_HELP)
     p.add_argument("--name", help="registry name (overrides the config's name)")
     p.add_argument("--seed", type=int, help="random seed (overrides train.seed)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -38,26 +40,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list names, versions, aliases and the headline metric")
-    p.add_argument("--registry")
+    p.add_argument("--registry", help=REGISTRY_HELP)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("alias", help="point ALIAS at VERSION of NAME")
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("alias")
-    p.add_argument("--registry")
+    p.add_argument("--registry", help=REGISTRY_HELP)
     p.set_defaults(func=cmd_alias)
 
     p = sub.add_parser("export", help="write a version's encoder and decoder as ONNX models")
     p.add_argument("target", metavar="NAME[:VERSION]")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="folder for encoder.onnx, decoder.onnx and export.json")
-    p.add_argument("--registry")
+    p.add_argument("--registry", help=REGISTRY_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="re-measure a version on its held-out data, print its metrics, write a report")
     p.add_argument("target", metavar="NAME[:VERSION]")
-    p.add_argument("--registry")
+    p.add_argument("--registry", help=REGISTRY_HELP)
     p.add_argument("--out", help="folder for the report (default: reports/NAME-VERSION)")
     p.set_defaults(func=cmd_eval)
 
@@ -94,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, dataset = run_config_of(args)
     if args.config is None and not args.quiet:
         print(f"recipe for {args.data}: {json.dumps({k: v for k, v in config.to_dict().items() if k in ('model', 'train')})}", file=sys.stderr)
-    registry = Registry(Registry.default_root(args.registry))
+    registry = open_registry(args.registry)
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     state_dir = Path(args.state_dir or f".aeserve/state/{config.name}")
@@ -112,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # not rank 0: rank 0 publishes and reports
     manifest = registry.manifest(config.name, version)
     m = manifest["metrics"]
-    print(f"published {config.name}:{version} in {registry.root}  test_sq_err {m['test_sq_err']:.4g}  "
+    print(f"published {config.name}:{version} in {registry.location}  test_sq_err {m['test_sq_err']:.4g}  "
           f"test_mse {m['test_mse']:.4g}  pca_sq_err {m['pca_sq_err']:.4g}  ({manifest['training']['seconds']:.1f} s)")
     rows = m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS)
     if rows < MIN_PERCENTILE_ROWS:
@@ -121,10 +123,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    registry = Registry(Registry.default_root(args.registry))
+    registry = open_registry(args.registry)
     names = registry.names()
     if not names:
-        print(f"no models in {registry.root}")
+        print(f"no models in {registry.location}")
         return 0
     print(f"{'name':<24} {'version':>7} {'kind':<8} {'code':>4} {'test_sq_err':>11} {'pca_sq_err':>10}  aliases")
     for name in names:
@@ -143,7 +145,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
-    registry = Registry(Registry.default_root(args.registry))
+    registry = open_registry(args.registry)
     registry.set_alias(args.name, args.version, args.alias)
     print(f"{args.name}: {args.alias} -> {registry.resolve(args.name, args.alias)}")
     return 0
@@ -153,7 +155,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from aeserve.models.export import export_onnx
 
     name, _, ref = args.target.partition(":")
-    version = Registry(Registry.default_root(args.registry)).load(name, ref or "latest")
+    version = open_registry(args.registry).load(name, ref or "latest")
     for path in export_onnx(version, Path(args.out)):
         print(path)
     return 0
@@ -161,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     name, _, ref = args.target.partition(":")
-    registry = Registry(Registry.default_root(args.registry))
+    registry = open_registry(args.registry)
     loaded = registry.load(name, ref or "latest")
     manifest = loaded.manifest
     stored = manifest["metrics"]

@@ -26,7 +26,7 @@ def readiness(state: State) -> str | None:
     if not store.loaded_once:
         return "loading models"
     if not store.names():
-        return f"no models loaded from {store.registry.root}"
+        return f"no models loaded from {store.registry.location}"
     return None
 
 
