@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -95,37 +95,12 @@ class Registry:
 
     def aliases(self, name: str) -> dict[str, int]:
         """Alias -> version, with ``latest`` always the highest published version."""
-        versions = self.versions(name)
         path = self._model_dir(name) / ALIASES
-        stored: dict[str, Any] = {}
-        if path.is_file():
-            try:
-                stored = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                stored = {}
-        aliases = {
-            alias: int(v)
-            for alias, v in (stored.items() if isinstance(stored, dict) else [])
-            if isinstance(alias, str) and ALIAS_PATTERN.match(alias) and str(v).isdigit() and int(v) in versions
-        }
-        if versions:
-            aliases["latest"] = versions[-1]
-        return dict(sorted(aliases.items()))
+        return valid_aliases(path.read_bytes() if path.is_file() else None, self.versions(name))
 
     def resolve(self, name: str, ref: str | int = "latest") -> int:
         """A version number or alias -> an existing version number. Raises NotFoundError."""
-        versions = self.versions(name)
-        if not versions:
-            raise NotFoundError(f"unknown model {name!r}; available: {self.names()}")
-        ref = str(ref)
-        if ref.isdigit():
-            if int(ref) in versions:
-                return int(ref)
-        else:
-            aliases = self.aliases(name)
-            if ref in aliases:
-                return aliases[ref]
-        raise NotFoundError(f"model {name!r} has no version or alias {ref!r}; versions: {versions}, aliases: {sorted(self.aliases(name))}")
+        return resolve(self, name, ref)
 
     def version_dir(self, name: str, version: int) -> Path:
         folder = self._model_dir(name) / str(int(version))
@@ -170,7 +145,7 @@ class Registry:
             lock.close()
 
     def _write_aliases(self, folder: Path, aliases: dict[str, int]) -> None:
-        data = (json.dumps({k: str(v) for k, v in sorted(aliases.items())}, indent=2) + "\n").encode()
+        data = aliases_json(aliases)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".aliases-")
         os.close(fd)
         write_synced(Path(tmp), data)
@@ -185,49 +160,136 @@ class Registry:
         version folder (relative path -> bytes), written inside the same atomic step.
         """
         with self._locked(name) as folder:
-            for stale in folder.glob(".tmp-*"):  # left by a publisher killed mid-write: under the lock, nobody else is writing
-                shutil.rmtree(stale, ignore_errors=True)
             version = (self.versions(name) or [0])[-1] + 1
-            manifest = {
-                "name": name,
-                "version": version,
-                **{k: v for k, v in manifest.items() if k not in ("name", "version")},
-                "sha256": sha256_bytes(weights),
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{version}-"))
-            try:
-                write_synced(tmp / WEIGHTS, weights)
-                for relative, data in (extra_files(manifest) if extra_files else {}).items():
-                    target = (tmp / relative).resolve()
-                    if tmp.resolve() not in target.parents or Path(relative).name in (MANIFEST, WEIGHTS):
-                        raise RegistryError(f"extra file {relative!r} must stay inside the version folder and not replace its manifest or weights")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    write_synced(target, data)
-                write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-                fsync_dir(tmp)
-                os.rename(tmp, folder / str(version))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            fsync_dir(folder)
-            aliases = self.aliases(name)
-            self._write_aliases(folder, aliases)
+            self._install(folder, version, version_files(finished_manifest(name, version, manifest, weights), weights, extra_files))
+            self._write_aliases(folder, self.aliases(name))
         return version
 
-    def set_alias(self, name: str, version: int | str, alias: str) -> None:
-        check_alias(alias)
-        if alias == "latest":
-            raise RegistryError("'latest' is kept at the highest version and cannot be set by hand")
+    def install(self, name: str, version: int, files: dict[str, bytes]) -> bool:
+        """Put a version made elsewhere (a copy of one in object storage) in place whole; False when it is already here."""
         with self._locked(name) as folder:
-            resolved = self.resolve(name, str(version))
-            if not str(version).isdigit():
-                raise RegistryError(f"version must be a number, got {version!r}")
+            if version in self.versions(name):
+                return False
+            self._install(folder, version, files)
+            return True
+
+    def write_aliases(self, name: str, aliases: dict[str, int]) -> None:
+        """Replace ``name``'s aliases file (a copy's, following its source); ``latest`` is set from the versions here."""
+        with self._locked(name) as folder:
+            self._write_aliases(folder, {**aliases, **{k: v for k, v in self.aliases(name).items() if k == "latest"}})
+
+    @staticmethod
+    def _install(folder: Path, version: int, files: dict[str, bytes]) -> None:
+        """Write ``files`` into a temporary folder, sync, and rename it to ``<folder>/<version>``: all or nothing."""
+        for stale in folder.glob(".tmp-*"):  # left by a writer killed mid-write: under the lock, nobody else is writing
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{version}-"))
+        try:
+            for relative, data in files.items():
+                (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                write_synced(tmp / relative, data)
+            fsync_dir(tmp)
+            os.rename(tmp, folder / str(version))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(folder)
+
+    def set_alias(self, name: str, version: int | str, alias: str) -> None:
+        check_alias_update(alias, version)
+        with self._locked(name) as folder:
             aliases = self.aliases(name)
-            aliases[alias] = resolved
+            aliases[alias] = self.resolve(name, str(version))
             self._write_aliases(folder, aliases)
 
 
-def open_registry(location: str | os.PathLike[str] | None = None) -> Registry:
-    """The registry at ``location`` (``--registry``), else ``$AESERVE_REGISTRY``, else ``./registry``."""
-    return Registry(Registry.default_root(None if location is None else str(location)))
+def valid_aliases(stored: bytes | None, versions: list[int]) -> dict[str, int]:
+    """The aliases in an ``aliases.json`` body that name published versions, plus ``latest`` at the highest one.
+
+    An unreadable body counts as no aliases rather than hiding the versions.
+    """
+    try:
+        parsed = json.loads(stored) if stored else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = {}
+    aliases = {
+        alias: int(v)
+        for alias, v in (parsed.items() if isinstance(parsed, dict) else [])
+        if isinstance(alias, str) and ALIAS_PATTERN.match(alias) and str(v).isdigit() and int(v) in versions
+    }
+    if versions:
+        aliases["latest"] = versions[-1]
+    return dict(sorted(aliases.items()))
+
+
+def aliases_json(aliases: dict[str, int]) -> bytes:
+    return (json.dumps({k: str(v) for k, v in sorted(aliases.items())}, indent=2) + "\n").encode()
+
+
+def resolve(registry: Any, name: str, ref: str | int = "latest") -> int:
+    """A version number or alias of ``name`` in ``registry`` -> an existing version number. Raises NotFoundError."""
+    versions = registry.versions(name)
+    if not versions:
+        raise NotFoundError(f"unknown model {name!r}; available: {registry.names()}")
+    ref = str(ref)
+    aliases = registry.aliases(name)
+    if ref.isdigit():
+        if int(ref) in versions:
+            return int(ref)
+    elif ref in aliases:
+        return aliases[ref]
+    raise NotFoundError(f"model {name!r} has no version or alias {ref!r}; versions: {versions}, aliases: {sorted(aliases)}")
+
+
+def check_alias_update(alias: str, version: int | str) -> None:
+    check_alias(alias)
+    if alias == "latest":
+        raise RegistryError("'latest' is kept at the highest version and cannot be set by hand")
+    if not str(version).isdigit():
+        raise RegistryError(f"version must be a number, got {version!r}")
+
+
+def finished_manifest(name: str, version: int, manifest: dict[str, Any], weights: bytes) -> dict[str, Any]:
+    """The manifest as published: name and version first, then the trainer's keys, the weights' sha256 and the time."""
+    return {
+        "name": name,
+        "version": version,
+        **{k: v for k, v in manifest.items() if k not in ("name", "version")},
+        "sha256": sha256_bytes(weights),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def version_files(manifest: dict[str, Any], weights: bytes,
+                  extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None) -> dict[str, bytes]:
+    """A version's files by relative path, in writing order: the weights, the extra files, the manifest last."""
+    files = {WEIGHTS: weights}
+    for relative, data in (extra_files(manifest) if extra_files else {}).items():
+        path = PurePosixPath(relative)
+        if path.is_absolute() or ".." in path.parts or not path.parts or path.name in (MANIFEST, WEIGHTS):
+            raise RegistryError(f"extra file {relative!r} must stay inside the version folder and not replace its manifest or weights")
+        files[str(path)] = data
+    files[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
+    return files
+
+
+def open_registry(location: str | os.PathLike[str] | None = None, cache: str | os.PathLike[str] | None = None) -> Any:
+    """The registry at ``location`` (``--registry``), else ``$AESERVE_REGISTRY``, else ``./registry``.
+
+    A plain path or ``file://`` URL is a local folder (``Registry``); any other URL (``s3://``, ``gs://``, …) is
+    object storage through fsspec (``ObjectRegistry``), copied into ``cache`` for loading.
+    """
+    where = str(location or os.environ.get("AESERVE_REGISTRY") or "registry")
+    scheme, sep, rest = where.partition("://")
+    if not sep or len(scheme) < 2:  # a path (a one-letter scheme is a Windows drive)
+        return Registry(where)
+    if scheme == "file":
+        return Registry(rest)
+    from aeserve.models.remote import ObjectRegistry
+
+    try:
+        return ObjectRegistry(where, cache)
+    except (ImportError, ValueError) as e:  # fsspec knows the scheme but its package is not installed, or does not know it
+        extra = {"s3": "aeserve[s3]", "s3a": "aeserve[s3]", "gs": "aeserve[gcs]", "gcs": "aeserve[gcs]"}.get(scheme)
+        hint = f"; install {extra}" if extra else ""
+        raise RegistryError(f"cannot open the registry {where}: {e}{hint}") from None

@@ -1,0 +1,315 @@
+"""A registry in object storage (``s3://``, ``gs://``, or any fsspec URL), and its local copy.
+
+The layout is the local one: ``<prefix>/<name>/<version>/{manifest.json,weights.safetensors,...}`` and
+``<prefix>/<name>/aliases.json``. Object stores have no rename, so a version is published in three steps:
+
+1. claim: a tiny ``<name>/<version>/.claim`` object created only if absent (S3 ``If-None-Match: *``, GCS
+   ``ifGenerationMatch=0``); a publisher that loses the race for a number takes the next one;
+2. the weights and other files, under the claimed number that nobody else writes;
+3. ``manifest.json``, also create-if-absent: the commit marker. Readers list a version only once its
+   manifest exists, and check the weights against the manifest's sha256 when they fetch them.
+
+A publisher killed between 1 and 3 leaves a claimed number without a manifest; it is never listed and the
+next publisher skips it. Alias updates are compare-and-swap on ``aliases.json`` (S3 ``If-Match`` on its
+ETag); stores whose fsspec backend offers no such condition fall back to read, write and read back, which
+tells a loser of the race that its update was lost (see docs/deploy.md).
+
+Models are loaded from a local copy (``Mirror``): a version is downloaded once, its weights verified by
+sha256 and kept under their hash, and installed into a local registry folder atomically; the server serves
+from that copy, so a restart with the store unreachable serves what was copied before.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aeserve.models.checkpoint import MANIFEST, WEIGHTS, ModelVersion, sha256_bytes
+from aeserve.models.registry import (
+    ALIASES,
+    NAME_PATTERN,
+    Registry,
+    RegistryError,
+    aliases_json,
+    check_alias_update,
+    check_name,
+    finished_manifest,
+    resolve,
+    valid_aliases,
+    version_files,
+)
+
+log = logging.getLogger("aeserve.registry")
+
+CLAIM = ".claim"
+# Tries at claiming a version number, and at an alias update that keeps losing its compare-and-swap.
+CLAIM_TRIES = 1000
+ALIAS_TRIES = 20
+
+
+class ConflictError(RuntimeError):
+    """A conditional write lost: the object exists already, or changed since it was read."""
+
+
+def cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where local copies of remote registries live: ``explicit``, else ``$AESERVE_CACHE``, else ``~/.cache/aeserve``."""
+    return Path(explicit or os.environ.get("AESERVE_CACHE") or Path.home() / ".cache" / "aeserve")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One listing of the store: what a poll costs (a paginated LIST, no GETs)."""
+    manifests: dict[str, set[int]]  # name -> versions with a manifest (published)
+    taken: dict[str, set[int]]  # name -> versions with any object (published or claimed)
+    alias_tags: dict[str, str]  # name -> the aliases file's ETag (or size and time where a store has none)
+
+
+class ObjectRegistry:
+    """A registry at an fsspec URL; the same methods as the local ``Registry``."""
+
+    def __init__(self, url: str, cache: str | os.PathLike[str] | None = None) -> None:
+        import fsspec
+
+        self.location = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.location)
+        self.root = self.root.rstrip("/")
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self._cache = cache
+        self._listing: Listing | None = None
+
+    def _key(self, *parts: object) -> str:
+        return "/".join([self.root, *(str(p) for p in parts)])
+
+    # --- conditional writes ------------------------------------------------------
+
+    def _create(self, key: str, data: bytes) -> None:
+        """Write ``key`` only if no object has that name. Raises ConflictError if one has."""
+        try:
+            self.fs.pipe_file(key, data, mode="create")
+        except FileExistsError as e:
+            raise ConflictError(f"{self.protocol}://{key} exists already") from e
+        except OSError as e:  # s3fs reports a failed precondition as EINVAL with the store's message
+            if "pre-condition" in str(e) or "precondition" in str(e).lower():
+                raise ConflictError(f"{self.protocol}://{key} exists already") from e
+            raise
+
+    def _read_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        """An object's bytes and the tag a compare-and-swap must match; (None, None) when it is absent."""
+        self.fs.invalidate_cache(key)
+        try:
+            info = self.fs.info(key)
+            data = self.fs.cat_file(key)
+        except FileNotFoundError:
+            return None, None
+        return data, info.get("ETag") or info.get("generation")
+
+    def _swap(self, key: str, data: bytes, tag: str | None) -> None:
+        """Replace ``key`` if it still has ``tag`` (None: if it is still absent). Raises ConflictError if not."""
+        if tag is None:
+            return self._create(key, data)
+        if self.protocol in ("s3", "s3a"):
+            bucket, path, _ = self.fs.split_path(key)
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=path, Body=data, IfMatch=tag)
+            except OSError as e:
+                if "pre-condition" in str(e) or "precondition" in str(e).lower():
+                    raise ConflictError(f"{self.protocol}://{key} changed since it was read") from e
+                raise
+            self.fs.invalidate_cache(key)
+            return None
+        # No If-Match here: check, write, and read back. A concurrent writer can still slip in between the check
+        # and the write; the read-back then tells the loser (docs/deploy.md says which stores this applies to).
+        current, current_tag = self._read_tagged(key)
+        if current_tag != tag:
+            raise ConflictError(f"{self.protocol}://{key} changed since it was read")
+        self.fs.pipe_file(key, data)
+        if self._read_tagged(key)[0] != data:
+            raise ConflictError(f"{self.protocol}://{key} was changed by another writer at the same moment")
+        return None
+
+    # --- reading -----------------------------------------------------------------
+
+    def listing(self, fresh: bool = False) -> Listing:
+        """Names, versions and aliases' tags from one recursive listing of the prefix (cached until ``fresh``)."""
+        if self._listing is not None and not fresh:
+            return self._listing
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            found = {}
+        manifests: dict[str, set[int]] = {}
+        taken: dict[str, set[int]] = {}
+        alias_tags: dict[str, str] = {}
+        prefix = self.root + "/" if self.root else ""
+        for key, info in found.items():
+            parts = key[len(prefix):].split("/") if key.startswith(prefix) else []
+            if len(parts) < 2 or not NAME_PATTERN.match(parts[0]):
+                continue
+            name = parts[0]
+            if len(parts) == 2 and parts[1] == ALIASES:
+                alias_tags[name] = str(info.get("ETag") or info.get("generation") or (info.get("size"), info.get("LastModified") or info.get("mtime")))
+            elif len(parts) >= 3 and parts[1].isdigit() and not parts[1].startswith("0"):
+                taken.setdefault(name, set()).add(int(parts[1]))
+                if len(parts) == 3 and parts[2] == MANIFEST:
+                    manifests.setdefault(name, set()).add(int(parts[1]))
+        self._listing = Listing(manifests, taken, alias_tags)
+        return self._listing
+
+    def names(self) -> list[str]:
+        return sorted(self.listing().manifests)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self.listing().manifests.get(check_name(name), ()))
+
+    def aliases(self, name: str) -> dict[str, int]:
+        stored, _ = self._read_tagged(self._key(check_name(name), ALIASES))
+        return valid_aliases(stored, self.versions(name))
+
+    def resolve(self, name: str, ref: str | int = "latest") -> int:
+        return resolve(self, name, ref)
+
+    def manifest(self, name: str, ref: str | int = "latest") -> dict[str, Any]:
+        return json.loads(self.fs.cat_file(self._key(name, self.resolve(name, ref), MANIFEST)))
+
+    def mirror(self) -> Mirror:
+        return Mirror(self, cache_root(self._cache))
+
+    def load(self, name: str, ref: str | int = "latest", device: str | torch.device = "cpu") -> ModelVersion:
+        """Fetch the version into the local copy (once) and load it from there."""
+        mirror = self.mirror()
+        version = self.resolve(name, ref)
+        mirror.fetch(name, version)
+        return mirror.local.load(name, version, device)
+
+    # --- writing -----------------------------------------------------------------
+
+    def publish(self, name: str, manifest: dict[str, Any], weights: bytes,
+                extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None) -> int:
+        """Claim the next free version number, write the files, then the manifest (the commit marker). Returns the version."""
+        check_name(name)
+        claim = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": datetime.now(UTC).isoformat(timespec="seconds")}).encode()
+        version = max(self.listing(fresh=True).taken.get(name, {0})) + 1
+        for _ in range(CLAIM_TRIES):
+            try:
+                self._create(self._key(name, version, CLAIM), claim)
+                break
+            except ConflictError:  # another publisher has this number: the next one
+                version += 1
+        else:
+            raise RegistryError(f"could not claim a version number of {name!r} in {self.location} after {CLAIM_TRIES} tries")
+        files = version_files(finished_manifest(name, version, manifest, weights), weights, extra_files)
+        for relative, data in files.items():  # the manifest comes last
+            self._create(self._key(name, version, relative), data)
+        self._listing = None
+        log.info("published %s:%d in %s", name, version, self.location)
+        return version
+
+    def set_alias(self, name: str, version: int | str, alias: str) -> None:
+        check_alias_update(alias, version)
+        resolved = self.resolve(name, str(version))
+        key = self._key(name, ALIASES)
+        for _ in range(ALIAS_TRIES):
+            stored, tag = self._read_tagged(key)
+            aliases = valid_aliases(stored, self.versions(name))
+            aliases[alias] = resolved
+            try:
+                self._swap(key, aliases_json(aliases), tag)
+                return
+            except ConflictError:  # someone else changed the aliases in between: read theirs and apply ours again
+                continue
+        raise RegistryError(f"the aliases of {name!r} in {self.location} kept changing; {alias!r} was not set, try again")
+
+
+class Mirror:
+    """The local copy of an ObjectRegistry: a local registry folder, filled version by version.
+
+    ``<cache>/registries/<hash of the URL>/`` is a plain registry (the server loads from it);
+    ``<cache>/sha256/<hash>`` holds each weights file once, verified, and version folders link to it.
+    """
+
+    def __init__(self, source: ObjectRegistry, cache: Path) -> None:
+        self.source = source
+        self.cache = cache
+        folder = cache / "registries" / hashlib.sha256(source.location.encode()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "source.txt").write_text(source.location + "\n")
+        self.local = Registry(folder)
+        self.local.location = f"{source.location} (local copy in {folder})"
+        self._alias_tags: dict[str, str] = {}
+        self.refused: dict[str, str] = {}  # 'name:version' -> why it was not copied; not tried again
+        self.bytes_fetched = 0
+
+    def fetch(self, name: str, version: int) -> bool:
+        """Copy one published version here unless it is here already; True when it was copied."""
+        if version in self.local.versions(name):
+            return False
+        fs, key = self.source.fs, self.source._key(name, version)
+        manifest_bytes = fs.cat_file(f"{key}/{MANIFEST}")
+        manifest = json.loads(manifest_bytes)
+        files: dict[str, bytes] = {}
+        self.source.fs.invalidate_cache(key)
+        for path in sorted(fs.find(key)):
+            relative = path[len(key) + 1:]
+            if relative in (CLAIM, MANIFEST):
+                continue
+            files[relative] = self._weights(f"{key}/{WEIGHTS}", manifest.get("sha256", "")) if relative == WEIGHTS else fs.cat_file(path)
+            self.bytes_fetched += 0 if relative == WEIGHTS else len(files[relative])
+        if WEIGHTS not in files:
+            raise RegistryError(f"{self.source.protocol}://{key}: the manifest is there but {WEIGHTS} is not")
+        files[MANIFEST] = manifest_bytes  # last, as everywhere
+        self.bytes_fetched += len(manifest_bytes)
+        return self.local.install(name, version, files)
+
+    def _weights(self, key: str, sha256: str) -> bytes:
+        """A weights file by its hash: from ``<cache>/sha256`` when there, else downloaded, verified and kept there."""
+        blob = self.cache / "sha256" / sha256
+        if len(sha256) == 64 and blob.is_file():
+            data = blob.read_bytes()
+            if sha256_bytes(data) == sha256:
+                return data
+        data = self.source.fs.cat_file(key)
+        self.bytes_fetched += len(data)
+        if sha256_bytes(data) != sha256:
+            raise RegistryError(f"{self.source.protocol}://{key}: sha256 {sha256_bytes(data)} does not match the manifest's {sha256!r}")
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        tmp = blob.with_name(f".{sha256}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, blob)
+        return data
+
+    def sync(self, names: list[str] | None = None) -> list[str]:
+        """Copy every published version not here yet, and aliases that changed; returns 'name:version' of those copied.
+
+        Costs one listing when nothing changed. Raises OSError (and the store's own errors) when the store cannot
+        be reached; what is copied stays.
+        """
+        listing = self.source.listing(fresh=True)
+        copied = []
+        for name in sorted(listing.manifests):
+            if names and name not in names:
+                continue
+            for version in sorted(listing.manifests[name]):
+                key = f"{name}:{version}"
+                if key in self.refused:  # published versions never change: a bad one stays bad
+                    continue
+                try:
+                    if self.fetch(name, version):
+                        copied.append(key)
+                except (RegistryError, ValueError) as e:  # a bad version must not stop the others
+                    self.refused[key] = str(e)
+                    log.error("not copied %s from %s: %s", key, self.source.location, e)
+            tag = listing.alias_tags.get(name, "")
+            if self._alias_tags.get(name) != tag:
+                self.local.write_aliases(name, self.source.aliases(name) if tag else {})
+                self._alias_tags[name] = tag
+        return copied
