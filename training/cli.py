@@ -16,7 +16,6 @@ from aeserve.training.distributed import process_group_from_env, spawn
 from aeserve.training.evaluate import map_metrics, reconstruction_errors
 from aeserve.training.recipes import recipe_run_config
 from aeserve.training.report import REPORT_DIR, render_report
-from aeserve.training.state import LATEST
 from aeserve.training.trainer import encode_all, project_codes, train
 
 REGISTRY_HELP = "a folder or a URL: s3://bucket/prefix, gs://bucket/prefix, file://... (default: $AESERVE_REGISTRY or ./registry)"
@@ -36,7 +35,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP; or launch with torchrun)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved training state")
-    p.add_argument("--state-dir", help="where the training state is saved after every epoch (default: .aeserve/state/NAME)")
+    p.add_argument("--state-dir", help="where the training state is saved after every epoch (default: a folder of this run's own "
+                   "under .aeserve/state/NAME, named by its config and data)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list names, versions, aliases and the headline metric")
@@ -99,17 +99,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     registry = open_registry(args.registry)
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    state_dir = Path(args.state_dir or f".aeserve/state/{config.name}")
-    try:
-        if args.nproc > 1:
-            version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume)
-        else:
-            with process_group_from_env():  # a torchrun process group, when there is one
-                version = train(config, registry, progress=not args.quiet, dataset=dataset, state_dir=state_dir, resume=args.resume)
-    except BaseException:
-        if not args.resume and (state_dir / LATEST).is_file():
-            print(f"note: the training state is kept in {state_dir}; the same command with --resume continues from it", file=sys.stderr)
-        raise
+    # By default each run has its own state folder under this one (named by its config and data); --state-dir is one run's.
+    state_dir, per_run = Path(args.state_dir or f".aeserve/state/{config.name}"), args.state_dir is None
+    if args.nproc > 1:
+        version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume, per_run)
+    else:
+        with process_group_from_env():  # a torchrun process group, when there is one
+            version = train(config, registry, progress=not args.quiet, dataset=dataset, state_dir=state_dir, resume=args.resume,
+                            per_run_state=per_run)
     if version is None:
         return 0  # not rank 0: rank 0 publishes and reports
     manifest = registry.manifest(config.name, version)

@@ -5,14 +5,23 @@ naming the newest complete one. Each epoch's state is written and synced in
 its own folder, then LATEST is replaced atomically, so a kill at any point
 leaves the previous complete state. Tensors (model, optimiser, RNG states)
 go to safetensors, everything else to JSON; nothing is pickled.
+
+A run holds its folder with an exclusive lock on ``<folder>/.lock`` while it
+trains, so two runs never write one state. ``aeserve train`` gives each run a
+folder of its own by default, ``.aeserve/state/NAME/RUN``, RUN being the start
+of the run's fingerprint (its config and data): runs of one name with another
+seed, config or data never meet, and the same command finds its state again.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +31,8 @@ import torch
 from aeserve.models.registry import fsync_dir, write_synced
 
 LATEST = "LATEST"
+LOCK = ".lock"
+RUN_FOLDER_CHARS = 16  # hex digits of the run fingerprint that name a run's default state folder
 # Config keys that only shape what happens after training (the registry name, the report, the map's projector):
 # a run resumed with them changed, say with the report turned off after it failed, continues the same training.
 AFTER_TRAINING = ("name", "projector", "train.report")
@@ -35,6 +46,16 @@ def run_fingerprint(run_config: dict[str, Any], data_fingerprint: str) -> str:
         if name and isinstance(training.get(section), dict):
             training[section].pop(name, None)
     return hashlib.sha256((json.dumps(training, sort_keys=True) + data_fingerprint).encode()).hexdigest()
+
+
+def run_state_folder(root: str | os.PathLike[str], fingerprint: str) -> Path:
+    """A run's own state folder under ``root`` (``.aeserve/state/NAME``): named by its fingerprint, so the same
+    command with ``--resume`` finds it again and a run with another seed, config or data gets another one."""
+    return Path(root) / fingerprint[:RUN_FOLDER_CHARS]
+
+
+class RunInProgress(RuntimeError):
+    """Another live run holds the state folder."""
 
 
 class TrainingState:
@@ -75,7 +96,7 @@ class TrainingState:
         os.replace(pointer, self.folder / LATEST)
         fsync_dir(self.folder)
         for old in self.folder.iterdir():  # older epochs and leftovers of interrupted writes
-            if old.name not in (name, LATEST):
+            if old.name not in (name, LATEST, LOCK):
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
     def load(self) -> dict[str, Any] | None:
@@ -115,4 +136,74 @@ class TrainingState:
         torch.set_rng_state(tensors["rng.torch"])
 
     def clear(self) -> None:
+        """Remove the saved state, keeping the lock file that this run holds."""
+        if self.folder.is_dir():
+            for entry in self.folder.iterdir():
+                if entry.name != LOCK:
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Remove the folder with everything in it (the run is published)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    @contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Hold the folder for the run ``name`` while the block runs; RunInProgress if another live run holds it.
+
+        An exclusive flock on ``<folder>/.lock``: the kernel releases it when the process ends, however it ends, so a
+        killed run leaves no stale lock. The file names the holder (pid, name, fingerprint) for the other run's message.
+        """
+        path = self.folder / LOCK
+        fd = self._lock(path, name)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "name": name, "fingerprint": self.fingerprint}).encode(), 0)
+            yield
+        finally:
+            if _same_file(path, fd):
+                path.unlink()  # while still held: a run that opened it meanwhile sees it gone and takes a new one
+            os.close(fd)
+
+    def _lock(self, path: Path, name: str) -> int:
+        while True:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed in between, by a run of it that just finished
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise RunInProgress(self._in_use(name, holder)) from None
+            # The holder may have finished and removed the file between our open and our flock: the lock then has
+            # to be taken on the file the path names now.
+            if _same_file(path, fd):
+                return fd
+            os.close(fd)
+
+    def _in_use(self, name: str, holder: dict[str, Any]) -> str:
+        pid = f"pid {holder['pid']}" if "pid" in holder else "pid unknown"
+        if holder.get("fingerprint", self.fingerprint) == self.fingerprint:
+            return (f"another run of {name} with the same config and data ({pid}) is training with the state folder "
+                    f"{self.folder}; wait for it to finish, or start this one with another --seed or --state-dir")
+        return (f"another run ({holder.get('name', '?')}, {pid}, another config or data) is training with the state folder "
+                f"{self.folder}; wait for it to finish, or give this run another --state-dir")
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    """What the lock file says of its holder; empty when the holder has not written it yet."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        named, held = os.stat(path), os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+    except FileNotFoundError:
+        return False

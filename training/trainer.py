@@ -1,6 +1,7 @@
 """Offline training: data -> model -> held-out metrics -> a new immutable registry version."""
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -20,7 +21,7 @@ from aeserve.training.data import Dataset, ModelRows, load_dataset
 from aeserve.training.distributed import current_world, loss_step
 from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metrics, reconstruction_errors
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
-from aeserve.training.state import TrainingState, run_fingerprint
+from aeserve.training.state import LATEST, TrainingState, run_fingerprint, run_state_folder
 
 # Held-out rows the map's neighbour metrics are scored on; 2,000 for a training set beyond evaluate.WHOLE_ELEMENTS,
 # since trustworthiness holds n x n distances and their ranks (10,000 rows: about 2.5 GB).
@@ -134,15 +135,44 @@ def fit_projector(code_dim: int, training_codes: torch.Tensor, config: RunConfig
 
 
 def train(config: RunConfig, registry: Registry, progress: bool = True, dataset: Dataset | None = None,
-          state_dir: str | Path | None = None, resume: bool = False) -> int | None:
+          state_dir: str | Path | None = None, resume: bool = False, per_run_state: bool = False) -> int | None:
     """Train one run and publish it; returns the new version number. Nothing is written if any step fails.
 
     Under torch.distributed every rank trains; only rank 0 publishes (the others return None).
     With ``state_dir`` the training state is saved there after every epoch (and removed once the
-    version is published); ``resume`` continues from it after a crash or kill.
+    version is published); ``resume`` continues from it after a crash or kill. With ``per_run_state``
+    the state goes to the run's own folder under ``state_dir`` (``state.run_state_folder``). Rank 0
+    holds the state folder locked throughout: another run asking for it meanwhile gets RunInProgress.
     """
     started = time.perf_counter()
     dataset = dataset or load_dataset(config.data)
+    if state_dir is None:
+        return _train_and_publish(config, registry, progress, dataset, None, resume, started)
+    # The folder needs the run's fingerprint, so the data's: known only now that the data is read.
+    fingerprint = run_fingerprint(config.to_dict(), dataset.fingerprint)
+    state = TrainingState(run_state_folder(state_dir, fingerprint) if per_run_state else state_dir, fingerprint)
+    if not current_world().is_main:  # rank 0 writes the state and holds its lock; the others only read it to resume
+        return _train_and_publish(config, registry, progress, dataset, state, resume, started)
+    with state.locked(config.name):
+        if resume and per_run_state and not (state.folder / LATEST).is_file():
+            others = sorted(p.name for p in state.folder.parent.iterdir() if (p / LATEST).is_file())
+            if others:
+                print(f"note: nothing saved for this config and data in {state.folder}; the states of {state_dir} "
+                      f"({', '.join(others)}) belong to runs with another config, seed or data; training from the start", file=sys.stderr)
+        try:
+            version = _train_and_publish(config, registry, progress, dataset, state, resume, started)
+        except BaseException:
+            if not resume and (state.folder / LATEST).is_file():
+                print(f"note: the training state is kept in {state.folder}; the same command with --resume continues from it", file=sys.stderr)
+            raise
+    if per_run_state:
+        with contextlib.suppress(OSError):  # the name's folder goes once no run of it keeps a state there
+            state.folder.parent.rmdir()
+    return version
+
+
+def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, dataset: Dataset, state: TrainingState | None,
+                       resume: bool, started: float) -> int | None:
     preprocessing = dataset.preprocessing
     # Rows are scaled to model space as they are read, batch by batch: a memory-mapped source is never copied whole.
     x_all, x_test = ModelRows(dataset.train_x, preprocessing), ModelRows(dataset.test_x, preprocessing)
@@ -153,9 +183,8 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     sample_index = bounded_sample(train_index.numpy(), preprocessing.input_dim, config.train.seed)
     sampled = len(sample_index) < len(train_index)
 
-    state = saved = None
-    if state_dir is not None:
-        state = TrainingState(state_dir, run_fingerprint(config.to_dict(), dataset.fingerprint))
+    saved = None
+    if state is not None:
         saved = state.load() if resume else None
         if saved is None and current_world().is_main:
             state.clear()
@@ -230,5 +259,5 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
 
     version = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing), extra_files=version_files)
     if state is not None:
-        state.clear()
+        state.remove()
     return version

@@ -186,3 +186,29 @@ def test_an_unreadable_state_is_named(tmp_path):
     (tmp_path / LATEST).write_text("epoch-0003")
     with pytest.raises(ValueError, match=f"{tmp_path} holds an unreadable training state .*; remove it, or train without --resume"):
         TrainingState(tmp_path, "run").load()
+
+
+def test_resume_finds_an_interrupted_run_in_its_own_default_folder(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from aeserve.cli import main
+
+    def broken_report(*args):
+        raise RuntimeError("the report broke")
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[2] / "configs/digits-mlp8.toml"
+    command = ["train", str(config), "--registry", "registry", "--set", "train.epochs=1", "--set", "data.limit=200"]
+    with monkeypatch.context() as patched:
+        patched.setattr("aeserve.training.trainer.render_report", broken_report)
+        assert main([*command, "--quiet"]) == 2
+    note, error = capsys.readouterr().err.splitlines()
+    folder = Path(note.removeprefix("note: the training state is kept in ").removesuffix("; the same command with --resume continues from it"))
+    assert folder.parent == Path(".aeserve/state/digits-mlp8") and len(folder.name) == 16 and (folder / LATEST).is_file()
+    # Another seed is another run: it does not take the interrupted run's state, and says whose states are there.
+    assert main([*command, "--quiet", "--resume", "--seed", "1", "--set", "train.report=false"]) == 0
+    assert capsys.readouterr().err.startswith("note: nothing saved for this config and data in .aeserve/state/digits-mlp8/")
+    assert (folder / LATEST).is_file()
+    assert main([*command, "--resume", "--set", "train.report=false"]) == 0
+    assert f"resuming digits-mlp8 after epoch 1 from {folder}" in capsys.readouterr().err
+    assert Registry("registry").versions("digits-mlp8") == [1, 2] and not Path(".aeserve/state/digits-mlp8").exists()
