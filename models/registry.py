@@ -232,11 +232,10 @@ def resolve(registry: Any, name: str, ref: str | int = "latest") -> int:
     if not versions:
         raise NotFoundError(f"unknown model {name!r}; available: {registry.names()}")
     ref = str(ref)
+    if ref.isdigit() and int(ref) in versions:
+        return int(ref)
     aliases = registry.aliases(name)
-    if ref.isdigit():
-        if int(ref) in versions:
-            return int(ref)
-    elif ref in aliases:
+    if not ref.isdigit() and ref in aliases:
         return aliases[ref]
     raise NotFoundError(f"model {name!r} has no version or alias {ref!r}; versions: {versions}, aliases: {sorted(aliases)}")
 

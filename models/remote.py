@@ -56,6 +56,18 @@ CLAIM_TRIES = 1000
 ALIAS_TRIES = 20
 
 
+# No listings cache: a registry is listed to see what changed, and fsspec's cache would keep a version folder's listing
+# from before its manifest arrived. Fail fast when the store is down: a failed poll is retried at the next one anyway,
+# and a server whose store went away must notice in seconds, not minutes (botocore: 60 s to connect, 5 attempts).
+STORAGE_OPTIONS: dict[str, dict[str, Any]] = {
+    "s3": {"use_listings_cache": False,
+           "config_kwargs": {"connect_timeout": 2, "read_timeout": 30, "retries": {"max_attempts": 2, "mode": "standard"}}},
+    "gs": {"use_listings_cache": False},
+}
+STORAGE_OPTIONS["s3a"] = STORAGE_OPTIONS["s3"]
+STORAGE_OPTIONS["gcs"] = STORAGE_OPTIONS["gs"]
+
+
 class ConflictError(RuntimeError):
     """A conditional write lost: the object exists already, or changed since it was read."""
 
@@ -76,11 +88,14 @@ class Listing:
 class ObjectRegistry:
     """A registry at an fsspec URL; the same methods as the local ``Registry``."""
 
-    def __init__(self, url: str, cache: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, url: str, cache: str | os.PathLike[str] | None = None, **storage_options: Any) -> None:
+        """``storage_options`` go to the fsspec backend (say ``endpoint_url`` for s3); by default it reads the standard
+        environment of its store (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``, …)."""
         import fsspec
 
         self.location = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.location)
+        scheme = self.location.partition("://")[0]
+        self.fs, self.root = fsspec.core.url_to_fs(self.location, **{**STORAGE_OPTIONS.get(scheme, {}), **storage_options})
         self.root = self.root.rstrip("/")
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self._cache = cache

@@ -20,7 +20,7 @@ from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
-from aeserve.models.registry import Registry
+from aeserve.models.registry import open_registry
 from aeserve.service.api import health, models, v2
 from aeserve.service.api.v1 import operation_target, operations_openapi, serve_operation
 from aeserve.service.auth import require_api_key
@@ -185,7 +185,9 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.draining = False
     device = settings.resolved_device()
     app.state.engines = engines = Engines(device, settings.engine, settings.engine_process, settings.inference_threads)
-    app.state.store = ModelStore(Registry(settings.registry), device=device, engines=engines, only=settings.model_names)
+    registry = open_registry(settings.registry, settings.cache)
+    source = registry.mirror() if hasattr(registry, "mirror") else None  # a registry URL: serve from its local copy
+    app.state.store = ModelStore(source.local if source else registry, device=device, engines=engines, only=settings.model_names, source=source)
     app.state.batcher = Batcher(engines.run, settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_queue,
                                 on_batch=metrics.observe_batch)
     app.state.access_log = AccessLog() if settings.access_log else None

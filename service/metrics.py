@@ -62,6 +62,19 @@ class Metrics:
         self.in_engine_process = Gauge("aeserve_engine_process_versions", "loaded versions whose small batches run in the engine process",
                                        registry=self.registry)
         self.refused = Gauge("aeserve_refused_versions", "model versions that failed to load", registry=self.registry)
+        self._remote: dict[str, Gauge] | None = None
+
+    def remote(self) -> dict[str, Gauge]:
+        """Gauges of a registry URL (object storage), made on first use so that a local registry shows none."""
+        if self._remote is None:
+            self._remote = {
+                "reachable": Gauge("aeserve_registry_reachable", "1 when the last poll of the registry URL reached the store, "
+                                   "0 when it failed (the local copy serves meanwhile)", registry=self.registry),
+                "errors": Gauge("aeserve_registry_errors", "failed polls of the registry URL since start", registry=self.registry),
+                "synced": Gauge("aeserve_registry_last_sync_timestamp_seconds", "when a poll of the registry URL last succeeded", registry=self.registry),
+                "fetched": Gauge("aeserve_registry_fetched_bytes", "bytes downloaded from the registry URL since start", registry=self.registry),
+            }
+        return self._remote
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)

@@ -1,17 +1,19 @@
 """Service settings: one class, filled from flags and AESERVE_* environment variables."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AESERVE_", extra="ignore")
 
-    registry: Path = Field(default=Path("registry"), description="registry folder")
+    registry: str = Field(default="registry", description="registry: a folder, or a URL (s3://bucket/prefix, gs://bucket/prefix, file://...)")
+    cache: Path | None = Field(default=None, description="where versions from a registry URL are copied, verified by sha256 (default: ~/.cache/aeserve)")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the service to the network")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where models run; auto: a GPU when there is one")
@@ -33,6 +35,11 @@ class Settings(BaseSettings):
     drain_grace_seconds: float = Field(default=2.0, ge=0, description="after SIGTERM: readiness 503 but still serving, for this long")
     drain_seconds: float = Field(default=10.0, ge=0, description="then: how long to wait for requests in flight")
     access_log: bool = Field(default=True, description="one JSON line per request on stderr")
+
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @property
     def model_names(self) -> list[str]:

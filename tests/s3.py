@@ -26,12 +26,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """The endpoint URL of a moto S3 server, with the AWS environment pointing at it for the whole session."""
-    pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
-    pytest.importorskip("s3fs", reason="s3fs is the aeserve[s3] extra")
-    port = free_port()
+def start_s3_server(port: int) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:``port``, answering once this returns. Its state lives in the process."""
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -39,12 +35,22 @@ def s3_server() -> Iterator[str]:
     while True:
         try:
             urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            break
+            return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"moto server did not start on {endpoint}") from None
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """The endpoint URL of a moto S3 server, with the AWS environment pointing at it for the whole session."""
+    pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
+    pytest.importorskip("s3fs", reason="s3fs is the aeserve[s3] extra")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = start_s3_server(port)
     saved = {key: os.environ.get(key) for key in [*ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(ENV, AWS_ENDPOINT_URL=endpoint)
     try:

@@ -51,4 +51,11 @@ async def metrics(request: Request) -> Response:
     m.on_onnx.set(state.engines.onnx_versions())
     m.in_engine_process.set(state.engines.process_versions())
     m.refused.set(len(state.store.failed))
+    store = state.store
+    if store.source is not None:
+        remote = m.remote()
+        remote["reachable"].set(1 if store.source_reachable else 0)
+        remote["errors"].set(store.source_errors)
+        remote["synced"].set(store.source_synced_at)
+        remote["fetched"].set(store.source.bytes_fetched)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

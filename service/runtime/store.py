@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from aeserve.models.registry import NotFoundError, Registry, RegistryError, chec
 from aeserve.service.runtime.engines import one_torch_thread
 
 if TYPE_CHECKING:
+    from aeserve.models.remote import Mirror
     from aeserve.service.runtime.engines import Engines
 
 log = logging.getLogger("aeserve.store")
@@ -41,6 +43,10 @@ class ModelStore:
     device: str = "cpu"
     engines: Engines | None = None  # given new versions' graphs for ONNX Runtime, when it runs small batches
     only: list[str] = field(default_factory=list)
+    source: Mirror | None = None  # with a registry URL: ``registry`` is its local copy, brought up to date before each refresh
+    source_reachable: bool | None = None  # None: no remote source (or not asked yet)
+    source_errors: int = 0  # failed attempts to reach it
+    source_synced_at: float = 0.0  # time.time() of the last complete sync
     _index: dict[str, ModelEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it was refused
     loaded_once: bool = False
@@ -77,6 +83,7 @@ class ModelStore:
         finishes on the path it began on.
         """
         with self._lock, one_torch_thread():
+            self._sync()
             names = [n for n in self.registry.names() if not self.only or n in self.only]
             new = {name: [v for v in self.registry.versions(name)  # published versions never change: load each once
                           if v not in self._index.get(name, ModelEntry({}, {})).versions and f"{name}:{v}" not in self.failed]
@@ -94,6 +101,26 @@ class ModelStore:
             if export is not None:
                 self.engines.adopt(export, [v for versions in loaded.values() for v in versions.values()])
             return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
+
+    def _sync(self) -> None:
+        """Copy new versions from the registry URL into the local copy; when the store cannot be reached, log it
+        once and keep serving what is copied (clients see no change)."""
+        if self.source is None:
+            return
+        try:
+            copied = self.source.sync(self.only or None)
+        except Exception as e:  # noqa: BLE001 - any failure of the store (network, credentials, throttling) is an outage here
+            self.source_errors += 1
+            if self.source_reachable is not False:
+                log.warning("registry %s unreachable, serving its local copy in %s: %s: %s",
+                            self.source.source.location, self.registry.root, type(e).__name__, e)
+            self.source_reachable = False
+            return
+        if self.source_reachable is False:
+            log.warning("registry %s reachable again", self.source.source.location)
+        self.source_reachable, self.source_synced_at = True, time.time()
+        for key in copied:
+            log.info("copied %s from %s", key, self.source.source.location)
 
     def _indexed(self, names: list[str], loaded: dict[str, dict[int, ModelVersion]]) -> dict[str, ModelEntry]:
         """The index after a refresh: the versions already served plus those just loaded, and their aliases."""

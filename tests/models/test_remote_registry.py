@@ -192,3 +192,33 @@ def test_train_publishes_to_object_storage_and_loads_back(s3_registry, tmp_path)
     assert (tmp_path / "cache" / "sha256" / loaded.manifest["sha256"]).is_file()
     x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
     assert loaded.encode(x).shape == (3, 4)
+
+
+def test_a_copy_polling_while_versions_are_published_sees_each_whole(s3_registry):
+    """A poll that lists a version folder before its manifest exists must still see the version once it does."""
+    mirror = s3_registry.mirror()
+    writer = open_registry(s3_registry.location)
+    writer.fs = type(s3_registry.fs)(skip_instance_cache=True, use_listings_cache=False)
+    stop, failures = threading.Event(), []
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                mirror.sync()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                failures.append(e)
+                return
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for i in range(8):
+            publish_bytes(writer, "m", f"weights {i}".encode(), {"map/sample.json": b"{}"})
+    finally:
+        stop.set()
+        poller.join()
+    assert not failures and not mirror.refused
+    mirror.sync()
+    assert mirror.local.versions("m") == list(range(1, 9))
+    for version in range(1, 9):
+        assert (mirror.local.version_dir("m", version) / WEIGHTS).read_bytes() == f"weights {version - 1}".encode()
