@@ -480,37 +480,77 @@ def load_csv(config: DataConfig) -> Dataset:
 # --- tables ------------------------------------------------------------------------
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+CSV_BLOCK_BYTES = 8 * 2**20  # CSV text parsed per batch (pyarrow's block; one row must fit in it)
 
 
-def _read_table(path: Path):
-    """A pyarrow Table from CSV (delimiter sniffed among , ; tab |; header row; quoting; a UTF-8 BOM) or Parquet."""
-    import csv
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
 
-    import pyarrow as pa
-    import pyarrow.csv as pa_csv
-    import pyarrow.parquet as pq
 
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pq.read_table(path)
-        head = path.read_bytes()[:65536].decode("utf-8-sig", errors="replace")
+class _Table:
+    """A table with a header row, read batch by batch so that one batch at a time is held besides what is kept of it:
+    Parquet row group by row group, CSV (delimiter sniffed among , ; tab |; quoting; a UTF-8 BOM) CSV_BLOCK_BYTES at a
+    time. Every CSV column is read as text and made a number here: pyarrow's streaming reader would infer a column's
+    type from the first block alone and fail on a later block that disagrees."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.delimiter = ""
         try:
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else csv.Sniffer().sniff(head.split("\n", 1)[0], delimiters=",;\t|").delimiter
+            if _is_parquet(path):
+                import pyarrow.parquet as pq
+
+                self.names = pq.ParquetFile(path).schema_arrow.names
+            else:
+                self.names = self._csv_header()
+        except OSError as e:
+            raise DataError(f"{path}: not a readable table ({str(e).splitlines()[0]})") from None
+
+    def _csv_header(self) -> list[str]:
+        import csv
+
+        with self.path.open("rb") as f:
+            head = f.read(65536)
+            while b"\n" not in head and len(head) < CSV_BLOCK_BYTES:  # a header line longer than the first read
+                more = f.read(65536)
+                if not more:
+                    break
+                head += more
+        first = head.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
+        try:
+            self.delimiter = "\t" if self.path.suffix.lower() == ".tsv" else csv.Sniffer().sniff(first, delimiters=",;\t|").delimiter
         except csv.Error:
-            delimiter = ","
-        return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter),
-                               convert_options=pa_csv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=True))
-    except (pa.ArrowInvalid, OSError) as e:
-        if path.suffix.lower() not in (".parquet", ".pq") and "columns, got" in str(e):
-            _raise_ragged_line(path, delimiter)
-        raise DataError(f"{path}: not a readable table ({str(e).splitlines()[0]})") from None
+            self.delimiter = ","
+        return next(csv.reader([first], delimiter=self.delimiter), [])
+
+    def batches(self, columns: list[str]):
+        """The table's rows in order, in batches (pyarrow tables or record batches) of ``columns``."""
+        import pyarrow as pa
+        import pyarrow.csv as pa_csv
+        import pyarrow.parquet as pq
+
+        try:
+            if _is_parquet(self.path):
+                parquet = pq.ParquetFile(self.path)
+                for group in range(parquet.num_row_groups):
+                    yield parquet.read_row_group(group, columns=columns)
+                return
+            yield from pa_csv.open_csv(
+                self.path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                parse_options=pa_csv.ParseOptions(delimiter=self.delimiter),
+                convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()), include_columns=columns,
+                                                      strings_can_be_null=True, quoted_strings_can_be_null=True))
+        except (pa.ArrowInvalid, OSError) as e:
+            if not _is_parquet(self.path) and "columns, got" in str(e):
+                _raise_ragged_line(self.path, self.delimiter)
+            raise DataError(f"{self.path}: not a readable table ({str(e).splitlines()[0]})") from None
 
 
 def _raise_ragged_line(path: Path, delimiter: str) -> None:
     """Name the first line whose field count differs from the header's (pyarrow's message names none)."""
     import csv
 
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader)
         for fields in reader:
@@ -521,16 +561,46 @@ def _raise_ragged_line(path: Path, delimiter: str) -> None:
 
 def _where(path: Path, row: int) -> str:
     """A row (0-based, of the data) as an editor shows it: CSV line numbers count the header line."""
-    return f"{path}: line {row + 2}" if path.suffix.lower() not in (".parquet", ".pq") else f"{path}: row {row + 1}"
+    return f"{path}: line {row + 2}" if not _is_parquet(path) else f"{path}: row {row + 1}"
+
+
+def _numbers(path: Path, first: int, name: str, column) -> np.ndarray:
+    """A feature column of a batch whose first row is ``first``, as float64 with NaN where the field is empty.
+
+    Text is read as numbers by pyarrow's parser, and where it refuses a field (" 2") by Python's float; a field
+    neither reads is an error naming its line.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_null(column.type):
+        return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+    texts = column.cast(pa.string())  # as before, a type that is neither number nor text (bool, date) goes by its text
+    try:
+        return np.asarray(pc.cast(texts, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    except pa.ArrowInvalid:
+        pass
+    values = np.empty(len(texts), np.float64)
+    for row, text in enumerate(texts.to_pylist()):
+        try:
+            values[row] = float(text if text is not None else "nan")
+        except ValueError:
+            raise DataError(f"{_where(path, first + row)}, column {name!r}: {text!r} is not a number; "
+                            f"list the column in data.categorical if it holds categories") from None
+    return values
 
 
 def load_table(config: DataConfig) -> Dataset:
-    """A table with a header row: numeric features as they are, `categorical` ones one-hot, `label` kept apart."""
+    """A table with a header row: numeric features as they are, `categorical` ones one-hot, `label` kept apart.
+
+    Read batch by batch (``_Table``): what is held is one batch plus, per kept row, the features as float32 (float64
+    with ``missing = "median"``, whose medians need the exact values) and a category number per categorical column.
+    """
     import pyarrow as pa
 
     path = _require_path(config)
-    table = _read_table(path)
-    names = table.column_names
+    table = _Table(path)
+    names = table.names
     wanted = [config.label] if config.label else []
     for key in ("columns", "exclude", "categorical"):
         wanted += list(getattr(config, key))
@@ -543,51 +613,59 @@ def load_table(config: DataConfig) -> Dataset:
     if not features:
         raise DataError(f"{path}: no feature columns left (the header names {names})")
     used = features + ([config.label] if config.label else [])
-    nulls = np.zeros(table.num_rows, bool)
-    for name in used:
-        column_nulls = table.column(name).is_null().to_numpy(zero_copy_only=False)
-        if column_nulls.any() and config.missing == "error":
-            row = int(np.argmax(column_nulls))
-            raise DataError(f"{_where(path, row)}, column {name!r}: the field is empty or NA; set data.missing = 'drop' or 'median'")
-        if name == config.label or config.missing == "drop" or name in config.categorical:
-            nulls |= column_nulls
-    keep = np.flatnonzero(~nulls)
-    if len(keep) < 2:
-        raise DataError(f"{path}: {len(keep)} usable row(s); at least 2 are needed")
-    blocks, described = [], []
-    for name in features:
-        column = table.column(name)
+    numeric = [n for n in features if n not in config.categorical]
+    coded = [n for n in used if n in config.categorical or n == config.label]
+    dtype = np.float64 if config.missing == "median" else np.float32
+    values: dict[str, list[np.ndarray]] = {name: [] for name in numeric}
+    codes: dict[str, tuple[list[np.ndarray], dict[str, int]]] = {name: ([], {}) for name in coded}  # numbers in order seen
+    first = kept = 0
+    for batch in table.batches(used):
+        nulls = np.zeros(batch.num_rows, bool)
+        for name in used:
+            column_nulls = batch.column(name).is_null().to_numpy(zero_copy_only=False)
+            if column_nulls.any() and config.missing == "error":
+                row = first + int(np.argmax(column_nulls))
+                raise DataError(f"{_where(path, row)}, column {name!r}: the field is empty or NA; set data.missing = 'drop' or 'median'")
+            if name == config.label or config.missing == "drop" or name in config.categorical:
+                nulls |= column_nulls
+        keep = np.flatnonzero(~nulls)
+        for name in numeric:
+            column = _numbers(path, first, name, batch.column(name))[keep]
+            infinite = np.isinf(column) if config.missing == "median" else ~np.isfinite(column)  # NaN: filled in below
+            if infinite.any():
+                raise DataError(f"{_where(path, first + int(keep[np.argmax(infinite)]))}, column {name!r}: the value is not finite")
+            values[name].append(column.astype(dtype))
+        for name in coded:
+            seen, numbers = codes[name]
+            texts = np.asarray(batch.column(name).cast(pa.string()).to_pylist(), dtype=object)[keep]
+            seen.append(np.fromiter((numbers.setdefault(text, len(numbers)) for text in texts), np.int64, len(texts)))
+        first, kept = first + batch.num_rows, kept + len(keep)
+    if kept < 2:
+        raise DataError(f"{path}: {kept} usable row(s); at least 2 are needed")
+    sorted_codes = {}  # per coded column: (its values sorted, each row's index among them)
+    for name, (seen, numbers) in codes.items():
+        categories = sorted(numbers)
+        position = {text: i for i, text in enumerate(categories)}
+        rank = np.fromiter((position[text] for text in numbers), np.int64, len(numbers))  # in the order numbers were given
+        sorted_codes[name] = (categories, rank[np.concatenate(seen)])
+    widths = [len(sorted_codes[n][0]) if n in config.categorical else 1 for n in features]
+    x = np.zeros((kept, sum(widths)), np.float32)
+    described, start = [], 0
+    for name, width in zip(features, widths, strict=True):
         if name in config.categorical:
-            values = np.asarray(column.cast(pa.string()).to_pylist(), dtype=object)[keep]
-            categories = sorted(set(values))
-            blocks.append((values[:, None] == np.asarray(categories, dtype=object)[None, :]).astype(np.float32))
+            categories, index = sorted_codes[name]
+            x[np.arange(kept), start + index] = 1.0
             described.append({"name": name, "type": "category", "categories": categories})
-            continue
-        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_null(column.type)):
-            texts = column.cast(pa.string()).to_pylist()
-            for row, text in enumerate(texts):
-                try:
-                    float(text if text is not None else "nan")
-                except ValueError:
-                    raise DataError(f"{_where(path, row)}, column {name!r}: {text!r} is not a number; "
-                                    f"list the column in data.categorical if it holds categories") from None
-            column = pa.array([None if t is None else float(t) for t in texts], pa.float64())
-        values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
-        if config.missing == "median":
-            present = values[~np.isnan(values)]
-            values = np.where(np.isnan(values), float(np.median(present)) if len(present) else 0.0, values)
-        values = values[keep]
-        infinite = ~np.isfinite(values)
-        if infinite.any():
-            raise DataError(f"{_where(path, int(keep[np.argmax(infinite)]))}, column {name!r}: the value is not finite")
-        blocks.append(values[:, None].astype(np.float32))
-        described.append({"name": name, "type": "number"})
-    x = np.concatenate(blocks, axis=1)
-    y = None
-    if config.label:
-        labels = np.asarray(table.column(config.label).cast(pa.string()).to_pylist(), dtype=object)[keep]
-        _, y = np.unique(labels, return_inverse=True)
-    dataset = _split_off_test(path.name, x, None if y is None else y.astype(np.int64), config, None)
+        else:
+            column = np.concatenate(values.pop(name))
+            if config.missing == "median":
+                present = column[~np.isnan(column)]
+                column = np.where(np.isnan(column), float(np.median(present)) if len(present) else 0.0, column)
+            x[:, start] = column
+            described.append({"name": name, "type": "number"})
+        start += width
+    y = sorted_codes[config.label][1] if config.label else None
+    dataset = _split_off_test(path.name, x, y, config, None)
     dataset.features = described
     return dataset
 

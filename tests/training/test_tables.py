@@ -152,3 +152,56 @@ def test_a_table_version_stores_its_scaling_and_features_and_serves_in_the_datas
 def test_a_folder_given_as_the_table_says_it_is_a_directory(tmp_path):
     with pytest.raises(DataError, match=r"is a directory; data.source 'table' needs a file"):
         load_dataset(config(tmp_path))
+
+
+def by_large(rows):
+    """Rows in the order of the 'large' column (all distinct): the same rows whatever the split."""
+    return rows[np.argsort(rows[:, 1], kind="stable")]
+
+
+def test_parquet_is_read_by_row_groups_and_gives_the_features_of_the_whole_table(tmp_path, monkeypatch):
+    x, label, colour = table_rows(n=600)
+    table = pa.table({"small": x[:, 0], "large": x[:, 1], "colour": colour, "is_big": label, "id": np.arange(600)})
+    pq.write_table(table, tmp_path / "groups.parquet", row_group_size=64)
+    pq.write_table(table, tmp_path / "one.parquet")
+    assert pq.ParquetFile(tmp_path / "groups.parquet").num_row_groups == 10
+    groups_read, read_row_group = [], pq.ParquetFile.read_row_group
+
+    def counted(self, group, **kwargs):
+        groups_read.append((group, kwargs["columns"]))
+        return read_row_group(self, group, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    monkeypatch.setattr(pq, "read_table", None)  # never the whole table at once
+    groups = load_dataset(config(tmp_path / "groups.parquet", exclude=["id"]))
+    assert groups_read == [(g, ["small", "large", "colour", "is_big"]) for g in range(10)]  # only the columns used
+    one = load_dataset(config(tmp_path / "one.parquet", exclude=["id"]))
+    for a, b in ((groups.train_x, one.train_x), (groups.test_x, one.test_x), (groups.train_y, one.train_y)):
+        np.testing.assert_array_equal(a, b)
+    assert groups.features == one.features and groups.fingerprint == one.fingerprint
+    # The features: the numbers as float32 and the colour one-hot over its sorted categories.
+    expected = np.concatenate([x.astype(np.float32), (np.asarray(colour)[:, None] == np.array(["blue", "green", "red"])).astype(np.float32)], axis=1)
+    np.testing.assert_array_equal(by_large(np.concatenate([groups.train_x, groups.test_x])), by_large(expected))
+    run = build_run_config({"name": "groups", "data": {"source": "table", "path": str(tmp_path / "groups.parquet"), "label": "is_big",
+                                                       "categorical": ["colour"], "exclude": ["id"]},
+                            "model": {"kind": "mlp", "code_dim": 2, "hidden": [8]}, "train": {"epochs": 2, "batch_size": 64, "report": False}})
+    registry = Registry(tmp_path / "registry")
+    assert train(run, registry, progress=False) == 1
+    assert registry.manifest("groups")["training"]["data_fingerprint"] == one.fingerprint
+
+
+def test_a_csv_is_read_block_by_block_with_line_numbers_counted_across_blocks(tmp_path, monkeypatch):
+    path = write_csv(tmp_path / "rows.csv")
+    whole = load_dataset(config(path))
+    monkeypatch.setattr("aeserve.training.data.CSV_BLOCK_BYTES", 256)  # about six rows a block
+    blocks = load_dataset(config(path))
+    np.testing.assert_array_equal(blocks.train_x, whole.train_x)
+    np.testing.assert_array_equal(blocks.test_y, whole.test_y)
+    # A column that reads as integers in the first blocks and holds text later: one type for the whole file.
+    lines = path.read_text().splitlines()
+    lines[1:] = [f"{i},{i * 10},red,0" for i in range(40)] + ["0.5,2.5,blue,1", "x,3,red,0"]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="rows.csv: line 43, column 'small': 'x' is not a number"):
+        load_dataset(config(path))
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    assert np.concatenate([load_dataset(config(path)).train_x, load_dataset(config(path)).test_x])[:, 0].max() == 39
