@@ -1,7 +1,9 @@
-# aeserve: the HTTP service, with the registry mounted at /registry.
+# aeserve: the HTTP service, with the registry mounted at /registry, or at a URL (s3://, gs://) in AESERVE_REGISTRY.
 #   docker build -t aeserve .                                   # CPU PyTorch (default)
 #   docker build -t aeserve-cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .
 #   docker run -p 8000:8000 -v "$PWD/registry:/registry:ro" aeserve
+#   docker run -p 8000:8000 -e AESERVE_REGISTRY=s3://bucket/prefix -e AWS_ACCESS_KEY_ID=... -e AWS_SECRET_ACCESS_KEY=... aeserve
+# No image is built in CI (no container daemon there): the same install runs in CI's fresh virtual environment.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
@@ -16,7 +18,7 @@ COPY models ./models
 COPY training ./training
 COPY service ./service
 COPY client ./client
-RUN /opt/venv/bin/pip install --no-cache-dir .
+RUN /opt/venv/bin/pip install --no-cache-dir '.[s3,gcs]'
 
 FROM ${PYTHON_IMAGE}
 COPY --from=build /opt/venv /opt/venv
