@@ -4,18 +4,24 @@ image folders.
 Every loader returns raw arrays; the preprocessing that maps them to the model's space (``data.scaling``) is fitted
 on the training split, goes into the version and is applied again when serving. Problems with a file raise
 DataError naming the file, and for tables the line as an editor shows it and the column by name.
+
+``data.path`` may also be a URL (``s3://``, ``gs://``, any fsspec filesystem) for arrays, tables and image folders:
+read through fsspec as it is needed, never copied whole to disk first (see "data in object storage" below).
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
+import math
 import mmap
 import sys
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -102,10 +108,16 @@ class Dataset:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the raw train and test arrays: names exactly which data a model saw."""
+        """sha256 over the raw train and test arrays: names exactly which data a model saw.
+
+        Rows read from a URL on demand (RemoteArray) are named by the object's identity instead of their bytes.
+        """
         h = hashlib.sha256()
         for a in (self.train_x, self.test_x):
             h.update(str((a.dtype.str, a.shape)).encode())
+            if isinstance(a, RemoteArray):
+                h.update(a.identity().encode())
+                continue
             for chunk in chunks(a):  # row-major bytes chunk by chunk: the same digest as the whole array's bytes
                 h.update(np.ascontiguousarray(chunk).tobytes())
         return h.hexdigest()
@@ -140,6 +152,202 @@ def chunks(x: np.ndarray, rows: int = CHUNK_ROWS):
             release_pages(x)
             read = 0
     release_pages(x)
+
+
+# --- data in object storage ----------------------------------------------------------
+
+# An array from a URL of up to this many bytes is read whole into memory: training reads rows in a new random order
+# every epoch, and from object storage every read is a round trip. A bigger one is read rows on demand (RemoteArray).
+REMOTE_WHOLE_BYTES = 256 * 2**20
+REMOTE_BLOCK_BYTES = 8 * 2**20  # what one read of a table or archive from a URL fetches (ahead, for sequential reads)
+HEADER_BYTES = 64 * 2**10  # what a read of a header (.npy, zip member, CSV header line) from a URL fetches
+GAP_BYTES = 64 * 2**10  # rows of a gather at most this far apart are fetched as one range: cheaper than another request
+IMAGE_FETCH = 64  # image files fetched at a time from a URL (concurrently, where the store allows)
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names object storage (``s3://``, ``gs://``, …) rather than a local path or ``file://`` URL."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme != "file"  # a one-letter scheme is a Windows drive
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file or folder in object storage, read through fsspec; messages name it by its URL."""
+
+    url: str
+    fs: Any
+    path: str  # fsspec's path: the URL without its scheme
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.path).suffix
+
+    def child(self, relative: str) -> RemoteFile:
+        return RemoteFile(f"{self.url}/{relative}", self.fs, f"{self.path}/{relative}")
+
+    def info(self) -> dict[str, Any] | None:
+        """What the store says of the object (size, type, ETag, …), or None when nothing is there."""
+        try:
+            return self.fs.info(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise DataError(f"{self.url}: cannot be read ({e})") from None
+
+    def open(self, mode: str = "rb", **kwargs: Any):
+        return self.fs.open(self.path, mode, **kwargs)
+
+    def read_ranges(self, starts: list[int], ends: list[int]) -> list[bytes]:
+        """Byte ranges [start, end) of the file, fetched concurrently where the store allows (fsspec's cat_ranges)."""
+        try:
+            parts = self.fs.cat_ranges([self.path] * len(starts), starts, ends, on_error="raise")
+        except OSError as e:
+            raise DataError(f"{self.url}: cannot be read ({e})") from None
+        for part, start, end in zip(parts, starts, ends, strict=True):
+            if len(part) != end - start:
+                raise DataError(f"{self.url}: truncated: bytes {start}..{end} asked for, {len(part)} there")
+        return parts
+
+    def identity(self) -> str:
+        """Names the object's content without reading it whole (hashing it would download it a second time): its size,
+        its ETag or checksum as the store reports it (on S3 and GCS a hash of the content), else its modification time,
+        and the sha256 of its first and last HEADER_BYTES."""
+        info = self.info() or {}
+        size = int(info.get("size") or 0)
+        content = [key for key in ("ETag", "etag", "md5Hash", "crc32c") if info.get(key)]
+        facts = {key: str(info[key]) for key in ["size", *(content or [k for k in ("LastModified", "mtime", "updated", "created") if k in info])]
+                 if key in info}
+        ends = self.read_ranges([0, max(0, size - HEADER_BYTES)], [min(size, HEADER_BYTES), size])
+        return json.dumps(facts, sort_keys=True) + hashlib.sha256(b"".join(ends)).hexdigest()
+
+
+def _location(path: str) -> Path | RemoteFile:
+    """A local path (also from a ``file://`` URL), or a file or folder in object storage."""
+    if not is_url(path):
+        return Path(path.removeprefix("file://"))
+    import fsspec
+
+    url = path.rstrip("/")
+    try:
+        # No listings cache: what the store holds now, never a listing this process made earlier (s3fs would take a
+        # file missing from a cached listing of its folder for a file that is not there).
+        fs, fs_path = fsspec.core.url_to_fs(url, use_listings_cache=False)
+    except (ImportError, ValueError, TypeError) as e:  # the scheme's package is not installed, or fsspec does not know it
+        extra = {"s3": "aeserve[s3]", "s3a": "aeserve[s3]", "gs": "aeserve[gcs]", "gcs": "aeserve[gcs]"}.get(url.partition("://")[0])
+        raise DataError(f"{url}: cannot be read ({e}){f'; install {extra}' if extra else ''}") from None
+    return RemoteFile(url, fs, fs_path.rstrip("/"))
+
+
+def _open(where: Path | RemoteFile, block_size: int = REMOTE_BLOCK_BYTES):
+    """A binary file object; from a URL each read fetches at least ``block_size`` bytes (fsspec's read-ahead cache)."""
+    return where.open("rb") if isinstance(where, Path) else where.open("rb", block_size=block_size)
+
+
+@contextmanager
+def _opened(where: Path | RemoteFile) -> Iterator[Path | Any]:
+    """What a reader that takes a path or a file (zipfile, pyarrow) gets: a local file's path, which it opens itself
+    (pyarrow natively), or an fsspec file object, read by range requests REMOTE_BLOCK_BYTES at a time."""
+    if isinstance(where, Path):
+        yield where
+    else:
+        with _open(where) as f:
+            yield f
+
+
+class RemoteArray:
+    """Rows of an .npy array in object storage, read as they are indexed: what np.memmap is for a local file.
+
+    ``x[i]``, ``x[a:b]`` and ``x[rows]`` are arrays of just those rows, read with range requests: a slice as one range,
+    a gather as runs of nearby rows (at most GAP_BYTES apart), fetched concurrently where the store allows.
+    ``x.rows(a, b)`` is a view that reads nothing. No block cache: training draws the rows in a new random order
+    every epoch, so a cache smaller than the array would seldom hit, and arrays that fit in memory are read whole
+    instead (REMOTE_WHOLE_BYTES).
+    """
+
+    def __init__(self, file: RemoteFile, offset: int, shape: tuple[int, ...], dtype: np.dtype, start: int = 0, stop: int | None = None) -> None:
+        self.file, self.offset, self.dtype = file, offset, np.dtype(dtype)
+        self.total, self.row_shape = shape[0], tuple(shape[1:])
+        self.start, self.stop = start, shape[0] if stop is None else stop
+        self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.row_bytes
+
+    def rows(self, start: int | None, stop: int | None) -> RemoteArray:
+        """The rows start..stop (as a slice takes them) of these, reading nothing."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        return RemoteArray(self.file, self.offset, (self.total, *self.row_shape), self.dtype, self.start + start, self.start + max(start, stop))
+
+    def identity(self) -> str:
+        """Names these rows of the object (for the data fingerprint), reading two blocks of it."""
+        return f"{self.file.identity()} at {self.offset}, rows {self.start}:{self.stop} of {self.total}"
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            return self._read(start, max(start, stop)) if step == 1 else self._gather(np.arange(start, stop, step))
+        if isinstance(key, int | np.integer):
+            return self._gather(np.array([key], np.int64))[0]
+        rows = np.asarray(key)
+        return self._gather(np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        x = self[:]
+        return x if dtype is None else x.astype(dtype)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        if stop == start:
+            return np.empty((0, *self.row_shape), self.dtype)
+        begin = self.offset + (self.start + start) * self.row_bytes
+        data = self.file.read_ranges([begin], [begin + (stop - start) * self.row_bytes])[0]
+        return np.frombuffer(data, self.dtype).reshape(stop - start, *self.row_shape)
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        wanted, order = np.unique(rows, return_inverse=True)
+        if not len(wanted):
+            return np.empty((0, *self.row_shape), self.dtype)
+        gap = max(1, GAP_BYTES // max(1, self.row_bytes))
+        breaks = np.flatnonzero(np.diff(wanted) > gap) + 1
+        firsts, lasts = wanted[np.r_[0, breaks]], wanted[np.r_[breaks - 1, len(wanted) - 1]]
+        begins = self.offset + (self.start + firsts) * self.row_bytes
+        parts = self.file.read_ranges(begins.tolist(), (begins + (lasts - firsts + 1) * self.row_bytes).tolist())
+        block = np.frombuffer(b"".join(parts), self.dtype).reshape(-1, *self.row_shape)
+        run = np.repeat(np.arange(len(firsts)), np.diff(np.r_[0, breaks, len(wanted)]))  # each wanted row's run
+        where = np.r_[0, np.cumsum(lasts - firsts + 1)[:-1]][run] + wanted - firsts[run]  # its place in the block
+        return block[where[order]]
+
+
+def _lazy(x) -> bool:
+    """Whether rows of x are read from a file as they are indexed (memory-mapped, or from a URL)."""
+    return isinstance(x, np.memmap | RemoteArray)
+
+
+def _take(x, rows: slice | np.ndarray):
+    """x[rows]; for a RemoteArray and a slice, a view that reads nothing (as a memory map's slice is)."""
+    return x.rows(rows.start, rows.stop) if isinstance(x, RemoteArray) and isinstance(rows, slice) else x[rows]
 
 
 # --- Fashion-MNIST ---------------------------------------------------------------
@@ -218,15 +426,20 @@ def load_digits(config: DataConfig) -> Dataset:
 
 # --- the user's own arrays -------------------------------------------------------
 
-def _require_path(config: DataConfig) -> Path:
+def _require_file(config: DataConfig) -> Path | RemoteFile:
+    """data.path as a local file or a file at a URL, or a DataError saying why it is neither."""
     if not config.path:
         raise DataError(f"data.source {config.source!r} needs data.path (a file)")
-    path = Path(config.path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory; data.source {config.source!r} needs a file")
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return path
+    where = _location(config.path)
+    if isinstance(where, Path):
+        kind = "directory" if where.is_dir() else "file" if where.is_file() else None
+    else:
+        kind = (where.info() or {}).get("type")
+    if kind == "directory":
+        raise DataError(f"{where}: is a directory; data.source {config.source!r} needs a file")
+    if kind != "file":
+        raise DataError(f"{where}: file not found")
+    return where
 
 
 class ModelRows:
@@ -271,7 +484,7 @@ class ModelRows:
         A gathered row maps more than its own bytes: the kernel maps the cached pages around a faulting page too
         (fault-around, 64 KB by default), so each row counts as at least FAULT_AROUND_BYTES.
         """
-        row_bytes = max(self.raw[:1].nbytes, FAULT_AROUND_BYTES)
+        row_bytes = max(math.prod(self.raw.shape[1:]) * self.raw.dtype.itemsize, FAULT_AROUND_BYTES)
         block = max(1, RELEASE_BYTES // row_bytes)
         if len(rows) <= block:
             raw = self.raw[rows]
@@ -295,11 +508,11 @@ class ModelRows:
         return self[slice(None)]
 
 
-def _check_finite(path: Path, x: np.ndarray) -> np.ndarray:
+def _check_finite(path: Path | RemoteFile, x: np.ndarray) -> np.ndarray:
     """x checked for numbers, a shape (n >= 2, ...) and finite values, in chunks of CHUNK_ROWS rows.
 
-    An array in memory comes back as float32 when it holds floats; a memory-mapped one comes back as it is (no copy),
-    and its rows become float32 batch by batch in ``Preprocessing.to_model``.
+    An array in memory comes back as float32 when it holds floats; one read from its file on demand (memory-mapped, or
+    from a URL) comes back as it is (no copy), and its rows become float32 batch by batch in ``Preprocessing.to_model``.
     """
     if x.dtype.kind not in "biuf":
         raise DataError(f"{path}: expected numbers, got dtype {x.dtype}")
@@ -315,7 +528,7 @@ def _check_finite(path: Path, x: np.ndarray) -> np.ndarray:
                 first = start + int(np.argmax(bad)) if first < 0 else first
         if bad_rows:
             raise DataError(f"{path}: {bad_rows} row(s) hold NaN or infinite values, first at row {first}")
-        if not isinstance(x, np.memmap):
+        if not _lazy(x):
             x = x.astype(np.float32)
     return x
 
@@ -327,7 +540,7 @@ def fit_scaling(name: str, x: np.ndarray, scaling: str) -> Preprocessing:
     More than CHUNK_ROWS rows are read in chunks (float32 rows, float64 sums), so a memory-mapped array is never
     copied whole; the standard deviation then comes from a second pass over the rows, around the mean of the first.
     """
-    if len(x) > CHUNK_ROWS:
+    if len(x) > CHUNK_ROWS or isinstance(x, RemoteArray):
         return _fit_scaling_in_chunks(name, x, scaling)
     flat = x.reshape(len(x), -1)
     if scaling == "global":
@@ -376,93 +589,143 @@ def _fit_scaling_in_chunks(name: str, x: np.ndarray, scaling: str) -> Preprocess
     return Preprocessing(input_shape=x.shape[1:], offset=offset, scale=scale, scaling=scaling)
 
 
-def _split_off_test(name: str, x: np.ndarray, y: np.ndarray | None, config: DataConfig, preprocessing: Preprocessing | None) -> Dataset:
+def _split_off_test(name: str, x: np.ndarray, y: np.ndarray | None, config: DataConfig, preprocessing: Preprocessing | None,
+                    contiguous: bool | None = None) -> Dataset:
     """Hold out a seeded ``test_fraction`` of the examples as the test split.
 
     A memory-mapped array is split without a copy: its last ``test_fraction`` rows are the test split and the rows
     before them the training split (views of the file). Shuffle such a file's rows once if they are ordered (by
-    label, by time). Arrays in memory get a seeded random split.
+    label, by time). Arrays in memory get a seeded random split. ``contiguous`` (default: whether x is read from its
+    file on demand) says which: an array that a URL gave whole is split as the same local file would be.
     """
     n_test = max(1, int(round(len(x) * config.test_fraction))) if config.test_fraction > 0 else 0
-    if isinstance(x, np.memmap):
+    if _lazy(x) if contiguous is None else contiguous:
         train, test = slice(0, len(x) - n_test), slice(len(x) - n_test, len(x))
     else:
         order = np.random.default_rng(12345).permutation(len(x))
         test, train = order[:n_test], order[n_test:]
     test_y, train_y = (None, None) if y is None else (y[test], y[train])
-    return Dataset(name, x[train], x[test], preprocessing, train_y, test_y)
+    return Dataset(name, _take(x, train), _take(x, test), preprocessing, train_y, test_y)
 
 
 def load_npy(config: DataConfig) -> Dataset:
-    """An .npy array (n, ...), memory-mapped: rows are read from the file as training needs them."""
-    path = _require_path(config)
+    """An .npy array (n, ...), memory-mapped: rows are read from the file as training needs them. From a URL the same,
+    through range requests (``_array_at``)."""
+    where = _require_file(config)
     try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
+        if isinstance(where, Path):
+            x = np.load(where, mmap_mode="r", allow_pickle=False)
+        else:
+            with _open(where, HEADER_BYTES) as f:
+                header = _npy_header(f)
+                if header is None:  # a header version read only whole
+                    f.seek(0)
+                    x = np.lib.format.read_array(f, allow_pickle=False)
+                else:
+                    x = _array_at(where, f.tell(), *header)
+    except DataError:
+        raise
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npy array ({e})") from None
-    x = _check_finite(path, x)
-    return _split_off_test(path.name, x, None, config, None)
+        raise DataError(f"{where}: not a readable .npy array ({e})") from None
+    x = _check_finite(where, x)
+    return _split_off_test(where.name, x, None, config, None, contiguous=True)
 
 
-def _npz_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, fortran_order, dtype) of the .npy that ``f`` is at, left at its data; None for a newer header version."""
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+    if read_header is None:
+        return None
+    shape, fortran_order, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ValueError(f"Python objects in dtype {dtype}; arrays are read without pickle")
+    return shape, fortran_order, dtype
+
+
+def _array_at(where: Path | RemoteFile, offset: int, shape: tuple[int, ...], fortran_order: bool, dtype: np.dtype):
+    """The array stored at ``offset`` of a file: memory-mapped from a local file; from a URL read whole when it is at
+    most REMOTE_WHOLE_BYTES, else read rows on demand (RemoteArray), which needs its rows contiguous (C order)."""
+    if 0 in shape:
+        return np.zeros(shape, dtype)
+    order = "F" if fortran_order else "C"
+    if isinstance(where, Path):
+        return np.memmap(where, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes <= REMOTE_WHOLE_BYTES:
+        return np.frombuffer(where.read_ranges([offset], [offset + nbytes])[0], dtype).reshape(shape, order=order)
+    if fortran_order and len(shape) > 1:
+        raise ValueError("stored column-major (Fortran order), so its rows are not contiguous; save it row-major "
+                         "(np.ascontiguousarray) to read it from a URL")
+    size = int((where.info() or {}).get("size") or 0)
+    if size < offset + nbytes:
+        raise ValueError(f"truncated: the header says {nbytes} bytes of data, the file holds {max(0, size - offset)}")
+    return RemoteArray(where, offset, shape, dtype)
+
+
+def _npz_member(where: Path | RemoteFile, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
     """One .npz member: memory-mapped when stored uncompressed (``np.savez``), read into memory when compressed
-    (``np.savez_compressed``: a deflated member cannot be mapped, so it must fit in memory)."""
+    (``np.savez_compressed``: a deflated member cannot be mapped, so it must fit in memory). From a URL a stored member
+    is read as an .npy is (``_array_at``); a compressed one is streamed through the inflater into memory."""
     if info.compress_type != zipfile.ZIP_STORED:
         with archive.open(info) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
-    with open(path, "rb") as f:
+    with _open(where, HEADER_BYTES) as f:
         f.seek(info.header_offset)
         local = f.read(30)  # the local file header: name and extra field lengths at bytes 26..29
         if local[:4] != b"PK\x03\x04":
             raise ValueError(f"member {info.filename}: bad local header")
         f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-        if read_header is None:  # a newer header version: read it the ordinary way
+        try:
+            header = _npy_header(f)
+        except ValueError as e:
+            raise ValueError(f"member {info.filename}: {e}") from None
+        if header is None:  # a newer header version: read it the ordinary way
             with archive.open(info) as member:
                 return np.lib.format.read_array(member, allow_pickle=False)
-        shape, fortran_order, dtype = read_header(f)
-        if dtype.hasobject:
-            raise ValueError(f"member {info.filename}: Python objects in dtype {dtype}")
         offset = f.tell()
-    if 0 in shape:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+    return _array_at(where, offset, *header)
 
 
 def load_npz(config: DataConfig) -> Dataset:
     """An .npz with ``x`` (or ``x_train``, optionally ``x_test``) and optional ``y``/``y_train``/``y_test``.
 
     Members saved uncompressed (``np.savez``) are memory-mapped; compressed ones (``np.savez_compressed``) are read
-    into memory, so a bigger-than-memory array belongs in an .npy or an uncompressed .npz.
+    into memory, so a bigger-than-memory array belongs in an .npy or an uncompressed .npz. An uncompressed member
+    is split as an .npy is (its last rows held out), a compressed one at random.
     """
-    path = _require_path(config)
+    where = _require_file(config)
     try:
-        with zipfile.ZipFile(path) as archive:
-            arrays = {info.filename[:-4]: _npz_member(path, archive, info) for info in archive.infolist() if info.filename.endswith(".npy")}
+        with _opened(where) as source, zipfile.ZipFile(source) as archive:
+            members = [info for info in archive.infolist() if info.filename.endswith(".npy")]
+            arrays = {info.filename[:-4]: _npz_member(where, archive, info) for info in members}
+            stored = {info.filename[:-4]: info.compress_type == zipfile.ZIP_STORED for info in members}
+    except DataError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz archive ({e})") from None
+        raise DataError(f"{where}: not a readable .npz archive ({e})") from None
     if "x_train" in arrays:
-        train_x = _check_finite(path, arrays["x_train"])
+        train_x = _check_finite(where, arrays["x_train"])
         preprocessing = None
         if "x_test" in arrays:
-            test_x = _check_finite(path, arrays["x_test"])
+            test_x = _check_finite(where, arrays["x_test"])
             if test_x.shape[1:] != train_x.shape[1:]:
-                raise DataError(f"{path}: x_test rows {test_x.shape[1:]} differ from x_train rows {train_x.shape[1:]}")
-            y = {k: arrays[k].astype(np.int64) if k in arrays else None for k in ("y_train", "y_test")}
-            return Dataset(path.name, train_x, test_x, preprocessing, y["y_train"], y["y_test"])
-        return _split_off_test(path.name, train_x, arrays.get("y_train"), config, preprocessing)
+                raise DataError(f"{where}: x_test rows {test_x.shape[1:]} differ from x_train rows {train_x.shape[1:]}")
+            y = {k: np.asarray(arrays[k]).astype(np.int64) if k in arrays else None for k in ("y_train", "y_test")}
+            return Dataset(where.name, train_x, test_x, preprocessing, y["y_train"], y["y_test"])
+        y_train = np.asarray(arrays["y_train"]) if "y_train" in arrays else None
+        return _split_off_test(where.name, train_x, y_train, config, preprocessing, contiguous=stored["x_train"])
     if "x" not in arrays:
-        raise DataError(f"{path}: expected an array named 'x' or 'x_train', found {sorted(arrays)}")
-    x = _check_finite(path, arrays["x"])
-    y = arrays.get("y")
-    return _split_off_test(path.name, x, None if y is None else y.astype(np.int64), config, None)
+        raise DataError(f"{where}: expected an array named 'x' or 'x_train', found {sorted(arrays)}")
+    x = _check_finite(where, arrays["x"])
+    y = np.asarray(arrays["y"]).astype(np.int64) if "y" in arrays else None  # labels in memory, wherever they came from
+    return _split_off_test(where.name, x, y, config, None, contiguous=stored["x"])
 
 
 def load_csv(config: DataConfig) -> Dataset:
     """A CSV of numbers, one example per row, no header."""
-    path = _require_path(config)
+    path = _require_file(config)
     rows: list[list[float]] = []
-    with open(path, newline="") as f:
+    with path.open("r", newline="") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -483,7 +746,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 CSV_BLOCK_BYTES = 8 * 2**20  # CSV text parsed per batch (pyarrow's block; one row must fit in it)
 
 
-def _is_parquet(path: Path) -> bool:
+def _is_parquet(path: Path | RemoteFile) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
 
 
@@ -491,16 +754,18 @@ class _Table:
     """A table with a header row, read batch by batch so that one batch at a time is held besides what is kept of it:
     Parquet row group by row group, CSV (delimiter sniffed among , ; tab |; quoting; a UTF-8 BOM) CSV_BLOCK_BYTES at a
     time. Every CSV column is read as text and made a number here: pyarrow's streaming reader would infer a column's
-    type from the first block alone and fail on a later block that disagrees."""
+    type from the first block alone and fail on a later block that disagrees. From a URL the same, over an fsspec
+    file: sequential reads for CSV, Parquet's footer and then each row group's column chunks by range requests."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | RemoteFile) -> None:
         self.path = path
         self.delimiter = ""
         try:
             if _is_parquet(path):
                 import pyarrow.parquet as pq
 
-                self.names = pq.ParquetFile(path).schema_arrow.names
+                with _opened(path) as source:
+                    self.names = pq.ParquetFile(source).schema_arrow.names
             else:
                 self.names = self._csv_header()
         except OSError as e:
@@ -509,7 +774,7 @@ class _Table:
     def _csv_header(self) -> list[str]:
         import csv
 
-        with self.path.open("rb") as f:
+        with _open(self.path, HEADER_BYTES) as f:
             head = f.read(65536)
             while b"\n" not in head and len(head) < CSV_BLOCK_BYTES:  # a header line longer than the first read
                 more = f.read(65536)
@@ -530,27 +795,28 @@ class _Table:
         import pyarrow.parquet as pq
 
         try:
-            if _is_parquet(self.path):
-                parquet = pq.ParquetFile(self.path)
-                for group in range(parquet.num_row_groups):
-                    yield parquet.read_row_group(group, columns=columns)
-                return
-            yield from pa_csv.open_csv(
-                self.path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                parse_options=pa_csv.ParseOptions(delimiter=self.delimiter),
-                convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()), include_columns=columns,
-                                                      strings_can_be_null=True, quoted_strings_can_be_null=True))
+            with _opened(self.path) as source:
+                if _is_parquet(self.path):
+                    parquet = pq.ParquetFile(source)
+                    for group in range(parquet.num_row_groups):
+                        yield parquet.read_row_group(group, columns=columns)
+                    return
+                yield from pa_csv.open_csv(
+                    source, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                    parse_options=pa_csv.ParseOptions(delimiter=self.delimiter),
+                    convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()), include_columns=columns,
+                                                          strings_can_be_null=True, quoted_strings_can_be_null=True))
         except (pa.ArrowInvalid, OSError) as e:
             if not _is_parquet(self.path) and "columns, got" in str(e):
                 _raise_ragged_line(self.path, self.delimiter)
             raise DataError(f"{self.path}: not a readable table ({str(e).splitlines()[0]})") from None
 
 
-def _raise_ragged_line(path: Path, delimiter: str) -> None:
+def _raise_ragged_line(path: Path | RemoteFile, delimiter: str) -> None:
     """Name the first line whose field count differs from the header's (pyarrow's message names none)."""
     import csv
 
-    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+    with path.open("r", newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader)
         for fields in reader:
@@ -559,12 +825,12 @@ def _raise_ragged_line(path: Path, delimiter: str) -> None:
                                 f"({delimiter!r}-separated; quote a field that holds {delimiter!r})")
 
 
-def _where(path: Path, row: int) -> str:
+def _where(path: Path | RemoteFile, row: int) -> str:
     """A row (0-based, of the data) as an editor shows it: CSV line numbers count the header line."""
     return f"{path}: line {row + 2}" if not _is_parquet(path) else f"{path}: row {row + 1}"
 
 
-def _numbers(path: Path, first: int, name: str, column) -> np.ndarray:
+def _numbers(path: Path | RemoteFile, first: int, name: str, column) -> np.ndarray:
     """A feature column of a batch whose first row is ``first``, as float64 with NaN where the field is empty.
 
     Text is read as numbers by pyarrow's parser, and where it refuses a field (" 2") by Python's float; a field
@@ -598,7 +864,7 @@ def load_table(config: DataConfig) -> Dataset:
     """
     import pyarrow as pa
 
-    path = _require_path(config)
+    path = _require_file(config)
     table = _Table(path)
     names = table.names
     wanted = [config.label] if config.label else []
@@ -672,61 +938,98 @@ def load_table(config: DataConfig) -> Dataset:
 
 # --- image folders -------------------------------------------------------------------
 
-def _image_files(folder: Path) -> tuple[list[Path], list[int] | None, list[str]]:
-    """(files, label index per file or None, label names): one subfolder per label, or a flat folder without labels.
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _child(folder: Path | RemoteFile, relative: str) -> Path | RemoteFile:
+    return folder / relative if isinstance(folder, Path) else folder.child(relative)
+
+
+def _listing(folder: Path | RemoteFile) -> tuple[list[str], list[str]]:
+    """(every file under ``folder`` as a path relative to it, the names of its visible subfolders)."""
+    if isinstance(folder, Path):
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+        return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()], subfolders
+    root = folder.path + "/"
+    try:
+        files = [p[len(root):] for p in folder.fs.find(folder.path) if p.startswith(root)]  # one listing, however deep
+    except OSError as e:
+        raise DataError(f"{folder}: cannot be listed ({e})") from None
+    # Object storage has no folders, only names with slashes: a subfolder is the first part of a longer name.
+    return files, sorted({f.split("/", 1)[0] for f in files if "/" in f and _visible(f.split("/", 1)[0])})
+
+
+def _image_files(folder: Path | RemoteFile) -> tuple[list[str], list[int] | None, list[str]]:
+    """(image files relative to the folder, label index per file or None, label names): one subfolder per label, or a
+    flat folder without labels.
 
     Hidden files and files whose suffix is not an image's are left out; a label subfolder is searched to any depth.
     """
-    def visible(name: str) -> bool:
-        return not name.startswith(".")
-
-    def images_in(directory: Path, recursive: bool) -> list[Path]:
-        found = directory.rglob("*") if recursive else directory.iterdir()
-        return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                      and all(visible(part) for part in p.relative_to(directory).parts))
-
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and visible(p.name))
+    files, subfolders = _listing(folder)
+    images = sorted((f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_SUFFIXES and all(_visible(part) for part in f.split("/"))),
+                    key=lambda f: f.split("/"))  # folder by folder, as paths sort
+    loose = [f for f in images if "/" not in f]
     if not subfolders:
-        return images_in(folder, recursive=False), None, []
-    loose = images_in(folder, recursive=False)
+        return loose, None, []
     if loose:
-        raise DataError(f"{folder}: holds both image files ({loose[0].name}, ...) and subfolders ({subfolders[0].name}, ...); "
+        raise DataError(f"{folder}: holds both image files ({loose[0]}, ...) and subfolders ({subfolders[0]}, ...); "
                         "put every image in a subfolder named after its label, or use a flat folder without subfolders")
     files, labels = [], []
     for index, subfolder in enumerate(subfolders):
-        found = images_in(subfolder, recursive=True)
+        found = [f for f in images if f.startswith(subfolder + "/")]
         if not found:
-            raise DataError(f"{subfolder}: the label folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"{_child(folder, subfolder)}: the label folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
         files += found
         labels += [index] * len(found)
-    return files, labels, [p.name for p in subfolders]
+    return files, labels, subfolders
+
+
+def _image_sources(folder: Path | RemoteFile, files: list[str]) -> Iterator[Path | bytes]:
+    """What to decode for each file, in order: a local file's path, or a URL's bytes, fetched IMAGE_FETCH files at a
+    time (concurrently where the store allows) as decoding reaches them."""
+    if isinstance(folder, Path):
+        yield from (folder / f for f in files)
+        return
+    for start in range(0, len(files), IMAGE_FETCH):
+        batch = [folder.child(f) for f in files[start:start + IMAGE_FETCH]]
+        fetched = folder.fs.cat([file.path for file in batch], on_error="return")
+        for file in batch:
+            content = fetched.get(file.path)
+            if not isinstance(content, bytes):
+                raise DataError(f"{file}: cannot be read ({content})")
+            yield content
 
 
 def load_images(config: DataConfig) -> Dataset:
     """A folder of PNG, JPEG, WebP or BMP files, decoded one by one (``models/images.py`` has the resize and colour rule).
 
     Arrays are uint8 (n, H, W) for one channel and (n, 3, H, W) for three; pixels 0..255 scaled by 1/255 unless
-    ``data.scaling`` says otherwise.
+    ``data.scaling`` says otherwise. The folder may be a URL: listed once, each file's bytes read when it is decoded.
     """
     if not config.path:
         raise DataError("data.source 'images' needs data.path (a folder of images)")
-    folder = Path(config.path)
-    if folder.is_file():
+    folder = _location(config.path)
+    if isinstance(folder, Path):
+        kind = "file" if folder.is_file() else "directory" if folder.is_dir() else None
+    else:
+        kind = (folder.info() or {}).get("type")
+    if kind == "file":
         raise DataError(f"{folder}: is a file; data.source 'images' needs a folder of images (one subfolder per label, or flat)")
-    if not folder.is_dir():
+    if kind != "directory":
         raise DataError(f"{folder}: folder not found")
     files, labels, names = _image_files(folder)
     if not files:
         raise DataError(f"{folder}: no images found (files ending {', '.join(IMAGE_SUFFIXES)}, in the folder or in label subfolders)")
     size = tuple(config.image_size) or None
     pixels, kept, skipped = [], [], []
-    for i, file in enumerate(files):
+    for i, (file, source) in enumerate(zip(files, _image_sources(folder, files), strict=True)):
         try:
-            image = open_image(file)
+            image = open_image(source)
         except (OSError, ValueError, SyntaxError) as e:
             if not config.skip_bad:
-                raise DataError(f"{file}: not a readable image ({e}); set data.skip_bad = true to skip such files") from None
-            skipped.append(f"{file.relative_to(folder)} ({e})")
+                raise DataError(f"{_child(folder, file)}: not a readable image ({e}); set data.skip_bad = true to skip such files") from None
+            skipped.append(f"{file} ({e})")
             continue
         if size is None:
             size = (image.height, image.width)  # the default: the first readable image's size
@@ -767,7 +1070,7 @@ def load_dataset(config: DataConfig) -> Dataset:
     its own (Fashion-MNIST and digits know their pixel range) or ``data.scaling`` asks for one."""
     dataset = SOURCES[config.source](config)
     if config.limit:
-        dataset.train_x = dataset.train_x[: config.limit]
+        dataset.train_x = _take(dataset.train_x, slice(0, config.limit))
         dataset.train_y = None if dataset.train_y is None else dataset.train_y[: config.limit]
     if dataset.preprocessing is None or config.scaling != "auto":
         dataset.preprocessing = fit_scaling(config.path or dataset.name, dataset.train_x, config.resolved_scaling)
