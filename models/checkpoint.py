@@ -3,7 +3,8 @@
 A version is rebuilt from its folder alone: the manifest names the kind, the
 config, the preprocessing and the held-out error distribution; the weights
 file holds the model's tensors under ``model.`` and the projector's under
-``projector.``.
+``projector.``; a version published with compact codes also holds their constants under ``code_quantization.``
+(its manifest's ``code_quantization`` says so).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from aeserve.models.base import Autoencoder
 from aeserve.models.kinds import build_model
-from aeserve.models.outputs import Call, compute, percentiles
+from aeserve.models.outputs import Call, CodeQuantization, compute, percentiles
 from aeserve.models.preprocessing import Preprocessing
 from aeserve.models.projector import build_projector
 
@@ -41,13 +42,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def weights_bytes(model: Autoencoder, projector: torch.nn.Module, preprocessing: Preprocessing | None = None) -> bytes:
-    """Serialise model and projector tensors, and per-feature preprocessing vectors (contiguous float32 on CPU), to
-    safetensors bytes."""
+def weights_bytes(model: Autoencoder, projector: torch.nn.Module, preprocessing: Preprocessing | None = None,
+                  code_quantization: CodeQuantization | None = None) -> bytes:
+    """Serialise model and projector tensors, per-feature preprocessing vectors and the compact codes' constants
+    (contiguous float32 on CPU), to safetensors bytes."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
     if preprocessing is not None:
         tensors.update({k: torch.from_numpy(v) for k, v in preprocessing.tensors().items()})
+    if code_quantization is not None:
+        tensors.update({k: torch.from_numpy(v) for k, v in code_quantization.tensors().items()})
     return save_safetensors_bytes({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
 
 
@@ -119,6 +123,7 @@ class ModelVersion:
     quantiles: np.ndarray  # (N_QUANTILES,) float64, held-out summed squared errors
     device: torch.device
     folder: Path | None = None  # the version folder it was loaded from
+    code_quantization: CodeQuantization | None = None  # fitted at publish; None for a version published before compact codes
 
     def __post_init__(self) -> None:
         self._graphs = TorchGraphs(self)
@@ -220,14 +225,22 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     expected_shapes.update({f"projector.{k}": v.shape for k, v in skeleton_projector.state_dict().items()})
     if per_feature:
         expected_shapes.update({f"preprocessing.{name}": torch.Size([skeleton.input_dim]) for name in ("offset", "scale")})
+    quantized = "code_quantization" in manifest
+    if quantized:
+        expected_shapes.update({f"code_quantization.{name}": torch.Size([skeleton.code_dim]) for name in CodeQuantization.TENSORS})
     got_shapes = {k: v.shape for k, v in tensors.items()}
     if got_shapes != expected_shapes:
-        missing = sorted(set(expected_shapes) - set(got_shapes))
+        # In the order expected: the model's tensors first, then the projector's, preprocessing's and the codes' constants.
+        missing = [k for k in expected_shapes if k not in got_shapes]
         extra = sorted(set(got_shapes) - set(expected_shapes))
-        wrong = sorted(k for k in set(got_shapes) & set(expected_shapes) if got_shapes[k] != expected_shapes[k])
+        wrong = [k for k in expected_shapes if k in got_shapes and got_shapes[k] != expected_shapes[k]]
         raise CheckpointError(f"{weights_path}: tensors do not match the manifest's model (missing {missing}, unexpected {extra}, wrong shape {wrong})")
     if any(t.dtype != torch.float32 for t in tensors.values()):
         raise CheckpointError(f"{weights_path}: every tensor must be float32")
+    code_quantization = CodeQuantization.from_tensors({k: v.numpy() for k, v in tensors.items()}) if quantized else None
+    if code_quantization is not None and not (np.isfinite(code_quantization.scale).all() and (code_quantization.scale > 0).all()
+                                              and np.isfinite(code_quantization.threshold).all()):
+        raise CheckpointError(f"{weights_path}: code_quantization.scale must be finite and positive, code_quantization.threshold finite")
     try:
         preprocessing = Preprocessing.from_dict(manifest["preprocessing"], {k: v.numpy() for k, v in tensors.items() if k.startswith("preprocessing.")})
     except (KeyError, TypeError, ValueError) as e:
@@ -246,4 +259,4 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     device = torch.device(device)
     model.to(device).eval()
     projector.to(device).eval()
-    return ModelVersion(manifest, model, projector, preprocessing, quantiles, device, folder)
+    return ModelVersion(manifest, model, projector, preprocessing, quantiles, device, folder, code_quantization)

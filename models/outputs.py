@@ -5,6 +5,9 @@ the engine process, which imports neither torch nor the web stack), so every eng
 
 A call takes rows of data (``"inputs"``, (n, *input_shape) raw) or of codes (``"codes"``, (n, code_dim)) and asks
 for any of the outputs below; each model graph runs at most once per call, however many outputs need it.
+
+Compact codes (``CodeQuantization``) are made from the float codes after the call, with constants fitted once on the
+training codes and stored with the version, so every engine gives them the same way too.
 """
 from __future__ import annotations
 
@@ -51,6 +54,67 @@ class Call(NamedTuple):
         if self.takes == "codes" and set(self.outputs) - set(FROM_CODES):
             raise ValueError(f"from codes the only output is {FROM_CODES[0]!r}, asked for {list(self.outputs)}")
         return self
+
+
+# How codes may be answered: the model's float32 codes, int8 codes with a per-dimension scale, or binary codes (one
+# bit per dimension against a per-dimension threshold, packed 8 per byte: semantic hashing).
+CODE_FORMS = ("float", "int8", "binary")
+# The int8 scale of a dimension: this quantile of |code| over the training codes, / 127 (codes beyond it saturate at
+# ±127). Measured against the largest |code| in docs/benchmarks.md (Compact codes).
+INT8_SCALE_QUANTILE = 0.999
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class CodeQuantization:
+    """Fitted per-dimension constants for compact codes, computed from the training codes when a version is published.
+
+    ``scale`` (code_dim,) float32: an int8 code is q = clip(round(z / scale), -127, 127), so z ≈ scale * q (within
+    scale / 2 where |z| <= 127.5 * scale). ``threshold`` (code_dim,) float32, the training codes' median: a binary code's
+    bit d is z_d > threshold_d, packed 8 per byte with ``numpy.packbits`` (dimension 0 is the first byte's most
+    significant bit; the last byte's unused low bits are 0), (n, ceil(code_dim / 8)) uint8.
+    """
+
+    scale: np.ndarray
+    threshold: np.ndarray
+
+    TENSORS = ("scale", "threshold")  # stored in the weights file as code_quantization.<name>
+
+    @classmethod
+    def fit(cls, codes: np.ndarray, scale_quantile: float = INT8_SCALE_QUANTILE) -> CodeQuantization:
+        """Fit on training codes (n, code_dim). A dimension that is 0 throughout gets scale 1 (its codes are all 0)."""
+        codes = np.asarray(codes, dtype=np.float64)
+        extent = np.quantile(np.abs(codes), scale_quantile, axis=0)
+        scale = np.where(extent > 0, extent / INT8_MAX, 1.0)
+        return cls(scale.astype(np.float32), np.median(codes, axis=0).astype(np.float32))
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The constants as the weights file holds them: name -> (code_dim,) float32."""
+        return {f"code_quantization.{name}": getattr(self, name) for name in self.TENSORS}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> CodeQuantization:
+        return cls(*(np.asarray(tensors[f"code_quantization.{name}"], dtype=np.float32) for name in cls.TENSORS))
+
+    def int8(self, codes: np.ndarray) -> np.ndarray:
+        """Float codes (n, code_dim) -> int8 codes (n, code_dim)."""
+        return np.clip(np.rint(codes / self.scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """int8 codes (n, code_dim) -> float32 codes scale * q (n, code_dim)."""
+        return (q.astype(np.float32) * self.scale).astype(np.float32)
+
+    def binary(self, codes: np.ndarray) -> np.ndarray:
+        """Float codes (n, code_dim) -> packed bits (n, ceil(code_dim / 8)) uint8."""
+        return np.packbits(codes > self.threshold, axis=1)
+
+    def compact(self, codes: np.ndarray, form: str) -> np.ndarray:
+        """Float codes (n, code_dim) in ``form`` (one of CODE_FORMS)."""
+        return codes if form == "float" else self.int8(codes) if form == "int8" else self.binary(codes)
+
+    def constants(self, form: str) -> dict[str, np.ndarray]:
+        """What an answer in ``form`` carries so that its codes can be read: {"scale"} for int8, {"threshold"} for binary."""
+        return {"int8": {"scale": self.scale}, "binary": {"threshold": self.threshold}}.get(form, {})
 
 
 class Graphs(Protocol):

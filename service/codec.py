@@ -259,8 +259,9 @@ def check_finite_outputs(arrays: tuple[np.ndarray, ...]) -> None:
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
+    """An output as a .npy file: float32, or compact codes as they are (int8, or uint8 packed bits)."""
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    np.save(buffer, np.ascontiguousarray(array, dtype=None if array.dtype in (np.int8, np.uint8) else np.float32), allow_pickle=False)
     return buffer.getvalue()
 
 

@@ -2,15 +2,18 @@
 
 A codec (v1 JSON, v1 ``.npy``, the Open Inference Protocol) turns a body into an array of rows and names the call
 (``models/outputs.py``); ``run`` validates the rows once, makes one batched model call that computes every output
-asked for, and checks the outputs; the codec encodes the answer.
+asked for, and checks the outputs; the codec encodes the answer. A request may ask for its codes in a compact form
+(``codes``: int8 or binary, ``models/outputs.py``): the model call is the same, and the float codes are made compact
+after it, so requests in any form batch together.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from aeserve.models.checkpoint import ModelVersion
-from aeserve.models.outputs import Call
+from aeserve.models.outputs import CODE_FORMS, Call
 from aeserve.service.codec import check_finite_outputs, validate_rows
+from aeserve.service.errors import ApiError
 from aeserve.service.runtime.batcher import Batcher
 
 # Input values are taken within a million times the training data's range (codes: within a million), where every
@@ -30,10 +33,32 @@ def value_bound(version: ModelVersion, call: Call) -> float:
     return version.preprocessing.magnitude_bound(VALUE_RANGE)
 
 
+def code_form(value: object) -> str:
+    """A request's ``codes`` option as sent, checked: one of CODE_FORMS (422 naming them otherwise)."""
+    if value not in CODE_FORMS:
+        raise ApiError(422, f"codes must be one of {', '.join(CODE_FORMS)}; got {value!r}")
+    return value
+
+
+def check_codes(version: ModelVersion, call: Call, codes: str) -> None:
+    """422 when the call cannot answer its codes as ``codes``: no code output, or a version without compact codes."""
+    if codes == "float":
+        return
+    if "code" not in call.outputs:
+        raise ApiError(422, f"codes={codes} applies to the codes that encode answers; this call answers {', '.join(call.outputs)}")
+    if version.code_quantization is None:
+        raise ApiError(422, f"version {version.name}:{version.version} has no code quantization (it was published before int8 and "
+                            f"binary codes); retrain it to get {codes} codes, or ask for codes=float")
+
+
 async def run(batcher: Batcher, version: ModelVersion, call: Call, array: np.ndarray, max_rows: int,
-              where: str = "") -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
-    """(the call's outputs in its order, one row's shape as sent) for ``array`` (n, ...) as a codec parsed it."""
+              where: str = "", codes: str = "float") -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
+    """(the call's outputs in its order, one row's shape as sent) for ``array`` (n, ...) as a codec parsed it; the
+    ``code`` output in the form ``codes`` (float32, int8, or packed bits as uint8)."""
+    check_codes(version, call, codes)
     rows, sent_shape = validate_rows(array, row_shape(version, call), max_rows, where, value_bound(version, call))
     outputs = await batcher.submit(version, call, rows)
     check_finite_outputs(outputs)
+    if codes != "float":
+        outputs = tuple(version.code_quantization.compact(o, codes) if n == "code" else o for n, o in zip(call.outputs, outputs, strict=True))
     return outputs, sent_shape

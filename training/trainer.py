@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from aeserve.models.checkpoint import ModelVersion, weights_bytes
 from aeserve.models.kinds import build_model
+from aeserve.models.outputs import INT8_SCALE_QUANTILE, CodeQuantization
 from aeserve.models.projector import build_projector, projector_manifest
 from aeserve.models.registry import Registry
 from aeserve.training.config import RunConfig
@@ -207,7 +208,10 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     metrics.update(model.extra_metrics(x_test.subset(bounded_sample(np.arange(len(x_test)), preprocessing.input_dim, config.train.seed)).tensor()))
     # The map: fitted on the training codes and scored against every training row's code, or on the sample's alone.
     codes = encode_all(model, x_all.subset(sample_index) if sampled else x_all)
-    projector, projector_facts = fit_projector(model.code_dim, codes if sampled else codes[train_index], config)
+    training_codes = codes if sampled else codes[train_index]
+    projector, projector_facts = fit_projector(model.code_dim, training_codes, config)
+    # Compact codes' constants (int8 scale, binary threshold), fitted on the same training codes.
+    code_quantization = CodeQuantization.fit(training_codes.numpy())
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
     train_labels = dataset.train_y[sample_index] if sampled and dataset.train_y is not None else dataset.train_y
     map_points = min(len(x_test), MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
@@ -222,6 +226,8 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
         "preprocessing": preprocessing.to_dict(),
         **({"features": dataset.features} if dataset.features else {}),
         "projector": projector_manifest(projector),
+        "code_quantization": {"tensors": [*code_quantization.tensors()], "scale_quantile": INT8_SCALE_QUANTILE, "threshold": "median",
+                              "rows": int(len(training_codes))},
         "training": {
             "dataset": dataset.name,
             **dataset.facts,
@@ -251,13 +257,14 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
 
     def version_files(final_manifest: dict[str, Any]) -> dict[str, bytes]:
         """The held-out map sample for the map explorer, and the report when asked for."""
-        version = ModelVersion(final_manifest, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]), torch.device("cpu"))
+        version = ModelVersion(final_manifest, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]), torch.device("cpu"),
+                               code_quantization=code_quantization)
         files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
         if config.train.report:
             files.update(render_report(version, dataset.test_x, dataset.test_y))
         return files
 
-    version = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing), extra_files=version_files)
+    version = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization), extra_files=version_files)
     if state is not None:
         state.remove()
     return version

@@ -4,11 +4,12 @@
 request FastAPI's routing, dependency solving, Request and Response objects cost more than parsing the body, and the
 model thread waits for the GIL while the event loop spends it. Headers are read once from the scope, the body
 straight from ``receive``, and the answer goes out as two ASGI messages. The routes still appear in the OpenAPI
-document (``operations_openapi``).
+document (``operations_openapi``). The query string is read only when there is one: ``?codes=int8|binary`` on encode.
 """
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +17,7 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
 from aeserve.models.images import IMAGE_MEDIA_TYPES
-from aeserve.models.outputs import OUTPUTS
+from aeserve.models.outputs import CODE_FORMS, OUTPUTS
 from aeserve.service import pipeline
 from aeserve.service.api.models import lookup
 from aeserve.service.auth import check_api_key
@@ -67,6 +68,7 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     settings = state.settings
     check_api_key(settings.api_key, _text(headers.get(b"authorization")))
     version = lookup(state.store, name, ref, context)
+    codes = code_option(scope["query_string"]) if scope.get("query_string") else "float"
     kind = body_kind(_text(headers.get(b"content-type")))
     body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
     table = TableRows.of(version.manifest)
@@ -78,13 +80,15 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
         array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
     else:
         array = parse_rows(kind, body)
-    outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows)
+    outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows, codes=codes)
     if call.takes == "inputs":  # data comes back flat or nested, as it was sent
         outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
     if wants_npy(_text(headers.get(b"accept"))):
         content, media = npy_bytes(outputs[0]), NPY
     else:
         answer: dict[str, Any] = dict(zip(keys, outputs, strict=True))
+        if codes != "float":  # what reads the codes: the int8 scale or the binary threshold
+            answer.update(version.code_quantization.constants(codes))
         if table is not None:
             for output, key in zip(call.outputs, keys, strict=True):
                 if output == "reconstruction":
@@ -96,6 +100,16 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
         (b"content-type", media.encode()), (b"content-length", b"%d" % len(content)),
         (b"x-model-name", name.encode()), (b"x-model-version", context["version"].encode())]})
     await send({"type": "http.response.body", "body": content})
+
+
+def code_option(query: bytes) -> str:
+    """The ``codes`` query parameter (float when absent), checked; other parameters are ignored."""
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("codes")
+    if values is None:
+        return "float"
+    if len(values) > 1:
+        raise ApiError(422, f"give codes once, one of {', '.join(CODE_FORMS)}; got {values}")
+    return pipeline.code_form(values[0])
 
 
 def _text(value: bytes | None) -> str | None:
@@ -145,8 +159,14 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", **({"enum": names} if names else {})}}
     version = {"name": "version", "in": "path", "required": True, "description": "a version number or an alias",
                "schema": {"type": "string", **({"enum": refs} if refs else {})}}
+    forms = list(CODE_FORMS) if any(v.code_quantization is not None for v in versions) else ["float"]
+    codes = {"name": "codes", "in": "query", "required": False, "schema": {"type": "string", "enum": forms, "default": "float"},
+             "description": "the codes' form: float (float32, the model's own), int8 (the answer's scale: code ~ scale * q) or binary "
+                            "(bits code > threshold, 8 per byte, first dimension in the first byte's high bit: rows of "
+                            "ceil(code_dim / 8) bytes 0-255); int8 and binary are for versions published with them"}
     paths: dict[str, dict] = {}
     for op, operation in OPERATIONS.items():
+        answers_codes = "code" in operation.call.outputs
         shapes: dict[tuple[int, ...], float] = {}
         tables = []
         for v in versions:
@@ -165,6 +185,9 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
                                "to a version trained on images, also one image file"}
         answer = {"model": {"type": "string"}, "version": {"type": "string"}}
         answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
+        if answers_codes:
+            answer.update({key: {"type": "array", "items": {"type": "number"}, "description": f"with codes={form}"}
+                           for key, form in (("scale", "int8"), ("threshold", "binary"))})
         responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
                              "content": {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys],
                                                            "properties": answer}}, NPY: {}}}}
@@ -172,5 +195,6 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
         for path, parameters, suffix in ((f"/v1/models/{{name}}/{op}", [name], "latest"),
                                          (f"/v1/models/{{name}}/versions/{{version}}/{op}", [name, version], "versioned")):
             paths[path] = {"post": {"tags": ["models"], "summary": operation.summary, "operationId": f"{op}_{suffix}",
-                                    "parameters": parameters, "requestBody": body, "responses": responses}}
+                                    "parameters": [*parameters, *([codes] if answers_codes else [])], "requestBody": body,
+                                    "responses": responses}}
     return paths

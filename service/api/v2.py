@@ -5,7 +5,9 @@ What Triton, KServe and MLServer clients speak. The input tensor is ``input``
 code_dim], to decode); the requested outputs (``models/outputs.py``: ``code``,
 ``reconstruction``, ``error``, ``percentile``, ``coordinates``) are one call
 of the pipeline, so the encoder runs once however many are asked for. Errors
-answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422.
+answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422. The request parameter ``codes`` (``int8`` or
+``binary``) answers the ``code`` output as INT8, or as UINT8 packed bits, followed by one more output tensor that reads
+it: ``code_scale`` or ``code_threshold`` (FP32, [code_dim]); the protocol's parameters hold only single values.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from starlette.responses import Response
 
 import aeserve
 from aeserve.models.checkpoint import ModelVersion
-from aeserve.models.outputs import FROM_CODES, OUTPUTS, Call
+from aeserve.models.outputs import CODE_FORMS, FROM_CODES, OUTPUTS, Call
 from aeserve.service import pipeline
 from aeserve.service.api.health import readiness
 from aeserve.service.api.models import request_lookup
@@ -36,6 +38,7 @@ health_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])  # 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "INT8": np.int8,
              "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT16": np.uint16}
+ANSWER_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int8): "INT8", np.dtype(np.uint8): "UINT8"}
 TAKES = {"input": "inputs", "code": "codes"}  # input tensor name -> what its rows are
 TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
     "name": {"type": "string", "enum": list(TAKES)}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
@@ -48,7 +51,11 @@ INFER_BODY = {"requestBody": {"required": True, "description": (
         "id": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": TENSOR},
         "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
             "name": {"type": "string", "enum": list(OUTPUTS)}, "parameters": {"type": "object"}}}},
-        "parameters": {"type": "object"}}}}}}}
+        "parameters": {"type": "object", "properties": {"codes": {
+            "type": "string", "enum": list(CODE_FORMS), "default": "float",
+            "description": "the code output as FP32, INT8 (then the answer adds the tensor code_scale: code ~ code_scale * q) or "
+                           "UINT8 packed bits (code > code_threshold, 8 per byte, first dimension in the first byte's high bit; "
+                           "the answer adds code_threshold); INT8 and UINT8 for versions published with them"}}}}}}}}}
 
 
 def _json(document: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -206,17 +213,22 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
     input_name, array, _ = _input_tensor(document["inputs"][0], memoryview(body)[split:], 0)
     call, requested = _call(input_name, document)
     try:
-        outputs, _ = await pipeline.run(request.app.state.batcher, version, call, array, settings.max_rows, f"input {input_name!r}: ")
+        codes = pipeline.code_form(_parameters(document).get("codes", "float"))
+        outputs, _ = await pipeline.run(request.app.state.batcher, version, call, array, settings.max_rows, f"input {input_name!r}: ", codes)
     except ApiError as e:
         raise ApiError(400 if e.status == 422 else e.status, e.detail, e.headers) from None
     results = dict(zip(call.outputs, outputs, strict=True))
+    constants = version.code_quantization.constants(codes) if codes != "float" else {}
+    results.update({f"code_{key}": value for key, value in constants.items()})
+    requested = [*requested, *({"name": f"code_{key}"} for key in constants)]
     binary_default = bool(_parameters(document).get("binary_data_output", False))
     answers, chunks = [], []
     for spec in requested:
-        array = np.ascontiguousarray(results[spec["name"]], dtype=np.float32)
-        entry: dict[str, Any] = {"name": spec["name"], "datatype": "FP32", "shape": list(array.shape)}
+        array = results[spec["name"]]
+        array = np.ascontiguousarray(array, dtype=array.dtype if array.dtype in ANSWER_DATATYPES else np.float32)
+        entry: dict[str, Any] = {"name": spec["name"], "datatype": ANSWER_DATATYPES[array.dtype], "shape": list(array.shape)}
         if _parameters(spec).get("binary_data", binary_default):
-            data = array.astype("<f4").tobytes()
+            data = array.astype(array.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
