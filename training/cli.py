@@ -13,7 +13,7 @@ from aeserve.models.registry import NotFoundError, RegistryError, open_registry
 from aeserve.training.config import RunConfig, load_run_config
 from aeserve.training.data import DataConfig, DataError, Dataset, load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
-from aeserve.training.evaluate import map_metrics, reconstruction_errors
+from aeserve.training.evaluate import linear_probe, map_metrics, reconstruction_errors
 from aeserve.training.recipes import recipe_run_config
 from aeserve.training.report import REPORT_DIR, render_report
 from aeserve.training.trainer import encode_all, project_codes, train
@@ -167,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{name}:{loaded.version}  kind {manifest['kind']}  code_dim {loaded.code_dim}  input_shape {list(loaded.input_shape)}")
     rows = [("test_sq_err (stored)", stored["test_sq_err"]), ("test_mse (stored)", stored["test_mse"]),
             ("pca_sq_err (stored)", stored["pca_sq_err"])]
-    report_path = None
+    report_path = probe = None
     data = DataConfig(**manifest["training"]["data"])
     try:
         dataset = load_dataset(data)
@@ -184,6 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               project_codes(loaded.projector, encode_all(loaded.model, x_test)), dataset.test_y)
         rows += [(f"{key} (stored)", stored[key]) for key in sorted(map_now) if key in stored]
         rows += [(f"{key} (re-measured)", value) for key, value in sorted(map_now.items())]
+        probe = linear_probe(loaded.model, x_train, dataset.train_y, x_test, dataset.test_y, manifest["training"]["seed"])
         out = Path(args.out or f"reports/{name}-{loaded.version}")
         for relative, data in render_report(loaded, dataset.test_x, dataset.test_y).items():
             target = out / Path(relative).relative_to(REPORT_DIR)
@@ -194,9 +195,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {label:<34} {value:.5f}")
     ratio = stored["test_sq_err"] / stored["pca_sq_err"] if stored["pca_sq_err"] else float("nan")
     print(f"  {'ratio to PCA':<34} {ratio:.3f}")
+    if probe is not None:
+        print_probe(probe)
     if report_path:
         print(f"report: {report_path}")
     return 0
+
+
+def print_probe(probe: dict) -> None:
+    """The linear probe's test accuracies (training.evaluate.linear_probe) as a small table."""
+    rows = probe["rows"]
+    print(f"linear probe: {probe['settings']}; test accuracy on {rows['test']:,} held-out rows")
+    few, every = f"<= {probe['per_class']}/class, {rows['per_class']:,} rows", f"all labels, {rows['all']:,} rows"
+    print(f"  {'features':<12} {'dims':>5}  {few:>26}  {every:>26}")
+    for name, result in probe["features"].items():
+        print(f"  {name:<12} {result['dims']:>5}  {result['per_class']:>26.4f}  {result['all']:>26.4f}")
 
 
 def run(args: argparse.Namespace) -> int:

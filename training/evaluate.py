@@ -123,3 +123,78 @@ def map_metrics(train_coords: np.ndarray, train_labels: np.ndarray | None, test_
         classifier = KNeighborsClassifier(n_neighbors=5).fit(train_coords, train_labels)
         metrics["map_knn5_accuracy"] = float(classifier.score(test_coords[:n], test_labels[:n]))
     return metrics
+
+
+# Linear probe (the lecture's third use: codes as features for a supervised task). Logistic regression on standardized
+# features, lbfgs stopped after PROBE_MAX_ITER iterations: a bounded cost on big training sets.
+PROBE_PER_CLASS = 100
+PROBE_MAX_ITER = 200
+PROBE_SETTINGS = f"logistic regression (scikit-learn, lbfgs, C=1, max_iter {PROBE_MAX_ITER}) on standardized features"
+
+
+def per_class_sample(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices (m,) of ``per_class`` seeded random rows of each class in ``labels`` (n,); all rows of a smaller class."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(rows, size=min(per_class, len(rows)), replace=False)
+              for rows in (np.flatnonzero(labels == label) for label in np.unique(labels))]
+    return np.sort(np.concatenate(chosen))
+
+
+def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Test accuracy of a logistic regression (PROBE_SETTINGS) fitted on (train_x (n, d), train_y (n,))."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # stopping at PROBE_MAX_ITER is the setting, said in the output
+        classifier = LogisticRegression(max_iter=PROBE_MAX_ITER).fit(scaler.transform(train_x), train_y)
+    return float(classifier.score(scaler.transform(test_x), test_y))
+
+
+@torch.inference_mode()
+def _codes(model: Autoencoder, x: torch.Tensor) -> np.ndarray:
+    model.eval()
+    return torch.cat([model.encode(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]).numpy()
+
+
+def linear_probe(model: Autoencoder, x_train: torch.Tensor, train_y: np.ndarray | None, x_test: torch.Tensor,
+                 test_y: np.ndarray | None, seed: int = 0) -> dict[str, Any] | None:
+    """Codes as features: test accuracy of a linear probe on the model's codes, on PCA codes of the same size (fitted on
+    the same training rows) and on the inputs themselves, each trained on PROBE_PER_CLASS labelled rows per class and
+    on every labelled training row. x_train (n, input_dim) and x_test (m, input_dim) float32 in model space; labels
+    (n,) and (m,) integer classes.
+
+    Returns {"settings", "per_class": PROBE_PER_CLASS, "rows": {"per_class", "all", "test"}, "features": {name: {"dims",
+    "per_class", "all"}}} (accuracies in "per_class" and "all"), or
+    None without integer labels in two or more classes. Sets beyond WHOLE_ELEMENTS values are a seeded sample
+    (``bounded_sample``); ``rows`` says how many were used.
+    """
+    if train_y is None or test_y is None:
+        return None
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    if not np.issubdtype(train_y.dtype, np.integer) or len(np.unique(train_y)) < 2:
+        return None
+    train_rows = bounded_sample(np.arange(len(x_train)), x_train.shape[1], seed)
+    test_rows = bounded_sample(np.arange(len(x_test)), x_test.shape[1], seed)
+    if len(train_rows) < len(x_train):
+        x_train, train_y = x_train[train_rows], train_y[train_rows]
+    if len(test_rows) < len(x_test):
+        x_test, test_y = x_test[test_rows], test_y[test_rows]
+    few = per_class_sample(train_y, PROBE_PER_CLASS, seed)
+    pca = pca_baseline(x_train, model.code_dim)
+    features = {"codes": (_codes(model, x_train), _codes(model, x_test)),
+                "PCA codes": (_codes(pca, x_train), _codes(pca, x_test)),
+                "inputs": (x_train.numpy(), x_test.numpy())}
+    return {
+        "settings": PROBE_SETTINGS,
+        "per_class": PROBE_PER_CLASS,
+        "rows": {"per_class": int(len(few)), "all": int(len(train_y)), "test": int(len(test_y))},
+        "features": {name: {"dims": int(train.shape[1]),
+                            "per_class": probe_accuracy(train[few], train_y[few], test, test_y),
+                            "all": probe_accuracy(train, train_y, test, test_y)}
+                     for name, (train, test) in features.items()},
+    }
