@@ -529,7 +529,7 @@ def _check_finite(path: Path | RemoteFile, x: np.ndarray) -> np.ndarray:
         if bad_rows:
             raise DataError(f"{path}: {bad_rows} row(s) hold NaN or infinite values, first at row {first}")
         if not _lazy(x):
-            x = x.astype(np.float32)
+            x = x.astype(np.float32, copy=False)  # float32 already (as read from a URL): no second copy
     return x
 
 
