@@ -327,6 +327,9 @@ def test_replicas_behind_haproxy_follow_publishes_survive_a_kill_and_rejoin(tmp_
                        f"{replica.name} serving version 4 within {CONVERGE_SECONDS} s of the publishes")
 
         marks["v4 everywhere"] = time.monotonic()
+        for replica in replicas:  # the lower of the two is served too: a request naming it gets exactly it
+            named = httpx.post(f"{replica.base}/v1/models/{NAME}/versions/3/encode", json=BODY, timeout=5)
+            assert (named.status_code, named.headers.get("X-Model-Version")) == (200, "3"), (replica.name, named.text)
         traffic.stop()
         failures = traffic.failures()
         timeline = ", ".join(f"{what} {at - started:.1f} s" for what, at in marks.items())
