@@ -56,6 +56,11 @@ class Autoencoder(nn.Module):
         """
         return {}
 
+    def finish(self) -> dict[str, Any]:
+        """After gradient training, before publishing: derive what the trained weights determine (an entropy
+        model's coding tables, say). Returns facts for the manifest (may be empty). Default: nothing."""
+        return {}
+
     def extra_metrics(self, x: torch.Tensor) -> dict[str, float]:
         """Kind-specific held-out metrics on x (n, input_dim), merged into the manifest's metrics."""
         return {}

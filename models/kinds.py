@@ -9,10 +9,12 @@ from aeserve.models.linear import LinearAutoencoder
 from aeserve.models.mlp import MLPAutoencoder
 from aeserve.models.pca import PCA
 from aeserve.models.rbm import RBMAutoencoder
+from aeserve.models.rd import RDAutoencoder
 from aeserve.models.vae import VAE
 
 # kind -> model class; each class names its config dataclass. Routes and trainers use this, never `if kind == ...`.
-MODEL_KINDS: dict[str, type[Autoencoder]] = {cls.kind: cls for cls in (PCA, LinearAutoencoder, MLPAutoencoder, RBMAutoencoder, ConvAutoencoder, VAE)}
+MODEL_KINDS: dict[str, type[Autoencoder]] = {
+    cls.kind: cls for cls in (PCA, LinearAutoencoder, MLPAutoencoder, RBMAutoencoder, ConvAutoencoder, VAE, RDAutoencoder)}
 
 
 def build_model(kind: str, config: dict[str, Any], input_shape: tuple[int, ...]) -> Autoencoder:

@@ -27,6 +27,7 @@ KIND_CONFIGS = {
     "rbm": {"code_dim": 4, "hidden": [32, 16], "pretrain_epochs": 2},
     "conv": {"code_dim": 4, "channels": [8, 16]},
     "vae": {"code_dim": 4, "hidden": [32]},
+    "rd": {"channels": 8, "latent_channels": 1},  # a (1, 2, 2) latent on 8x8 digits: a code of 4 integers
 }
 
 

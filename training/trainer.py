@@ -204,6 +204,7 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     if not world.is_main:
         return None
     model.eval()
+    prepare_facts = {**prepare_facts, **model.finish()}  # what the trained weights determine (coding tables, say)
     metrics = held_out_metrics(model, x_train, x_test, x_val)
     metrics.update(model.extra_metrics(x_test.subset(bounded_sample(np.arange(len(x_test)), preprocessing.input_dim, config.train.seed)).tensor()))
     # The map: fitted on the training codes and scored against every training row's code, or on the sample's alone.

@@ -54,7 +54,7 @@ def test_loaded_version_matches_its_manifest_metrics(kind, trained_registry):
 
 
 def test_unknown_kind_and_bad_config_name_the_problem():
-    with pytest.raises(ValueError, match=r"unknown model kind 'nope'; allowed: \['conv', 'linear', 'mlp', 'pca', 'rbm', 'vae'\]"):
+    with pytest.raises(ValueError, match=r"unknown model kind 'nope'; allowed: \['conv', 'linear', 'mlp', 'pca', 'rbm', 'rd', 'vae'\]"):
         build_model("nope", {}, (10,))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['model.layers'\] for model.kind 'mlp'; allowed: \['activation', 'code_dim', 'hidden', "):
         build_model("mlp", {"layers": [3]}, (10,))

@@ -32,7 +32,7 @@ MLP = "configs/digits-mlp8.toml"
     (["train.epoch=1"], "unknown key(s) ['train.epoch']; allowed: ['batch_size', 'epochs', 'lr', 'patience', 'report', 'schedule', 'seed', 'weight_decay']"),
     (["model.layers=[3]"], "unknown key(s) ['model.layers'] for model.kind 'mlp'; allowed: ['activation', 'code_dim', 'hidden', 'output']"),
     (["projector.kind=umap", "projector.min_dist=1"], "projector.min_dist must be >= 0 and < 1, got 1"),
-    (["model.kind=cnn"], "model.kind 'cnn' is not one of ['conv', 'linear', 'mlp', 'pca', 'rbm', 'vae']"),
+    (["model.kind=cnn"], "model.kind 'cnn' is not one of ['conv', 'linear', 'mlp', 'pca', 'rbm', 'rd', 'vae']"),
 ])
 def test_bad_values_are_named_with_what_is_allowed(overrides, message):
     with pytest.raises(ValueError) as error:

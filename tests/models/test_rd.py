@@ -1,0 +1,77 @@
+"""The compression autoencoder's parts: the factorized prior, its coding tables, the range coder, rate + distortion."""
+import numpy as np
+import pytest
+import torch
+
+from aeserve.models.entropy import RADIUS, FactorizedPrior, RangeCoder, bits
+from aeserve.models.rd import RDAutoencoder, RDConfig
+
+
+def test_the_prior_is_a_distribution_over_the_integers():
+    prior = FactorizedPrior(3)
+    with torch.no_grad():
+        for p in prior.biases:
+            p.normal_()
+        integers = torch.arange(-RADIUS, RADIUS + 1, dtype=torch.float32)
+        mass = prior.likelihood(integers.reshape(1, 1, -1, 1).expand(1, 3, -1, 1).contiguous())  # (1, 3, 127, 1)
+        # The unit intervals tile [-RADIUS - 1/2, RADIUS + 1/2]: their masses add up to the distribution's mass there.
+        ends = torch.sigmoid(prior.cdf_logits(torch.tensor([-RADIUS - 0.5, RADIUS + 0.5]).expand(3, 1, -1)))[:, 0]
+        assert torch.allclose(mass.sum(dim=2).flatten(), ends[:, 1] - ends[:, 0], atol=1e-5)
+        logits = prior.cdf_logits(torch.linspace(-20, 20, 401).expand(3, 1, -1))
+        assert torch.all(logits.diff(dim=2) > 0)  # a cumulative distribution: increasing everywhere
+    prior.make_tables()
+    assert torch.allclose(prior.pmf.sum(dim=1), torch.ones(3)) and torch.all(prior.pmf > 0)
+    assert torch.allclose(prior.pmf, mass[0, :, :, 0] / mass[0, :, :, 0].sum(dim=1, keepdim=True), atol=1e-6)
+
+
+def test_the_range_coder_round_trips_exactly_and_spends_about_the_information_content():
+    rng = np.random.default_rng(0)
+    channels, positions = 4, 49
+    pmf = rng.dirichlet(np.full(2 * RADIUS + 1, 0.05), size=channels).astype(np.float32)
+    channel_of = np.repeat(np.arange(channels), positions)
+    coder = RangeCoder(pmf, channel_of)
+    for _ in range(20):
+        code = np.array([rng.choice(2 * RADIUS + 1, p=pmf[c] / pmf[c].sum()) - RADIUS for c in channel_of], dtype=np.float32)
+        data = coder.encode(code)
+        np.testing.assert_array_equal(coder.decode(data), code)
+        information = -np.log2(pmf[channel_of, (code + RADIUS).astype(int)].astype(np.float64)).sum()
+        assert len(data) * 8 <= information + 64  # the coder's overhead: a few words at most
+    extremes = np.array([-RADIUS, RADIUS] * (len(channel_of) // 2) + [0] * (len(channel_of) % 2), dtype=np.float32)
+    np.testing.assert_array_equal(coder.decode(coder.encode(extremes)), extremes)
+    with pytest.raises(ValueError, match="whole 32-bit words"):
+        coder.decode(b"abc")
+
+
+def test_rd_codes_are_the_integers_a_stream_carries_and_training_lowers_rate_plus_distortion():
+    torch.manual_seed(0)
+    model = RDAutoencoder(RDConfig(channels=8, latent_channels=2, lmbda=0.01), (1, 16, 16))
+    assert model.code_dim == 2 * 4 * 4 and model.channel_of().tolist() == [0] * 16 + [1] * 16
+    x = torch.rand(64, 256) * (torch.rand(64, 1) > 0.5)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        first = float(model.loss(x))
+    for _ in range(60):
+        loss = model.loss(x)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        assert float(model.loss(x)) < 0.8 * first
+    model.eval()
+    model.finish()
+    with torch.no_grad():
+        code = model.encode(x)
+        assert torch.equal(code, torch.round(code)) and code.abs().max() <= RADIUS
+        rate, distortion = model.rate_distortion(x, noisy=False)
+        assert torch.allclose(distortion, (model.decode(code) - x).pow(2).sum(dim=1), rtol=1e-5)
+        assert torch.allclose(rate, bits(model.prior.likelihood(code.reshape(-1, 2, 4, 4))))
+    coder = RangeCoder(model.prior.pmf.numpy(), model.channel_of().numpy())
+    for row in code.numpy():
+        np.testing.assert_array_equal(coder.decode(coder.encode(row)), row)
+    metrics = model.extra_metrics(x)
+    assert metrics["rate_bytes"] == pytest.approx(metrics["rate_bits"] / 8) and metrics["psnr"] > 0
+
+
+def test_rd_needs_sizes_divisible_by_four():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        RDAutoencoder(RDConfig(), (30, 30))
