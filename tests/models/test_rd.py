@@ -75,3 +75,37 @@ def test_rd_codes_are_the_integers_a_stream_carries_and_training_lowers_rate_plu
 def test_rd_needs_sizes_divisible_by_four():
     with pytest.raises(ValueError, match="divisible by 4"):
         RDAutoencoder(RDConfig(), (30, 30))
+
+
+def test_streams_name_their_version_and_refuse_damage():
+    from aeserve.models.streams import StreamError, StreamFormat
+
+    rng = np.random.default_rng(1)
+    pmf = rng.dirichlet(np.full(2 * RADIUS + 1, 0.05), size=2).astype(np.float32)
+    coder = RangeCoder(pmf, np.repeat(np.arange(2), 16))
+    fmt = StreamFormat("fmnist-rd-1", 3, coder)
+    code = np.array([rng.choice(2 * RADIUS + 1, p=pmf[c] / pmf[c].sum()) - RADIUS for c in np.repeat(np.arange(2), 16)], dtype=np.float32)
+    stream = fmt.pack(code)
+    assert stream[:1] == b"\xa1" and len(stream) <= 7 + len(coder.encode(code))
+    np.testing.assert_array_equal(fmt.unpack(stream), code)
+    for version in (200, 70_000):  # versions of several varint bytes
+        other = StreamFormat("fmnist-rd-1", version, coder)
+        np.testing.assert_array_equal(other.unpack(other.pack(code)), code)
+
+    with pytest.raises(StreamError, match=r"row 4: the stream was made by version 2 of 'fmnist-rd-1', not version 3; "
+                                          r"decompress it with /v1/models/fmnist-rd-1/versions/2/decompress"):
+        fmt.unpack(StreamFormat("fmnist-rd-1", 2, coder).pack(code), row=4)
+    with pytest.raises(StreamError, match="made by another model, not 'fmnist-rd-1'"):
+        fmt.unpack(StreamFormat("other", 3, coder).pack(code))
+    with pytest.raises(StreamError, match="not an aeserve stream"):
+        fmt.unpack(b"\x89PNG....")
+    with pytest.raises(StreamError, match="not an aeserve stream"):
+        fmt.unpack(b"")
+    for cut in range(1, len(stream)):  # every truncation is refused
+        with pytest.raises(StreamError, match="truncated"):
+            fmt.unpack(stream[:cut])
+    for i in range(len(stream)):  # every single flipped byte is refused
+        damaged = bytearray(stream)
+        damaged[i] ^= 0x5A
+        with pytest.raises(StreamError):
+            fmt.unpack(bytes(damaged))
