@@ -206,3 +206,16 @@ def test_an_image_folder_on_s3_reads_as_the_local_folder_and_trains(s3, tmp_path
                             "model": {"kind": "conv", "code_dim": 2, "channels": [4]}, "train": {"epochs": 1, "batch_size": 4, "report": False}})
     assert train(run, registry, progress=False) == 1
     assert registry.manifest("photos")["training"]["skipped_files"] == 1
+
+
+def test_train_data_picks_the_image_recipe_for_a_folder_at_a_url(s3, tmp_path, capsys, monkeypatch):
+    from aeserve.cli import main
+
+    fs, bucket = s3
+    fs.put(str(write_folder(tmp_path / "photos")), f"{bucket}/photos", recursive=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", f"{bucket}/photos", "--name", "photos", "--registry", str(tmp_path / "registry"), "--quiet",
+                 "--set", "data.image_size=[8, 8]", "--set", "train.epochs=1", "--set", "model.channels=[4]", "--set", "train.report=false"]) == 0
+    assert Registry(tmp_path / "registry").manifest("photos")["kind"] == "conv"
+    assert main(["train", "--data", f"{bucket}/nothing-here.bin", "--registry", str(tmp_path / "registry")]) == 2
+    assert "cannot tell the data's kind from the suffix '.bin'" in capsys.readouterr().err
