@@ -24,6 +24,7 @@ download and load it, and answers that stay valid for the same rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -42,7 +43,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.loadgen import wait_ready
+from benchmarks.loadgen import processes, wait_ready
 from tests.s3 import ENV, free_port, start_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,16 +130,39 @@ class Replica:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            children = self._children()
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+            self._reap(children)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            children = self._children()
             self.process.kill()
             self.process.wait(10)
+            self._reap(children)
+
+    def _children(self) -> list[int]:
+        try:
+            return processes(self.process.pid)[1:]
+        except OSError:
+            return []
+
+    @staticmethod
+    def _reap(pids: list[int]) -> None:
+        """Kill the server's child processes that outlived it. An ONNX export child running when its server exits
+        goes on to the end of its export (seconds of a core) and leaves its /tmp/aeserve-onnx-* folder: it would load
+        the cores during the next measurement."""
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                if any(arg.startswith("aeserve.service.runtime") for arg in argv):
+                    os.kill(pid, signal.SIGKILL)
+                    if argv[2:3] == ["aeserve.service.runtime.export"] and Path(argv[3]).name.startswith("aeserve-onnx-"):
+                        shutil.rmtree(argv[3], ignore_errors=True)
 
 
 def version_files(fs, key: str) -> dict[str, bytes]:
@@ -243,6 +267,7 @@ def main() -> None:
                 one = replica(f"start-{i}-{kind}", cache)
                 seconds = one.start()
                 into.append((seconds, one.metric("aeserve_registry_fetched_bytes")))
+                one.settle()  # its ONNX export done, so that nothing of this start runs during the next one
                 one.stop()
                 print(f"  (b) {kind} start {i + 1}: {seconds:.2f} s to ready, {into[-1][1] / 1e6:.2f} MB fetched")
         for kind, runs in (("cold (empty cache)", cold), ("warm (same cache, restarted)", warm)):
