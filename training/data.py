@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import math
 import mmap
+import os
 import sys
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -29,7 +32,7 @@ import torch
 from annotated_types import Interval, MaxLen
 
 from aeserve.models.config import Config, Count, Size
-from aeserve.models.images import IMAGE_SUFFIXES, image_input_shape, is_gray, open_image, to_pixels
+from aeserve.models.images import IMAGE_FORMATS, IMAGE_SUFFIXES, image_input_shape, is_gray, open_image, to_pixels
 from aeserve.models.preprocessing import Preprocessing
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -78,6 +81,10 @@ class DataConfig(Config):
     image_size: Annotated[tuple[Size, ...], MaxLen(2)] = ()
     channels: Literal[0, 1, 3] = 0
     skip_bad: bool = False
+    # Images: decoded once into memory, or lazily as training draws each batch (auto: lazily when the pixels would take
+    # more than IMAGE_MEMORY_BYTES), by this many DataLoader worker processes (at most the CPUs; 0: in this process).
+    decode: Literal["auto", "memory", "lazy"] = "auto"
+    workers: Count = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,12 +117,13 @@ class Dataset:
     def fingerprint(self) -> str:
         """sha256 over the raw train and test arrays: names exactly which data a model saw.
 
-        Rows read from a URL on demand (RemoteArray) are named by the object's identity instead of their bytes.
+        Rows read from a URL on demand (RemoteArray) are named by the object's identity instead of their bytes, images
+        decoded lazily (ImageFiles) by their files' paths and bytes.
         """
         h = hashlib.sha256()
         for a in (self.train_x, self.test_x):
             h.update(str((a.dtype.str, a.shape)).encode())
-            if isinstance(a, RemoteArray):
+            if isinstance(a, RemoteArray | ImageFiles):
                 h.update(a.identity().encode())
                 continue
             for chunk in chunks(a):  # row-major bytes chunk by chunk: the same digest as the whole array's bytes
@@ -162,7 +170,6 @@ REMOTE_WHOLE_BYTES = 256 * 2**20
 REMOTE_BLOCK_BYTES = 8 * 2**20  # what one read of a table or archive from a URL fetches (ahead, for sequential reads)
 HEADER_BYTES = 64 * 2**10  # what a read of a header (.npy, zip member, CSV header line) from a URL fetches
 GAP_BYTES = 64 * 2**10  # rows of a gather at most this far apart are fetched as one range: cheaper than another request
-IMAGE_FETCH = 64  # image files fetched at a time from a URL (concurrently, where the store allows)
 
 
 def is_url(path: str) -> bool:
@@ -341,12 +348,15 @@ class RemoteArray:
 
 
 def _lazy(x) -> bool:
-    """Whether rows of x are read from a file as they are indexed (memory-mapped, or from a URL)."""
-    return isinstance(x, np.memmap | RemoteArray)
+    """Whether rows of x are read from a file as they are indexed (memory-mapped, from a URL, images decoded lazily)."""
+    return isinstance(x, np.memmap | RemoteArray | ImageFiles)
 
 
 def _take(x, rows: slice | np.ndarray):
-    """x[rows]; for a RemoteArray and a slice, a view that reads nothing (as a memory map's slice is)."""
+    """x[rows]; for a RemoteArray and a slice, or ImageFiles and any rows, a view that reads nothing (as a memory map's
+    slice is)."""
+    if isinstance(x, ImageFiles):
+        return x.rows(rows)
     return x.rows(rows.start, rows.stop) if isinstance(x, RemoteArray) and isinstance(rows, slice) else x[rows]
 
 
@@ -478,6 +488,16 @@ class ModelRows:
             raw = self._gather(np.asarray(rows))
         return torch.from_numpy(self.preprocessing.to_model(raw))
 
+    def batches(self, row_lists) -> Iterator[torch.Tensor]:
+        """self[rows] for each of ``row_lists`` (tensors or arrays of row numbers) in turn: how training draws its
+        batches. An image folder decoded lazily decodes them in its DataLoader worker processes, ahead of the consumer."""
+        if not isinstance(self.raw, ImageFiles):
+            yield from (self[rows] for rows in row_lists)
+            return
+        lists = [np.asarray(rows) if self.index is None else self.index[np.asarray(rows)] for rows in row_lists]
+        for raw in self.raw.batches(lists):
+            yield torch.from_numpy(self.preprocessing.to_model(raw))
+
     def _gather(self, rows: np.ndarray) -> np.ndarray:
         """raw[rows] in blocks, so that a memory-mapped file's touched pages stay bounded even for a large sample.
 
@@ -540,7 +560,7 @@ def fit_scaling(name: str, x: np.ndarray, scaling: str) -> Preprocessing:
     More than CHUNK_ROWS rows are read in chunks (float32 rows, float64 sums), so a memory-mapped array is never
     copied whole; the standard deviation then comes from a second pass over the rows, around the mean of the first.
     """
-    if len(x) > CHUNK_ROWS or isinstance(x, RemoteArray):
+    if len(x) > CHUNK_ROWS or isinstance(x, RemoteArray | ImageFiles):
         return _fit_scaling_in_chunks(name, x, scaling)
     flat = x.reshape(len(x), -1)
     if scaling == "global":
@@ -985,14 +1005,77 @@ def _image_files(folder: Path | RemoteFile) -> tuple[list[str], list[int] | None
     return files, labels, subfolders
 
 
+# Images per task of a decoding pass: what one worker process decodes at a time (training: one batch per task), and
+# from a URL the files fetched together (concurrently, where the store allows).
+IMAGE_BATCH = 64
+# data.decode = "auto": a folder whose pixels take at most this many bytes (uint8, counted as three channels unless
+# data.channels is 1) is decoded once into memory, a bigger one lazily, each batch as training draws it.
+IMAGE_MEMORY_BYTES = 2**28
+
+
+def decoding_workers(workers: int) -> int:
+    """data.workers, at most the CPUs this process may run on; 0 in a daemonic process, which may not start any."""
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(workers, cpus)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A task's DataError, passed back from a worker process as a value (DataLoader would re-raise it reworded)."""
+
+    message: str
+
+
+class _Tasks(torch.utils.data.Dataset):
+    """Task k, ``work(args[k])``, as a map-style dataset, so that a DataLoader runs the tasks in its worker processes."""
+
+    def __init__(self, work: Callable[[Any], Any], args: list[Any]) -> None:
+        self.work, self.args = work, args
+
+    def __len__(self) -> int:
+        return len(self.args)
+
+    def __getitem__(self, k: int) -> Any:
+        try:
+            return self.work(self.args[k])
+        except DataError as e:
+            return _Failed(str(e))
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _in_parallel(work: Callable[[Any], Any], args: list[Any], workers: int) -> Iterator[Any]:
+    """work(a) for each of ``args`` in that order, whatever the number of workers: computed by ``workers`` DataLoader
+    worker processes, each up to two tasks ahead of what is taken (DataLoader's prefetch), or here one by one when
+    ``workers`` is 0 or there is a single task. A task's DataError is raised here, worded as the task worded it.
+    ``work`` must be picklable (a bound method of a dataclass, a partial of one) where processes are spawned."""
+    if workers == 0 or len(args) <= 1:
+        yield from map(work, args)
+        return
+    iterator = iter(torch.utils.data.DataLoader(_Tasks(work, args), batch_size=None, num_workers=min(workers, len(args)), collate_fn=_as_is))
+    try:
+        for result in iterator:
+            if isinstance(result, _Failed):
+                raise DataError(result.message)
+            yield result
+    finally:  # also when the consumer stops early (a bad file, an exception in training): no worker outlives the pass
+        iterator._shutdown_workers()
+
+
 def _image_sources(folder: Path | RemoteFile, files: list[str]) -> Iterator[Path | bytes]:
-    """What to decode for each file, in order: a local file's path, or a URL's bytes, fetched IMAGE_FETCH files at a
+    """What to decode for each file, in order: a local file's path, or a URL's bytes, fetched IMAGE_BATCH files at a
     time (concurrently where the store allows) as decoding reaches them."""
     if isinstance(folder, Path):
         yield from (folder / f for f in files)
         return
-    for start in range(0, len(files), IMAGE_FETCH):
-        batch = [folder.child(f) for f in files[start:start + IMAGE_FETCH]]
+    for start in range(0, len(files), IMAGE_BATCH):
+        batch = [folder.child(f) for f in files[start:start + IMAGE_BATCH]]
         fetched = folder.fs.cat([file.path for file in batch], on_error="return")
         for file in batch:
             content = fetched.get(file.path)
@@ -1001,12 +1084,154 @@ def _image_sources(folder: Path | RemoteFile, files: list[str]) -> Iterator[Path
             yield content
 
 
-def load_images(config: DataConfig) -> Dataset:
-    """A folder of PNG, JPEG, WebP or BMP files, decoded one by one (``models/images.py`` has the resize and colour rule).
+@dataclass(frozen=True)
+class _ImageReader:
+    """What decoding a folder's files takes, picklable for worker processes: a URL's filesystem is made again in each
+    process (fsspec's async filesystems do not survive a fork)."""
 
-    Arrays are uint8 (n, H, W) for one channel and (n, 3, H, W) for three; pixels 0..255 scaled by 1/255 unless
-    ``data.scaling`` says otherwise. The folder may be a URL: listed once, each file's bytes read when it is decoded.
+    path: str  # data.path
+    files: tuple[str, ...]  # relative to the folder, in the folder's order
+    size: tuple[int, int]
+    config_channels: int  # data.channels (0: by the images)
+    channels: int  # of the arrays: 1 or 3 (the lazy path; the in-memory one decides once every image is decoded)
+    skip_bad: bool
+
+    def folder(self) -> Path | RemoteFile:
+        return _location(self.path)
+
+    def unreadable(self, file: str, reason: Exception | str) -> DataError:
+        advice = ("it was readable before training, so it changed since" if self.skip_bad else
+                  "set data.skip_bad = true to skip such files")
+        return DataError(f"{_child(self.folder(), file)}: not a readable image ({reason}); {advice}")
+
+    def pixels(self, image) -> np.ndarray:
+        """The rule's pixels: (H, W) for one channel, (3, H, W) for three. With data.channels = 0 a gray image is
+        converted to one channel (and a colour one too where the arrays have one)."""
+        gray = self.channels == 1 or is_gray(image)
+        return to_pixels(image, self.size, self.config_channels or (1 if gray else 3))
+
+    def _sources(self, files: list[str]) -> Iterator[tuple[str, Path | bytes]]:
+        return zip(files, _image_sources(self.folder(), files), strict=True)
+
+    def decode(self, numbers: np.ndarray) -> torch.Tensor:
+        """uint8 pixels (k, *input_shape) of files ``numbers``, as a tensor: from a worker through shared memory."""
+        files = [self.files[n] for n in numbers]
+        out = np.empty((len(files), *image_input_shape(self.size, self.channels)), np.uint8)
+        for row, (file, source) in enumerate(self._sources(files)):
+            try:
+                image = open_image(source)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise self.unreadable(file, e) from None
+            pixels = self.pixels(image)
+            out[row] = pixels if pixels.ndim == out.ndim - 1 else pixels[None]  # a gray image among colour ones: repeated
+        return torch.from_numpy(out)
+
+    def decode_each(self, start: int) -> list[np.ndarray | str]:
+        """Per file of files[start:start + IMAGE_BATCH] its pixels, each with its own channels (``channels = 3`` here:
+        gray ones keep one), or with skip_bad the note of why it is skipped."""
+        out = []
+        for file, source in self._sources(list(self.files[start:start + IMAGE_BATCH])):
+            try:
+                out.append(self.pixels(open_image(source)))
+            except (OSError, ValueError, SyntaxError) as e:
+                if not self.skip_bad:
+                    raise self.unreadable(file, e) from None
+                out.append(f"{file} ({e})")
+        return out
+
+    def scan(self, start: int, decode: bool) -> list[tuple[str, bool] | str]:
+        """Per file of files[start:start + IMAGE_BATCH]: (the sha256 of its bytes, whether its mode is gray), or with
+        skip_bad the note of why it is skipped. Its header alone is parsed, or with ``decode`` the whole image decoded."""
+        from PIL import Image
+
+        out = []
+        for file, source in self._sources(list(self.files[start:start + IMAGE_BATCH])):
+            try:
+                data = source if isinstance(source, bytes) else source.read_bytes()
+                # Image.open parses the header; a palette is read with it (is_gray looks at its entries).
+                image = open_image(data) if decode else Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+                gray = not self.config_channels and is_gray(image)
+            except (OSError, ValueError, SyntaxError) as e:
+                if not self.skip_bad:
+                    raise self.unreadable(file, e) from None
+                out.append(f"{file} ({e})")
+                continue
+            out.append((hashlib.sha256(data).hexdigest(), gray))
+        return out
+
+
+class ImageFiles:
+    """The images of a folder as an array (n, *input_shape) of uint8 pixels, decoded as they are indexed: what np.memmap
+    is for an .npy. The rows are files; nothing of an image is held before it is indexed.
+
+    ``x[i]``, ``x[a:b]`` and ``x[rows]`` decode those files by the rule of ``models/images.py``, IMAGE_BATCH per task
+    in DataLoader worker processes when there are more. ``x.rows(index)`` is a view that decodes nothing (the split,
+    data.limit). ``x.batches(lists)`` gives the pixels of each list of rows in turn, one batch per task, the workers
+    decoding ahead of the consumer: how training draws its batches.
     """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, reader: _ImageReader, digests: dict[int, str], workers: int, numbers: np.ndarray) -> None:
+        self.reader, self.digests, self.workers = reader, digests, workers
+        self.numbers = np.asarray(numbers, dtype=np.int64)  # row -> file number (of reader.files)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *image_input_shape(self.reader.size, self.reader.channels))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def files(self) -> list[str]:
+        """The rows' files, relative to the folder."""
+        return [self.reader.files[n] for n in self.numbers]
+
+    def rows(self, key) -> ImageFiles:
+        """The rows ``key`` (a slice or row numbers) of these, decoding nothing."""
+        return ImageFiles(self.reader, self.digests, self.workers, self.numbers[key])
+
+    def identity(self) -> str:
+        """Names these rows for the data fingerprint: each file's path in the folder and the sha256 of its bytes, read
+        before training (hashing the pixels would decode every image once more)."""
+        h = hashlib.sha256()
+        for n in self.numbers:
+            h.update(f"{self.reader.files[n]}\0{self.digests[n]}\n".encode())
+        return h.hexdigest()
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            return self[np.array([key])][0]
+        numbers = self.numbers[key.numpy() if isinstance(key, torch.Tensor) else key]
+        tasks = [numbers[start:start + IMAGE_BATCH] for start in range(0, len(numbers), IMAGE_BATCH)]
+        out = np.empty((len(numbers), *self.shape[1:]), np.uint8)
+        with closing(_in_parallel(self.reader.decode, tasks, self.workers)) as decoded:
+            for start, pixels in zip(range(0, len(numbers), IMAGE_BATCH), decoded, strict=True):
+                out[start:start + len(pixels)] = pixels.numpy()
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        x = self[:]
+        return x if dtype is None else x.astype(dtype)
+
+    def batches(self, row_lists: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """self[rows] for each of ``row_lists`` in turn, each decoded whole by one worker, the workers ahead of the consumer."""
+        numbers = [self.numbers[np.asarray(rows)] for rows in row_lists]
+        with closing(_in_parallel(self.reader.decode, numbers, self.workers)) as decoded:
+            for pixels in decoded:
+                yield pixels.numpy()
+
+
+def _image_folder(config: DataConfig) -> Path | RemoteFile:
     if not config.path:
         raise DataError("data.source 'images' needs data.path (a folder of images)")
     folder = _location(config.path)
@@ -1018,39 +1243,101 @@ def load_images(config: DataConfig) -> Dataset:
         raise DataError(f"{folder}: is a file; data.source 'images' needs a folder of images (one subfolder per label, or flat)")
     if kind != "directory":
         raise DataError(f"{folder}: folder not found")
+    return folder
+
+
+def load_images(config: DataConfig) -> Dataset:
+    """A folder of PNG, JPEG, WebP or BMP files (``models/images.py`` has the resize and colour rule).
+
+    Arrays are uint8 (n, H, W) for one channel and (n, 3, H, W) for three; pixels 0..255 scaled by 1/255 unless
+    ``data.scaling`` says otherwise. The folder may be a URL: listed once, each file's bytes read when it is needed.
+
+    ``data.decode``: ``memory`` decodes every image once, before training, into one array. ``lazy`` reads every file
+    once before training (its bytes hashed for the fingerprint and its header parsed for its colour mode; with
+    ``data.skip_bad`` decoded whole, so that the unreadable ones are known and counted before training) and gives
+    training an ImageFiles, whose batches are decoded as they are drawn. ``auto``: memory up to IMAGE_MEMORY_BYTES of
+    pixels. Either pass is spread over ``data.workers`` DataLoader worker processes; the rows, their order, the split
+    and the pixels are the same whichever way and however many workers.
+    """
+    folder = _image_folder(config)
     files, labels, names = _image_files(folder)
     if not files:
         raise DataError(f"{folder}: no images found (files ending {', '.join(IMAGE_SUFFIXES)}, in the folder or in label subfolders)")
-    size = tuple(config.image_size) or None
-    pixels, kept, skipped = [], [], []
-    for i, (file, source) in enumerate(zip(files, _image_sources(folder, files), strict=True)):
-        try:
-            image = open_image(source)
-        except (OSError, ValueError, SyntaxError) as e:
-            if not config.skip_bad:
-                raise DataError(f"{_child(folder, file)}: not a readable image ({e}); set data.skip_bad = true to skip such files") from None
-            skipped.append(f"{file} ({e})")
-            continue
-        if size is None:
-            size = (image.height, image.width)  # the default: the first readable image's size
-        # Auto channels: gray images stay one channel until a colour one shows up; they are repeated to three below.
-        channels = config.channels or (1 if is_gray(image) else 3)
-        pixels.append(to_pixels(image, size, channels))
-        kept.append(i)
+    workers = decoding_workers(config.workers)
+    size = tuple(config.image_size) or _first_size(folder, files, config.skip_bad)
+    reader = _ImageReader(config.path, tuple(files), size, config.channels, config.channels or 3, config.skip_bad)
+    pixels_bound = len(files) * size[0] * size[1] * (config.channels or 3)
+    if config.decode == "lazy" or (config.decode == "auto" and pixels_bound > IMAGE_MEMORY_BYTES):
+        x, kept, skipped = _scanned(reader, workers)
+    else:
+        x, kept, skipped = _decoded(reader, workers)
     if skipped:
         print(f"note: skipped {len(skipped)} unreadable image(s) of {len(files)} in {folder} (data.skip_bad): "
               f"{'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
-    if len(pixels) < 2:
-        raise DataError(f"{folder}: {len(pixels)} readable image(s); at least 2 are needed")
-    channels = config.channels or (3 if any(p.ndim == 3 for p in pixels) else 1)
-    x = np.empty((len(pixels), *image_input_shape(size, channels)), dtype=np.uint8)
+    if len(x) < 2:
+        raise DataError(f"{folder}: {len(x)} readable image(s); at least 2 are needed")
+    y = None if labels is None else np.asarray(labels, dtype=np.int64)[kept]
+    # Split at random (seeded) whichever way the images are held: a folder's files are in label order.
+    dataset = _split_off_test(folder.name, x, y, config, Preprocessing(input_shape=x.shape[1:], offset=0.0, scale=1 / 255), contiguous=False)
+    dataset.facts = {**({"labels": names} if names else {}), "image_size": list(size), "channels": x.shape[1] if x.ndim == 4 else 1,
+                     "files": len(x), "skipped_files": len(skipped)}
+    return dataset
+
+
+def _first_size(folder: Path | RemoteFile, files: list[str], skip_bad: bool) -> tuple[int, int]:
+    """(height, width) of the first readable image in the folder's order: the default data.image_size."""
+    for file, source in zip(files, _image_sources(folder, files), strict=True):
+        try:
+            image = open_image(source)
+        except (OSError, ValueError, SyntaxError) as e:
+            if not skip_bad:
+                raise DataError(f"{_child(folder, file)}: not a readable image ({e}); set data.skip_bad = true to skip such files") from None
+            continue  # found again, and counted, by the pass over every file
+        return image.height, image.width
+    raise DataError(f"{folder}: 0 readable image(s); at least 2 are needed")
+
+
+def _decoded(reader: _ImageReader, workers: int) -> tuple[np.ndarray, list[int], list[str]]:
+    """(every readable image's pixels in one array, their file numbers, notes of the unreadable ones skipped).
+
+    Gray images stay one channel until a colour one shows up; then they are repeated to three.
+    """
+    pixels, kept, skipped = [], [], []
+    starts = list(range(0, len(reader.files), IMAGE_BATCH))
+    with closing(_in_parallel(reader.decode_each, starts, workers)) as decoded:
+        batches = list(zip(starts, decoded, strict=True))
+    for start, results in batches:
+        for number, result in enumerate(results, start):
+            if isinstance(result, str):
+                skipped.append(result)
+            else:
+                pixels.append(result)
+                kept.append(number)
+    channels = reader.config_channels or (3 if any(p.ndim == 3 for p in pixels) else 1)
+    x = np.empty((len(pixels), *image_input_shape(reader.size, channels)), dtype=np.uint8)
     for row, p in enumerate(pixels):
         x[row] = p if p.ndim == x.ndim - 1 else p[None]  # a gray image among colour ones: its one channel three times
-    y = None if labels is None else np.asarray(labels, dtype=np.int64)[kept]
-    dataset = _split_off_test(folder.name, x, y, config, Preprocessing(input_shape=x.shape[1:], offset=0.0, scale=1 / 255))
-    dataset.facts = {**({"labels": names} if names else {}), "image_size": list(size), "channels": channels,
-                     "files": len(pixels), "skipped_files": len(skipped)}
-    return dataset
+    return x, kept, skipped
+
+
+def _scanned(reader: _ImageReader, workers: int) -> tuple[ImageFiles, list[int], list[str]]:
+    """(the readable images as an ImageFiles, their file numbers, notes of the unreadable ones skipped), from one pass
+    over the files: each read and hashed, its header parsed (decoded whole with skip_bad)."""
+    digests, grays, kept, skipped = {}, [], [], []
+    starts = list(range(0, len(reader.files), IMAGE_BATCH))
+    with closing(_in_parallel(partial(reader.scan, decode=reader.skip_bad), starts, workers)) as scanned:
+        batches = list(zip(starts, scanned, strict=True))
+    for start, results in batches:
+        for number, result in enumerate(results, start):
+            if isinstance(result, str):
+                skipped.append(result)
+            else:
+                digests[number] = result[0]
+                grays.append(result[1])
+                kept.append(number)
+    channels = reader.config_channels or (1 if all(grays) else 3)
+    reader = replace(reader, channels=channels)
+    return ImageFiles(reader, digests, workers, np.asarray(kept, dtype=np.int64)), kept, skipped
 
 
 SOURCES: dict[str, Callable[[DataConfig], Dataset]] = {

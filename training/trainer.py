@@ -42,7 +42,8 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
     """Gradient training of whatever parameters the model has; returns per-epoch history.
 
     x_train, x_val: (n, input_dim) float32 in model space, as tensors or as ModelRows that scale each batch's rows
-    when it is drawn (a memory-mapped training set is then read batch by batch, never copied whole).
+    when it is drawn (a memory-mapped training set is then read batch by batch, never copied whole; a lazily decoded
+    image folder's batches are decoded by DataLoader worker processes, in the same order whatever their number).
 
     With ``state``, the training state is saved after every epoch; with ``saved`` (a state
     loaded from it), training continues after the saved epoch exactly as if never stopped.
@@ -72,23 +73,27 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
     for epoch in range(first_epoch, train.epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=shuffle)  # the same order on every rank
-        total, seen = 0.0, 0
-        bar = tqdm(range(0, len(x_train), train.batch_size), desc=f"epoch {epoch}/{train.epochs}",
-                   disable=not bars, leave=False, file=sys.stderr)
-        for start in bar:
+        draws = []
+        for start in range(0, len(x_train), train.batch_size):
             rows = order[start:start + train.batch_size]
             if len(rows) < world.size:
                 break  # a last batch too small to give every rank a row
-            batch = x_train[rows[world.rank::world.size]]
-            loss = step(batch)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.item() * len(batch)
-            seen += len(batch)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+            draws.append(rows[world.rank::world.size])
+        # The epoch's batches known up front: an image folder decoded lazily decodes them ahead in worker processes.
+        batches = x_train.batches(draws) if isinstance(x_train, ModelRows) else (x_train[rows] for rows in draws)
+        total, seen = 0.0, 0
+        bar = tqdm(batches, total=len(draws), desc=f"epoch {epoch}/{train.epochs}", disable=not bars, leave=False, file=sys.stderr)
+        with contextlib.closing(batches):  # stops a lazy folder's workers even when a step fails
+            for batch in bar:
+                loss = step(batch)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total += loss.item() * len(batch)
+                seen += len(batch)
+                bar.set_postfix(loss=f"{total / seen:.4f}")
         record = {"epoch": epoch, "train_loss": total / seen}
         if len(x_val):
             record["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())

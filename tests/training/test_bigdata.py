@@ -142,3 +142,31 @@ def test_a_training_set_beyond_the_bound_is_never_scaled_whole(big, tmp_path, mo
     metrics, exact = manifest["metrics"], whole.manifest("big")["metrics"]
     assert metrics["test_sq_err"] == exact["test_sq_err"] and metrics["n_test"] == exact["n_test"] == 2000
     assert metrics["pca_sq_err"] == pytest.approx(exact["pca_sq_err"], rel=1e-4)
+
+
+def test_an_image_folder_decoded_lazily_goes_the_way_of_a_big_array(tmp_path, monkeypatch):
+    """Beyond the bounds a lazy folder is sampled and streamed as a memory-mapped array is, with the same results as
+    the same folder decoded into memory: the held-out errors, the PCA baseline, the quantiles and the map."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (folder / str(label)).mkdir(parents=True)
+        for i in range(100):
+            Image.fromarray((rng.integers(0, 64, (8, 8)) + 64 * label).astype(np.uint8)).save(folder / str(label) / f"{i}.png")
+    monkeypatch.setattr(evaluate, "WHOLE_ELEMENTS", 100 * 64)
+    monkeypatch.setattr(evaluate, "SAMPLE_ELEMENTS", 80 * 64)
+    manifests = {}
+    for decode in ("lazy", "memory"):
+        registry = Registry(tmp_path / decode)
+        train(build_run_config({"name": "photos", "data": {"source": "images", "path": str(folder), "decode": decode, "workers": 2},
+                                "model": {"kind": "conv", "code_dim": 2, "channels": [4]},
+                                "train": {"epochs": 1, "batch_size": 32, "report": False}}), registry, progress=False)
+        manifests[decode] = registry.manifest("photos")
+    lazy, memory = manifests["lazy"], manifests["memory"]
+    assert lazy["training"]["sample_rows"] == 80 and lazy["training"]["n_train"] == 243  # 300 less 30 test, less 27 validation
+    assert lazy["training"]["map_metric_rows"] == 30 and lazy["metrics"]["error_quantiles_rows"] == 57
+    assert lazy["sha256"] == memory["sha256"] and lazy["metrics"] == memory["metrics"]
+    assert {k: v for k, v in lazy["training"].items() if k not in ("seconds", "data_fingerprint", "data", "run_config")} == \
+        {k: v for k, v in memory["training"].items() if k not in ("seconds", "data_fingerprint", "data", "run_config")}

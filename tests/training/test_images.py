@@ -1,14 +1,19 @@
 """Image folders: subfolders as labels or a flat folder; sizes and modes converted by one rule; unreadable files named
-or skipped and counted; channels-last arrays refused with the layout the conv model takes; reports on colour images."""
+or skipped and counted; channels-last arrays refused with the layout the conv model takes; reports on colour images;
+big folders decoded lazily, batch by batch, by DataLoader worker processes, with the pixels and order of the in-memory
+path."""
 import json
+import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aeserve.models.conv import image_shape
+from aeserve.training import data as data_module
 from aeserve.training.config import build_run_config
-from aeserve.training.data import DataConfig, DataError, load_dataset
+from aeserve.training.data import DataConfig, DataError, ImageFiles, ModelRows, load_dataset
 from aeserve.training.report import reconstructions_figure
 from aeserve.training.trainer import train
 
@@ -157,3 +162,99 @@ def test_colour_arrays_of_any_layout_never_crash_the_report(tmp_path, registry):
         object.__setattr__(version.preprocessing, "input_shape", shape)
         version.manifest["input_shape"] = list(shape)
         assert reconstructions_figure(version, x[:3]).startswith(PNG_MAGIC)
+
+
+# --- lazy decoding: the files listed, each batch decoded as training draws it, by DataLoader worker processes ---------
+
+def lazy_run(folder, name, **data):
+    return build_run_config({"name": name, "data": {"source": "images", "path": str(folder), "image_size": [8, 8], **data},
+                             "model": {"kind": "conv", "code_dim": 2, "channels": [4]}, "train": {"epochs": 2, "batch_size": 8, "report": False}})
+
+
+@pytest.fixture
+def small_tasks(monkeypatch):
+    """Four images per decoding task, so that a small folder makes several tasks and worker processes start."""
+    monkeypatch.setattr(data_module, "IMAGE_BATCH", 4)
+
+
+def test_a_folder_decoded_lazily_gives_the_pixels_split_and_batches_of_the_one_in_memory(tmp_path, small_tasks):
+    folder = write_folder(tmp_path / "photos", per_label=12)
+    memory = load_dataset(images(folder, image_size=[8, 8], decode="memory"))
+    for workers in (0, 2):
+        lazy = load_dataset(images(folder, image_size=[8, 8], decode="lazy", workers=workers))
+        assert isinstance(lazy.train_x, ImageFiles) and isinstance(lazy.test_x, ImageFiles)
+        assert lazy.facts == memory.facts and lazy.preprocessing.input_shape == memory.preprocessing.input_shape == (3, 8, 8)
+        np.testing.assert_array_equal(np.asarray(lazy.train_x), memory.train_x)  # the same rows, in the same split and order
+        np.testing.assert_array_equal(lazy.test_x[:], memory.test_x)
+        np.testing.assert_array_equal(lazy.train_y, memory.train_y)
+        rows, in_memory = ModelRows(lazy.train_x, lazy.preprocessing), ModelRows(memory.train_x, memory.preprocessing)
+        draws = [torch.randperm(len(rows), generator=torch.Generator().manual_seed(i))[:7] for i in range(5)]
+        batches = list(rows.batches(draws))
+        assert len(batches) == 5 and all(torch.equal(a, in_memory[b]) for a, b in zip(batches, draws, strict=True))
+        assert torch.equal(rows.subset(np.arange(len(rows))[::-1])[3:20], in_memory.subset(np.arange(len(rows))[::-1])[3:20])
+
+
+def test_training_from_a_lazy_folder_equals_training_in_memory_whatever_the_number_of_workers(tmp_path, registry, small_tasks):
+    folder = write_folder(tmp_path / "photos", per_label=12)
+    assert train(lazy_run(folder, "memory", decode="memory"), registry, progress=False) == 1
+    for workers in (0, 2):
+        assert train(lazy_run(folder, f"lazy{workers}", decode="lazy", workers=workers), registry, progress=False) == 1
+        manifest, expected = registry.manifest(f"lazy{workers}"), registry.manifest("memory")
+        assert manifest["sha256"] == expected["sha256"]  # the same weights: the same batches, in the same order
+        assert manifest["metrics"] == expected["metrics"]
+        assert manifest["training"]["sample_rows"] == expected["training"]["sample_rows"] == manifest["training"]["n_train"]
+    assert registry.manifest("lazy0")["training"]["data_fingerprint"] == registry.manifest("lazy2")["training"]["data_fingerprint"]
+
+
+def truncated_png(path, rng):
+    """A PNG whose header reads and whose pixel data stops half way: found only by decoding it."""
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    Image.open(path)  # the header is fine
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_found_unreadable_mid_training_is_named(tmp_path, registry, small_tasks, workers):
+    folder = write_folder(tmp_path / "photos", per_label=12)
+    bad = folder / "dark" / "truncated.png"
+    truncated_png(bad, np.random.default_rng(3))
+    dataset = load_dataset(images(folder, image_size=[8, 8], decode="lazy", workers=workers))  # the header pass finds nothing
+    assert dataset.facts["files"] == 27  # the truncated file too
+    message = f"^{re.escape(str(bad))}: not a readable image .*; set data.skip_bad = true to skip such files$"
+    with pytest.raises(DataError, match=message):
+        train(lazy_run(folder, "photos", decode="lazy", workers=workers), registry, progress=False)
+    with pytest.raises(DataError, match=message):  # in memory, the one pass decodes every file
+        load_dataset(images(folder, image_size=[8, 8], decode="memory", workers=workers))
+
+
+def test_with_skip_bad_a_lazy_folder_is_decoded_once_before_training_so_every_bad_file_is_counted(tmp_path, registry, small_tasks, capsys):
+    folder = write_folder(tmp_path / "photos", per_label=12)
+    truncated_png(folder / "dark" / "truncated.png", np.random.default_rng(3))
+    (folder / "bright" / "broken.png").write_bytes(PNG_MAGIC + b"not really a png")
+    for decode in ("lazy", "memory"):
+        dataset = load_dataset(images(folder, image_size=[8, 8], decode=decode, workers=2, skip_bad=True))
+        assert dataset.facts["files"] == 26 and dataset.facts["skipped_files"] == 2
+        assert "note: skipped 2 unreadable image(s) of 28" in capsys.readouterr().err
+    assert train(lazy_run(folder, "photos", decode="lazy", workers=2, skip_bad=True), registry, progress=False) == 1
+    assert registry.manifest("photos")["training"]["skipped_files"] == 2
+
+
+def test_a_lazy_folder_is_fingerprinted_by_its_files_bytes_and_auto_decodes_lazily_beyond_the_bound(tmp_path, monkeypatch):
+    folder = write_folder(tmp_path / "photos")
+    config = images(folder, image_size=[8, 8], decode="lazy")
+    first = load_dataset(config).fingerprint
+    assert load_dataset(config).fingerprint == first
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "bright" / "rgb0.png")
+    assert load_dataset(config).fingerprint != first
+    assert isinstance(load_dataset(images(folder, image_size=[8, 8])).train_x, np.ndarray)  # 10 x 3 x 8 x 8 bytes: in memory
+    monkeypatch.setattr(data_module, "IMAGE_MEMORY_BYTES", 10 * 3 * 8 * 8 - 1)
+    assert isinstance(load_dataset(images(folder, image_size=[8, 8])).train_x, ImageFiles)
+    assert isinstance(load_dataset(images(folder, image_size=[8, 8], channels=1)).train_x, np.ndarray)  # one channel: a third
+
+
+def test_decode_and_workers_are_checked_when_the_config_is_built():
+    with pytest.raises(ValueError, match=r"data.decode 'eager' is not one of \['auto', 'lazy', 'memory'\]"):
+        DataConfig.from_dict({"source": "images", "decode": "eager"})
+    with pytest.raises(ValueError, match=r"data.workers must be >= 0, got -1"):
+        DataConfig.from_dict({"source": "images", "workers": -1})
