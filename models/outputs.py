@@ -60,7 +60,7 @@ class Call(NamedTuple):
 # bit per dimension against a per-dimension threshold, packed 8 per byte: semantic hashing).
 CODE_FORMS = ("float", "int8", "binary")
 # The int8 scale of a dimension: this quantile of |code| over the training codes, / 127 (codes beyond it saturate at
-# ±127). Measured against the largest |code| in docs/benchmarks.md (Compact codes).
+# ±127). How it was chosen: docs/benchmarks.md, Compact codes.
 INT8_SCALE_QUANTILE = 0.999
 INT8_MAX = 127
 
