@@ -219,3 +219,29 @@ def test_option_on_other_calls(api):
         v2 = api.post("/v2/models/digits-mlp/infer", json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
                                                                        "data": IMAGES[0].ravel().tolist()}], "parameters": parameters})
         assert (v2.status_code, v2.json()) == (status, {"error": message})
+
+
+@pytest.mark.parametrize("binary_data", [False, True], ids=["json", "binary"])
+def test_tritonclient_reads_int8_and_binary_codes(codes_registry, binary_data):
+    """A real client of the protocol (tritonclient's HTTP client) takes the INT8 and UINT8 tensors and the extra one."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    from tests.service.conftest import LiveServer
+
+    version = codes_registry.load("digits-pca12")
+    floats = version.encode(IMAGES)
+    with LiveServer(codes_registry, poll_seconds=0) as server:
+        client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+        try:
+            answers = {}
+            for form in ("int8", "binary"):
+                request = httpclient.InferInput("input", list(IMAGES.shape), "FP32")
+                request.set_data_from_numpy(IMAGES, binary_data=binary_data)
+                answers[form] = client.infer("digits-pca12", [request], outputs=[httpclient.InferRequestedOutput("code", binary_data=binary_data)],
+                                             parameters={"codes": form})
+        finally:
+            client.close()
+    q, bits = answers["int8"].as_numpy("code"), answers["binary"].as_numpy("code")
+    assert answers["int8"].get_output("code")["datatype"] == "INT8" and answers["binary"].get_output("code")["datatype"] == "UINT8"
+    np.testing.assert_array_equal(answers["int8"].as_numpy("code_scale"), version.code_quantization.scale)
+    np.testing.assert_array_equal(answers["binary"].as_numpy("code_threshold"), version.code_quantization.threshold)
+    check_agreement(version.code_quantization, floats, q, bits)
