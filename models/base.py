@@ -61,6 +61,11 @@ class Autoencoder(nn.Module):
         model's coding tables, say). Returns facts for the manifest (may be empty). Default: nothing."""
         return {}
 
+    def coding_tables(self) -> tuple[Any, Any] | None:
+        """For a model with an entropy model: (probability tables (channels, symbols), the channel of each code
+        position), as numpy arrays, for coding its codes into streams; None for the others."""
+        return None
+
     def extra_metrics(self, x: torch.Tensor) -> dict[str, float]:
         """Kind-specific held-out metrics on x (n, input_dim), merged into the manifest's metrics."""
         return {}

@@ -21,10 +21,12 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from aeserve.models.base import Autoencoder
+from aeserve.models.entropy import RangeCoder
 from aeserve.models.kinds import build_model
 from aeserve.models.outputs import Call, CodeQuantization, compute, percentiles
 from aeserve.models.preprocessing import Preprocessing
 from aeserve.models.projector import build_projector
+from aeserve.models.streams import StreamFormat
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -127,6 +129,9 @@ class ModelVersion:
 
     def __post_init__(self) -> None:
         self._graphs = TorchGraphs(self)
+        tables = self.model.coding_tables()
+        # Compressed streams, for a version with an entropy model (kind rd); None for the others.
+        self.streams = None if tables is None else StreamFormat(self.name, self.version, RangeCoder(*tables))
 
     @property
     def name(self) -> str:

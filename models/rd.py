@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,6 +80,9 @@ class RDAutoencoder(Autoencoder):
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         rate, distortion = self.rate_distortion(x, noisy=True)
         return (rate + self.config.lmbda * 255**2 * distortion).mean()
+
+    def coding_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.prior.pmf.detach().cpu().numpy(), self.channel_of().numpy()
 
     def finish(self) -> dict[str, float]:
         self.prior.make_tables()

@@ -6,6 +6,8 @@ client can get wrong ends in an ApiError with a message saying what is allowed.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import math
@@ -160,6 +162,22 @@ def parse_json_inputs(body: Body) -> Any:
     if not isinstance(document, dict) or "inputs" not in document:
         raise ApiError(422, 'the JSON body must be an object {"inputs": [row, ...]}')
     return document["inputs"]
+
+
+def parse_streams(body: Body) -> list[bytes]:
+    """``{"inputs": ["<base64>", ...]}`` -> the byte strings; 422 naming the row that is not base64."""
+    inputs = parse_json_inputs(body)
+    if not isinstance(inputs, list) or not inputs:
+        raise ApiError(422, "inputs must be a non-empty list of compressed streams, each a base64 string as compress answers them")
+    streams = []
+    for row, value in enumerate(inputs):
+        if not isinstance(value, str):
+            raise ApiError(422, f"row {row}: a compressed stream must be a base64 string, got {type(value).__name__}")
+        try:
+            streams.append(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError):
+            raise ApiError(422, f"row {row}: not base64 (standard alphabet, with padding)") from None
+    return streams
 
 
 def _rows_from_json(body: Body) -> np.ndarray:

@@ -18,6 +18,9 @@ class Operation:
     call: Call
     answer_keys: tuple[str, ...] = ("outputs",)  # one JSON key per output of the call, in its order
     table_outputs: dict[str, str] = field(default_factory=dict)  # output -> JSON key, answered too for a table version
+    # Compressed streams (versions with an entropy model): "pack" answers the codes as one byte string per row,
+    # "unpack" takes byte strings and decodes them into the call's codes.
+    streams: str = ""
 
     def __post_init__(self) -> None:
         self.call.check()
@@ -38,4 +41,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               Call("inputs", ("reconstruction", "error", "percentile")), ("outputs", "errors", "percentiles"),
               {"feature_error": "feature_errors"}),
     Operation("project", "Inputs -> 2-D map coordinates (n, 2).", Call("inputs", ("coordinates",))),
+    Operation("compress", "Inputs -> one compressed byte string per row (base64 in JSON): the quantized code, entropy-coded, "
+              "behind a 7-byte header naming the version. For versions with an entropy model (kind rd).",
+              Call("inputs", ("code",)), streams="pack"),
+    Operation("decompress", "Compressed byte strings (base64 in JSON), as compress made them -> inputs (n, *input_shape). "
+              "A stream made by another version, or damaged, is refused (422).", Call("codes", ("reconstruction",)), streams="unpack"),
 )}

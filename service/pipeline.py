@@ -12,6 +12,7 @@ import numpy as np
 
 from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.outputs import CODE_FORMS, Call
+from aeserve.models.streams import StreamError, StreamFormat
 from aeserve.service.codec import check_finite_outputs, validate_rows
 from aeserve.service.errors import ApiError
 from aeserve.service.runtime.batcher import Batcher
@@ -62,3 +63,27 @@ async def run(batcher: Batcher, version: ModelVersion, call: Call, array: np.nda
     if codes != "float":
         outputs = tuple(version.code_quantization.compact(o, codes) if n == "code" else o for n, o in zip(call.outputs, outputs, strict=True))
     return outputs, sent_shape
+
+
+def streams_of(version: ModelVersion, op: str) -> StreamFormat:
+    """The version's stream format; 422 for a version without an entropy model."""
+    if version.streams is None:
+        raise ApiError(422, f"version {version.name}:{version.version} (kind {version.manifest.get('kind')}) has no entropy model, so it cannot "
+                            f"{op}; compress and decompress need a version of kind rd (configs/fmnist-rd-1.toml, say)")
+    return version.streams
+
+
+def pack(version: ModelVersion, codes: np.ndarray) -> list[bytes]:
+    """Codes (n, code_dim) as encode answers them -> one stream per row."""
+    streams = streams_of(version, "compress")
+    return [streams.pack(row) for row in codes]
+
+
+def unpack(version: ModelVersion, streams: list[bytes]) -> np.ndarray:
+    """Streams -> their codes (n, code_dim) float32; 422 naming the row of one this version cannot decode."""
+    formats = streams_of(version, "decompress")
+    try:
+        codes = [formats.unpack(stream, row) for row, stream in enumerate(streams)]
+    except StreamError as e:
+        raise ApiError(422, str(e)) from None
+    return np.stack(codes) if codes else np.zeros((0, version.code_dim), np.float32)

@@ -8,6 +8,7 @@ document (``operations_openapi``). The query string is read only when there is o
 """
 from __future__ import annotations
 
+import base64
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -32,6 +33,7 @@ from aeserve.service.codec import (
     npy_bytes,
     parse_json_inputs,
     parse_rows,
+    parse_streams,
     read_body,
     wants_npy,
 )
@@ -40,6 +42,10 @@ from aeserve.service.operations import OPERATIONS
 from aeserve.service.runtime.store import ModelStore
 from aeserve.service.tables import TableRows
 
+# Compressed streams in JSON: one base64 string per row (standard alphabet, padded).
+STREAMS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "string", "contentEncoding": "base64",
+                                                            "pattern": "^[A-Za-z0-9+/]*={0,2}$"},
+                  "description": "one compressed stream per row, base64: a 7-byte header (format, model, version), then the coded code"}
 ERROR = {"application/json": {"schema": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
 STATUSES = ((400, "malformed body"), (401, "missing or wrong API key"), (404, "unknown model, version or operation"),
             (405, "method not allowed"), (413, "body or row count over the limit"), (415, "unsupported Content-Type"),
@@ -74,7 +80,15 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     table = TableRows.of(version.manifest)
     call, keys = operation.for_version(table is not None)
     objects = False
-    if kind not in (JSON, NPY):  # an image file: one row, decoded as the training images were
+    if operation.streams:
+        pipeline.streams_of(version, op)  # 422 before reading rows, for a version without an entropy model
+        if codes != "float":
+            raise ApiError(422, f"codes={codes} applies to encode; {op} answers {'streams' if op == 'compress' else 'inputs'}")
+    if operation.streams == "unpack":
+        if kind != JSON:
+            raise ApiError(415, f'decompress takes {JSON}: {{"inputs": ["<base64 stream>", ...]}}, as compress answers')
+        array = await run_in_threadpool(pipeline.unpack, version, parse_streams(body))
+    elif kind not in (JSON, NPY):  # an image file: one row, decoded as the training images were
         array = await run_in_threadpool(image_rows, body, version.manifest, call.takes)  # decoding a photo takes milliseconds
     elif table is not None and kind == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
         array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
@@ -83,7 +97,9 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows, codes=codes)
     if call.takes == "inputs":  # data comes back flat or nested, as it was sent
         outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
-    if wants_npy(_text(headers.get(b"accept"))):
+    if operation.streams == "pack":  # coding takes about 50 us a row: off the event loop
+        outputs = ([base64.b64encode(stream).decode() for stream in await run_in_threadpool(pipeline.pack, version, outputs[0])],)
+    if wants_npy(_text(headers.get(b"accept"))) and operation.streams != "pack":  # streams have no .npy form: JSON
         content, media = npy_bytes(outputs[0]), NPY
     else:
         answer: dict[str, Any] = dict(zip(keys, outputs, strict=True))
@@ -165,35 +181,47 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
                             "(bits code > threshold, 8 per byte, first dimension in the first byte's high bit: rows of "
                             "ceil(code_dim / 8) bytes 0-255); int8 and binary are for versions published with them"}
     paths: dict[str, dict] = {}
+    # compress and decompress: listed only for names whose versions have an entropy model (the others answer 422).
+    coded = [n for n in names if all(v.streams is not None for v in store.entry(n).versions.values())]
     for op, operation in OPERATIONS.items():
-        answers_codes = "code" in operation.call.outputs
+        if operation.streams and not coded:
+            continue
+        answers_codes = "code" in operation.call.outputs and not operation.streams
         shapes: dict[tuple[int, ...], float] = {}
         tables = []
         for v in versions:
+            if operation.streams and v.name not in coded:
+                continue  # a version without an entropy model takes no rows here (422)
             table, bound = TableRows.of(v.manifest), pipeline.value_bound(v, operation.call)
             if table is not None and operation.call.takes == "inputs":
                 tables.append(_table_rows(table, bound))
                 continue
             shape = pipeline.row_shape(v, operation.call)
             shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), bound)
-        inputs = _inputs_schema(shapes, tables, max_rows)
+        inputs = _inputs_schema(shapes, tables, max_rows) if operation.streams != "unpack" else STREAMS_SCHEMA
         content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}}
         if operation.call.takes == "inputs" and any(is_image_version(v.manifest) for v in versions):
             content.update({media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES})
         body = {"required": True, "content": content,
-                "description": f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}; "
-                               "to a version trained on images, also one image file"}
+                "description": "JSON: compressed streams, as compress answers them" if operation.streams == "unpack" else
+                               f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}; to a version trained on images, also "
+                               "one image file"}
         answer = {"model": {"type": "string"}, "version": {"type": "string"}}
         answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
+        if operation.streams == "pack":
+            answer["outputs"] = STREAMS_SCHEMA
         if answers_codes:
             answer.update({key: {"type": "array", "items": {"type": "number"}, "description": f"with codes={form}"}
                            for key, form in (("scale", "int8"), ("threshold", "binary"))})
+        answers = {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys], "properties": answer}}}
+        if operation.streams != "pack":  # streams are answered in JSON only
+            answers[NPY] = {}
         responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
-                             "content": {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys],
-                                                           "properties": answer}}, NPY: {}}}}
+                             "content": answers}}
         responses.update({str(status): {"description": text, "content": ERROR} for status, text in STATUSES})
-        for path, parameters, suffix in ((f"/v1/models/{{name}}/{op}", [name], "latest"),
-                                         (f"/v1/models/{{name}}/versions/{{version}}/{op}", [name, version], "versioned")):
+        named = {**name, "schema": {"type": "string", "enum": coded}} if operation.streams else name
+        for path, parameters, suffix in ((f"/v1/models/{{name}}/{op}", [named], "latest"),
+                                         (f"/v1/models/{{name}}/versions/{{version}}/{op}", [named, version], "versioned")):
             paths[path] = {"post": {"tags": ["models"], "summary": operation.summary, "operationId": f"{op}_{suffix}",
                                     "parameters": [*parameters, *([codes] if answers_codes else [])], "requestBody": body,
                                     "responses": responses}}

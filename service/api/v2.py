@@ -8,15 +8,21 @@ of the pipeline, so the encoder runs once however many are asked for. Errors
 answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422. The request parameter ``codes`` (``int8`` or
 ``binary``) answers the ``code`` output as INT8, or as UINT8 packed bits, followed by one more output tensor that reads
 it: ``code_scale`` or ``code_threshold`` (FP32, [code_dim]); the protocol's parameters hold only single values.
+Compression is a BYTES tensor: the output ``stream`` compresses ``input`` (one byte string per row), and the input
+``stream`` is decompressed into ``reconstruction``; with the binary extension each element is a 4-byte little-endian
+length and its bytes, in JSON a base64 string (the streams are not text).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 import aeserve
@@ -39,18 +45,21 @@ HEADER_LENGTH = "inference-header-content-length"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "INT8": np.int8,
              "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT16": np.uint16}
 ANSWER_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int8): "INT8", np.dtype(np.uint8): "UINT8"}
-TAKES = {"input": "inputs", "code": "codes"}  # input tensor name -> what its rows are
+TAKES = {"input": "inputs", "code": "codes", "stream": "streams"}  # input tensor name -> what its rows are
+STREAM = "stream"  # compressed streams (BYTES): the output of compress, the input of decompress
 TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
     "name": {"type": "string", "enum": list(TAKES)}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-    "datatype": {"type": "string", "enum": sorted(DATATYPES)}, "data": {"type": "array", "items": {"type": "number"}},
+    "datatype": {"type": "string", "enum": sorted([*DATATYPES, "BYTES"])},
+    "data": {"type": "array", "items": {"type": ["number", "string"]}, "description": "numbers; for BYTES, base64 strings"},
     "parameters": {"type": "object"}}}
 INFER_BODY = {"requestBody": {"required": True, "description": (
-    "One input tensor, 'input' (data) or 'code' (to decode), its data's length the product of its shape; with the binary "
-    "tensor data extension the JSON header is followed by the tensor's bytes (Inference-Header-Content-Length)."),
+    "One input tensor, 'input' (data), 'code' (to decode) or 'stream' (BYTES [n], to decompress), its data's length the "
+    "product of its shape; with the binary tensor data extension the JSON header is followed by the tensor's bytes "
+    "(Inference-Header-Content-Length). The output 'stream' (BYTES [n]) compresses 'input'."),
     "content": {"application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": TENSOR},
         "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-            "name": {"type": "string", "enum": list(OUTPUTS)}, "parameters": {"type": "object"}}}},
+            "name": {"type": "string", "enum": [*OUTPUTS, "stream"]}, "parameters": {"type": "object"}}}},
         "parameters": {"type": "object", "properties": {"codes": {
             "type": "string", "enum": list(CODE_FORMS), "default": "float",
             "description": "the code output as FP32, INT8 (then the answer adds the tensor code_scale: code ~ code_scale * q) or "
@@ -89,12 +98,13 @@ async def ready(request: Request) -> Response:
 
 def model_metadata(version: ModelVersion) -> dict[str, Any]:
     tensor = lambda name, row: {"name": name, "datatype": "FP32", "shape": [-1, *row]}  # noqa: E731
+    streams = [{"name": STREAM, "datatype": "BYTES", "shape": [-1]}] if version.streams is not None else []
     return {
         "name": version.name,
         "versions": [str(version.version)],
         "platform": f"aeserve_{version.manifest['kind']}",
-        "inputs": [tensor(name, pipeline.row_shape(version, Call(takes, ("code",)))) for name, takes in TAKES.items()],
-        "outputs": [tensor(name, output.row_shape(version)) for name, output in OUTPUTS.items()],
+        "inputs": [tensor(name, pipeline.row_shape(version, Call(takes, ("code",)))) for name, takes in TAKES.items() if name != STREAM] + streams,
+        "outputs": [tensor(name, output.row_shape(version)) for name, output in OUTPUTS.items()] + streams,
     }
 
 
@@ -149,15 +159,17 @@ def _parameters(item: dict[str, Any]) -> dict[str, Any]:
     return parameters if isinstance(parameters, dict) else {}
 
 
-def _input_tensor(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
-    """(name, array, new offset into the binary part) for one request input."""
+def _input_tensor(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray | list[bytes], int]:
+    """(name, array — or byte strings for BYTES —, new offset into the binary part) for one request input."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ApiError(400, "each input must be an object with a name, shape, datatype and data")
     name, shape, datatype = spec["name"], spec.get("shape"), spec.get("datatype")
-    if datatype not in DATATYPES:
-        raise ApiError(400, f"input {name!r}: datatype {datatype!r} is not one of {sorted(DATATYPES)}")
+    if datatype not in DATATYPES and datatype != "BYTES":
+        raise ApiError(400, f"input {name!r}: datatype {datatype!r} is not one of {sorted([*DATATYPES, 'BYTES'])}")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise ApiError(400, f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    if datatype == "BYTES":
+        return _bytes_tensor(spec, name, shape, binary, offset)
     dtype = np.dtype(DATATYPES[datatype])
     count = math.prod(shape)
     size = _parameters(spec).get("binary_data_size")
@@ -177,18 +189,51 @@ def _input_tensor(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.n
     return name, array.reshape(shape), offset
 
 
+def _bytes_tensor(spec: dict[str, Any], name: str, shape: list[int], binary: memoryview, offset: int) -> tuple[str, list[bytes], int]:
+    """A BYTES tensor of shape [n]: with the binary extension, each element a 4-byte little-endian length and its bytes;
+    in JSON, each element a base64 string (compressed streams are not text)."""
+    if len(shape) != 1:
+        raise ApiError(400, f"input {name!r}: a BYTES tensor has shape [n], one byte string per row; got {shape}")
+    size = _parameters(spec).get("binary_data_size")
+    if size is None:
+        data = spec.get("data")
+        if not isinstance(data, list) or len(data) != shape[0] or not all(isinstance(v, str) for v in data):
+            raise ApiError(400, f"input {name!r}: data must be {shape[0]} base64 strings")
+        try:
+            return name, [base64.b64decode(v, validate=True) for v in data], offset
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"input {name!r}: data must be base64 strings (standard alphabet, padded)") from None
+    if not isinstance(size, int) or offset + size > len(binary):
+        raise ApiError(400, f"input {name!r}: binary_data_size {size!r} does not match the bytes sent")
+    chunk, items, at = bytes(binary[offset:offset + size]), [], 0
+    while at < len(chunk):
+        length = int.from_bytes(chunk[at:at + 4], "little")
+        if at + 4 > len(chunk) or at + 4 + length > len(chunk):
+            raise ApiError(400, f"input {name!r}: element {len(items)}'s length runs past binary_data_size")
+        items.append(chunk[at + 4:at + 4 + length])
+        at += 4 + length
+    if len(items) != shape[0]:
+        raise ApiError(400, f"input {name!r}: shape {shape} needs {shape[0]} byte strings, the bytes hold {len(items)}")
+    return name, items, offset + size
+
+
 def _call(input_name: str, document: dict[str, Any]) -> tuple[Call, list[dict[str, Any]]]:
     """The call a request asks for, and its requested outputs (all that its input can answer when it names none)."""
     if input_name not in TAKES:
-        raise ApiError(400, f"unknown input {input_name!r}; use 'input' (data) or 'code' (to decode)")
+        raise ApiError(400, f"unknown input {input_name!r}; use 'input' (data), 'code' (to decode) or 'stream' (to decompress)")
     takes = TAKES[input_name]
-    defaults = FROM_CODES if takes == "codes" else [name for name, output in OUTPUTS.items() if output.by_default]
+    defaults = FROM_CODES if takes in ("codes", "streams") else [name for name, output in OUTPUTS.items() if output.by_default]
     requested = document.get("outputs") or [{"name": n} for n in defaults]
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise ApiError(400, "outputs must be a list of objects with a name")
-    unknown = [o["name"] for o in requested if o["name"] not in OUTPUTS]
+    unknown = [o["name"] for o in requested if o["name"] not in OUTPUTS and o["name"] != STREAM]
     if unknown:
-        raise ApiError(400, f"unknown output(s) {unknown}; allowed: {list(OUTPUTS)}")
+        raise ApiError(400, f"unknown output(s) {unknown}; allowed: {[*OUTPUTS, STREAM]}")
+    if any(o["name"] == STREAM for o in requested):  # compress: the codes, coded
+        if takes != "inputs" or len(requested) != 1:
+            raise ApiError(400, f"output {STREAM!r} (compress) comes alone, from the input tensor 'input'")
+        return Call("inputs", ("code",)), requested
+    takes = "codes" if takes == "streams" else takes  # decompress: streams are decoded into codes first
     try:
         call = Call(takes, tuple(dict.fromkeys(o["name"] for o in requested))).check()
     except ValueError as e:
@@ -212,22 +257,52 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
         raise ApiError(400, "the request must hold exactly one input tensor, named 'input' (data) or 'code' (to decode)")
     input_name, array, _ = _input_tensor(document["inputs"][0], memoryview(body)[split:], 0)
     call, requested = _call(input_name, document)
+    compress = requested[0]["name"] == STREAM
     try:
         codes = pipeline.code_form(_parameters(document).get("codes", "float"))
+        if (compress or input_name == STREAM) and codes != "float":
+            raise ApiError(422, f"the codes parameter applies to the 'code' output; got codes={codes} with compressed streams")
+        if input_name == STREAM:
+            if not isinstance(array, list):
+                raise ApiError(422, f"input {STREAM!r} must be a BYTES tensor: the streams compress made")
+            array = await run_in_threadpool(pipeline.unpack, version, array)
+        elif isinstance(array, list):
+            raise ApiError(422, f"input {input_name!r} takes numbers; BYTES are for the input 'stream' (to decompress)")
+        if compress:
+            pipeline.streams_of(version, "compress")
         outputs, _ = await pipeline.run(request.app.state.batcher, version, call, array, settings.max_rows, f"input {input_name!r}: ", codes)
     except ApiError as e:
         raise ApiError(400 if e.status == 422 else e.status, e.detail, e.headers) from None
+    if compress:
+        return _answer(document, name, version, [{**requested[0]}], {STREAM: await run_in_threadpool(pipeline.pack, version, outputs[0])})
     results = dict(zip(call.outputs, outputs, strict=True))
     constants = version.code_quantization.constants(codes) if codes != "float" else {}
     results.update({f"code_{key}": value for key, value in constants.items()})
     requested = [*requested, *({"name": f"code_{key}"} for key in constants)]
+    return _answer(document, name, version, requested, results)
+
+
+def _answer(document: dict[str, Any], name: str, version: ModelVersion, requested: list[dict[str, Any]],
+            results: dict[str, np.ndarray | list[bytes]]) -> Response:
+    """The inference response: each requested output as JSON data, or after the JSON header with the binary extension."""
     binary_default = bool(_parameters(document).get("binary_data_output", False))
     answers, chunks = [], []
     for spec in requested:
         array = results[spec["name"]]
+        binary = _parameters(spec).get("binary_data", binary_default)
+        if isinstance(array, list):  # BYTES: compressed streams
+            entry: dict[str, Any] = {"name": spec["name"], "datatype": "BYTES", "shape": [len(array)]}
+            if binary:
+                data = b"".join(len(item).to_bytes(4, "little") + item for item in array)
+                entry["parameters"] = {"binary_data_size": len(data)}
+                chunks.append(data)
+            else:
+                entry["data"] = [base64.b64encode(item).decode() for item in array]
+            answers.append(entry)
+            continue
         array = np.ascontiguousarray(array, dtype=array.dtype if array.dtype in ANSWER_DATATYPES else np.float32)
-        entry: dict[str, Any] = {"name": spec["name"], "datatype": ANSWER_DATATYPES[array.dtype], "shape": list(array.shape)}
-        if _parameters(spec).get("binary_data", binary_default):
+        entry = {"name": spec["name"], "datatype": ANSWER_DATATYPES[array.dtype], "shape": list(array.shape)}
+        if binary:
             data = array.astype(array.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)

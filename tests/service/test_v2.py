@@ -80,7 +80,7 @@ def test_errors_use_the_protocols_error_body(client, live):
                           json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}],
                                 "outputs": [{"name": "logits"}]})
     assert response.status_code == 400
-    allowed = "['code', 'reconstruction', 'error', 'percentile', 'coordinates', 'feature_error']"
+    allowed = "['code', 'reconstruction', 'error', 'percentile', 'coordinates', 'feature_error', 'stream']"
     assert response.json() == {"error": f"unknown output(s) ['logits']; allowed: {allowed}"}
     response = httpx.post(f"{live.url}/v2/models/digits-mlp/infer", content=b"{", headers={"Inference-Header-Content-Length": "9"})
     assert response.status_code == 400 and "must be a byte count within the body" in response.json()["error"]
