@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.policy
 import io
 import json
 import math
+from email.parser import BytesParser
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from aeserve.service.errors import ApiError
 
 NPY = "application/x-npy"
 JSON = "application/json"
+MULTIPART = "multipart/form-data"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 Body = bytes | bytearray  # a request body as read_body returns it
 NPY_HEADER_BYTES = 10_012  # magic, version and length (at most 12 bytes), then a header of at most 10,000
@@ -85,9 +88,10 @@ def media_type(value: str | None) -> str:
 
 
 def body_kind(content_type: str | None) -> str:
-    """JSON, NPY or an image media type for a request's Content-Type (none means JSON); 415 for anything else."""
+    """JSON, NPY, an image media type or multipart/form-data for a request's Content-Type (none means JSON); 415 for
+    anything else."""
     kind = media_type(content_type)
-    if kind not in ("", JSON, NPY, *IMAGE_MEDIA_TYPES):
+    if kind not in ("", JSON, NPY, MULTIPART, *IMAGE_MEDIA_TYPES):
         images = f", or to a version trained on images one image as {', '.join(IMAGE_MEDIA_TYPES)}" if kind.startswith("image/") else ""
         raise ApiError(415, f"unsupported Content-Type {kind!r}; send {JSON} or {NPY}{images}")
     return kind or JSON
@@ -98,19 +102,44 @@ def is_image_version(manifest: dict[str, Any]) -> bool:
     return manifest.get("training", {}).get("data", {}).get("source") == "images"
 
 
-def image_rows(body: Body, manifest: dict[str, Any], takes: str) -> np.ndarray:
-    """One image file as one row (1, *input_shape) uint8, brought to the version's size and channels by the rule the
-    training data went through (``models/images.py``)."""
+def image_rows(body: Body, manifest: dict[str, Any], takes: str, content_type: str | None = None) -> np.ndarray:
+    """Image files as rows (n, *input_shape) uint8, brought to the version's size and channels by the rule the training
+    data went through (``models/images.py``): the body is one file, or with ``multipart/form-data`` one file a part."""
     if not is_image_version(manifest):
         raise ApiError(415, f"this version takes {JSON} or {NPY}; image bodies are for versions trained on an image folder "
                             "(data.source = 'images')")
     if takes != "inputs":
         raise ApiError(415, f"this operation takes codes, not an image; send {JSON} or {NPY}")
-    try:
-        image = open_image(bytes(body))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ApiError(400, f"the body is not a readable image ({e}); send one PNG, JPEG, WebP or BMP file") from None
-    return to_pixels(image, *size_and_channels(tuple(manifest["input_shape"])))[None]
+    if media_type(content_type) != MULTIPART:
+        return decode_images([bytes(body)], manifest, ["the body"])
+    files = multipart_files(body, content_type or "")
+    return decode_images([data for _, data in files], manifest, [name for name, _ in files])
+
+
+def decode_images(files: list[bytes], manifest: dict[str, Any], names: list[str]) -> np.ndarray:
+    """Image files -> rows (n, *input_shape) uint8; 400 naming the one that is not a readable image."""
+    size, channels = size_and_channels(tuple(manifest["input_shape"]))
+    rows = []
+    for data, name in zip(files, names, strict=True):
+        try:
+            rows.append(to_pixels(open_image(data), size, channels))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ApiError(400, f"{name} is not a readable image ({e}); send PNG, JPEG, WebP or BMP files") from None
+    return np.stack(rows)
+
+
+def multipart_files(body: Body, content_type: str) -> list[tuple[str, bytes]]:
+    """The parts of a ``multipart/form-data`` body as (how an error names it, bytes), in order. The standard library's
+    MIME parser reads them; 400 when the body is not that."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + bytes(body))
+    parts = list(message.iter_parts()) if message.is_multipart() else []
+    if not parts or message.defects:
+        raise ApiError(400, "the multipart/form-data body has no parts, or no boundary that separates them; send one image file a part")
+    files = []
+    for i, part in enumerate(parts, 1):
+        label = part.get_filename() or part.get_param("name", header="content-disposition")
+        files.append((f"part {i}" + (f" ({label!r})" if label else ""), part.get_payload(decode=True) or b""))
+    return files
 
 
 def wants_npy(accept: str | None) -> bool:

@@ -25,6 +25,7 @@ from aeserve.service.auth import check_api_key
 from aeserve.service.codec import (
     FLOAT32_MAX,
     JSON,
+    MULTIPART,
     NPY,
     body_kind,
     image_rows,
@@ -88,8 +89,8 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
         if kind != JSON:
             raise ApiError(415, f'decompress takes {JSON}: {{"inputs": ["<base64 stream>", ...]}}, as compress answers')
         array = await run_in_threadpool(pipeline.unpack, version, parse_streams(body))
-    elif kind not in (JSON, NPY):  # an image file: one row, decoded as the training images were
-        array = await run_in_threadpool(image_rows, body, version.manifest, call.takes)  # decoding a photo takes milliseconds
+    elif kind not in (JSON, NPY):  # image files (one, or a part each): decoded as the training images were
+        array = await run_in_threadpool(image_rows, body, version.manifest, call.takes, _text(headers.get(b"content-type")))
     elif table is not None and kind == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
         array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
     else:
@@ -202,10 +203,12 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
         content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}}
         if operation.call.takes == "inputs" and any(is_image_version(v.manifest) for v in versions):
             content.update({media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES})
+            content[MULTIPART] = {"schema": {"type": "object", "properties": {"images": {
+                "type": "array", "items": {"type": "string", "format": "binary"}, "description": "image files, one a part, in row order"}}}}
         body = {"required": True, "content": content,
                 "description": "JSON: compressed streams, as compress answers them" if operation.streams == "unpack" else
                                f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}; to a version trained on images, also "
-                               "one image file"}
+                               "one image file, or several as multipart/form-data"}
         answer = {"model": {"type": "string"}, "version": {"type": "string"}}
         answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
         if operation.streams == "pack":

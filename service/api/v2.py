@@ -8,6 +8,7 @@ of the pipeline, so the encoder runs once however many are asked for. Errors
 answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422. The request parameter ``codes`` (``int8`` or
 ``binary``) answers the ``code`` output as INT8, or as UINT8 packed bits, followed by one more output tensor that reads
 it: ``code_scale`` or ``code_threshold`` (FP32, [code_dim]); the protocol's parameters hold only single values.
+An image version also takes the input ``input`` as BYTES ``[n]``: image files, decoded as its training images were.
 Compression is a BYTES tensor: the output ``stream`` compresses ``input`` (one byte string per row), and the input
 ``stream`` is decompressed into ``reconstruction``; with the binary extension each element is a 4-byte little-endian
 length and its bytes, in JSON a base64 string (the streams are not text).
@@ -31,7 +32,7 @@ from aeserve.models.outputs import CODE_FORMS, FROM_CODES, OUTPUTS, Call
 from aeserve.service import pipeline
 from aeserve.service.api.health import readiness
 from aeserve.service.api.models import request_lookup
-from aeserve.service.codec import read_body
+from aeserve.service.codec import decode_images, is_image_version, read_body
 from aeserve.service.errors import ApiError
 
 ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
@@ -266,8 +267,11 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
             if not isinstance(array, list):
                 raise ApiError(422, f"input {STREAM!r} must be a BYTES tensor: the streams compress made")
             array = await run_in_threadpool(pipeline.unpack, version, array)
-        elif isinstance(array, list):
-            raise ApiError(422, f"input {input_name!r} takes numbers; BYTES are for the input 'stream' (to decompress)")
+        elif isinstance(array, list):  # BYTES as 'input': image files, for a version trained on images
+            if input_name != "input" or not is_image_version(version.manifest):
+                raise ApiError(422, f"input {input_name!r} takes numbers; BYTES are image files (input 'input' of a version trained on "
+                                    "images) or compressed streams (input 'stream')")
+            array = await run_in_threadpool(decode_images, array, version.manifest, [f"element {i} of input 'input'" for i in range(len(array))])
         if compress:
             pipeline.streams_of(version, "compress")
         outputs, _ = await pipeline.run(request.app.state.batcher, version, call, array, settings.max_rows, f"input {input_name!r}: ", codes)

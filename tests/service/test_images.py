@@ -68,7 +68,7 @@ def test_image_bodies_that_cannot_be_taken_get_exact_errors(client, trained_regi
     png = image_bytes(np.zeros((8, 8), np.uint8), "PNG")
     broken = client.post("/v1/models/photos/encode", content=b"\x89PNG\r\n\x1a\nbroken", headers={"Content-Type": "image/png"})
     assert broken.status_code == 400
-    assert broken.json()["detail"].startswith("the body is not a readable image (") and "send one PNG, JPEG, WebP or BMP file" in broken.json()["detail"]
+    assert broken.json()["detail"].startswith("the body is not a readable image (") and "send PNG, JPEG, WebP or BMP files" in broken.json()["detail"]
     codes = client.post("/v1/models/photos/decode", content=png, headers={"Content-Type": "image/png"})
     assert codes.status_code == 415
     assert codes.json()["detail"] == "this operation takes codes, not an image; send application/json or application/x-npy"
@@ -88,5 +88,38 @@ def test_image_bodies_that_cannot_be_taken_get_exact_errors(client, trained_regi
 def test_the_openapi_document_admits_image_bodies_where_an_image_version_is_loaded(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths["/v1/models/{name}/encode"]["post"]["requestBody"]["content"]) == {
-        "application/json", "image/png", "image/jpeg", "image/webp", "image/bmp"}
+        "application/json", "image/png", "image/jpeg", "image/webp", "image/bmp", "multipart/form-data"}
     assert set(paths["/v1/models/{name}/decode"]["post"]["requestBody"]["content"]) == {"application/json"}
+
+
+def test_several_images_as_multipart_form_data_are_rows_in_order(client, image_registry):
+    rng = np.random.default_rng(5)
+    arrays = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((8, 8, 3), (12, 10, 3), (8, 8))]
+    files = [image_bytes(a, f) for a, f in zip(arrays, ("PNG", "JPEG", "WEBP"), strict=True)]
+    pixels = np.stack([to_pixels(open_image(f), (8, 8), 3) for f in files])
+    version = image_registry.load("photos")
+    answer = client.post("/v1/models/photos/reconstruct", files=[("images", (f"{i}.img", f)) for i, f in enumerate(files)])
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(answer.json()["errors"], version.reconstruct(pixels)[1], rtol=1e-4)
+    encoded = client.post("/v1/models/photos/encode", files=[("images", ("a.png", files[0])), ("images", ("b.png", files[1]))])
+    np.testing.assert_allclose(encoded.json()["outputs"], version.encode(pixels[:2]), rtol=1e-4, atol=1e-5)
+
+    broken = client.post("/v1/models/photos/encode", files=[("images", ("ok.png", files[0])), ("images", ("shoe.png", b"\x89PNG broken"))])
+    assert broken.status_code == 400 and broken.json()["detail"].startswith("part 2 ('shoe.png') is not a readable image (")
+    no_parts = client.post("/v1/models/photos/encode", content=b"nothing", headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert no_parts.status_code == 400 and "no parts" in no_parts.json()["detail"]
+
+
+def test_image_files_as_a_bytes_tensor_on_the_open_inference_protocol(client, image_registry):
+    import base64
+
+    files = [image_bytes(np.full((8, 8, 3), v, np.uint8), "PNG") for v in (10, 200)]
+    pixels = np.stack([to_pixels(open_image(f), (8, 8), 3) for f in files])
+    answer = client.post("/v2/models/photos/infer", json={
+        "inputs": [{"name": "input", "shape": [2], "datatype": "BYTES", "data": [base64.b64encode(f).decode() for f in files]}],
+        "outputs": [{"name": "code"}]})
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(np.reshape(answer.json()["outputs"][0]["data"], (2, -1)), image_registry.load("photos").encode(pixels),
+                               rtol=1e-4, atol=1e-5)
+    bad = client.post("/v2/models/photos/infer", json={"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["AAAA"]}]})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("element 0 of input 'input' is not a readable image")
