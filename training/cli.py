@@ -6,17 +6,17 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from aeserve.models.checkpoint import CheckpointError
 from aeserve.models.registry import NotFoundError, RegistryError, open_registry
 from aeserve.training.config import RunConfig, load_run_config
-from aeserve.training.data import DataConfig, DataError, Dataset, load_dataset
+from aeserve.training.data import DataConfig, DataError, Dataset, ModelRows, load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
-from aeserve.training.evaluate import linear_probe, map_metrics, reconstruction_errors
+from aeserve.training.evaluate import bounded_sample, linear_probe, map_metrics, reconstruction_errors
 from aeserve.training.recipes import recipe_run_config
 from aeserve.training.report import REPORT_DIR, render_report
-from aeserve.training.trainer import encode_all, project_codes, train
+from aeserve.training.trainer import MAP_METRIC_POINTS, MAP_METRIC_POINTS_SAMPLED, encode_all, project_codes, train
 
 REGISTRY_HELP = "a folder or a URL: s3://bucket/prefix, gs://bucket/prefix, file://... (default: $AESERVE_REGISTRY or ./registry)"
 
@@ -176,15 +176,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         if dataset.fingerprint != manifest["training"]["data_fingerprint"]:
             print("(warning: the data on disk differs from the data this version was trained on)")
-        x_test = torch.from_numpy(loaded.preprocessing.to_model(dataset.test_x))
+        # Rows are scaled batch by batch as they are read (a memory-mapped split is never copied whole); what needs rows
+        # at once (the map's neighbours, the probe) gets every row when they fit in memory, else a seeded sample.
+        seed, dim = manifest["training"]["seed"], loaded.preprocessing.input_dim
+        x_all, x_test = ModelRows(dataset.train_x, loaded.preprocessing), ModelRows(dataset.test_x, loaded.preprocessing)
         errors = reconstruction_errors(loaded.model, x_test)
-        rows += [("test_sq_err (re-measured)", float(errors.mean())), ("test_mse (re-measured)", float(errors.mean()) / x_test.shape[1])]
-        x_train = torch.from_numpy(loaded.preprocessing.to_model(dataset.train_x))
-        map_now = map_metrics(project_codes(loaded.projector, encode_all(loaded.model, x_train)), dataset.train_y, x_test.numpy(),
-                              project_codes(loaded.projector, encode_all(loaded.model, x_test)), dataset.test_y)
+        rows += [("test_sq_err (re-measured)", float(errors.mean())), ("test_mse (re-measured)", float(errors.mean()) / dim)]
+        train_rows, test_rows = bounded_sample(np.arange(len(x_all)), dim, seed), bounded_sample(np.arange(len(x_test)), dim, seed)
+        sampled = len(train_rows) < len(x_all)
+        train_y = None if dataset.train_y is None else dataset.train_y[train_rows]
+        test_y = None if dataset.test_y is None else dataset.test_y[test_rows]
+        x_train, x_test_rows = x_all.subset(train_rows).tensor(), x_test.subset(test_rows).tensor()
+        map_points = min(len(x_test_rows), MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
+        map_now = map_metrics(project_codes(loaded.projector, encode_all(loaded.model, x_train)), train_y, x_test_rows[:map_points].numpy(),
+                              project_codes(loaded.projector, encode_all(loaded.model, x_test_rows)), test_y, map_points)
         rows += [(f"{key} (stored)", stored[key]) for key in sorted(map_now) if key in stored]
         rows += [(f"{key} (re-measured)", value) for key, value in sorted(map_now.items())]
-        probe = linear_probe(loaded.model, x_train, dataset.train_y, x_test, dataset.test_y, manifest["training"]["seed"])
+        probe = linear_probe(loaded.model, x_train, train_y, x_test_rows, test_y, seed)
         out = Path(args.out or f"reports/{name}-{loaded.version}")
         for relative, data in render_report(loaded, dataset.test_x, dataset.test_y).items():
             target = out / Path(relative).relative_to(REPORT_DIR)

@@ -170,3 +170,23 @@ def test_an_image_folder_decoded_lazily_goes_the_way_of_a_big_array(tmp_path, mo
     assert lazy["sha256"] == memory["sha256"] and lazy["metrics"] == memory["metrics"]
     assert {k: v for k, v in lazy["training"].items() if k not in ("seconds", "data_fingerprint", "data", "run_config")} == \
         {k: v for k, v in memory["training"].items() if k not in ("seconds", "data_fingerprint", "data", "run_config")}
+
+
+def test_eval_of_a_version_beyond_the_bound_reads_batches_and_samples(big, tmp_path, monkeypatch, capsys):
+    """aeserve eval re-measures the held-out error batch by batch and the map on a sample, as training did."""
+    from aeserve.cli import main
+
+    folder, _ = big
+    monkeypatch.setattr(evaluate, "WHOLE_ELEMENTS", 4000 * FEATURES)
+    monkeypatch.setattr(evaluate, "SAMPLE_ELEMENTS", 3000 * FEATURES)
+    registry = Registry(tmp_path / "r")
+    train(config(folder, epochs=1), registry, progress=False)
+    largest = []
+    to_model = Preprocessing.to_model
+    monkeypatch.setattr(Preprocessing, "to_model", lambda self, x: largest.append(len(x)) or to_model(self, x))
+    assert main(["eval", "big", "--registry", str(registry.root), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert max(largest) <= evaluate.EVAL_BATCH  # the 16,200 training and 2,000 test rows are never scaled whole
+    stored = float(next(line for line in out.splitlines() if "test_sq_err (stored)" in line).split()[-1])
+    measured = float(next(line for line in out.splitlines() if "test_sq_err (re-measured)" in line).split()[-1])
+    assert measured == pytest.approx(stored, rel=1e-6)
