@@ -11,7 +11,7 @@ safe). Client threads loop through HAProxy the whole time, and every answer must
 4. two ``aeserve train`` runs of the same name started at the same moment publish two distinct versions, both
    listed by ``aeserve models``, and every replica serves the higher one.
 
-Every wait has a hard bound; the whole test takes about 45 s on a 2-core machine.
+Every wait has a hard bound; the whole test takes 40-55 s on a 2-core machine (75 s while other jobs load both cores).
 """
 from __future__ import annotations
 
@@ -212,20 +212,43 @@ def server_states(stats_url: str) -> dict[str, str]:
     return {name: row["status"] for name, row in stats_rows(stats_url).items() if name != "BACKEND"}
 
 
-def train(url: str, data: Path, env: dict[str, str], cwd: Path, seed: int) -> subprocess.Popen:
+@dataclass
+class Training:
+    """An ``aeserve train`` process, its output read as it comes: the moment it says 'published' is when publish returned."""
+
+    process: subprocess.Popen
+    lines: list[tuple[float, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def published(self) -> tuple[int, float]:
+        """The version it published and when it said so, once it exited."""
+        self.process.wait(TRAIN_SECONDS)
+        self.reader.join(5)
+        out = "".join(line for _, line in self.lines)
+        assert self.process.returncode == 0, out
+        for at, line in self.lines:
+            if found := re.match(rf"published {NAME}:(\d+) in", line):
+                return int(found.group(1)), at
+        raise AssertionError(f"no 'published' line: {out}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def train(url: str, data: Path, env: dict[str, str], cwd: Path, seed: int) -> Training:
     """The real CLI: an MLP recipe sized to the array, one epoch, published into the S3 registry."""
-    return subprocess.Popen([sys.executable, "-m", "aeserve", "train", "--data", str(data), "--name", NAME, "--registry", url,
-                             "--quiet", "--seed", str(seed), "--set", "train.epochs=1", "--set", "train.report=false"],
-                            env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def published(process: subprocess.Popen) -> int:
-    """The version a train process published (it says 'published NAME:N in ...'), once it exited."""
-    out, _ = process.communicate(timeout=TRAIN_SECONDS)
-    assert process.returncode == 0, out
-    found = re.search(rf"published {NAME}:(\d+) in", out)
-    assert found, out
-    return int(found.group(1))
+    return Training(subprocess.Popen([sys.executable, "-m", "aeserve", "train", "--data", str(data), "--name", NAME, "--registry", url,
+                                      "--quiet", "--seed", str(seed), "--set", "train.epochs=1", "--set", "train.report=false"],
+                                     env={**env, "PYTHONUNBUFFERED": "1"}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
 
 def test_replicas_behind_haproxy_follow_publishes_survive_a_kill_and_rejoin(tmp_path: Path) -> None:
@@ -247,7 +270,7 @@ def test_replicas_behind_haproxy_follow_publishes_survive_a_kill_and_rejoin(tmp_
     replicas = [Replica(f"r{i}", free_port(), tmp_path / f"cache-r{i}", tmp_path / f"r{i}.log") for i in range(3)]
     haproxy: subprocess.Popen | None = None
     traffic: Traffic | None = None
-    children: list[subprocess.Popen] = []
+    children: list[Training] = []
     try:
         import s3fs
 
@@ -255,7 +278,7 @@ def test_replicas_behind_haproxy_follow_publishes_survive_a_kill_and_rejoin(tmp_
                           skip_instance_cache=True).mkdir(bucket)
         # Version 1 by the same command as the later ones: the same input shape, so the clients' rows fit them all.
         children.append(first := train(url, data, env, tmp_path, seed=0))
-        assert published(first) == 1
+        assert first.published()[0] == 1
         marks["v1 published"] = time.monotonic()
 
         for replica in replicas:
@@ -278,8 +301,8 @@ def test_replicas_behind_haproxy_follow_publishes_survive_a_kill_and_rejoin(tmp_
 
         # 1. A new version reaches every replica, each asked directly, within the bound.
         children.append(second := train(url, data, env, tmp_path, seed=1))
-        assert published(second) == 2
-        publish_done = time.monotonic()
+        version, publish_done = second.published()
+        assert version == 2
         for replica in replicas:
             wait_until(lambda r=replica: r.version() == "2", CONVERGE_SECONDS - (time.monotonic() - publish_done),
                        f"{replica.name} serving version 2 within {CONVERGE_SECONDS} s of the publish")
@@ -314,14 +337,14 @@ def test_replicas_behind_haproxy_follow_publishes_survive_a_kill_and_rejoin(tmp_
         # 4. Two publishers of one name at the same moment: two distinct new versions, both listed, served everywhere.
         racers = [train(url, data, env, tmp_path, seed=seed) for seed in (2, 3)]
         children.extend(racers)
-        versions = sorted(published(racer) for racer in racers)
-        assert versions == [3, 4], versions
+        results = sorted(racer.published() for racer in racers)
+        assert [version for version, _ in results] == [3, 4], results
         listed = subprocess.run([sys.executable, "-m", "aeserve", "models", "--registry", url], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60)
         assert listed.returncode == 0, listed.stderr
         rows = [line.split() for line in listed.stdout.splitlines() if line.split()[:1] == [NAME]]
         assert sorted(int(row[1]) for row in rows) == [1, 2, 3, 4], listed.stdout
-        marks["v3, v4 published"] = racers_done = time.monotonic()
+        marks["v3, v4 published"] = racers_done = dict(results)[4]
         for replica in replicas:
             wait_until(lambda r=replica: r.version() == "4", CONVERGE_SECONDS - (time.monotonic() - racers_done),
                        f"{replica.name} serving version 4 within {CONVERGE_SECONDS} s of the publishes")
@@ -342,9 +365,7 @@ def test_replicas_behind_haproxy_follow_publishes_survive_a_kill_and_rejoin(tmp_
         if traffic is not None:
             traffic.stop()
         for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.communicate()
+            child.kill()
         for replica in replicas:
             replica.kill()
         if haproxy is not None:
