@@ -153,16 +153,16 @@ class Replica:
 
     @staticmethod
     def _reap(pids: list[int]) -> None:
-        """Kill the server's child processes that outlived it. An ONNX export child running when its server exits
-        goes on to the end of its export (seconds of a core) and leaves its /tmp/aeserve-onnx-* folder: it would load
-        the cores during the next measurement."""
+        """Kill the server's child processes that outlived it, at once: an ONNX export child stops within half a
+        second of its server's exit and removes its /tmp/aeserve-onnx-* folder, but it must not load the cores
+        while the next measurement starts."""
         for pid in pids:
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
                 if any(arg.startswith("aeserve.service.runtime") for arg in argv):
                     os.kill(pid, signal.SIGKILL)
-                    if argv[2:3] == ["aeserve.service.runtime.export"] and Path(argv[3]).name.startswith("aeserve-onnx-"):
-                        shutil.rmtree(argv[3], ignore_errors=True)
+                    if argv[2:3] == ["aeserve.service.runtime.export"] and Path(argv[4]).name.startswith("aeserve-onnx-"):
+                        shutil.rmtree(argv[4], ignore_errors=True)  # argv: python -m MODULE PARENT_PID OUT FOLDER...
 
 
 def version_files(fs, key: str) -> dict[str, bytes]:

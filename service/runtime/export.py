@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +43,8 @@ class GraphExport:
         self._out = tempfile.TemporaryDirectory(prefix="aeserve-onnx-")
         self._stderr = Path(self._out.name) / "stderr.txt"
         with open(self._stderr, "w") as stderr:  # a file, not a pipe: a chatty child never blocks on it
-            self._child = subprocess.Popen([sys.executable, "-m", "aeserve.service.runtime.export", self._out.name, *map(str, self.folders)],
+            self._child = subprocess.Popen([sys.executable, "-m", "aeserve.service.runtime.export", str(os.getpid()), self._out.name,
+                                            *map(str, self.folders)],
                                            stdout=subprocess.DEVNULL, stderr=stderr)
 
     def collect(self, versions: list[ModelVersion], take: Callable[[ModelVersion, dict[str, bytes]], None],
@@ -136,14 +141,31 @@ def export_checked(folder: Path) -> tuple[dict[str, bytes], dict[str, str], str 
     return graphs, failed, why
 
 
+def _exit_with_parent(out: Path, parent: int, every_s: float = 0.5) -> None:
+    """Stop, and remove ``out``, once the server ``parent`` that started this export is gone (this process is then
+    someone else's child): a server killed, or exiting on SIGTERM while an export runs, must not leave the child using
+    a core and its files in the temporary folder."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        shutil.rmtree(out, ignore_errors=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _child(argv: list[str]) -> None:
-    """``python -m aeserve.service.runtime.export OUT FOLDER...``: OUT/i/{graph}.onnx and OUT/i/report.json per folder."""
+    """``python -m aeserve.service.runtime.export PARENT_PID OUT FOLDER...``: OUT/i/{graph}.onnx and OUT/i/report.json per
+    folder."""
     import torch
 
     parser = argparse.ArgumentParser(description=_child.__doc__)
+    parser.add_argument("parent", type=int, help="the server's process id")
     parser.add_argument("out", type=Path)
     parser.add_argument("folders", nargs="+", type=Path)
     args = parser.parse_args(argv)
+    _exit_with_parent(args.out, args.parent)
     torch.set_num_threads(1)  # the server is busy on the other cores
     for i, folder in enumerate(args.folders):
         graphs, failed, refused = export_checked(folder)
