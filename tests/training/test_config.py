@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,13 @@ def test_cli_trains_the_mlp_config_as_pca(tmp_path, capsys):
     assert manifest["training"]["run_config"]["model"] == {"kind": "pca", "code_dim": 8}
     # Closed-form PCA: its held-out error is the PCA baseline measured on the same data.
     assert manifest["metrics"]["test_sq_err"] == pytest.approx(manifest["metrics"]["pca_sq_err"], rel=1e-4)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("configs/*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_its_model(path):
+    config = load_run_config(path)
+    shape = {"fashion-mnist": (28, 28), "digits": (8, 8)}.get(config.data.source)
+    if shape is None:
+        pytest.skip(f"{path.name} reads {config.data.source} data")
+    model = build_model(config.model_kind, config.model, shape)
+    assert model.code_dim >= 1
