@@ -1,5 +1,4 @@
-"""Bigger than memory: one epoch on a 4 GB float32 .npy with the training process's peak RSS bounded, and images per
-second for an image folder decoded lazily.
+"""Bigger than memory: one epoch on a 4 GB .npy with peak RSS bounded, and images per second from an image folder.
 
     .venv/bin/python -m benchmarks.data_scale [--rows 1000000] [--features 1024] [--folder /tmp]
                                               [--images 20000] [--only array|images]
