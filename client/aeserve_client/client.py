@@ -106,6 +106,19 @@ class Client:
         """x (n, ...) -> 2-D map coordinates (n, 2), float32."""
         return self._call("project", name, x, version)
 
+    def compress(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        """x (n, ...) -> one compressed stream (bytes) per row, in ``outputs``; for versions with an entropy model."""
+        return self._call("compress", name, x, version)
+
+    def decompress(self, name: str, streams: list[bytes], version: str | int | None = None) -> Result:
+        """Streams -> data (n, *input_shape), float32; by default from the version the first stream names."""
+        version = version if version is not None else wire.stream_version(streams[0]) if streams else None
+        parts = []
+        for start in range(0, len(streams), self._options.max_rows):
+            body, headers = wire.streams_request(streams[start:start + self._options.max_rows])
+            parts.append(wire.result(self._send("POST", wire.path(name, "decompress", version), content=body, headers=headers)))
+        return wire.join(parts)
+
     def models(self) -> list[dict]:
         response = self._send("GET", "/v1/models")
         wire.check(response)
@@ -138,11 +151,12 @@ class AsyncClient:
         self._options = _Options(max_retries, max_retry_wait, max_rows)
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
 
-    async def _send(self, method: str, url: str, body: wire._NpyBody | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    async def _send(self, method: str, url: str, body: wire._NpyBody | bytes | None = None,
+                    headers: dict[str, str] | None = None) -> httpx.Response:
         attempt = 0
         while True:
             # A fresh iterator over the same memory for each attempt: an async generator runs only once.
-            content = None if body is None else wire.async_pieces(body)
+            content = body if body is None or isinstance(body, bytes) else wire.async_pieces(body)
             response = await self._http.request(method, url, content=content, headers=headers)
             wait = self._options.wait(response, attempt)
             if wait is None:
@@ -169,6 +183,17 @@ class AsyncClient:
 
     async def project(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
         return await self._call("project", name, x, version)
+
+    async def compress(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
+        return await self._call("compress", name, x, version)
+
+    async def decompress(self, name: str, streams: list[bytes], version: str | int | None = None) -> Result:
+        version = version if version is not None else wire.stream_version(streams[0]) if streams else None
+        parts = []
+        for start in range(0, len(streams), self._options.max_rows):
+            body, headers = wire.streams_request(streams[start:start + self._options.max_rows])
+            parts.append(wire.result(await self._send("POST", wire.path(name, "decompress", version), body, headers)))
+        return wire.join(parts)
 
     async def models(self) -> list[dict]:
         response = await self._send("GET", "/v1/models")

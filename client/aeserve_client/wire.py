@@ -1,8 +1,10 @@
 """What crosses the wire: the ``.npy`` request body, the answer as a Result, error answers as exceptions."""
 from __future__ import annotations
 
+import base64
 import email.utils
 import io
+import json
 import math
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ PIECE_BYTES = 1 << 18
 
 @dataclass
 class Result:
-    outputs: np.ndarray  # float32; codes (n, code_dim), data (n, *input_shape) or coordinates (n, 2)
+    outputs: np.ndarray | list[bytes]  # float32: codes (n, code_dim), data (n, *input_shape) or coordinates (n, 2); compress: streams
     model: str
     version: str
     errors: np.ndarray | None = None  # reconstruct only: (n,) summed squared errors
@@ -73,10 +75,30 @@ async def async_pieces(body: _NpyBody) -> AsyncIterator[bytes | memoryview]:
 
 def npy_request(op: str, array: np.ndarray) -> tuple[_NpyBody, dict[str, str]]:
     """The body and headers of one operation on ``array`` (n, ...)."""
-    # reconstruct answers errors and percentiles too, which only the JSON answer carries.
-    accept = "application/json" if op == "reconstruct" else NPY
+    # reconstruct answers errors and percentiles too, which only the JSON answer carries; compress answers streams (JSON).
+    accept = "application/json" if op in ("reconstruct", "compress") else NPY
     body = _NpyBody(array)
     return body, {"Content-Type": NPY, "Accept": accept, "Content-Length": str(len(body))}
+
+
+def streams_request(streams: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of a decompress request: the streams as base64 strings in JSON, the rows back as .npy."""
+    body = json.dumps({"inputs": [base64.b64encode(bytes(s)).decode() for s in streams]}).encode()
+    return body, {"Content-Type": "application/json", "Accept": NPY}
+
+
+def stream_version(stream: bytes) -> int | None:
+    """The version a stream names in its header (format 0xA1: byte 0, 3 bytes of the model, then the version as
+    LEB128), or None when it is not such a stream (the server then says what is wrong)."""
+    if len(stream) < 5 or stream[0] != 0xA1:
+        return None
+    version, shift = 0, 0
+    for byte in stream[4:14]:
+        version |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return version
+    return None
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -116,7 +138,10 @@ def result(response: httpx.Response) -> Result:
         return Result(np.load(io.BytesIO(response.content), allow_pickle=False), model, version)
     body = response.json()
     optional = {k: np.asarray(body[k], dtype=np.float32) for k in ("errors", "percentiles") if k in body}
-    return Result(np.asarray(body["outputs"], dtype=np.float32), body["model"], body["version"], **optional)
+    outputs = body["outputs"]
+    if outputs and isinstance(outputs[0], str):  # compress: one base64 stream per row
+        return Result([base64.b64decode(s) for s in outputs], body["model"], body["version"])
+    return Result(np.asarray(outputs, dtype=np.float32), body["model"], body["version"], **optional)
 
 
 def join(parts: list[Result]) -> Result:
@@ -129,4 +154,6 @@ def join(parts: list[Result]) -> Result:
         return None if any(v is None for v in values) else np.concatenate(values)
 
     first = parts[0]
+    if isinstance(first.outputs, list):  # streams: byte strings of their own lengths, kept as they are
+        return Result([s for part in parts for s in part.outputs], first.model, first.version)
     return Result(np.concatenate([part.outputs for part in parts]), first.model, first.version, joined("errors"), joined("percentiles"))

@@ -131,3 +131,22 @@ def test_tritonclient_sends_and_receives_bytes_tensors(service_registry):
             client.close()
     np.testing.assert_allclose(back.as_numpy("reconstruction").reshape(len(ROWS), -1), version.reconstruct(ROWS)[0].reshape(len(ROWS), -1),
                                rtol=1e-5, atol=1e-4)
+
+
+async def test_the_python_client_compresses_and_decompresses_from_the_version_a_stream_names(service_registry):
+    from aeserve_client import AsyncClient, Client
+
+    version = service_registry.load("digits-rd")
+    with LiveServer(service_registry, poll_seconds=0) as server:
+        with Client(server.url, max_rows=2) as client:  # 5 rows: three requests each way, joined in order
+            streams = client.compress("digits-rd", ROWS).outputs
+            assert [bytes(s) for s in streams] == [version.streams.pack(c) for c in version.encode(ROWS)]
+            train(digits_run("digits-rd", "rd", epochs=1), service_registry, progress=False)
+            client._http.post("/v1/reload")
+            back = client.decompress("digits-rd", streams)  # latest is 2 now: the streams name version 1
+            assert back.version == "1"
+            np.testing.assert_allclose(back.outputs.reshape(len(ROWS), -1), version.reconstruct(ROWS)[0].reshape(len(ROWS), -1),
+                                       rtol=1e-5, atol=1e-4)
+        async with AsyncClient(server.url) as client:
+            again = await client.decompress("digits-rd", streams)
+            assert again.version == "1" and again.outputs.shape == back.outputs.shape
