@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from aeserve.models.remote import ObjectRegistry
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
-from tests.s3 import ENV, free_port, start_s3_server
+from tests.s3 import ENV, free_port, start_s3_server, wait_until
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -32,19 +31,6 @@ def serve(url: str, cache: Path, endpoint: str, log: Path) -> tuple[subprocess.P
     server = subprocess.Popen([sys.executable, "-m", "aeserve", "serve", "--registry", url, "--cache", str(cache), "--port", str(port),
                                "--poll-seconds", "0.3", "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
     return server, f"http://127.0.0.1:{port}"
-
-
-def wait_until(check, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        time.sleep(0.05)
 
 
 def encode(base: str) -> httpx.Response:

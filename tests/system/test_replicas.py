@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.s3 import ENV, free_port, start_s3_server
+from tests.s3 import ENV, free_port, start_s3_server, wait_until
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -96,20 +95,6 @@ listen stats
     stats enable
     stats uri /stats
 """
-
-
-def wait_until(check: Callable[[], object], seconds: float, what: str) -> object:
-    """Call ``check`` until it returns something true; fail the test after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        time.sleep(0.05)
 
 
 @dataclass
