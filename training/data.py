@@ -236,7 +236,7 @@ class RemoteFile:
         return json.dumps(facts, sort_keys=True) + hashlib.sha256(b"".join(ends)).hexdigest()
 
 
-def _location(path: str) -> Path | RemoteFile:
+def location(path: str) -> Path | RemoteFile:
     """A local path (also from a ``file://`` URL), or a file or folder in object storage."""
     if not is_url(path):
         return Path(path.removeprefix("file://"))
@@ -251,6 +251,13 @@ def _location(path: str) -> Path | RemoteFile:
         extra = {"s3": "aeserve[s3]", "s3a": "aeserve[s3]", "gs": "aeserve[gcs]", "gcs": "aeserve[gcs]"}.get(url.partition("://")[0])
         raise DataError(f"{url}: cannot be read ({e}){f'; install {extra}' if extra else ''}") from None
     return RemoteFile(url, fs, fs_path.rstrip("/"))
+
+
+def kind_of(where: Path | RemoteFile) -> str | None:
+    """"file", "directory", or None when nothing is there: on the local disk or as the store reports it."""
+    if isinstance(where, Path):
+        return "file" if where.is_file() else "directory" if where.is_dir() else None
+    return (where.info() or {}).get("type")
 
 
 def _open(where: Path | RemoteFile, block_size: int = REMOTE_BLOCK_BYTES):
@@ -440,11 +447,8 @@ def _require_file(config: DataConfig) -> Path | RemoteFile:
     """data.path as a local file or a file at a URL, or a DataError saying why it is neither."""
     if not config.path:
         raise DataError(f"data.source {config.source!r} needs data.path (a file)")
-    where = _location(config.path)
-    if isinstance(where, Path):
-        kind = "directory" if where.is_dir() else "file" if where.is_file() else None
-    else:
-        kind = (where.info() or {}).get("type")
+    where = location(config.path)
+    kind = kind_of(where)
     if kind == "directory":
         raise DataError(f"{where}: is a directory; data.source {config.source!r} needs a file")
     if kind != "file":
@@ -1097,7 +1101,7 @@ class _ImageReader:
     skip_bad: bool
 
     def folder(self) -> Path | RemoteFile:
-        return _location(self.path)
+        return location(self.path)
 
     def unreadable(self, file: str, reason: Exception | str) -> DataError:
         advice = ("it was readable before training, so it changed since" if self.skip_bad else
@@ -1234,11 +1238,8 @@ class ImageFiles:
 def _image_folder(config: DataConfig) -> Path | RemoteFile:
     if not config.path:
         raise DataError("data.source 'images' needs data.path (a folder of images)")
-    folder = _location(config.path)
-    if isinstance(folder, Path):
-        kind = "file" if folder.is_file() else "directory" if folder.is_dir() else None
-    else:
-        kind = (folder.info() or {}).get("type")
+    folder = location(config.path)
+    kind = kind_of(folder)
     if kind == "file":
         raise DataError(f"{folder}: is a file; data.source 'images' needs a folder of images (one subfolder per label, or flat)")
     if kind != "directory":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aeserve.training.config import RunConfig, load_run_config, parse_override
-from aeserve.training.data import SOURCES, TABLE_SUFFIXES, DataConfig, DataError, Dataset, _location, load_dataset
+from aeserve.training.data import SOURCES, TABLE_SUFFIXES, DataConfig, DataError, Dataset, kind_of, load_dataset, location
 
 ARRAY_SOURCES = {".npy": "npy", ".npz": "npz"}
 MAX_CODE_DIM = 64
@@ -32,8 +32,8 @@ STEPS_PER_EPOCH = 10
 
 def source_for(path: str) -> str:
     """The data source that reads ``path``: a table or an array by its suffix, or a folder of images (local or a URL)."""
-    where = _location(path)
-    if where.is_dir() if isinstance(where, Path) else (where.info() or {}).get("type") == "directory":
+    where = location(path)
+    if kind_of(where) == "directory":
         if "images" not in SOURCES:
             raise DataError(f"{path}: is a directory; image folders are not supported yet (give a table or a .npy/.npz array)")
         return "images"

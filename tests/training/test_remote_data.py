@@ -58,7 +58,7 @@ def test_rows_of_a_remote_array_read_as_numpy_indexes_them(memory, monkeypatch):
     fs, url = memory
     x = np.arange(1000 * 6, dtype=np.float32).reshape(1000, 6)
     fs.pipe(f"{url}/x.npy", npy_bytes(x))
-    where = data._location(f"{url}/x.npy")
+    where = data.location(f"{url}/x.npy")
     remote = RemoteArray(where, 128, x.shape, x.dtype)  # np.save writes a 128-byte header for this array
     reads = CountedReads(monkeypatch, where.fs)
     for key in (7, -1, slice(None), slice(10, 20), slice(990, 2000), slice(5, 50, 7), np.array([5, 3, 3, 999, -2, 0, 400, 401]),
