@@ -72,6 +72,11 @@ class ConflictError(RuntimeError):
     """A conditional write lost: the object exists already, or changed since it was read."""
 
 
+def precondition_failed(error: OSError) -> bool:
+    """Whether a store refused a conditional write (s3fs reports it as EINVAL with the store's message)."""
+    return "precondition" in str(error).lower().replace("-", "")
+
+
 def cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where local copies of remote registries live: ``explicit``, else ``$AESERVE_CACHE``, else ``~/.cache/aeserve``."""
     return Path(explicit or os.environ.get("AESERVE_CACHE") or Path.home() / ".cache" / "aeserve")
@@ -112,20 +117,26 @@ class ObjectRegistry:
             self.fs.pipe_file(key, data, mode="create")
         except FileExistsError as e:
             raise ConflictError(f"{self.protocol}://{key} exists already") from e
-        except OSError as e:  # s3fs reports a failed precondition as EINVAL with the store's message
-            if "pre-condition" in str(e) or "precondition" in str(e).lower():
+        except OSError as e:
+            if precondition_failed(e):
                 raise ConflictError(f"{self.protocol}://{key} exists already") from e
             raise
+
+    def _read(self, key: str) -> bytes | None:
+        """An object's bytes, or None when it is absent."""
+        try:
+            return self.fs.cat_file(key)
+        except FileNotFoundError:
+            return None
 
     def _read_tagged(self, key: str) -> tuple[bytes | None, str | None]:
         """An object's bytes and the tag a compare-and-swap must match; (None, None) when it is absent."""
         self.fs.invalidate_cache(key)
         try:
             info = self.fs.info(key)
-            data = self.fs.cat_file(key)
         except FileNotFoundError:
             return None, None
-        return data, info.get("ETag") or info.get("generation")
+        return self._read(key), info.get("ETag") or info.get("generation")
 
     def _swap(self, key: str, data: bytes, tag: str | None) -> None:
         """Replace ``key`` if it still has ``tag`` (None: if it is still absent). Raises ConflictError if not."""
@@ -136,7 +147,7 @@ class ObjectRegistry:
             try:
                 self.fs.call_s3("put_object", Bucket=bucket, Key=path, Body=data, IfMatch=tag)
             except OSError as e:
-                if "pre-condition" in str(e) or "precondition" in str(e).lower():
+                if precondition_failed(e):
                     raise ConflictError(f"{self.protocol}://{key} changed since it was read") from e
                 raise
             self.fs.invalidate_cache(key)
@@ -187,8 +198,7 @@ class ObjectRegistry:
         return sorted(self.listing().manifests.get(check_name(name), ()))
 
     def aliases(self, name: str) -> dict[str, int]:
-        stored, _ = self._read_tagged(self._key(check_name(name), ALIASES))
-        return valid_aliases(stored, self.versions(name))
+        return valid_aliases(self._read(self._key(check_name(name), ALIASES)), self.versions(name))
 
     def resolve(self, name: str, ref: str | int = "latest") -> int:
         return resolve(self, name, ref)
@@ -249,7 +259,8 @@ class Mirror:
     """The local copy of an ObjectRegistry: a local registry folder, filled version by version.
 
     ``<cache>/registries/<hash of the URL>/`` is a plain registry (the server loads from it);
-    ``<cache>/sha256/<hash>`` holds each weights file once, verified, and version folders link to it.
+    ``<cache>/sha256/<hash>`` holds each weights file once, verified: a version whose weights are there already (the
+    same weights under another name or registry, or a copy lost from its folder) is installed without downloading them.
     """
 
     def __init__(self, source: ObjectRegistry, cache: Path) -> None:
@@ -275,10 +286,11 @@ class Mirror:
         self.source.fs.invalidate_cache(key)
         for path in sorted(fs.find(key)):
             relative = path[len(key) + 1:]
-            if relative in (CLAIM, MANIFEST):
-                continue
-            files[relative] = self._weights(f"{key}/{WEIGHTS}", manifest.get("sha256", "")) if relative == WEIGHTS else fs.cat_file(path)
-            self.bytes_fetched += 0 if relative == WEIGHTS else len(files[relative])
+            if relative == WEIGHTS:
+                files[relative] = self._weights(path, manifest.get("sha256", ""))  # counts what it downloads
+            elif relative not in (CLAIM, MANIFEST):
+                files[relative] = fs.cat_file(path)
+                self.bytes_fetched += len(files[relative])
         if WEIGHTS not in files:
             raise RegistryError(f"{self.source.protocol}://{key}: the manifest is there but {WEIGHTS} is not")
         files[MANIFEST] = manifest_bytes  # last, as everywhere
