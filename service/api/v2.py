@@ -278,7 +278,7 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
     except ApiError as e:
         raise ApiError(400 if e.status == 422 else e.status, e.detail, e.headers) from None
     if compress:
-        return _answer(document, name, version, [{**requested[0]}], {STREAM: await run_in_threadpool(pipeline.pack, version, outputs[0])})
+        return _answer(document, name, version, requested, {STREAM: await run_in_threadpool(pipeline.pack, version, outputs[0])})
     results = dict(zip(call.outputs, outputs, strict=True))
     constants = version.code_quantization.constants(codes) if codes != "float" else {}
     results.update({f"code_{key}": value for key, value in constants.items()})
