@@ -25,7 +25,7 @@ KIND_CONFIGS = {
     "linear": {"code_dim": 4},
     "mlp": {"code_dim": 4, "hidden": [32, 16]},
     "rbm": {"code_dim": 4, "hidden": [32, 16], "pretrain_epochs": 2},
-    "conv": {"code_dim": 4, "channels": [8, 16]},
+    "conv": {"code_dim": 4, "channels": [8, 16], "activation": "gdn", "loss": "mse"},  # as configs/fmnist-64d.toml
     "vae": {"code_dim": 4, "hidden": [32]},
     "rd": {"channels": 8, "latent_channels": 1},  # a (1, 2, 2) latent on 8x8 digits: a code of 4 integers
 }

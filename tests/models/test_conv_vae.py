@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from aeserve.models.entropy import GDN
 from aeserve.models.kinds import build_model
 from aeserve.models.vae import VAE, VAEConfig
 
@@ -17,6 +18,22 @@ def test_conv_accepts_images_only_and_names_the_fix():
     assert model.encode(x).shape == (2, 5) and model(x).shape == (2, 576)
     with torch.no_grad():
         assert 0 <= float(model(x).min()) and float(model(x).max()) <= 1
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gdn"])
+def test_conv_blocks_and_losses(activation):
+    model = build_model("conv", {"code_dim": 3, "channels": [4, 8], "activation": activation, "loss": "mse"}, (8, 8))
+    gdn = [m for m in model.modules() if isinstance(m, GDN)]
+    # GDN after each convolution of the encoder, inverse GDN in the decoder (the bottom, each stage, between stages).
+    assert [m.inverse for m in gdn] == ([False] * 4 + [True] * 4 if activation == "gdn" else [])
+    x = torch.rand(5, 64)
+    logits = model.decode_logits(model.encode(x))
+    torch.testing.assert_close(model.loss(x), (torch.sigmoid(logits) - x).pow(2).sum() / 5)
+    bce = build_model("conv", {"code_dim": 3, "channels": [4, 8], "activation": activation}, (8, 8))
+    bce.load_state_dict(model.state_dict())
+    torch.testing.assert_close(bce.loss(x), torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits), x, reduction="sum") / 5)
+    with pytest.raises(ValueError, match="model.activation"):
+        build_model("conv", {"activation": "softmax"}, (8, 8))
 
 
 def test_vae_codes_are_the_posterior_mean_and_deterministic():
