@@ -17,8 +17,6 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,18 +26,11 @@ import numpy as np
 from PIL import Image
 
 from aeserve.training.data import FASHION_MNIST_DIR, read_idx
-from benchmarks.loadgen import wait_ready
+from benchmarks.loadgen import served
 
-AESERVE = str(Path(sys.executable).parent / "aeserve")
 WEBP_QUALITIES = (0, 5, 10, 20, 30, 50, 70, 90)
 JPEG_QUALITIES = (5, 10, 30, 50, 70, 90)
 BATCH = 1000  # images per request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def psnr(decoded: np.ndarray, images: np.ndarray) -> float:
@@ -113,19 +104,11 @@ def main() -> None:
     images = read_idx(Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz")[:args.images]
     rows: list[tuple[str, str, float, float, str]] = []
     curves: dict[str, list[tuple[float, float]]] = {"aeserve": [], "WebP": [], "JPEG": []}
-    port = free_port()
-    server = subprocess.Popen([AESERVE, "serve", "--registry", args.registry, "--port", str(port), "--models", ",".join(args.models)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, server)
+    with served(args.registry, args.models) as base:
         for model in args.models:
             size, quality, up, down = aeserve_point(base, model, images)
             rows.append(("aeserve", model, size, quality, f"compress {up:,.0f} images/s, decompress {down:,.0f} images/s"))
             curves["aeserve"].append((size, quality))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     for q in WEBP_QUALITIES:
         size, quality = pillow_point(images, "WEBP", quality=q, method=6)
         rows.append(("WebP", f"quality {q}", size, quality, "method 6"))

@@ -16,7 +16,9 @@ import contextlib
 import io
 import os
 import re
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -177,6 +179,28 @@ async def open_loop(base_url: str, request: Request, rate: float, seconds: float
     outcome.retried = connections.retried
     connections.close()
     return outcome
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(registry: str | Path, models: list[str] | None = None):
+    """``aeserve serve`` at its defaults on a free loopback port, ready; yields its base URL and stops it on exit."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "aeserve"), "serve", "--registry", str(registry), "--port", str(port)]
+    server = subprocess.Popen(command + (["--models", ",".join(models)] if models else []),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, server)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def wait_ready(base_url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
