@@ -5,11 +5,13 @@
 
 Everything runs on 127.0.0.1: moto's S3 server (as the tests start it, tests/s3.py), `aeserve serve` replicas at their
 defaults (`--registry s3://... --cache DIR --port P` and nothing else: poll every 2 s, the ONNX engine in its engine
-process), and HAProxy (Debian's) configured as tests/system/test_replicas.py configures it. Version 1 is either
-trained into the S3 registry by the real CLI (`aeserve train --data` on a small array: an MLP, one epoch), or, with
-`--registry`, the latest version of `--model` in that local registry, uploaded with ObjectRegistry.publish. Each
-later version is version 1's files with the model's weights scaled by 1 + 1e-6: a new sha256, so the replicas must
-download and load it, and answers that stay valid for the same rows.
+process), and HAProxy (Debian's) running the shipped deploy/haproxy.cfg, as tests/system/test_replicas.py runs it (its
+global and defaults sections as they are, so it logs every request to haproxy.log; benchmarks/haproxy.py gives each
+measured target a frontend and backend of its own). Version 1 is either trained into the S3 registry by the real CLI
+(`aeserve train --data` on a small array: an MLP, one epoch), or, with `--registry`, the latest version of `--model`
+in that local registry, uploaded with ObjectRegistry.publish. Each later version is version 1's files with the
+model's weights scaled by 1 + 1e-6: a new sha256, so the replicas must download and load it, and answers that stay
+valid for the same rows.
 
 (a) publish to converged: 3 replicas; `publish` returns, then each replica is asked directly (every 20 ms) until it
     answers with the new version in `X-Model-Version`; the time to the last one. Expected: up to one poll interval
@@ -43,6 +45,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.haproxy import haproxy_config
 from benchmarks.loadgen import processes, wait_ready
 from tests.s3 import ENV, free_port, start_s3_server
 
@@ -50,39 +53,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REPLICAS = 3
 DEFAULT_POLL_SECONDS = 2.0  # aeserve serve's default, which the replicas run at
 SETTLE_SECONDS = 180.0  # bound on a replica moving its versions to the engine process (ONNX export, 2 busy cores)
-
-
-def haproxy_config(frontends: dict[str, tuple[int, list[int]]]) -> str:
-    """name -> (its port, its replicas' ports): one frontend each, balancing round robin over its replicas."""
-    parts = ["""\
-global
-    maxconn 1024
-
-defaults
-    mode http
-    timeout connect 500ms
-    timeout client 30s
-    timeout server 30s
-    timeout http-keep-alive 5s
-    timeout check 1s
-    retries 3
-    option redispatch 1
-    retry-on conn-failure empty-response response-timeout
-    option http-buffer-request
-"""]
-    for name, (port, ports) in frontends.items():
-        servers = "\n".join(f"    server r{j} 127.0.0.1:{p} check inter 200ms fall 2 rise 2" for j, p in enumerate(ports))
-        parts.append(f"""
-frontend {name}
-    bind 127.0.0.1:{port}
-    default_backend {name}_replicas
-
-backend {name}_replicas
-    balance roundrobin
-    option httpchk GET /health/ready
-{servers}
-""")
-    return "".join(parts)
 
 
 class Replica:

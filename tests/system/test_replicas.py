@@ -1,9 +1,10 @@
 """Replicas behind HAProxy on an S3 registry, every component real and on loopback (issue 19, item 5).
 
 A moto S3 server holds the registry; three ``aeserve serve`` processes, each with its own local copy, poll it;
-HAProxy (Debian's) balances round robin over them, health-checking ``/health/ready`` and retrying a request whose
-replica died (``retry-on conn-failure empty-response response-timeout``: encode is idempotent, so a replay is
-safe). Client threads loop through HAProxy the whole time, and every answer must be a 200:
+HAProxy (Debian's), running the shipped deploy/haproxy.cfg on this test's ports, balances round robin over them,
+health-checking ``/health/ready`` and retrying a request whose replica died (``retry-on conn-failure empty-response
+response-timeout``: encode is idempotent, so a replay is safe). Client threads loop through HAProxy the whole time,
+and every answer must be a 200:
 
 1. ``aeserve train`` publishes version 2; every replica, asked directly, answers with it within the bound;
 2. one replica is SIGKILLed; HAProxy marks it down and no request fails, from the kill on;
@@ -33,6 +34,7 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.haproxy import haproxy_config as shipped_config
 from tests.s3 import ENV, free_port, start_s3_server, wait_until
 
 pytest.importorskip("s3fs")
@@ -51,50 +53,13 @@ CONVERGE_SECONDS = 15.0
 MARK_SECONDS = 5.0
 START_SECONDS = 60.0  # a replica's start (imports, one sync, load, warm-up) on a busy 2-core machine
 TRAIN_SECONDS = 60.0
+FRONTEND = "aeserve"  # and its backend aeserve_replicas, as deploy/haproxy.cfg names them
 
 
 def haproxy_config(port: int, stats_port: int, replicas: list[Replica]) -> str:
-    servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.port} check inter 200ms fall 2 rise 2" for r in replicas)
-    return f"""\
-global
-    maxconn 512
-    log stderr format raw local0 info
-
-defaults
-    mode http
-    log global
-    option httplog
-    timeout connect 500ms
-    timeout client 10s
-    timeout server 5s
-    timeout http-keep-alive 5s
-    timeout check 1s
-    # A request whose replica refused the connection, closed it without an answer (SIGKILL) or did not answer in
-    # time is sent again, to another replica on every retry (redispatch 1), not only on the last one.
-    retries 3
-    option redispatch 1
-    retry-on conn-failure empty-response response-timeout
-    # HAProxy keeps a copy for such a retry only of a request it holds whole when it first sends it; a client that
-    # writes the headers and the body apart (httpx does) would otherwise lose the retry whenever the headers go out
-    # alone, and a request on a kept-alive connection whose replica dies is then answered by closing the client's
-    # connection (HAProxy 2.6, stream_interface.c: L7 retries need msg_state == HTTP_MSG_DONE at the first send).
-    option http-buffer-request
-
-frontend clients
-    bind 127.0.0.1:{port}
-    default_backend replicas
-
-backend replicas
-    balance roundrobin
-    option httpchk GET /health/ready
-    http-response set-header X-Backend %s
-{servers}
-
-listen stats
-    bind 127.0.0.1:{stats_port}
-    stats enable
-    stats uri /stats
-"""
+    """deploy/haproxy.cfg on these ports and replicas; each answer says which replica gave it (X-Backend)."""
+    return shipped_config({FRONTEND: (port, {r.name: r.port for r in replicas})}, stats_port=stats_port,
+                          backend_lines=["http-response set-header X-Backend %s"])
 
 
 @dataclass
@@ -189,7 +154,7 @@ class Traffic:
 def stats_rows(stats_url: str) -> dict[str, dict[str, str]]:
     """HAProxy's stats page (CSV) for the replicas: server name (and BACKEND) -> its columns."""
     text = httpx.get(stats_url + ";csv", timeout=2).text.lstrip("# ")
-    return {row["svname"]: row for row in csv.DictReader(io.StringIO(text)) if row["pxname"] == "replicas"}
+    return {row["svname"]: row for row in csv.DictReader(io.StringIO(text)) if row["pxname"] == f"{FRONTEND}_replicas"}
 
 
 def server_states(stats_url: str) -> dict[str, str]:
