@@ -246,3 +246,22 @@ def test_cache_is_a_writable_volume() -> None:
         # The root filesystem is read-only: the cache and the ONNX export's temporary folder need volumes.
         for path in (env_values(container)["AESERVE_CACHE"], "/tmp"):
             assert mounts.get(path) in empty_dirs, f"{where}: {path} is not an emptyDir"
+
+
+HAPROXY = "/usr/sbin/haproxy"
+
+
+@pytest.mark.skipif(not Path(HAPROXY).exists(), reason="needs HAProxy (Debian package haproxy; .ci/run installs it)")
+def test_haproxy_config_shipped_and_rendered_pass_haproxy_check(tmp_path):
+    from benchmarks.haproxy import SHIPPED, haproxy_config
+
+    rendered = tmp_path / "rendered.cfg"
+    rendered.write_text(haproxy_config({"one": (18000, [18001]), "two": (18010, {"a": 18011, "b": 18012})}, stats_port=18404))
+    broken = tmp_path / "broken.cfg"
+    broken.write_text(SHIPPED.read_text().replace("balance roundrobin", "balance nowhere"))
+    for path, ok in ((SHIPPED, True), (rendered, True), (broken, False)):
+        check = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
+        assert (check.returncode == 0) == ok, (path.name, check.stdout, check.stderr)
+    text = rendered.read_text()
+    assert "option http-buffer-request" in text and "option redispatch 1" in text
+    assert "server b 127.0.0.1:18012 check inter 200ms fall 2 rise 2" in text
