@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.loadgen import proc_mb, processes
 
 FLOOR_MB = 1536  # peak RSS of the training process: 1.5 GB
 WRITE_ROWS = 16_384
@@ -92,16 +93,6 @@ def write_array(path: Path, rows: int, features: int, seed: int = 0) -> None:
     del out
 
 
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM (the peak resident set so far) of process ``pid`` in MB; 0 once it has exited."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    found = re.search(r"VmHWM:\s+(\d+) kB", status)
-    return int(found.group(1)) / 1024 if found else 0.0
-
-
 def run(rows: int, features: int, folder: Path) -> dict:
     path = folder / "big.npy"
     started = time.perf_counter()
@@ -115,7 +106,7 @@ def run(rows: int, features: int, folder: Path) -> dict:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         peak, epoch_done = 0.0, None
         while process.poll() is None:
-            peak = max(peak, peak_rss_mb(process.pid))
+            peak = max(peak, proc_mb(process.pid, "status", "VmHWM"))  # VmHWM: the peak resident set so far
             if epoch_done is None and "epoch 1/1" in log_path.read_text():
                 epoch_done = time.perf_counter() - started
             time.sleep(0.05)
@@ -143,27 +134,6 @@ def write_images(folder: Path, n: int) -> float:
     for i, (image, label) in enumerate(zip(x, y, strict=True)):
         Image.fromarray(image).save(folder / str(label) / f"{i:06d}.png")
     return time.perf_counter() - started
-
-
-def children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (DataLoader workers), from /proc/PID/task/*/children."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def pss_mb(pid: int) -> float:
-    """The proportional set size of ``pid`` in MB (shared pages divided among the processes sharing them)."""
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0.0
-    found = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
-    return int(found.group(1)) / 1024 if found else 0.0
 
 
 def timed_train(config: str, registry: str, state: str) -> None:
@@ -223,10 +193,10 @@ def run_images(folder: Path, n: int) -> tuple[float, list[tuple[int, float]], li
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
             peak, peak_pss, most_workers = 0.0, 0.0, 0
             while process.poll() is None:
-                peak = max(peak, peak_rss_mb(process.pid))
-                workers_now = children(process.pid)
+                peak = max(peak, proc_mb(process.pid, "status", "VmHWM"))
+                training, *workers_now = processes(process.pid)  # the workers: DataLoader processes
                 most_workers = max(most_workers, len(workers_now))
-                peak_pss = max(peak_pss, pss_mb(process.pid) + sum(pss_mb(c) for c in workers_now))
+                peak_pss = max(peak_pss, sum(proc_mb(p, "smaps_rollup", "Pss") for p in (training, *workers_now)))
                 time.sleep(0.1)
         seconds = time.perf_counter() - started
         log = log_path.read_text()

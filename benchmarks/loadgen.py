@@ -221,7 +221,7 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout: float = 120.0)
 def processes(pid: int) -> list[int]:
     """``pid`` and its live child processes (a server's engine process, and its export child while one runs; Linux)."""
     children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # none once ``pid`` has exited
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             children += [int(child) for child in (task / "children").read_text().split()]
     return [pid, *children]
@@ -234,11 +234,18 @@ def rss_mb(pid: int) -> float:
 
 def own_rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` alone in MB (Linux); 0 once it has exited."""
+    return proc_mb(pid, "status", "VmRSS")
+
+
+def proc_mb(pid: int, file: str, field: str) -> float:
+    """A kB field of /proc/PID/FILE in MB (``status``: VmRSS, VmHWM the peak so far; ``smaps_rollup``: Pss, shared
+    pages divided among the processes sharing them); 0 once the process has exited."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        text = Path(f"/proc/{pid}/{file}").read_text()
     except OSError:
         return 0.0
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+    found = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else 0.0
 
 
 def cpu_seconds(pid: int) -> float:
