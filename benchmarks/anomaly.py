@@ -50,25 +50,24 @@ def baselines(x_train: np.ndarray, x_score: np.ndarray, y_score: np.ndarray, see
     scaler = StandardScaler().fit(x_train)
     train, score = scaler.transform(x_train), scaler.transform(x_score)
     rows = [("IsolationForest (200 trees)", roc_auc_score(y_score, -IsolationForest(n_estimators=200, random_state=seed).fit(train).score_samples(score)))]
-    pca = {}
+    pca, fits = {}, {}
     for k in PCA_CODES:
-        fitted = PCA(n_components=k, random_state=seed).fit(train)
+        fits[k] = fitted = PCA(n_components=k, random_state=seed).fit(train)
         errors = ((score - fitted.inverse_transform(fitted.transform(score))) ** 2).sum(axis=1)
         pca[k] = roc_auc_score(y_score, errors)
     best = max(pca, key=pca.get)
     rows += [("PCA(4) reconstruction error, standardized", pca[4]),
              (f"PCA best k of {list(PCA_CODES)} (k={best}, chosen on the anomaly labels)", pca[best])]
+    lof = LocalOutlierFactor(n_neighbors=20, novelty=True).fit(train)
+    rows.append(("LocalOutlierFactor (novelty, 20 neighbours)", roc_auc_score(y_score, -lof.score_samples(score))))
     # Two reconstruction-error detectors that cannot extrapolate along the benign rows' main directions, shown to
     # explain the gap, not as baselines: PCA(4) with its codes clipped to the range the training rows reach, and no
     # code at all (k = 0: every row reconstructed as the benign mean, so the error is the squared standardized norm).
-    fitted = PCA(n_components=4, random_state=seed).fit(train)
-    codes = fitted.transform(train)
-    clipped = fitted.inverse_transform(np.clip(fitted.transform(score), codes.min(axis=0), codes.max(axis=0)))
-    explain = [("PCA(4), codes clipped to the training range (explanatory)", roc_auc_score(y_score, ((score - clipped) ** 2).sum(axis=1))),
-               ("distance to the benign mean, k = 0 (explanatory)", roc_auc_score(y_score, (score**2).sum(axis=1)))]
-    lof = LocalOutlierFactor(n_neighbors=20, novelty=True).fit(train)
-    rows.append(("LocalOutlierFactor (novelty, 20 neighbours)", roc_auc_score(y_score, -lof.score_samples(score))))
-    return rows + explain
+    codes = fits[4].transform(train)
+    clipped = fits[4].inverse_transform(np.clip(fits[4].transform(score), codes.min(axis=0), codes.max(axis=0)))
+    rows += [("PCA(4), codes clipped to the training range (explanatory)", roc_auc_score(y_score, ((score - clipped) ** 2).sum(axis=1))),
+             ("distance to the benign mean, k = 0 (explanatory)", roc_auc_score(y_score, (score**2).sum(axis=1)))]
+    return rows
 
 
 def main() -> None:
