@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import httpx
 import numpy as np
 
 from aeserve_client import wire
 from aeserve_client.wire import Result
+
+T = TypeVar("T", np.ndarray, Sequence[bytes])
 
 DEFAULT_MAX_ROWS = 65_536  # the server's default `max_rows`
 RETRY_STATUSES = frozenset({429, 503})
@@ -45,13 +48,14 @@ class _Options:
             seconds = 0.5 * 2 ** attempt
         return min(seconds, self.max_retry_wait)
 
-    def slices(self, array: np.ndarray) -> Iterator[np.ndarray]:
-        """``array`` (n, ...) in consecutive slices of at most max_rows rows (views, no copies)."""
-        if array.ndim == 0 or len(array) <= self.max_rows:
-            yield array
+    def slices(self, rows: T) -> Iterator[T]:
+        """``rows`` (an array (n, ...), or a list such as compressed streams) in consecutive slices of at most max_rows
+        rows (an array's are views, no copies)."""
+        if getattr(rows, "ndim", 1) == 0 or len(rows) <= self.max_rows:
+            yield rows
             return
-        for start in range(0, len(array), self.max_rows):
-            yield array[start:start + self.max_rows]
+        for start in range(0, len(rows), self.max_rows):
+            yield rows[start:start + self.max_rows]
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -114,8 +118,8 @@ class Client:
         """Streams -> data (n, *input_shape), float32; by default from the version the first stream names."""
         version = version if version is not None else wire.stream_version(streams[0]) if streams else None
         parts = []
-        for start in range(0, len(streams), self._options.max_rows):
-            body, headers = wire.streams_request(streams[start:start + self._options.max_rows])
+        for rows in self._options.slices(streams):
+            body, headers = wire.streams_request(rows)
             parts.append(wire.result(self._send("POST", wire.path(name, "decompress", version), content=body, headers=headers)))
         return wire.join(parts)
 
@@ -190,8 +194,8 @@ class AsyncClient:
     async def decompress(self, name: str, streams: list[bytes], version: str | int | None = None) -> Result:
         version = version if version is not None else wire.stream_version(streams[0]) if streams else None
         parts = []
-        for start in range(0, len(streams), self._options.max_rows):
-            body, headers = wire.streams_request(streams[start:start + self._options.max_rows])
+        for rows in self._options.slices(streams):
+            body, headers = wire.streams_request(rows)
             parts.append(wire.result(await self._send("POST", wire.path(name, "decompress", version), body, headers)))
         return wire.join(parts)
 
