@@ -117,11 +117,13 @@ class Traffic:
                 except Exception as e:  # any failure at all is what the tests look for
                     self.failures.append(e)
 
-    def versions_after_settling(self, seconds: float = 0.5, window: float = 0.3) -> set[str]:
-        """Versions answered in a window that starts once requests in flight at a switch have finished."""
+    def versions_after_settling(self, seconds: float = 0.5, answers: int = 6, timeout: float = 30.0) -> set[str]:
+        """Versions of the next ``answers`` answers once requests in flight at a switch have finished: counted, not
+        timed, so a busy machine that answers slowly gives the same verdict (an empty set only if nothing answers)."""
         time.sleep(seconds)
-        start = len(self.versions)
-        time.sleep(window)
+        start, deadline = len(self.versions), time.monotonic() + timeout
+        while len(self.versions) < start + answers and time.monotonic() < deadline:
+            time.sleep(0.01)
         return set(self.versions[start:])
 
     def __enter__(self) -> Traffic:
