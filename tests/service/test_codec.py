@@ -138,3 +138,23 @@ def test_an_npy_body_read_in_pieces_decodes_to_its_rows():
     decoded, shape = decode_rows(NPY, read_back, (6,), max_rows=50)
     np.testing.assert_array_equal(decoded, rows)
     assert shape == (6,)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_body_of_any_float_width_refuses_what_is_not_finite_by_its_row(dtype, bad):
+    rows = np.zeros((3, 6), dtype)
+    rows[2, 4] = bad
+    with pytest.raises(ApiError) as refused:
+        decode_rows(NPY, npy(rows), (6,), max_rows=3)
+    assert refused.value.status == 422 and str(refused.value.detail).startswith("row 2 holds a NaN, an infinity")
+
+
+def test_the_bound_holds_for_small_integer_and_half_precision_bodies():
+    for dtype in (np.float16, np.int16):
+        rows = np.zeros((2, 6), dtype)
+        rows[1, 0] = 20000
+        np.testing.assert_array_equal(validate_rows(rows, (6,), 2, bound=30000.0)[0], rows.astype(np.float32))
+        with pytest.raises(ApiError) as refused:
+            validate_rows(rows, (6,), 2, bound=1000.0)
+        assert refused.value.status == 422 and str(refused.value.detail).startswith("row 1 holds a value beyond ±1000")
