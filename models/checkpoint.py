@@ -91,7 +91,9 @@ class TorchGraphs:
         return self.numpy(self.pre.from_model_tensor(x))
 
     def codes_in(self, z: np.ndarray) -> torch.Tensor:
-        return self._tensor(z)
+        # Codes decoded from a request body view its read-only bytes; torch may not share memory it could write to.
+        # Codes are small (rows x code size), so the copy costs little.
+        return self._tensor(z if z.flags.writeable else z.copy())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode(x)
