@@ -37,6 +37,11 @@ class NotFoundError(LookupError):
     """An unknown model, version or alias."""
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only. ``str.isdigit`` alone also passes '²', which ``int`` refuses, and '١', which it reads as 1."""
+    return text.isascii() and text.isdigit()
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
         raise RegistryError(f"invalid model name {name!r}: use 1-100 letters, digits, '_', '.', '-', starting with a letter or digit, without '..'")
@@ -91,7 +96,7 @@ class Registry:
         folder = self._model_dir(name)
         if not folder.is_dir():
             return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and not p.name.startswith("0") and (p / MANIFEST).is_file())
+        return sorted(int(p.name) for p in folder.iterdir() if is_number(p.name) and not p.name.startswith("0") and (p / MANIFEST).is_file())
 
     def aliases(self, name: str) -> dict[str, int]:
         """Alias -> version, with ``latest`` always the highest published version."""
@@ -215,7 +220,7 @@ def valid_aliases(stored: bytes | None, versions: list[int]) -> dict[str, int]:
     aliases = {
         alias: int(v)
         for alias, v in (parsed.items() if isinstance(parsed, dict) else [])
-        if isinstance(alias, str) and ALIAS_PATTERN.match(alias) and str(v).isdigit() and int(v) in versions
+        if isinstance(alias, str) and ALIAS_PATTERN.match(alias) and is_number(str(v)) and int(v) in versions
     }
     if versions:
         aliases["latest"] = versions[-1]
@@ -232,10 +237,10 @@ def resolve(registry: Any, name: str, ref: str | int = "latest") -> int:
     if not versions:
         raise NotFoundError(f"unknown model {name!r}; available: {registry.names()}")
     ref = str(ref)
-    if ref.isdigit() and int(ref) in versions:
+    if is_number(ref) and int(ref) in versions:
         return int(ref)
     aliases = registry.aliases(name)
-    if not ref.isdigit() and ref in aliases:
+    if not is_number(ref) and ref in aliases:
         return aliases[ref]
     raise NotFoundError(f"model {name!r} has no version or alias {ref!r}; versions: {versions}, aliases: {sorted(aliases)}")
 
@@ -244,7 +249,7 @@ def check_alias_update(alias: str, version: int | str) -> None:
     check_alias(alias)
     if alias == "latest":
         raise RegistryError("'latest' is kept at the highest version and cannot be set by hand")
-    if not str(version).isdigit():
+    if not is_number(str(version)):
         raise RegistryError(f"version must be a number, got {version!r}")
 
 

@@ -43,6 +43,7 @@ from aeserve.models.registry import (
     check_alias_update,
     check_name,
     finished_manifest,
+    is_number,
     resolve,
     valid_aliases,
     version_files,
@@ -184,7 +185,7 @@ class ObjectRegistry:
             name = parts[0]
             if len(parts) == 2 and parts[1] == ALIASES:
                 alias_tags[name] = str(info.get("ETag") or info.get("generation") or (info.get("size"), info.get("LastModified") or info.get("mtime")))
-            elif len(parts) >= 3 and parts[1].isdigit() and not parts[1].startswith("0"):
+            elif len(parts) >= 3 and is_number(parts[1]) and not parts[1].startswith("0"):
                 taken.setdefault(name, set()).add(int(parts[1]))
                 if len(parts) == 3 and parts[2] == MANIFEST:
                     manifests.setdefault(name, set()).add(int(parts[1]))

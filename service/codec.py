@@ -21,6 +21,7 @@ import simdjson
 from starlette.types import Receive
 
 from aeserve.models.images import IMAGE_MEDIA_TYPES, open_image, size_and_channels, to_pixels
+from aeserve.models.registry import is_number
 from aeserve.service.errors import ApiError
 
 NPY = "application/x-npy"
@@ -42,7 +43,7 @@ async def read_body(receive: Receive, content_length: str | None, limit: int) ->
     """
     if content_length is None:
         return await _read_chunked(receive, limit)
-    if not content_length.isdigit():
+    if not is_number(content_length):
         raise ApiError(400, f"Content-Length must be a number of bytes, got {content_length!r}")
     expected = int(content_length)
     if expected > limit:
@@ -221,6 +222,11 @@ def _rows_from_json(body: Body) -> np.ndarray:
     except (ValueError, OverflowError):
         raise ApiError(422, "inputs are ragged: every row must have the same shape") from None
     if array.dtype.kind == "O":
+        for row, values in enumerate(inputs):  # numpy keeps what is not a number of its own as an object: say which row
+            if any(v is None for v in _flat(values)):
+                raise ApiError(422, f"row {row} holds null; inputs must be numbers")
+            if any(isinstance(v, int) and abs(v) > FLOAT32_MAX for v in _flat(values)):
+                raise ApiError(422, f"row {row} holds a number that overflows float32 (largest allowed magnitude {FLOAT32_MAX:.4g})")
         if any(isinstance(v, int) and not isinstance(v, bool) for v in _flat(inputs)):
             raise ApiError(422, f"a number in inputs overflows float32 (largest allowed magnitude {FLOAT32_MAX:.4g})")
         raise ApiError(422, "inputs are ragged or mixed: every row must be a list of numbers of the same shape")
@@ -253,6 +259,8 @@ def _rows_from_npy(body: Body) -> np.ndarray:
         shape, fortran_order, dtype = read_header(stream, max_header_size=NPY_HEADER_BYTES - 12)
     except (ValueError, OSError, EOFError, SyntaxError) as e:
         raise ApiError(400, f"malformed .npy body: {e}") from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ApiError(400, f"malformed .npy body: the header's shape must be non-negative integers, got {shape!r}")
     if dtype.kind not in "iuf" or dtype.hasobject:
         raise ApiError(422, f"the .npy array must hold numbers (float or int), got dtype {dtype}")
     count = math.prod(shape)

@@ -8,11 +8,20 @@ column's summed over its one-hot values), in the scaled space.
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
 
 import numpy as np
 
 from aeserve.service.errors import ApiError
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a JSON number is finite as a float: an integer of hundreds of digits (JSON has no limit) is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class TableRows:
@@ -43,8 +52,8 @@ class TableRows:
             for name, where, value in zip(self.names, self.slices, self._values(i, row, objects), strict=True):
                 categories = self.categories.get(name)
                 if categories is None:
-                    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                        raise ApiError(422, f"row {i}, column {name!r}: expected a finite number, got {value!r}")
+                    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+                        raise ApiError(422, f"row {i}, column {name!r}: expected a finite number, got {reprlib.repr(value)}")
                     out[i, where.start] = value
                 elif value not in categories:
                     raise ApiError(422, f"row {i}, column {name!r}: unknown category {value!r}; known: {categories}")

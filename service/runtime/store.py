@@ -17,7 +17,7 @@ import numpy as np
 
 from aeserve.models.checkpoint import CheckpointError, ModelVersion
 from aeserve.models.outputs import OUTPUTS, Call
-from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name
+from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name, is_number
 from aeserve.service.runtime.engines import one_torch_thread
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class ModelStore:
     def get(self, name: str, ref: str = "latest") -> ModelVersion:
         """A loaded version by number or alias. Raises NotFoundError naming what exists."""
         entry = self.entry(name)
-        version = int(ref) if ref.isdigit() else entry.aliases.get(ref)
+        version = int(ref) if is_number(ref) else entry.aliases.get(ref)
         if version not in entry.versions:
             raise NotFoundError(
                 f"model {name!r} has no loaded version or alias {ref!r}; versions: {sorted(entry.versions)}, aliases: {sorted(entry.aliases)}")

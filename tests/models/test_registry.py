@@ -64,6 +64,9 @@ def test_unknown_model_and_version(published):
         published.resolve("nope")
     with pytest.raises(NotFoundError, match="has no version or alias 'staging'"):
         published.resolve("digits", "staging")
+    for digit in ("²", "１", "١"):  # str.isdigit says yes to each; int() refuses the first and reads the others as 1
+        with pytest.raises(NotFoundError, match=f"has no version or alias '{digit}'"):
+            published.resolve("digits", digit)
 
 
 def test_sha256_mismatch_is_refused(published):

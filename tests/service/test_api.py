@@ -87,9 +87,9 @@ ERRORS = [
     ({"inputs": [["NaN"] + ROW[1:]]}, 422, "inputs must be numbers, got strings"),
     ({"inputs": [[True] * 64]}, 422, "inputs must be numbers, got booleans"),
     ({"inputs": [ROW[:-1] + [1e39]]}, 422, "row 0 holds a NaN, an infinity or a value that overflows float32; all inputs must be finite"),
-    ({"inputs": [ROW[:-1] + [10**400]]}, 422, "a number in inputs overflows float32"),
+    ({"inputs": [ROW, ROW[:-1] + [10**400]]}, 422, "row 1 holds a number that overflows float32"),
     ({"inputs": [ROW, ROW[:-1] + [-2e7]]}, 422, "row 1 holds a value beyond ±1.6e+07, a million times the range of the training data"),
-    ({"inputs": [ROW, [None] * 64]}, 422, "inputs are ragged or mixed"),
+    ({"inputs": [ROW, [None] * 64]}, 422, "row 1 holds null; inputs must be numbers"),
     ({"inputs": []}, 422, "inputs must hold at least one row"),
     ({"inputs": 3}, 422, "inputs must be a list of rows, got int"),
     ({"rows": []}, 422, 'the JSON body must be an object {"inputs": [row, ...]}'),
@@ -127,6 +127,8 @@ def test_malformed_bodies(api):
     ("/v1/models/nope/encode", f"unknown model 'nope'; available: {sorted(NAMES)}"),
     ("/v1/models/digits-mlp/versions/9/encode", "model 'digits-mlp' has no loaded version or alias '9'; versions: [1], aliases: ['latest']"),
     ("/v1/models/digits-mlp/versions/prod/encode", "model 'digits-mlp' has no loaded version or alias 'prod'"),
+    ("/v1/models/digits-mlp/versions/%C2%B2/encode", "model 'digits-mlp' has no loaded version or alias '²'"),  # isdigit, not int
+    ("/v1/models/digits-mlp/versions/%EF%BC%91/encode", "model 'digits-mlp' has no loaded version or alias '１'"),  # int reads 1
     ("/v1/models/digits-mlp/explode", "unknown operation 'explode'; allowed: encode, decode, reconstruct, project"),
     ("/v1/models/%2e%2e/encode", "unknown model '..': model names are letters, digits, '_', '.', '-'"),
     ("/v1/models/..%2fetc/encode", "no route POST"),

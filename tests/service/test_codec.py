@@ -158,3 +158,21 @@ def test_the_bound_holds_for_small_integer_and_half_precision_bodies():
         with pytest.raises(ApiError) as refused:
             validate_rows(rows, (6,), 2, bound=1000.0)
         assert refused.value.status == 422 and str(refused.value.detail).startswith("row 1 holds a value beyond ±1000")
+
+
+@pytest.mark.parametrize("shape", ["(-1, -64)", "(-8, -8)", "(True, 64)", "(1, False, 64)"])
+def test_an_npy_header_with_a_shape_that_is_not_sizes_is_refused(shape):
+    body = npy(np.zeros((4, 64), np.float32))
+    header = body[:128].decode("latin1")
+    start, end = header.index("'shape': ") + len("'shape': "), header.index("), ") + 1
+    forged = header[:start] + shape + header[end:]
+    forged = forged[:-1].ljust(127) + "\n"  # the header keeps its length, so only the shape is wrong
+    with pytest.raises(ApiError) as refused:
+        decode_rows(NPY, forged.encode("latin1") + body[128:], (64,), max_rows=8)
+    assert refused.value.status == 400 and "shape must be non-negative integers" in str(refused.value.detail)
+
+
+def test_a_null_in_json_rows_is_refused_by_its_row():
+    with pytest.raises(ApiError) as refused:
+        decode_rows(JSON, b'{"inputs": [[1, 2, 3], [4, null, 6]]}', (3,), max_rows=2)
+    assert refused.value.status == 422 and refused.value.detail == "row 1 holds null; inputs must be numbers"

@@ -102,6 +102,7 @@ def test_object_rows_get_object_answers_with_feature_errors(table_registry):
     ([{"small": 0.05, "large": 2000.0, "colour": "red", "price": 3}], "row 0: unknown column(s) ['price']; the columns are"),
     ([{"small": None, "large": 2000.0, "colour": "red"}], "row 0, column 'small': expected a finite number, got None"),
     ([[0.05, 2000.0, "red"], [0.05, "2000", "red"]], "row 1, column 'large': expected a finite number, got '2000'"),
+    ([[0.05, 2000.0, "red"], [10**400, 2000.0, "red"]], "row 1, column 'small': expected a finite number, got 1000000"),
     ([[0.05, 2000.0, "purple"]], "row 0, column 'colour': unknown category 'purple'; known: ['blue', 'green', 'red']"),
     ([[0.05, 2000.0]], "row 0: expected 3 values in the column order ['small', 'large', 'colour'], got 2 values"),
     ([{"small": 0.05, "large": 2000.0, "colour": "red"}, [0.05, 2000.0, "red"]], "row 1: expected an object keyed by column name"),
