@@ -160,8 +160,9 @@ def _parameters(item: dict[str, Any]) -> dict[str, Any]:
     return parameters if isinstance(parameters, dict) else {}
 
 
-def _input_tensor(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray | list[bytes], int]:
-    """(name, array — or byte strings for BYTES —, new offset into the binary part) for one request input."""
+def _input_tensor(spec: Any, binary: memoryview, offset: int, may_hold_booleans: bool = True) -> tuple[str, np.ndarray | list[bytes], int]:
+    """(name, array — or byte strings for BYTES —, new offset into the binary part) for one request input.
+    ``may_hold_booleans`` is False when the JSON header holds no ``true`` or ``false``: no need to look for booleans."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ApiError(400, "each input must be an object with a name, shape, datatype and data")
     name, shape, datatype = spec["name"], spec.get("shape"), spec.get("datatype")
@@ -173,21 +174,73 @@ def _input_tensor(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.n
         return _bytes_tensor(spec, name, shape, binary, offset)
     dtype = np.dtype(DATATYPES[datatype])
     count = math.prod(shape)
-    size = _parameters(spec).get("binary_data_size")
+    size = _binary_data_size(spec, name)
     if size is not None:
-        if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
+        if size != count * dtype.itemsize or offset + size > len(binary):
             raise ApiError(400, f"input {name!r}: binary_data_size {size!r} does not match shape {shape} of {datatype} "
                                 f"({count * dtype.itemsize} bytes) or the bytes sent")
         array = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<"))
         offset += size
     else:
-        try:
-            array = np.asarray(spec.get("data"), dtype=dtype)
-        except (TypeError, ValueError, OverflowError):
-            raise ApiError(400, f"input {name!r}: data must be numbers of datatype {datatype}") from None
+        array = _numbers(spec.get("data"), name, datatype, may_hold_booleans)
         if array.size != count:
             raise ApiError(400, f"input {name!r}: shape {shape} needs {count} values, data has {array.size}")
     return name, array.reshape(shape), offset
+
+
+def _binary_data_size(spec: dict[str, Any], name: str) -> int | None:
+    """An input's ``binary_data_size`` parameter: None when absent, else a byte count (a non-negative integer)."""
+    size = _parameters(spec).get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise ApiError(400, f"input {name!r}: binary_data_size must be a non-negative integer (a byte count), got {size!r}")
+    return size
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, for error messages."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    return {type(None): "null", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _numbers(data: Any, name: str, datatype: str, may_hold_booleans: bool) -> np.ndarray:
+    """JSON ``data`` (a flat list of numbers, or lists nested as the shape) as an array of ``datatype``, shaped as sent.
+
+    Refuses what a cast with ``np.asarray(data, dtype)`` lets through: strings (it parses them), booleans, and for
+    integer datatypes fractions (it truncates them) and values outside the datatype's range; errors name the element,
+    counted row-major. One conversion without a dtype tells what kind all the values are, with no Python loop over
+    them; only an error's message looks at them one by one.
+    """
+    if not isinstance(data, list):
+        raise ApiError(400, f"input {name!r}: data must be a list of numbers of datatype {datatype}, got {_json_kind(data)}")
+    try:
+        values = np.asarray(data)
+    except ValueError:
+        raise ApiError(400, f"input {name!r}: data is ragged or nested too deep: send one flat list, or lists of equal lengths "
+                            "nested as the shape") from None
+    # numpy reads [true, 2] as the integers [1, 2]; look for booleans only when the header can hold one.
+    if values.dtype.kind not in "iuf" or (may_hold_booleans and bool in set(map(type, np.asarray(data, dtype=object).flat))):
+        for index, value in enumerate(np.asarray(data, dtype=object).flat):
+            if type(value) not in (int, float):
+                raise ApiError(400, f"input {name!r}: data must be numbers of datatype {datatype}; element {index} is {_json_kind(value)}")
+        values = np.asarray(data, dtype=np.float64)  # numbers only, which numpy could not hold as one kind
+    dtype = np.dtype(DATATYPES[datatype])
+    with np.errstate(invalid="ignore", over="ignore"):  # a float outside an integer type's range casts to garbage, refused below
+        array = values.astype(dtype)
+    if dtype.kind in "iu":
+        changed = np.flatnonzero(array != values)
+        if changed.size:
+            index = int(changed[0])
+            value = values.flat[index].item()
+            if value != math.trunc(value):
+                raise ApiError(400, f"input {name!r}: data element {index}, {value!r}, is not an integer, as {datatype} needs")
+            info = np.iinfo(dtype)
+            raise ApiError(400, f"input {name!r}: data element {index}, {value!r}, is outside {datatype}'s range [{info.min}, {info.max}]")
+    return array
 
 
 def _bytes_tensor(spec: dict[str, Any], name: str, shape: list[int], binary: memoryview, offset: int) -> tuple[str, list[bytes], int]:
@@ -195,7 +248,7 @@ def _bytes_tensor(spec: dict[str, Any], name: str, shape: list[int], binary: mem
     in JSON, each element a base64 string (compressed streams are not text)."""
     if len(shape) != 1:
         raise ApiError(400, f"input {name!r}: a BYTES tensor has shape [n], one byte string per row; got {shape}")
-    size = _parameters(spec).get("binary_data_size")
+    size = _binary_data_size(spec, name)
     if size is None:
         data = spec.get("data")
         if not isinstance(data, list) or len(data) != shape[0] or not all(isinstance(v, str) for v in data):
@@ -204,8 +257,8 @@ def _bytes_tensor(spec: dict[str, Any], name: str, shape: list[int], binary: mem
             return name, [base64.b64decode(v, validate=True) for v in data], offset
         except (binascii.Error, ValueError):
             raise ApiError(400, f"input {name!r}: data must be base64 strings (standard alphabet, padded)") from None
-    if not isinstance(size, int) or offset + size > len(binary):
-        raise ApiError(400, f"input {name!r}: binary_data_size {size!r} does not match the bytes sent")
+    if offset + size > len(binary):
+        raise ApiError(400, f"input {name!r}: binary_data_size {size} is more than the {len(binary) - offset} bytes sent")
     chunk, items, at = bytes(binary[offset:offset + size]), [], 0
     while at < len(chunk):
         length = int.from_bytes(chunk[at:at + 4], "little")
@@ -230,6 +283,11 @@ def _call(input_name: str, document: dict[str, Any]) -> tuple[Call, list[dict[st
     unknown = [o["name"] for o in requested if o["name"] not in OUTPUTS and o["name"] != STREAM]
     if unknown:
         raise ApiError(400, f"unknown output(s) {unknown}; allowed: {[*OUTPUTS, STREAM]}")
+    if not isinstance(_parameters(document).get("binary_data_output", False), bool):
+        raise ApiError(400, f"the request parameter binary_data_output must be true or false, got {_parameters(document)['binary_data_output']!r}")
+    for output in requested:
+        if not isinstance(_parameters(output).get("binary_data", False), bool):
+            raise ApiError(400, f"output {output['name']!r}: binary_data must be true or false, got {_parameters(output)['binary_data']!r}")
     if any(o["name"] == STREAM for o in requested):  # compress: the codes, coded
         if takes != "inputs" or len(requested) != 1:
             raise ApiError(400, f"output {STREAM!r} (compress) comes alone, from the input tensor 'input'")
@@ -247,7 +305,8 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
     settings = request.app.state.settings
     body = await read_body(request.receive, request.headers.get("content-length"), settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
-    if header_length is not None and (not header_length.isdigit() or int(header_length) > len(body)):
+    # str.isdigit() is also True for '²' and other digits int() refuses
+    if header_length is not None and (not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body)):
         raise ApiError(400, f"{HEADER_LENGTH} must be a byte count within the body, got {header_length!r}")
     split = int(header_length) if header_length is not None else len(body)
     try:
@@ -256,7 +315,11 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
         raise ApiError(400, f"malformed JSON inference header: {e}") from None
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list) or len(document["inputs"]) != 1:
         raise ApiError(400, "the request must hold exactly one input tensor, named 'input' (data) or 'code' (to decode)")
-    input_name, array, _ = _input_tensor(document["inputs"][0], memoryview(body)[split:], 0)
+    may_hold_booleans = body.find(b"true", 0, split) >= 0 or body.find(b"false", 0, split) >= 0
+    input_name, array, end = _input_tensor(document["inputs"][0], memoryview(body)[split:], 0, may_hold_booleans)
+    if split + end != len(body):
+        raise ApiError(400, f"input {input_name!r}: {len(body) - split - end} bytes follow the tensor's data; binary_data_size must "
+                            f"count every byte after the JSON header ({HEADER_LENGTH} {split})")
     call, requested = _call(input_name, document)
     compress = requested[0]["name"] == STREAM
     try:
@@ -289,7 +352,7 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
 def _answer(document: dict[str, Any], name: str, version: ModelVersion, requested: list[dict[str, Any]],
             results: dict[str, np.ndarray | list[bytes]]) -> Response:
     """The inference response: each requested output as JSON data, or after the JSON header with the binary extension."""
-    binary_default = bool(_parameters(document).get("binary_data_output", False))
+    binary_default = _parameters(document).get("binary_data_output", False)  # booleans, as _call checked
     answers, chunks = [], []
     for spec in requested:
         array = results[spec["name"]]

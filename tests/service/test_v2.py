@@ -1,4 +1,7 @@
 """Open Inference Protocol v2: a real client of the protocol (tritonclient's HTTP client) against a live server."""
+import json
+
+import httpx
 import numpy as np
 import pytest
 
@@ -96,3 +99,91 @@ def orjson_nan(document) -> bytes:
     import json
 
     return json.dumps(document).encode()  # Python's json writes NaN literals
+
+
+def infer(live, document, binary: bytes = b"", headers=None) -> httpx.Response:
+    """POST ``document`` to digits-mlp's infer route; with ``binary``, as the JSON header followed by those bytes."""
+    header = json.dumps(document).encode()
+    headers = {"Content-Type": "application/json", **({"Inference-Header-Content-Length": str(len(header))} if binary else {}), **(headers or {})}
+    return httpx.post(f"{live.url}/v2/models/digits-mlp/infer", content=header + binary, headers=headers)
+
+
+def code(datatype, data, **parameters):
+    return {"inputs": [{"name": "code", "shape": [1, 4], "datatype": datatype, "data": data}], "outputs": [{"name": "reconstruction"}], **parameters}
+
+
+def test_header_length_must_be_ascii_digits(live):
+    # the byte 0xb2 is '²' in latin-1: a digit to str.isdigit(), not to int()
+    response = infer(live, code("FP32", [0.0] * 4), headers={"Inference-Header-Content-Length": b"\xb2"})
+    assert response.status_code == 400
+    assert response.json() == {"error": "inference-header-content-length must be a byte count within the body, got '²'"}
+
+
+@pytest.mark.parametrize("datatype,data,message", [
+    ("INT8", [1.7, 2.2, 0.5, -1.9], "data element 0, 1.7, is not an integer, as INT8 needs"),
+    ("INT16", [[1, 2], [3, 4.5]], "data element 3, 4.5, is not an integer, as INT16 needs"),
+    ("INT8", [1, 300, 0, 0], "data element 1, 300, is outside INT8's range [-128, 127]"),
+    ("UINT8", [1, 2, -1, 0], "data element 2, -1, is outside UINT8's range [0, 255]"),
+    ("FP32", ["1.5", "1e3", "2", "3"], "data must be numbers of datatype FP32; element 0 is the string '1.5'"),
+    ("FP32", [1, 2, 3, "4"], "data must be numbers of datatype FP32; element 3 is the string '4'"),
+    ("FP32", [True, False, True, True], "data must be numbers of datatype FP32; element 0 is the boolean true"),
+    ("FP32", [1.0, 0.5, False, 2.0], "data must be numbers of datatype FP32; element 2 is the boolean false"),
+    ("INT8", [1, 2, 3, True], "data must be numbers of datatype INT8; element 3 is the boolean true"),
+    ("FP32", [1.0, None, 0.0, 0.0], "data must be numbers of datatype FP32; element 1 is null"),
+    ("FP32", [[1.0, 2.0], [3.0]], "data is ragged or nested too deep: send one flat list, or lists of equal lengths nested as the shape"),
+    ("FP32", "1,2,3,4", "data must be a list of numbers of datatype FP32, got the string '1,2,3,4'"),
+], ids=["fraction", "nested-fraction", "int8-range", "uint8-negative", "strings", "one-string", "booleans", "one-boolean",
+        "int-boolean", "null", "ragged", "not-a-list"])
+def test_json_data_must_be_numbers_of_the_datatype(live, datatype, data, message):
+    response = infer(live, code(datatype, data))
+    assert response.status_code == 400
+    assert response.json() == {"error": f"input 'code': {message}"}
+
+
+def test_integer_datatypes_take_whole_numbers(live, trained_registry):
+    whole = np.array([[1, 2, 0, -1]], np.float32)
+    expected = trained_registry.load("digits-mlp").decode(whole)
+    for datatype, data in [("INT8", [1, 2, 0, -1]), ("INT8", [[1.0, 2.0, 0.0, -1.0]]), ("INT64", [1, 2, 0, -1]), ("FP16", [1, 2, 0, -1])]:
+        response = infer(live, code(datatype, data))
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(np.reshape(response.json()["outputs"][0]["data"], expected.shape), expected, rtol=1e-5, atol=1e-5)
+    assert infer(live, code("INT8", [1.5, 2, 0, -1])).status_code == 400  # the fraction a cast would truncate to the codes above
+
+
+def bytes_input(size):
+    return {"inputs": [{"name": "stream", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": size}}]}
+
+
+@pytest.mark.parametrize("document,binary,message", [
+    (bytes_input(-2), b"\x01\x00\x00\x00abc", "input 'stream': binary_data_size must be a non-negative integer (a byte count), got -2"),
+    (bytes_input(True), b"\x00", "input 'stream': binary_data_size must be a non-negative integer (a byte count), got True"),
+    (bytes_input(5), b"\x01\x00\x00\x00abc",
+     "input 'stream': 2 bytes follow the tensor's data; binary_data_size must count every byte after the JSON header "
+     "(inference-header-content-length {split})"),
+    ({"inputs": [{"name": "code", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}]},
+     np.zeros(4, "<f4").tobytes() + b"xyz",
+     "input 'code': 3 bytes follow the tensor's data; binary_data_size must count every byte after the JSON header "
+     "(inference-header-content-length {split})"),
+    (code("FP32", [0.0] * 4), b"xy",
+     "input 'code': 2 bytes follow the tensor's data; binary_data_size must count every byte after the JSON header "
+     "(inference-header-content-length {split})"),
+    ({"inputs": [{"name": "code", "shape": [1, 1], "datatype": "UINT8", "parameters": {"binary_data_size": True}}]}, b"\x01",
+     "input 'code': binary_data_size must be a non-negative integer (a byte count), got True"),
+], ids=["bytes-negative", "bytes-boolean", "bytes-leftover", "fp32-leftover", "json-leftover", "uint8-boolean"])
+def test_binary_data_sizes_must_count_the_bytes_sent(live, document, binary, message):
+    response = infer(live, document, binary)
+    assert response.status_code == 400
+    assert response.json() == {"error": message.format(split=len(json.dumps(document).encode()))}
+
+
+def test_binary_data_parameters_are_booleans(live, trained_registry):
+    answer = infer(live, {**code("FP32", [0.0] * 4), "outputs": [{"name": "reconstruction", "parameters": {"binary_data": False}}]})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    expected = trained_registry.load("digits-mlp").decode(np.zeros((1, 4), np.float32))
+    np.testing.assert_allclose(np.reshape(answer.json()["outputs"][0]["data"], expected.shape), expected, rtol=1e-5, atol=1e-5)
+    response = infer(live, {**code("FP32", [0.0] * 4), "outputs": [{"name": "reconstruction", "parameters": {"binary_data": "false"}}]})
+    assert response.status_code == 400
+    assert response.json() == {"error": "output 'reconstruction': binary_data must be true or false, got 'false'"}
+    response = infer(live, code("FP32", [0.0] * 4, parameters={"binary_data_output": "false"}))
+    assert response.status_code == 400
+    assert response.json() == {"error": "the request parameter binary_data_output must be true or false, got 'false'"}
