@@ -29,6 +29,7 @@ from starlette.responses import Response
 import aeserve
 from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.outputs import CODE_FORMS, FROM_CODES, OUTPUTS, Call
+from aeserve.models.registry import is_number
 from aeserve.service import pipeline
 from aeserve.service.api.health import readiness
 from aeserve.service.api.models import request_lookup
@@ -305,8 +306,7 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
     settings = request.app.state.settings
     body = await read_body(request.receive, request.headers.get("content-length"), settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
-    # str.isdigit() is also True for '²' and other digits int() refuses
-    if header_length is not None and (not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body)):
+    if header_length is not None and (not is_number(header_length) or int(header_length) > len(body)):
         raise ApiError(400, f"{HEADER_LENGTH} must be a byte count within the body, got {header_length!r}")
     split = int(header_length) if header_length is not None else len(body)
     try:
