@@ -153,6 +153,7 @@ class Registry:
         data = aliases_json(aliases)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".aliases-")
         os.close(fd)
+        os.chmod(tmp, folder.stat().st_mode & 0o666)  # mkstemp makes it 0600: readable as the model's folder is
         write_synced(Path(tmp), data)
         os.replace(tmp, folder / ALIASES)
         fsync_dir(folder)
@@ -190,6 +191,8 @@ class Registry:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{version}-"))
         try:
+            # mkdtemp makes it 0700; a server running as another user (the container's) must read what was published
+            os.chmod(tmp, folder.stat().st_mode & 0o777)
             for relative, data in files.items():
                 (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
                 write_synced(tmp / relative, data)
@@ -202,6 +205,7 @@ class Registry:
 
     def set_alias(self, name: str, version: int | str, alias: str) -> None:
         check_alias_update(alias, version)
+        self.resolve(name, str(version))  # an unknown model or version is refused before its folder is made
         with self._locked(name) as folder:
             aliases = self.aliases(name)
             aliases[alias] = self.resolve(name, str(version))

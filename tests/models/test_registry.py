@@ -51,6 +51,20 @@ def test_aliases(published):
         published.set_alias("digits", "7", "prod")
     with pytest.raises(RegistryError, match="invalid alias '9lives'"):
         published.set_alias("digits", "1", "9lives")
+    with pytest.raises(NotFoundError, match="unknown model 'nope'"):
+        published.set_alias("nope", "1", "prod")
+    assert not (published.root / "nope").exists()  # refused before the model's folder is made
+
+
+def test_published_files_are_readable_as_the_models_folder_is(published):
+    """Another user (a server in a container) reads what was published: the version folder and aliases.json take
+    the model folder's permissions, not mkdtemp's 0700 and mkstemp's 0600."""
+    folder = published.root / "digits"
+    folder.chmod(0o750)
+    train(digits_run("digits", "pca"), published, progress=False)
+    published.set_alias("digits", "2", "prod")
+    assert (folder / "2").stat().st_mode & 0o777 == 0o750
+    assert (folder / "aliases.json").stat().st_mode & 0o777 == 0o640
 
 
 @pytest.mark.parametrize("name", ["../x", "..", "a/b", "%2e%2e", "", ".hidden", "a" * 101])
