@@ -117,7 +117,7 @@ def map_metrics(train_coords: np.ndarray, train_labels: np.ndarray | None, test_
 
     n = min(len(test_inputs), max_points)
     metrics = {}
-    if n > 6:
+    if n > 2 * 5:  # scikit-learn's trustworthiness needs k < n / 2
         metrics["map_trustworthiness"] = float(trustworthiness(test_inputs[:n], test_coords[:n], n_neighbors=5))
     if train_labels is not None and test_labels is not None and len(train_coords) >= 5:
         classifier = KNeighborsClassifier(n_neighbors=5).fit(train_coords, train_labels)

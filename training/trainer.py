@@ -18,7 +18,7 @@ from aeserve.models.outputs import INT8_SCALE_QUANTILE, CodeQuantization
 from aeserve.models.projector import build_projector, projector_manifest
 from aeserve.models.registry import Registry
 from aeserve.training.config import RunConfig
-from aeserve.training.data import Dataset, ModelRows, load_dataset
+from aeserve.training.data import DataError, Dataset, ModelRows, load_dataset
 from aeserve.training.distributed import current_world, loss_step
 from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metrics, reconstruction_errors
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
@@ -152,6 +152,9 @@ def train(config: RunConfig, registry: Registry, progress: bool = True, dataset:
     """
     started = time.perf_counter()
     dataset = dataset or load_dataset(config.data)
+    if len(dataset.test_x) == 0:
+        raise DataError("no rows are held out for testing (data.test_fraction is 0 and the data has no test split of its own): "
+                        "a version's metrics and anomaly percentiles are measured on them; set data.test_fraction above 0")
     if state_dir is None:
         return _train_and_publish(config, registry, progress, dataset, None, resume, started)
     # The folder needs the run's fingerprint, so the data's: known only now that the data is read.

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from aeserve.models.registry import Registry
-from aeserve.training.config import load_run_config, parse_override
+from aeserve.training.config import build_run_config, load_run_config, parse_override
+from aeserve.training.data import DataError
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
 
@@ -86,6 +87,25 @@ def test_map_metrics_on_a_perfect_and_a_useless_map():
     assert perfect["map_knn5_accuracy"] == 1.0 and perfect["map_trustworthiness"] == pytest.approx(1.0)
     shuffled = map_metrics(coords, labels, coords, coords[rng.permutation(90)], labels)
     assert shuffled["map_knn5_accuracy"] < 0.6 and shuffled["map_trustworthiness"] < 0.7
+
+
+@pytest.mark.parametrize("n", [7, 10, 11, 30])
+def test_map_metrics_on_few_held_out_rows(n):
+    """A table of 70-110 rows holds out 7-11: trustworthiness (k=5) needs 11 or more, and is left out below that."""
+    from aeserve.training.evaluate import map_metrics
+
+    rng = np.random.default_rng(0)
+    inputs, labels = rng.random((n, 4)).astype(np.float32), np.arange(n) % 2
+    metrics = map_metrics(inputs[:, :2], labels, inputs, inputs[:, :2], labels)
+    assert ("map_trustworthiness" in metrics) == (n > 10) and 0 <= metrics["map_knn5_accuracy"] <= 1
+
+
+def test_a_run_with_nothing_held_out_is_refused_before_training(registry):
+    run = build_run_config({"name": "none-held-out", "data": {"source": "digits", "limit": 400, "test_fraction": 0},
+                            "model": {"kind": "pca", "code_dim": 4}, "train": {"epochs": 1}})
+    with pytest.raises(DataError, match="no rows are held out for testing"):
+        train(run, registry, progress=False)
+    assert registry.names() == []
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*.toml")))
