@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from typing import Annotated, Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from annotated_types import Ge, GroupedMetadata, Gt, Le, Lt, MinLen
 
@@ -21,6 +21,7 @@ Count = Annotated[int, Ge(0)]  # epochs, limits: zero allowed
 Positive = Annotated[float, Gt(0)]  # learning rates
 NonNegative = Annotated[float, Ge(0)]  # weight decay, weight cost, a loss weight
 Sizes = tuple[Size, ...]  # layer widths, outermost first
+Seed = Annotated[int, Ge(0), Lt(2**32)]  # what numpy, torch and scikit-learn all take
 
 # pydantic error types that break a bound declared on the field; their message quotes the field's bounds.
 BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long"}
@@ -36,6 +37,10 @@ class Config:
 
         problems = []
         for name, (hint, adapter) in _fields(type(self)).items():
+            value = getattr(self, name)
+            if _numeric(hint) and any(isinstance(v, bool) for v in (value if isinstance(value, list | tuple) else [value])):
+                problems.append(f"{self.section}.{name} must be {'numbers' if isinstance(value, list | tuple) else 'a number'}, got {value!r}")
+                continue  # pydantic would read true as 1
             try:
                 object.__setattr__(self, name, adapter.validate_python(getattr(self, name)))
             except ValidationError as e:
@@ -60,12 +65,21 @@ def _fields(cls: type) -> dict[str, tuple[Any, Any]]:
     from pydantic import ConfigDict, TypeAdapter
 
     hints = typing.get_type_hints(cls, include_extras=True)
-    settings = ConfigDict(coerce_numbers_to_str=True)  # --set data.path=2024 reads as a number; a path is still a string
+    # --set data.path=2024 reads as a number; a path is still a string. Infinity and NaN are no setting's value.
+    settings = ConfigDict(coerce_numbers_to_str=True, allow_inf_nan=False)
     return {f.name: (hints[f.name], TypeAdapter(hints[f.name], config=settings)) for f in dataclasses.fields(cls)}
 
 
 def _bare(hint: Any) -> Any:
     return typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+
+
+def _numeric(hint: Any) -> bool:
+    """Whether a field holds a number or a tuple of numbers (which a TOML boolean must not pass for)."""
+    bare = _bare(hint)
+    if typing.get_origin(bare) is tuple:
+        bare = _bare(typing.get_args(bare)[0])
+    return bare in (int, float) or any(_bare(arg) in (int, float) for arg in typing.get_args(bare) if typing.get_origin(bare) is not Literal)
 
 
 def _bounds(hint: Any) -> list[str]:
@@ -101,4 +115,4 @@ def _describe(key: str, hint: Any, error: dict[str, Any]) -> str:
     return f"{key} must be {expected}, got {value!r}"
 
 
-__all__ = ["Config", "Count", "NonNegative", "Positive", "Size", "Sizes"]
+__all__ = ["Config", "Count", "NonNegative", "Positive", "Seed", "Size", "Sizes"]

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aeserve.models.config import Config, Count, NonNegative, Positive, Size
+from aeserve.models.config import Config, Count, NonNegative, Positive, Seed, Size
 from aeserve.models.kinds import MODEL_KINDS
 from aeserve.models.projector import PROJECTOR_KINDS
+from aeserve.models.registry import check_name
 from aeserve.training.data import DataConfig
 
 # The kind of a [model] or [projector] table that names none; tables with a kind and their kinds by name.
@@ -26,7 +27,7 @@ class TrainParams(Config):
     epochs: Count = 20
     batch_size: Size = 256
     lr: Positive = 1e-3
-    seed: int = 0
+    seed: Seed = 0
     weight_decay: NonNegative = 0.0
     # Stop after this many epochs without a lower validation error and keep the best epoch's weights (0: off).
     patience: Count = 0
@@ -92,10 +93,11 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
     name = values.get("name")
     if not name:
         raise ValueError("the config needs a name (top-level `name = ...` or --name)")
+    check_name(name)  # before any data is read or state written: the name becomes folders
     data = DataConfig.from_dict(_section(values, "data"))
     _output_for_scaling(data, kind, model)
     return RunConfig(
-        name=str(name),
+        name=name,
         data=data,
         model_kind=kind,
         model=model,

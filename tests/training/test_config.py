@@ -34,6 +34,13 @@ MLP = "configs/digits-mlp8.toml"
     (["model.layers=[3]"], "unknown key(s) ['model.layers'] for model.kind 'mlp'; allowed: ['activation', 'code_dim', 'hidden', 'output']"),
     (["projector.kind=umap", "projector.min_dist=1"], "projector.min_dist must be >= 0 and < 1, got 1"),
     (["model.kind=cnn"], "model.kind 'cnn' is not one of ['conv', 'linear', 'mlp', 'pca', 'rbm', 'rd', 'vae']"),
+    (["train.epochs=true"], "train.epochs must be a number, got True"),  # pydantic alone reads true as 1
+    (["model.hidden=[64, true]"], "model.hidden must be numbers, got [64, True]"),
+    (["train.lr=inf"], "train.lr must be a finite number, got inf"),
+    (["train.seed=99999999999999999999"], "train.seed must be >= 0 and < 4294967296, got 99999999999999999999"),
+    (["train.seed=-1"], "train.seed must be >= 0 and < 4294967296, got -1"),
+    (["name=5"], "invalid model name 5: use 1-100 letters, digits, '_', '.', '-', starting with a letter or digit, without '..'"),
+    (["name='../x'"], "invalid model name '../x': use 1-100 letters, digits, '_', '.', '-', starting with a letter or digit, without '..'"),
 ])
 def test_bad_values_are_named_with_what_is_allowed(overrides, message):
     with pytest.raises(ValueError) as error:
