@@ -90,6 +90,11 @@ class DataConfig(Config):
         super().__post_init__()
         if len(self.image_size) not in (0, 2):
             raise ValueError(f"data.image_size must be [height, width], got {list(self.image_size)}")
+        for key in ("columns", "exclude", "categorical"):
+            names = getattr(self, key)
+            repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+            if repeated is not None:
+                raise ValueError(f"data.{key} names {repeated!r} more than once, got {list(names)}")
 
     @property
     def resolved_scaling(self) -> str:
@@ -532,8 +537,17 @@ class ModelRows:
         return self[slice(None)]
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a finite float64 beyond it becomes infinite as the model's float32
+
+
+def _beyond_float32(values: np.ndarray) -> np.ndarray:
+    """Where ``values`` are finite but become infinite as float32 (a float64 such as 1e300)."""
+    with np.errstate(over="ignore"):
+        return np.isfinite(values) & np.isinf(values.astype(np.float32))
+
+
 def _check_finite(path: Path | RemoteFile, x: np.ndarray) -> np.ndarray:
-    """x checked for numbers, a shape (n >= 2, ...) and finite values, in chunks of CHUNK_ROWS rows.
+    """x checked for numbers, a shape (n >= 2, d >= 1, ...) and values finite as float32, in chunks of CHUNK_ROWS rows.
 
     An array in memory comes back as float32 when it holds floats; one read from its file on demand (memory-mapped, or
     from a URL) comes back as it is (no copy), and its rows become float32 batch by batch in ``Preprocessing.to_model``.
@@ -542,16 +556,28 @@ def _check_finite(path: Path | RemoteFile, x: np.ndarray) -> np.ndarray:
         raise DataError(f"{path}: expected numbers, got dtype {x.dtype}")
     if x.ndim < 2 or len(x) < 2:
         raise DataError(f"{path}: expected an array of shape (n, ...) with n >= 2, got {x.shape}")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{path}: the rows have no features: shape {x.shape}; expected (n, d, ...) with every size >= 1")
     if x.dtype.kind == "f":
-        bad_rows, first = 0, -1
+        bad_rows, first, first_row = 0, -1, None
         for start, chunk in zip(range(0, len(x), CHUNK_ROWS), chunks(x), strict=True):
             # As float32, the type the model sees: a float64 beyond float32's range counts as infinite.
-            bad = ~np.isfinite(chunk.astype(np.float32).reshape(len(chunk), -1)).all(axis=1)
+            flat = chunk.reshape(len(chunk), -1)
+            with np.errstate(over="ignore"):
+                bad = ~np.isfinite(flat.astype(np.float32)).all(axis=1)
             if bad.any():
                 bad_rows += int(bad.sum())
-                first = start + int(np.argmax(bad)) if first < 0 else first
+                if first < 0:
+                    first = start + int(np.argmax(bad))
+                    first_row = np.array(flat[np.argmax(bad)])
         if bad_rows:
-            raise DataError(f"{path}: {bad_rows} row(s) hold NaN or infinite values, first at row {first}")
+            with np.errstate(over="ignore"):
+                column = int(np.argmax(~np.isfinite(first_row.astype(np.float32))))
+            if not np.isfinite(first_row[column]):
+                raise DataError(f"{path}: {bad_rows} row(s) hold NaN or infinite values, first at row {first}")
+            place = f"column {column}" if x.ndim == 2 else f"position {[int(i) for i in np.unravel_index(column, x.shape[1:])]}"
+            raise DataError(f"{path}: {bad_rows} row(s) hold NaN, infinite values or values beyond float32's range "
+                            f"(±{FLOAT32_MAX:.2g}), first at row {first}, {place}: {first_row[column].item()!r}")
         if not _lazy(x):
             x = x.astype(np.float32, copy=False)  # float32 already (as read from a URL): no second copy
     return x
@@ -730,19 +756,42 @@ def load_npz(config: DataConfig) -> Dataset:
     if "x_train" in arrays:
         train_x = _check_finite(where, arrays["x_train"])
         preprocessing = None
+        y_train = _labels(where, arrays, "y_train", train_x, "x_train")
         if "x_test" in arrays:
             test_x = _check_finite(where, arrays["x_test"])
             if test_x.shape[1:] != train_x.shape[1:]:
                 raise DataError(f"{where}: x_test rows {test_x.shape[1:]} differ from x_train rows {train_x.shape[1:]}")
-            y = {k: np.asarray(arrays[k]).astype(np.int64) if k in arrays else None for k in ("y_train", "y_test")}
-            return Dataset(where.name, train_x, test_x, preprocessing, y["y_train"], y["y_test"])
-        y_train = np.asarray(arrays["y_train"]) if "y_train" in arrays else None
+            return Dataset(where.name, train_x, test_x, preprocessing, y_train, _labels(where, arrays, "y_test", test_x, "x_test"))
         return _split_off_test(where.name, train_x, y_train, config, preprocessing, contiguous=stored["x_train"])
     if "x" not in arrays:
         raise DataError(f"{where}: expected an array named 'x' or 'x_train', found {sorted(arrays)}")
     x = _check_finite(where, arrays["x"])
-    y = np.asarray(arrays["y"]).astype(np.int64) if "y" in arrays else None  # labels in memory, wherever they came from
-    return _split_off_test(where.name, x, y, config, None, contiguous=stored["x"])
+    return _split_off_test(where.name, x, _labels(where, arrays, "y", x, "x"), config, None, contiguous=stored["x"])
+
+
+def _labels(where: Path | RemoteFile, arrays: dict[str, np.ndarray], key: str, x: np.ndarray, x_key: str) -> np.ndarray | None:
+    """The .npz member ``key`` as labels (n,) int64 in memory, one per row of ``x`` (member ``x_key``), or None when
+    there is none. Labels (n,) or (n, 1) are class numbers: integers, or floats holding whole numbers; anything else is
+    an error that names the first row (0-based, as the finite check counts rows) that is not one."""
+    if key not in arrays:
+        return None
+    y = np.asarray(arrays[key])
+    if y.ndim == 2 and y.shape[1] == 1:  # a column of labels (n, 1), as scikit-learn's ravel() would take it
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{where}: {key} has {len(y) if y.ndim else 0} label(s) for the {len(x)} row(s) of {x_key}; "
+                        f"expected one label per row, shape ({len(x)},), got {y.shape}")
+    if y.dtype.kind in "biu":
+        return y.astype(np.int64)
+    whole = np.zeros(len(y), bool)
+    if y.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            whole = np.isfinite(y) & (np.floor(y) == y) & (np.abs(y) < 2.0**63)
+    if not whole.all():
+        row = int(np.argmin(whole))
+        raise DataError(f"{where}: {key} row {row} holds {y[row].item()!r} ({y.dtype}), which is not a whole number; labels "
+                        f"must be integers (class numbers): map other values to numbers first, e.g. np.unique(y, return_inverse=True)[1]")
+    return y.astype(np.int64)
 
 
 def load_csv(config: DataConfig) -> Dataset:
@@ -760,7 +809,7 @@ def load_csv(config: DataConfig) -> Dataset:
                 rows.append([float(v) for v in fields])
             except ValueError:
                 raise DataError(f"{path}: line {line_no} holds a value that is not a number: {line.strip()[:80]!r}") from None
-    x = _check_finite(path, np.asarray(rows, dtype=np.float32))
+    x = _check_finite(path, np.asarray(rows, dtype=np.float64))  # float32 once checked: a value such as 1e300 is refused
     return _split_off_test(path.name, x, None, config, None)
 
 
@@ -782,18 +831,37 @@ class _Table:
     file: sequential reads for CSV, Parquet's footer and then each row group's column chunks by range requests."""
 
     def __init__(self, path: Path | RemoteFile) -> None:
+        import pyarrow as pa
+
         self.path = path
         self.delimiter = ""
+        self.types: dict[str, pa.DataType] = {}  # Parquet's column types; a CSV's columns are all read as text
         try:
             if _is_parquet(path):
                 import pyarrow.parquet as pq
 
                 with _opened(path) as source:
-                    self.names = pq.ParquetFile(source).schema_arrow.names
+                    schema = pq.ParquetFile(source).schema_arrow
+                self.names, self.types = schema.names, dict(zip(schema.names, schema.types, strict=True))
             else:
                 self.names = self._csv_header()
-        except OSError as e:
-            raise DataError(f"{path}: not a readable table ({str(e).splitlines()[0]})") from None
+        except (pa.ArrowException, OSError) as e:
+            kind = "Parquet file" if _is_parquet(path) else "table"
+            raise DataError(f"{path}: not a readable {kind} ({str(e).splitlines()[0]})") from None
+        repeated = next((name for i, name in enumerate(self.names) if name in self.names[:i]), None)
+        if repeated is not None:
+            places = [str(i + 1) for i, name in enumerate(self.names) if name == repeated]
+            raise DataError(f"{path}: the {'schema' if _is_parquet(path) else 'header'} names column {repeated!r} "
+                            f"{len(places)} times (columns {', '.join(places)}); give each column its own name")
+
+    def nested(self, columns: list[str]) -> None:
+        """Refuse a column of ``columns`` that holds lists, structs, maps or unions: neither numbers nor text."""
+        import pyarrow as pa
+
+        for name in columns:
+            if name in self.types and pa.types.is_nested(self.types[name]):
+                raise DataError(f"{self.path}: column {name!r} holds {self.types[name]} values (lists, structs or maps); a table's "
+                                f"columns must hold numbers or text: leave it out with data.exclude or data.columns")
 
     def _csv_header(self) -> list[str]:
         import csv
@@ -805,7 +873,11 @@ class _Table:
                 if not more:
                     break
                 head += more
-        first = head.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
+        try:
+            first = head.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self.path}: line 1 is not UTF-8 text (byte {e.start + 1}: {e.object[e.start:e.end]!r}); "
+                            f"save the file as UTF-8") from None
         try:
             self.delimiter = "\t" if self.path.suffix.lower() == ".tsv" else csv.Sniffer().sniff(first, delimiters=",;\t|").delimiter
         except csv.Error:
@@ -830,9 +902,12 @@ class _Table:
                     parse_options=pa_csv.ParseOptions(delimiter=self.delimiter),
                     convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()), include_columns=columns,
                                                           strings_can_be_null=True, quoted_strings_can_be_null=True))
-        except (pa.ArrowInvalid, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             if not _is_parquet(self.path) and "columns, got" in str(e):
                 _raise_ragged_line(self.path, self.delimiter)
+            if not _is_parquet(self.path) and "invalid UTF8" in str(e):
+                _raise_not_utf8_line(self.path, self.delimiter, columns)
+                raise DataError(f"{self.path}: not UTF-8 text ({str(e).splitlines()[0]}); save the file as UTF-8") from None
             raise DataError(f"{self.path}: not a readable table ({str(e).splitlines()[0]})") from None
 
 
@@ -849,9 +924,38 @@ def _raise_ragged_line(path: Path | RemoteFile, delimiter: str) -> None:
                                 f"({delimiter!r}-separated; quote a field that holds {delimiter!r})")
 
 
+def _raise_not_utf8_line(path: Path | RemoteFile, delimiter: str, columns: list[str]) -> None:
+    """Name the first line and column of ``columns`` whose bytes are not UTF-8 (pyarrow's message names neither)."""
+    import csv
+
+    with path.open("r", newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader)
+        used = [i for i, name in enumerate(header) if name in columns]
+        for fields in reader:
+            for i in used:
+                text = fields[i] if i < len(fields) else ""
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # the bytes that did not decode, kept as lone surrogates
+                    raise DataError(f"{path}: line {reader.line_num}, column {header[i]!r}: the text "
+                                    f"{text.encode('utf-8', 'surrogateescape')[:40]!r} is not UTF-8; save the file as UTF-8") from None
+
+
 def _where(path: Path | RemoteFile, row: int) -> str:
     """A row (0-based, of the data) as an editor shows it: CSV line numbers count the header line."""
     return f"{path}: line {row + 2}" if not _is_parquet(path) else f"{path}: row {row + 1}"
+
+
+def _texts(path: Path | RemoteFile, name: str, column):
+    """A column of a batch as text (pyarrow strings), or a DataError naming the column when its type has no text."""
+    import pyarrow as pa
+
+    try:
+        return column.cast(pa.string())
+    except pa.ArrowException as e:
+        raise DataError(f"{path}: column {name!r}: its {column.type} values cannot be read as numbers or text "
+                        f"({str(e).splitlines()[0]})") from None
 
 
 def _numbers(path: Path | RemoteFile, first: int, name: str, column) -> np.ndarray:
@@ -865,7 +969,7 @@ def _numbers(path: Path | RemoteFile, first: int, name: str, column) -> np.ndarr
 
     if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_null(column.type):
         return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
-    texts = column.cast(pa.string())  # as before, a type that is neither number nor text (bool, date) goes by its text
+    texts = _texts(path, name, column)  # as before, a type that is neither number nor text (bool, date) goes by its text
     try:
         return np.asarray(pc.cast(texts, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
     except pa.ArrowInvalid:
@@ -886,8 +990,6 @@ def load_table(config: DataConfig) -> Dataset:
     Read batch by batch (``_Table``): what is held is one batch plus, per kept row, the features as float32 (float64
     with ``missing = "median"``, whose medians need the exact values) and a category number per categorical column.
     """
-    import pyarrow as pa
-
     path = _require_file(config)
     table = _Table(path)
     names = table.names
@@ -903,6 +1005,7 @@ def load_table(config: DataConfig) -> Dataset:
     if not features:
         raise DataError(f"{path}: no feature columns left (the header names {names})")
     used = features + ([config.label] if config.label else [])
+    table.nested(used)
     numeric = [n for n in features if n not in config.categorical]
     coded = [n for n in used if n in config.categorical or n == config.label]
     dtype = np.float64 if config.missing == "median" else np.float32
@@ -922,12 +1025,15 @@ def load_table(config: DataConfig) -> Dataset:
         for name in numeric:
             column = _numbers(path, first, name, batch.column(name))[keep]
             infinite = np.isinf(column) if config.missing == "median" else ~np.isfinite(column)  # NaN: filled in below
-            if infinite.any():
-                raise DataError(f"{_where(path, first + int(keep[np.argmax(infinite)]))}, column {name!r}: the value is not finite")
+            beyond = _beyond_float32(column)  # the features are float32 in the end, whatever they are held as here
+            if infinite.any() or beyond.any():
+                at = int(np.argmax(infinite | beyond))
+                problem = "the value is not finite" if infinite[at] else f"{float(column[at])!r} is beyond float32's range (±{FLOAT32_MAX:.2g})"
+                raise DataError(f"{_where(path, first + int(keep[at]))}, column {name!r}: {problem}")
             values[name].append(column.astype(dtype))
         for name in coded:
             seen, numbers = codes[name]
-            texts = np.asarray(batch.column(name).cast(pa.string()).to_pylist(), dtype=object)[keep]
+            texts = np.asarray(_texts(path, name, batch.column(name)).to_pylist(), dtype=object)[keep]
             seen.append(np.fromiter((numbers.setdefault(text, len(numbers)) for text in texts), np.int64, len(texts)))
         first, kept = first + batch.num_rows, kept + len(keep)
     if kept < 2:

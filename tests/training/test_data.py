@@ -115,3 +115,39 @@ def test_bad_data_writes_no_registry_entry(tmp_path):
 def test_unknown_source_names_the_allowed_ones():
     with pytest.raises(ValueError, match=r"data.source 'mnist' is not one of \['csv', 'digits', 'fashion-mnist', 'images', 'npy', 'npz', 'table'\]"):
         DataConfig(source="mnist")
+
+
+def test_a_value_beyond_float32_names_its_row_and_column(tmp_path):
+    x = np.ones((10, 3))
+    x[6, 2] = 1e300
+    np.save(tmp_path / "big.npy", x)
+    with pytest.raises(DataError, match=r"big.npy: 1 row\(s\) hold NaN, infinite values or values beyond float32's range \(±3.4e\+38\), "
+                                        r"first at row 6, column 2: 1e\+300$"):
+        load_dataset(DataConfig(source="npy", path=str(tmp_path / "big.npy")))
+    (tmp_path / "big.csv").write_text("1,2\n3,4\n-1e300,5\n")
+    with pytest.raises(DataError, match=r"big.csv: 1 row\(s\) hold NaN, .* first at row 2, column 0: -1e\+300$"):
+        load_dataset(DataConfig(source="csv", path=str(tmp_path / "big.csv")))
+
+
+def test_rows_without_features_are_refused(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((30, 0)))
+    with pytest.raises(DataError, match=r"empty.npy: the rows have no features: shape \(30, 0\)"):
+        load_dataset(DataConfig(source="npy", path=str(tmp_path / "empty.npy")))
+
+
+def test_npz_labels_are_one_whole_number_per_row(tmp_path):
+    x = np.random.default_rng(0).normal(size=(12, 3))
+    np.savez(tmp_path / "short.npz", x=x, y=np.arange(10))
+    with pytest.raises(DataError, match=r"short.npz: y has 10 label\(s\) for the 12 row\(s\) of x; expected one label per row, shape \(12,\)"):
+        load_dataset(DataConfig(source="npz", path=str(tmp_path / "short.npz")))
+    np.savez(tmp_path / "split.npz", x_train=x, y_train=np.arange(12), x_test=x[:4], y_test=np.arange(5))
+    with pytest.raises(DataError, match=r"split.npz: y_test has 5 label\(s\) for the 4 row\(s\) of x_test"):
+        load_dataset(DataConfig(source="npz", path=str(tmp_path / "split.npz")))
+    for y, row, shown in ((np.array(["cat"] * 12), 0, "'cat'"), (np.r_[np.arange(5.0), np.nan, np.arange(6.0)], 5, "nan"),
+                          (np.r_[np.arange(8.0), 2.5, np.arange(3.0)], 8, "2.5")):
+        np.savez(tmp_path / "bad.npz", x=x, y=y)
+        with pytest.raises(DataError, match=rf"bad.npz: y row {row} holds {shown} \(.*\), which is not a whole number; labels must be integers"):
+            load_dataset(DataConfig(source="npz", path=str(tmp_path / "bad.npz")))
+    np.savez(tmp_path / "whole.npz", x=x, y=(np.arange(12.0) % 3)[:, None])  # whole floats in a column: class numbers
+    data = load_dataset(DataConfig(source="npz", path=str(tmp_path / "whole.npz"), test_fraction=0))
+    assert data.train_y.dtype == np.int64 and data.train_y.tolist() == (np.arange(12) % 3).tolist()

@@ -205,3 +205,62 @@ def test_a_csv_is_read_block_by_block_with_line_numbers_counted_across_blocks(tm
         load_dataset(config(path))
     path.write_text("\n".join(lines[:-1]) + "\n")
     assert np.concatenate([load_dataset(config(path)).train_x, load_dataset(config(path)).test_x])[:, 0].max() == 39
+
+
+@pytest.mark.parametrize("header,column,places", [("a,a,is_big", "a", "1, 2"), ("a,b,is_big,is_big", "is_big", "3, 4")])
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path, header, column, places):
+    fields = header.count(",") + 1
+    (tmp_path / "twice.csv").write_text("\n".join([header] + [",".join([str(i % 2)] * fields) for i in range(6)]) + "\n")
+    with pytest.raises(DataError, match=f"^.*twice.csv: the header names column '{column}' 2 times \\(columns {places}\\); give each column its own name$"):
+        load_dataset(config(tmp_path / "twice.csv", categorical=[]))
+    if column == "a":
+        pq.write_table(pa.Table.from_arrays([pa.array([1.0, 2.0]), pa.array([3.0, 4.0]), pa.array([0, 1])], names=header.split(",")),
+                       tmp_path / "twice.parquet")
+        with pytest.raises(DataError, match=r"twice.parquet: the schema names column 'a' 2 times \(columns 1, 2\)"):
+            load_dataset(config(tmp_path / "twice.parquet", categorical=[]))
+
+
+@pytest.mark.parametrize("key", ["columns", "exclude", "categorical"])
+def test_a_column_listed_twice_in_the_config_is_refused(key):
+    with pytest.raises(ValueError, match=rf"^data.{key} names 'small' more than once, got \['small', 'large', 'small'\]$"):
+        DataConfig.from_dict({"source": "table", "path": "rows.csv", key: ["small", "large", "small"]})
+
+
+@pytest.mark.parametrize("missing", ["error", "median"])
+def test_a_value_beyond_float32_names_its_line_and_column(tmp_path, missing):
+    path = write_csv(tmp_path / "rows.csv", blank=(3, 1, "1e300"))
+    with pytest.raises(DataError, match=r"rows.csv: line 5, column 'large': 1e\+300 is beyond float32's range \(±3.4e\+38\)$"):
+        load_dataset(config(path, missing=missing))
+    x, label, colour = table_rows()
+    large = x[:, 1].copy()
+    large[7] = -1e300
+    pq.write_table(pa.table({"small": x[:, 0], "large": large, "colour": colour, "is_big": label}), tmp_path / "rows.parquet")
+    with pytest.raises(DataError, match=r"rows.parquet: row 8, column 'large': -1e\+300 is beyond float32's range"):
+        load_dataset(config(tmp_path / "rows.parquet", missing=missing))
+
+
+@pytest.mark.parametrize("values,type_name", [([[1.0, 2.0], [3.0]], "list<element: double>"), ([{"p": 1}, {"p": 2}], "struct<p: int64>")])
+def test_a_parquet_column_of_lists_or_structs_names_the_column(tmp_path, values, type_name):
+    pq.write_table(pa.table({"small": [0.1, 0.2], "nested": values, "is_big": [0, 1]}), tmp_path / "nested.parquet")
+    with pytest.raises(DataError, match=rf"nested.parquet: column 'nested' holds {type_name.replace('<', '.').replace('>', '.')} values "
+                                        r"\(lists, structs or maps\); a table's columns must hold numbers or text: leave it out with data.exclude"):
+        load_dataset(config(tmp_path / "nested.parquet", categorical=[]))
+    assert load_dataset(config(tmp_path / "nested.parquet", categorical=[], exclude=["nested"], test_fraction=0)).train_x.shape == (2, 1)
+
+
+def test_a_file_named_parquet_that_is_not_parquet_names_the_file(tmp_path):
+    write_csv(tmp_path / "rows.parquet")
+    with pytest.raises(DataError, match=r"^.*rows.parquet: not a readable Parquet file \(Parquet magic bytes not found"):
+        load_dataset(config(tmp_path / "rows.parquet"))
+
+
+def test_text_that_is_not_utf8_names_the_line_and_column(tmp_path):
+    path = write_csv(tmp_path / "rows.csv")
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4].replace("red", "ros\xe9").replace("green", "ros\xe9").replace("blue", "ros\xe9")
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(DataError, match=r"rows.csv: line 5, column 'colour': the text b'ros\\xe9' is not UTF-8; save the file as UTF-8$"):
+        load_dataset(config(path))
+    path.write_bytes("\n".join(["sm\xe4ll,large,colour,is_big", *lines[1:]]).encode("latin-1"))
+    with pytest.raises(DataError, match=r"rows.csv: line 1 is not UTF-8 text \(byte 3: b'\\xe4'\); save the file as UTF-8$"):
+        load_dataset(config(path))
