@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from aeserve.models.checkpoint import CheckpointError
-from aeserve.models.registry import NotFoundError, RegistryError, open_registry
-from aeserve.training.config import RunConfig, load_run_config
-from aeserve.training.data import DataConfig, DataError, Dataset, ModelRows, load_dataset
+from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name, open_registry
+from aeserve.training.config import load_run_config
+from aeserve.training.data import DataConfig, DataError, ModelRows, is_url, load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
 from aeserve.training.evaluate import bounded_sample, linear_probe, map_metrics, reconstruction_errors
 from aeserve.training.recipes import recipe_run_config
@@ -66,8 +73,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 # Errors a user can fix: printed as one line, exit status 2.
 USER_ERRORS = (ValueError, NotFoundError, DataError, CheckpointError, RegistryError, RuntimeError)
+# OSErrors that say what is wrong with a place the user chose or its machine (a file where a folder belongs, a
+# read-only or full disk, a permission, a store that cannot be reached): one line, exit status 2. Any other OSError
+# (a bad file descriptor, an invalid argument) is a bug, and keeps its traceback.
+USER_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ENOENT, errno.ENOTDIR,
+    errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.ELOOP, errno.EXDEV, errno.EMLINK, errno.ETXTBSY,
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+    errno.EHOSTDOWN, errno.ENETDOWN,
+})
 # Fewer held-out rows than this behind the anomaly percentiles earns a note after training.
 MIN_PERCENTILE_ROWS = 1000
+
+
+class StoreError(RuntimeError):
+    """Object storage (or a local disk) failed without naming what it failed on; the message names the place."""
 
 
 def not_a_directory(path: str | None, what: str) -> str | None:
@@ -77,39 +97,120 @@ def not_a_directory(path: str | None, what: str) -> str | None:
     return path
 
 
-def run_config_of(args: argparse.Namespace) -> tuple[RunConfig, Dataset | None]:
-    """The run that ``aeserve train`` was asked for: the config file's, or the recipe for ``--data`` (with the data it read).
+def writable_folder(path: str | os.PathLike[str], what: str) -> None:
+    """Check, writing nothing, that ``path`` is a folder this process can write in or can create; a ValueError if not."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # stops at "." or "/"
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"{existing} is a file"
+        raise ValueError(f"{path}: {where}; expected {what}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # unnamed (O_TMPFILE): nothing shows in the folder, even for a moment
+    except OSError as e:
+        where = "cannot write in it" if existing == path else f"cannot create it in {existing}"
+        raise ValueError(f"{path}: {where} ({e.strerror}); expected {what}") from None
 
-    With both, the config file is the run: ``--data`` sets data.path and ``--label`` data.label, before any ``--set``.
+
+def store_client_error(e: BaseException) -> bool:
+    """Whether ``e`` is an object store client's failure to sign in or connect (botocore, google-auth), not a bug."""
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None and isinstance(e, (botocore.BotoCoreError, botocore.ClientError)):
+        return not isinstance(e, botocore.ParamValidationError)
+    google_auth = sys.modules.get("google.auth.exceptions")
+    return google_auth is not None and isinstance(e, google_auth.GoogleAuthError)
+
+
+@contextmanager
+def reaching(*places: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Name ``places`` in the errors that name nothing: a store's client failing to sign in or connect, an OSError
+    without a path (a full disk on a write, a refused connection, a store's 'bucket does not exist').
+
+    ``places`` are the URLs read or written, and the local folders written to (a disk fills up while writing).
     """
-    if args.config is None:
-        if args.data is None:
-            raise ValueError("aeserve train needs a config file (TOML) or --data PATH")
-        return recipe_run_config(args.data, args.label, args.overrides, name=args.name, seed=args.seed)
-    given = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
-    given += [f"data.label={json.dumps(args.label)}"] if args.label is not None else []
-    config = load_run_config(not_a_directory(args.config, "a config file (TOML)"), given + args.overrides, name=args.name, seed=args.seed)
-    return config, None
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or isinstance(e, BrokenPipeError):
+            raise
+        urls = [str(p) for p in places if p and is_url(str(p))]
+        folders = [str(p) for p in places if p and not is_url(str(p))]
+        # A local disk fails without a path on a write (ENOSPC, EDQUOT, EIO); any other pathless OSError is a store's.
+        named = (folders or urls) if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) else urls
+        if not named or (not urls and e.errno not in USER_ERRNOS):
+            raise
+        raise StoreError(f"{' or '.join(named)}: {e.strerror or e}") from e
+    except Exception as e:
+        urls = [str(p) for p in places if p and is_url(str(p))]
+        if not urls or not store_client_error(e):
+            raise
+        raise StoreError(f"{' or '.join(urls)}: {e}") from e
+
+
+def url_or_none(path: str | None) -> str | None:
+    """``path`` when it is a URL (data read from a store names it in errors); a local file read names itself."""
+    return path if path and is_url(path) else None
+
+
+def open_checked(location: str | None, name: str | None = None) -> Any:
+    """The registry at ``location``, checked before any work is done: a local one is a folder, writable for ``name``'s
+    new versions when ``name`` is given; a store's is listed (signing in, connecting) and its bucket exists."""
+    registry = open_registry(location)
+    if isinstance(registry, Registry):
+        if name is not None:
+            writable_folder(registry.root / check_name(name), "a writable folder for the registry")
+        elif registry.root.exists() and not registry.root.is_dir():
+            raise ValueError(f"{registry.root}: is a file; expected a folder for the registry")
+        return registry
+    with reaching(registry.location):
+        registry.listing(fresh=True)
+        if registry.protocol in ("s3", "s3a", "gs", "gcs"):
+            try:
+                registry.fs.info(registry.root.split("/")[0])
+            except FileNotFoundError:  # s3fs lists a missing bucket as empty; publishing to it would fail after training
+                raise StoreError(f"{registry.location}: the bucket does not exist") from None
+            except OSError:  # listed, but asking about the bucket itself is not allowed: publishing may still work
+                pass
+    return registry
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config, dataset = run_config_of(args)
-    if args.config is None and not args.quiet:
-        print(f"recipe for {args.data}: {json.dumps({k: v for k, v in config.to_dict().items() if k in ('model', 'train')})}", file=sys.stderr)
-    registry = open_registry(args.registry)
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    # By default each run has its own state folder under this one (named by its config and data); --state-dir is one run's.
-    state_dir, per_run = Path(args.state_dir or f".aeserve/state/{config.name}"), args.state_dir is None
-    if args.nproc > 1:
-        version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume, per_run)
+    # Before the data is read or anything is written: the name, the registry, the state folder. A bad one found only
+    # at publishing costs the whole training.
+    if args.config is None:
+        if args.data is None:
+            raise ValueError("aeserve train needs a config file (TOML) or --data PATH")
+        config, name = None, args.name or Path(args.data).stem
     else:
-        with process_group_from_env():  # a torchrun process group, when there is one
-            version = train(config, registry, progress=not args.quiet, dataset=dataset, state_dir=state_dir, resume=args.resume,
-                            per_run_state=per_run)
-    if version is None:
-        return 0  # not rank 0: rank 0 publishes and reports
-    manifest = registry.manifest(config.name, version)
+        # With a config file, that file is the run: --data sets data.path and --label data.label, before any --set.
+        given = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
+        given += [f"data.label={json.dumps(args.label)}"] if args.label is not None else []
+        config = load_run_config(not_a_directory(args.config, "a config file (TOML)"), given + args.overrides, name=args.name, seed=args.seed)
+        name = config.name
+    check_name(name)
+    registry = open_checked(args.registry, name)
+    # By default each run has its own state folder under this one (named by its config and data); --state-dir is one run's.
+    state_dir, per_run = Path(args.state_dir or f".aeserve/state/{name}"), args.state_dir is None
+    writable_folder(state_dir, "a writable folder for the training state (or give --state-dir)")
+    dataset = None
+    if config is None:  # a recipe sized to the data: reads it
+        with reaching(args.data):
+            config, dataset = recipe_run_config(args.data, args.label, args.overrides, name=name, seed=args.seed)
+        if not args.quiet:
+            print(f"recipe for {args.data}: {json.dumps({k: v for k, v in config.to_dict().items() if k in ('model', 'train')})}", file=sys.stderr)
+    with reaching(url_or_none(config.data.path), state_dir, registry.location):
+        if args.nproc > 1:
+            version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume, per_run)
+        else:
+            with process_group_from_env():  # a torchrun process group, when there is one
+                version = train(config, registry, progress=not args.quiet, dataset=dataset, state_dir=state_dir, resume=args.resume,
+                                per_run_state=per_run)
+        if version is None:
+            return 0  # not rank 0: rank 0 publishes and reports
+        manifest = registry.manifest(config.name, version)
     m = manifest["metrics"]
     print(f"published {config.name}:{version} in {registry.location}  test_sq_err {m['test_sq_err']:.4g}  "
           f"test_mse {m['test_mse']:.4g}  pca_sq_err {m['pca_sq_err']:.4g}  ({manifest['training']['seconds']:.1f} s)")
@@ -120,31 +221,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
-    names = registry.names()
-    if not names:
-        print(f"no models in {registry.location}")
-        return 0
-    print(f"{'name':<24} {'version':>7} {'kind':<8} {'code':>4} {'test_sq_err':>11} {'pca_sq_err':>10}  aliases")
-    for name in names:
-        by_version: dict[int, list[str]] = {}
-        for alias, version in registry.aliases(name).items():
-            by_version.setdefault(version, []).append(alias)
-        for version in registry.versions(name):
-            try:
-                manifest = registry.manifest(name, version)
-                m = manifest["metrics"]
-                row = f"{manifest['kind']:<8} {manifest['code_dim']:>4} {m['test_sq_err']:>11.4g} {m['pca_sq_err']:>10.4g}"
-            except (OSError, ValueError, KeyError, TypeError):
-                row = f"{'(unreadable manifest)':<37}"
-            print(f"{name:<24} {version:>7} {row}  {','.join(sorted(by_version.get(version, [])))}")
+    registry = open_checked(args.registry)
+    with reaching(registry.location):
+        names = registry.names()
+        if not names:
+            print(f"no models in {registry.location}")
+            return 0
+        print(f"{'name':<24} {'version':>7} {'kind':<8} {'code':>4} {'test_sq_err':>11} {'pca_sq_err':>10}  aliases")
+        for name in names:
+            by_version: dict[int, list[str]] = {}
+            for alias, version in registry.aliases(name).items():
+                by_version.setdefault(version, []).append(alias)
+            for version in registry.versions(name):
+                try:
+                    manifest = registry.manifest(name, version)
+                    m = manifest["metrics"]
+                    row = f"{manifest['kind']:<8} {manifest['code_dim']:>4} {m['test_sq_err']:>11.4g} {m['pca_sq_err']:>10.4g}"
+                except (OSError, ValueError, KeyError, TypeError):
+                    row = f"{'(unreadable manifest)':<37}"
+                print(f"{name:<24} {version:>7} {row}  {','.join(sorted(by_version.get(version, [])))}")
     return 0
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
-    registry.set_alias(args.name, args.version, args.alias)
-    print(f"{args.name}: {args.alias} -> {registry.resolve(args.name, args.alias)}")
+    registry = open_checked(args.registry)
+    with reaching(registry.location):
+        registry.set_alias(args.name, args.version, args.alias)
+        print(f"{args.name}: {args.alias} -> {registry.resolve(args.name, args.alias)}")
     return 0
 
 
@@ -152,7 +255,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from aeserve.models.export import export_onnx
 
     name, _, ref = args.target.partition(":")
-    version = open_registry(args.registry).load(name, ref or "latest")
+    writable_folder(args.out, "a folder for the ONNX models (--out)")
+    registry = open_checked(args.registry)
+    with reaching(registry.location):
+        version = registry.load(name, ref or "latest")
     for path in export_onnx(version, Path(args.out)):
         print(path)
     return 0
@@ -160,8 +266,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     name, _, ref = args.target.partition(":")
-    registry = open_registry(args.registry)
-    loaded = registry.load(name, ref or "latest")
+    registry = open_checked(args.registry)
+    with reaching(registry.location):
+        loaded = registry.load(name, ref or "latest")
+    out = Path(args.out or f"reports/{name}-{loaded.version}")
+    writable_folder(out, "a folder for the report (--out)")
     manifest = loaded.manifest
     stored = manifest["metrics"]
     print(f"{name}:{loaded.version}  kind {manifest['kind']}  code_dim {loaded.code_dim}  input_shape {list(loaded.input_shape)}")
@@ -169,36 +278,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ("pca_sq_err (stored)", stored["pca_sq_err"])]
     report_path = probe = None
     data = DataConfig(**manifest["training"]["data"])
-    try:
-        dataset = load_dataset(data)
-    except DataError as e:
-        print(f"(cannot re-measure: {e})")
-    else:
-        if dataset.fingerprint != manifest["training"]["data_fingerprint"]:
-            print("(warning: the data on disk differs from the data this version was trained on)")
-        # Rows are scaled batch by batch as they are read (a memory-mapped split is never copied whole); what needs rows
-        # at once (the map's neighbours, the probe) gets every row when they fit in memory, else a seeded sample.
-        seed, dim = manifest["training"]["seed"], loaded.preprocessing.input_dim
-        x_all, x_test = ModelRows(dataset.train_x, loaded.preprocessing), ModelRows(dataset.test_x, loaded.preprocessing)
-        errors = reconstruction_errors(loaded.model, x_test)
-        rows += [("test_sq_err (re-measured)", float(errors.mean())), ("test_mse (re-measured)", float(errors.mean()) / dim)]
-        train_rows, test_rows = bounded_sample(np.arange(len(x_all)), dim, seed), bounded_sample(np.arange(len(x_test)), dim, seed)
-        sampled = len(train_rows) < len(x_all)
-        train_y = None if dataset.train_y is None else dataset.train_y[train_rows]
-        test_y = None if dataset.test_y is None else dataset.test_y[test_rows]
-        x_train, x_test_rows = x_all.subset(train_rows).tensor(), x_test.subset(test_rows).tensor()
-        map_points = min(len(x_test_rows), MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
-        map_now = map_metrics(project_codes(loaded.projector, encode_all(loaded.model, x_train)), train_y, x_test_rows[:map_points].numpy(),
-                              project_codes(loaded.projector, encode_all(loaded.model, x_test_rows)), test_y, map_points)
-        rows += [(f"{key} (stored)", stored[key]) for key in sorted(map_now) if key in stored]
-        rows += [(f"{key} (re-measured)", value) for key, value in sorted(map_now.items())]
-        probe = linear_probe(loaded.model, x_train, train_y, x_test_rows, test_y, seed)
-        out = Path(args.out or f"reports/{name}-{loaded.version}")
-        for relative, data in render_report(loaded, dataset.test_x, dataset.test_y).items():
-            target = out / Path(relative).relative_to(REPORT_DIR)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        report_path = out / "report.md"
+    with reaching(url_or_none(data.path), out):
+        try:
+            dataset = load_dataset(data)
+        except DataError as e:
+            print(f"(cannot re-measure: {e})")
+        else:
+            if dataset.fingerprint != manifest["training"]["data_fingerprint"]:
+                print("(warning: the data on disk differs from the data this version was trained on)")
+            # Rows are scaled batch by batch as they are read (a memory-mapped split is never copied whole); what needs rows
+            # at once (the map's neighbours, the probe) gets every row when they fit in memory, else a seeded sample.
+            seed, dim = manifest["training"]["seed"], loaded.preprocessing.input_dim
+            x_all, x_test = ModelRows(dataset.train_x, loaded.preprocessing), ModelRows(dataset.test_x, loaded.preprocessing)
+            errors = reconstruction_errors(loaded.model, x_test)
+            rows += [("test_sq_err (re-measured)", float(errors.mean())), ("test_mse (re-measured)", float(errors.mean()) / dim)]
+            train_rows, test_rows = bounded_sample(np.arange(len(x_all)), dim, seed), bounded_sample(np.arange(len(x_test)), dim, seed)
+            sampled = len(train_rows) < len(x_all)
+            train_y = None if dataset.train_y is None else dataset.train_y[train_rows]
+            test_y = None if dataset.test_y is None else dataset.test_y[test_rows]
+            x_train, x_test_rows = x_all.subset(train_rows).tensor(), x_test.subset(test_rows).tensor()
+            map_points = min(len(x_test_rows), MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
+            map_now = map_metrics(project_codes(loaded.projector, encode_all(loaded.model, x_train)), train_y, x_test_rows[:map_points].numpy(),
+                                  project_codes(loaded.projector, encode_all(loaded.model, x_test_rows)), test_y, map_points)
+            rows += [(f"{key} (stored)", stored[key]) for key in sorted(map_now) if key in stored]
+            rows += [(f"{key} (re-measured)", value) for key, value in sorted(map_now.items())]
+            probe = linear_probe(loaded.model, x_train, train_y, x_test_rows, test_y, seed)
+            for relative, data in render_report(loaded, dataset.test_x, dataset.test_y).items():
+                target = out / Path(relative).relative_to(REPORT_DIR)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            report_path = out / "report.md"
     for label, value in rows:
         print(f"  {label:<34} {value:.5f}")
     ratio = stored["test_sq_err"] / stored["pca_sq_err"] if stored["pca_sq_err"] else float("nan")
@@ -220,12 +329,48 @@ def print_probe(probe: dict) -> None:
         print(f"  {name:<12} {result['dims']:>5}  {result['per_class']:>26.4f}  {result['all']:>26.4f}")
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError that is the user's: the path it names and what is wrong there."""
+    if isinstance(e, IsADirectoryError):  # a folder where a file is expected, wherever it was opened
+        return f"{e.filename}: is a directory; expected a file"
+    if e.filename is None:
+        return str(e.strerror or e)
+    path = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    if isinstance(e, NotADirectoryError):  # name the file that stands where a folder should be
+        blocking = next((p for p in Path(str(e.filename)).parents if p.is_file()), None)
+        if blocking is not None:
+            return f"{path}: {blocking} is a file, not a folder"
+    if isinstance(e, FileExistsError) and Path(str(e.filename)).is_file():
+        return f"{path}: is a file, not a folder"
+    return f"{path}: {e.strerror}"
+
+
+def stdout_closed() -> int:
+    """Exit quietly when the reader of stdout went away (``aeserve models | head -1``), as a command killed by SIGPIPE would.
+
+    stdout then points at /dev/null, so that flushing it at exit raises nothing more (Python docs, "Note on SIGPIPE").
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file here (captured in a test, say): nothing left to flush
+        pass
+    return 128 + signal.SIGPIPE
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is then noticed where it is handled
+        return status
+    except BrokenPipeError:
+        return stdout_closed()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except IsADirectoryError as e:  # a folder where a file is expected, wherever it was opened
-        print(f"error: {e.filename}: is a directory; expected a file", file=sys.stderr)
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
