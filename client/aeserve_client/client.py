@@ -48,14 +48,14 @@ class _Options:
             seconds = 0.5 * 2 ** attempt
         return min(seconds, self.max_retry_wait)
 
-    def slices(self, rows: T) -> Iterator[T]:
+    def slices(self, rows: T) -> Iterator[tuple[int, T]]:
         """``rows`` (an array (n, ...), or a list such as compressed streams) in consecutive slices of at most max_rows
-        rows (an array's are views, no copies)."""
+        rows (an array's are views, no copies), each with the index of its first row."""
         if getattr(rows, "ndim", 1) == 0 or len(rows) <= self.max_rows:
-            yield rows
+            yield 0, rows
             return
         for start in range(0, len(rows), self.max_rows):
-            yield rows[start:start + self.max_rows]
+            yield start, rows[start:start + self.max_rows]
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -88,9 +88,9 @@ class Client:
 
     def _call(self, op: str, name: str, array: np.ndarray, version: str | int | None) -> Result:
         parts = []
-        for rows in self._options.slices(np.asarray(array)):
+        for start, rows in self._options.slices(np.asarray(array)):
             body, headers = wire.npy_request(op, rows)
-            parts.append(wire.result(self._send("POST", wire.path(name, op, version), content=body, headers=headers)))
+            parts.append(wire.result(self._send("POST", wire.path(name, op, version), content=body, headers=headers), start))
             version = parts[-1].version or version  # the other slices go to the version that answered the first
         return wire.join(parts)
 
@@ -118,9 +118,9 @@ class Client:
         """Streams -> data (n, *input_shape), float32; by default from the version the first stream names."""
         version = version if version is not None else wire.stream_version(streams[0]) if streams else None
         parts = []
-        for rows in self._options.slices(streams):
+        for start, rows in self._options.slices(streams):
             body, headers = wire.streams_request(rows)
-            parts.append(wire.result(self._send("POST", wire.path(name, "decompress", version), content=body, headers=headers)))
+            parts.append(wire.result(self._send("POST", wire.path(name, "decompress", version), content=body, headers=headers), start))
         return wire.join(parts)
 
     def models(self) -> list[dict]:
@@ -170,9 +170,9 @@ class AsyncClient:
 
     async def _call(self, op: str, name: str, array: np.ndarray, version: str | int | None) -> Result:
         parts = []
-        for rows in self._options.slices(np.asarray(array)):
+        for start, rows in self._options.slices(np.asarray(array)):
             body, headers = wire.npy_request(op, rows)
-            parts.append(wire.result(await self._send("POST", wire.path(name, op, version), body, headers)))
+            parts.append(wire.result(await self._send("POST", wire.path(name, op, version), body, headers), start))
             version = parts[-1].version or version  # the other slices go to the version that answered the first
         return wire.join(parts)
 
@@ -194,9 +194,9 @@ class AsyncClient:
     async def decompress(self, name: str, streams: list[bytes], version: str | int | None = None) -> Result:
         version = version if version is not None else wire.stream_version(streams[0]) if streams else None
         parts = []
-        for rows in self._options.slices(streams):
+        for start, rows in self._options.slices(streams):
             body, headers = wire.streams_request(rows)
-            parts.append(wire.result(await self._send("POST", wire.path(name, "decompress", version), body, headers)))
+            parts.append(wire.result(await self._send("POST", wire.path(name, "decompress", version), body, headers), start))
         return wire.join(parts)
 
     async def models(self) -> list[dict]:

@@ -6,6 +6,7 @@ import email.utils
 import io
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,9 @@ PIECE_BYTES = 1 << 18
 
 @dataclass
 class Result:
-    outputs: np.ndarray | list[bytes]  # float32: codes (n, code_dim), data (n, *input_shape) or coordinates (n, 2); compress: streams
+    # float32: codes (n, code_dim), data (n, *input_shape) or coordinates (n, 2). Lists: compress's streams, and a table
+    # version's rows (numbers and category names) as the server wrote them.
+    outputs: np.ndarray | list
     model: str
     version: str
     errors: np.ndarray | None = None  # reconstruct only: (n,) summed squared errors
@@ -53,6 +56,8 @@ class _NpyBody:
 
     def __init__(self, array: np.ndarray) -> None:
         array = np.asarray(array)
+        if array.dtype.kind == "c":  # float32 would keep the real part and drop the rest with only a warning
+            raise TypeError(f"the model takes real numbers; got an array of {array.dtype}")
         array = np.ascontiguousarray(array, dtype=_wire_dtype(array.dtype))
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
@@ -119,20 +124,26 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def check(response: httpx.Response) -> None:
-    """Raise the matching AeserveError subclass for an error answer."""
+ROW = re.compile(r"^row (\d+)\b")  # how a refusal that names a row starts
+
+
+def check(response: httpx.Response, first_row: int = 0) -> None:
+    """Raise the matching AeserveError subclass for an error answer. ``first_row``: where the rows sent start in the
+    caller's array (a slice of it), so that a refusal names the row by its place in the whole array."""
     if response.status_code < 400:
         return
     try:
         body = response.json()
-        detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
+        detail = str(body.get("detail", response.text) if isinstance(body, dict) else response.text)
     except ValueError:
         detail = response.text
-    raise error_for(response.status_code, str(detail), retry_after_seconds(response.headers.get("Retry-After")))
+    if first_row:
+        detail = ROW.sub(lambda m: f"row {int(m[1]) + first_row}", detail, count=1)
+    raise error_for(response.status_code, detail, retry_after_seconds(response.headers.get("Retry-After")))
 
 
-def result(response: httpx.Response) -> Result:
-    check(response)
+def result(response: httpx.Response, first_row: int = 0) -> Result:
+    check(response, first_row)
     model, version = response.headers.get("X-Model-Name", ""), response.headers.get("X-Model-Version", "")
     if response.headers.get("content-type", "").startswith(NPY):
         return Result(np.load(io.BytesIO(response.content), allow_pickle=False), model, version)
@@ -141,7 +152,11 @@ def result(response: httpx.Response) -> Result:
     outputs = body["outputs"]
     if outputs and isinstance(outputs[0], str):  # compress: one base64 stream per row
         return Result([base64.b64decode(s) for s in outputs], body["model"], body["version"])
-    return Result(np.asarray(outputs, dtype=np.float32), body["model"], body["version"], **optional)
+    try:
+        outputs = np.asarray(outputs, dtype=np.float32)
+    except (TypeError, ValueError):  # a table version's rows: numbers and category names, kept as they are
+        pass
+    return Result(outputs, body["model"], body["version"], **optional)
 
 
 def join(parts: list[Result]) -> Result:
@@ -154,6 +169,8 @@ def join(parts: list[Result]) -> Result:
         return None if any(v is None for v in values) else np.concatenate(values)
 
     first = parts[0]
-    if isinstance(first.outputs, list):  # streams: byte strings of their own lengths, kept as they are
-        return Result([s for part in parts for s in part.outputs], first.model, first.version)
-    return Result(np.concatenate([part.outputs for part in parts]), first.model, first.version, joined("errors"), joined("percentiles"))
+    if isinstance(first.outputs, list):  # streams, or a table's rows: kept as they are
+        outputs = [row for part in parts for row in part.outputs]
+    else:
+        outputs = np.concatenate([part.outputs for part in parts])
+    return Result(outputs, first.model, first.version, joined("errors"), joined("percentiles"))

@@ -218,7 +218,7 @@ def test_a_refused_slice_raises_and_no_more_slices_go_out():
     with Client("http://test", transport=httpx.MockTransport(refuse_the_second), max_rows=4) as client:
         with pytest.raises(InvalidInputError) as error:
             client.encode("m", ROWS)
-    assert (error.value.status, error.value.detail) == (422, "row 1 holds a NaN")
+    assert (error.value.status, error.value.detail) == (422, "row 5 holds a NaN")  # row 1 of the slice from row 4
     assert [len(rows) for _, rows in server.requests] == [4, 4]
 
 
@@ -287,3 +287,26 @@ def test_the_main_package_re_exports_the_client():
 
     assert service_client.Client is Client and service_client.AsyncClient is AsyncClient
     assert service_client.AeserveError is AeserveError and service_client.OverloadedError is OverloadedError
+
+
+def test_a_table_versions_rows_come_back_as_the_server_wrote_them_and_join_across_slices():
+    """A table version answers reconstruct with rows of numbers and category names: kept as rows, not made float32."""
+    def table(request: httpx.Request) -> httpx.Response:
+        rows = rows_sent(request)
+        body = {"model": "t", "version": "1", "outputs": [[float(r[0]), "red"] for r in rows],
+                "errors": rows[:, 0].tolist(), "percentiles": rows[:, 1].tolist()}
+        return httpx.Response(200, json=body, headers={"X-Model-Name": "t", "X-Model-Version": "1"})
+
+    with Client("http://test", transport=httpx.MockTransport(table), max_rows=4) as client:
+        result = client.reconstruct("t", ROWS)
+    assert result.outputs == [[float(r[0]), "red"] for r in ROWS]
+    np.testing.assert_array_equal(result.errors, ROWS[:, 0])
+    np.testing.assert_array_equal(result.percentiles, ROWS[:, 1])
+
+
+def test_complex_numbers_are_refused_before_anything_is_sent():
+    server = StandIn()
+    with Client("http://test", transport=httpx.MockTransport(server)) as client:
+        with pytest.raises(TypeError, match="the model takes real numbers; got an array of complex64"):
+            client.encode("m", ROWS + 1j)
+    assert server.requests == []
