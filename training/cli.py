@@ -281,6 +281,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with reaching(url_or_none(data.path), out):
         try:
             dataset = load_dataset(data)
+            if int(np.prod(dataset.train_x.shape[1:])) != loaded.preprocessing.input_dim:
+                raise DataError(f"{data.path or data.source}: its rows now hold {int(np.prod(dataset.train_x.shape[1:]))} values "
+                                f"(shape {list(dataset.train_x.shape[1:])}); this version takes {loaded.preprocessing.input_dim}")
         except DataError as e:
             print(f"(cannot re-measure: {e})")
         else:

@@ -67,3 +67,16 @@ def test_summary_and_models_print_significant_digits_and_count_the_held_out_rows
     assert main(["models", "--registry", reg]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert [float(v) for v in row[4:6]] == pytest.approx([m["test_sq_err"], m["pca_sq_err"]], rel=1e-3)
+
+
+def test_eval_says_it_cannot_re_measure_when_the_data_rows_changed_shape(tmp_path, capsys):
+    import numpy as np
+
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).random((60, 4)).astype(np.float32))
+    registry = str(tmp_path / "registry")
+    assert main(["train", "--data", str(data), "--registry", registry, "--quiet", "--set", "train.epochs=1", "--set", "train.report=false"]) == 0
+    np.save(data, np.random.default_rng(0).random((60, 3)).astype(np.float32))
+    capsys.readouterr()
+    assert main(["eval", "x", "--registry", registry, "--out", str(tmp_path / "report")]) == 0
+    assert f"(cannot re-measure: {data}: its rows now hold 3 values (shape [3]); this version takes 4)" in capsys.readouterr().out
