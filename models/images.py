@@ -1,6 +1,7 @@
 """Image files to pixel arrays, one rule for training (``data.source = "images"``) and serving (image bodies).
 
-The rule: EXIF orientation is applied; transparent pixels are laid on white; colour goes to one channel by ITU-R
+The rule: EXIF orientation is applied; transparent pixels (an alpha channel, or a PNG's transparent palette entries or
+single transparent colour) are laid on white; colour goes to one channel by ITU-R
 601-2 luma (``L = 0.299 R + 0.587 G + 0.114 B``, Pillow's ``convert("L")``) or gray to three by repeating it;
 16-bit grayscale is brought to 0..255. An image whose size differs from (H, W) is centre-cropped to the aspect ratio
 H:W and resized with a Lanczos filter (Pillow's ``ImageOps.fit``), so nothing is stretched. Pixels stay 0..255.
@@ -8,6 +9,7 @@ H:W and resized with a Lanczos filter (Pillow's ``ImageOps.fit``), so nothing is
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,39 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what Pillow is allowed to deco
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp")
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 
 
-def open_image(source: str | Path | bytes):
-    """A decoded Pillow image from a file or bytes; OSError, ValueError or SyntaxError when it is not a readable image."""
-    from PIL import Image, ImageOps
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than ``open_image`` was allowed to decode: ``pixels`` of them, and
+    ``size`` (W, H) where the header's size is known (not for those Pillow itself refuses, above 2 * MAX_IMAGE_PIXELS)."""
+
+    def __init__(self, pixels: int, size: tuple[int, int] | None, limit: int):
+        self.pixels, self.size, self.limit = pixels, size, limit
+        declared = f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} megapixels)" if size else f"{pixels / 1e6:.1f} megapixels"
+        super().__init__(f"it declares {declared}, more than the {limit / 1e6:g} megapixels allowed")
+
+
+def open_image(source: str | Path | bytes, max_pixels: int | None = None):
+    """A decoded Pillow image from a file or bytes; OSError, ValueError or SyntaxError when it is not a readable image,
+    ImageTooLarge (before decoding anything) when its header declares more than ``max_pixels`` (None: Pillow's limit)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as e:  # above 2 * Image.MAX_IMAGE_PIXELS Pillow refuses the header itself
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        if max_pixels is not None and declared:
+            raise ImageTooLarge(int(declared.group(1)), None, max_pixels) from None
+        raise ValueError(str(e)) from None
+    except UnidentifiedImageError:
+        if isinstance(source, str | Path):
+            raise
+        # Pillow's message names the stream object (<_io.BytesIO object at 0x...>), which says nothing to a client.
+        raise UnidentifiedImageError("format not recognised") from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageTooLarge(image.width * image.height, image.size, max_pixels)
+    try:
         image.load()  # decode now: a truncated or corrupt file fails here, not later
     except Image.DecompressionBombError as e:
         raise ValueError(str(e)) from None
@@ -48,8 +75,12 @@ def to_pixels(image, size: tuple[int, int], channels: int) -> np.ndarray:
     if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float gray: Pillow's convert("L") would clip at 255
         values = np.asarray(image, dtype=np.float32)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (image.mode == "P" and "transparency" in image.info):
+        gray = Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+        key = image.info.get("transparency")  # a PNG's transparent gray value, in the 16-bit range
+        image = gray if key is None else Image.merge("LA", [gray, Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")])
+    # "transparency" is a PNG's tRNS: transparent palette entries (P) or one transparent colour (1, L, RGB), which
+    # convert("RGBA") turns into alpha like the palette's.
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     image = image.convert("L" if channels == 1 else "RGB")

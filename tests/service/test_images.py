@@ -1,6 +1,7 @@
 """An image version takes an image file as the body for encode, reconstruct and project, decoded by the rule its
 training images went through; other versions, decode and unreadable files get exact errors."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -123,3 +124,122 @@ def test_image_files_as_a_bytes_tensor_on_the_open_inference_protocol(client, im
                                rtol=1e-4, atol=1e-5)
     bad = client.post("/v2/models/photos/infer", json={"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["AAAA"]}]})
     assert bad.status_code == 400 and bad.json()["error"].startswith("element 0 of input 'input' is not a readable image")
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels, with almost no pixel data: what a decompression bomb
+    looks like before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+def test_images_declaring_more_pixels_than_allowed_are_refused_before_decoding(client):
+    bomb = client.post("/v1/models/photos/encode", files=[("images", ("ok.png", image_bytes(np.zeros((8, 8), np.uint8), "PNG"))),
+                                                          ("images", ("scan.png", header_only_png(13000, 13000)))])
+    assert bomb.status_code == 413
+    assert bomb.json()["detail"] == ("part 2 ('scan.png') declares 13000x13000 pixels (169.0 megapixels), more than the 25 megapixels "
+                                     "an image may have; send it smaller (this version takes 8x8 pixels)")
+    # Beyond twice Image.MAX_IMAGE_PIXELS Pillow refuses the header itself, without its width and height.
+    huge = client.post("/v1/models/photos/encode", content=header_only_png(30000, 30000), headers={"Content-Type": "image/png"})
+    assert huge.status_code == 413
+    assert huge.json()["detail"] == ("the body declares 900.0 megapixels, more than the 25 megapixels an image may have; "
+                                     "send it smaller (this version takes 8x8 pixels)")
+    import base64
+
+    v2 = client.post("/v2/models/photos/infer", json={
+        "inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(header_only_png(6000, 5000)).decode()]}]})
+    assert v2.status_code == 413 and v2.json()["error"].startswith("element 0 of input 'input' declares 6000x5000 pixels (30.0 megapixels), ")
+
+
+def test_the_images_of_one_request_share_a_pixel_budget(client, image_registry, monkeypatch):
+    from aeserve.service import codec
+
+    monkeypatch.setattr(codec, "MAX_IMAGE_PIXELS", 150)
+    monkeypatch.setattr(codec, "MAX_REQUEST_PIXELS", 250)
+    files = [("images", (f"{i}.png", image_bytes(np.full((10, 10), 50 * i, np.uint8), "PNG"))) for i in range(3)]
+    within = client.post("/v1/models/photos/encode", files=files[:2])
+    assert within.status_code == 200, within.text
+    over = client.post("/v1/models/photos/encode", files=files)
+    assert over.status_code == 413
+    assert over.json()["detail"] == ("part 3 ('2.png') declares 10x10 pixels (0.0 megapixels), which brings this request's images to "
+                                     "0.0 megapixels, more than the 0.00025 megapixels a request may have; send fewer images a request, "
+                                     "or smaller ones (this version takes 8x8 pixels)")
+
+
+def test_more_images_than_the_row_limit_are_refused_before_any_is_read(image_registry):
+    from aeserve.service.codec import decode_images, image_rows
+    from aeserve.service.errors import ApiError
+
+    manifest = image_registry.load("photos").manifest
+    part = b'--xx\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\nnot an image\r\n'
+    with pytest.raises(ApiError) as refused:  # three unreadable parts, and no closing delimiter the parser would refuse
+        image_rows(part * 3, manifest, "inputs", "multipart/form-data; boundary=xx", max_rows=2)
+    assert (refused.value.status, refused.value.detail) == (413, "3 rows exceed the limit of 2 rows per request")
+    with pytest.raises(ApiError) as refused:
+        decode_images([b"not an image"] * 3, manifest, ["element 0", "element 1", "element 2"], max_rows=2, where="input 'input': ")
+    assert (refused.value.status, refused.value.detail) == (413, "input 'input': 3 rows exceed the limit of 2 rows per request")
+    within = image_rows(part.replace(b"not an image", image_bytes(np.zeros((8, 8), np.uint8), "PNG")) * 2 + b"--xx--\r\n", manifest,
+                        "inputs", "multipart/form-data; boundary=xx", max_rows=2)
+    assert within.shape == (2, 3, 8, 8) and within.dtype == np.uint8
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_an_empty_bytes_tensor_is_refused_as_no_rows(client, binary):
+    tensor = {"name": "input", "shape": [0], "datatype": "BYTES"}
+    if binary:
+        header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": 0}}]}).encode()
+        answer = client.post("/v2/models/photos/infer", content=header, headers={"Inference-Header-Content-Length": str(len(header))})
+    else:
+        answer = client.post("/v2/models/photos/infer", json={"inputs": [{**tensor, "data": []}]})
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "input 'input': inputs must hold at least one row"
+
+
+def test_a_file_in_no_format_it_takes_is_named_not_the_stream_object(client):
+    answer = client.post("/v1/models/photos/encode", files=[("images", ("notes.png", b"hello"))])
+    assert answer.status_code == 400
+    assert answer.json()["detail"] == "part 1 ('notes.png') is not a readable image (format not recognised); send PNG, JPEG, WebP or BMP files"
+
+
+@pytest.mark.parametrize("mode,values,key", [("L", [[0, 100]], 0), ("RGB", [[[0, 0, 0], [10, 20, 30]]], (0, 0, 0)),
+                                             ("I;16", [[0, 60000]], 0)])
+def test_a_single_transparent_colour_is_laid_on_white_as_alpha_is(mode, values, key):
+    """A PNG's tRNS colour key (``save(..., transparency=key)``) makes those pixels transparent, as an alpha of 0 does."""
+    array = np.asarray(values, np.uint16 if mode == "I;16" else np.uint8)
+    image = open_image(image_bytes_with(Image.fromarray(array), transparency=key))
+    gray, rgb = to_pixels(image, (1, 2), 1), to_pixels(image, (1, 2), 3)
+    kept = {"L": [100, 100, 100], "RGB": [10, 20, 30], "I;16": [233, 233, 233]}[mode]  # 60000 of 65535 is 233 of 255
+    np.testing.assert_array_equal(rgb[:, 0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(rgb[:, 0, 1], kept)
+    assert gray[0, 0] == 255 and gray[0, 1] == round(0.299 * kept[0] + 0.587 * kept[1] + 0.114 * kept[2])
+
+
+def test_a_transparent_colour_survives_the_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    image = open_image(image_bytes_with(Image.fromarray(np.array([[0, 100]], np.uint8)), transparency=0, exif=exif.tobytes()))
+    assert image.size == (1, 2)
+    np.testing.assert_array_equal(to_pixels(image, (2, 1), 1)[:, 0], [255, 100])
+
+
+def test_open_image_refuses_above_its_pixel_limit_only_when_given_one():
+    """Serving passes a limit; training (open_image(path)) decodes a photo of any size Pillow takes."""
+    from aeserve.models.images import ImageTooLarge
+
+    data = image_bytes(np.zeros((100, 120), np.uint8), "PNG")
+    assert open_image(data).size == (120, 100) and open_image(data, 12_000).size == (120, 100)
+    with pytest.raises(ImageTooLarge) as refused:
+        open_image(data, 11_999)
+    assert (refused.value.pixels, refused.value.size) == (12_000, (120, 100))
+
+
+def image_bytes_with(image: Image.Image, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save)
+    return buffer.getvalue()
