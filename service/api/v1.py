@@ -90,7 +90,7 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
             raise ApiError(415, f'decompress takes {JSON}: {{"inputs": ["<base64 stream>", ...]}}, as compress answers')
         array = await run_in_threadpool(pipeline.unpack, version, parse_streams(body))
     elif kind not in (JSON, NPY):  # image files (one, or a part each): decoded as the training images were
-        array = await run_in_threadpool(image_rows, body, version.manifest, call.takes, _text(headers.get(b"content-type")))
+        array = await run_in_threadpool(image_rows, body, version.manifest, call.takes, _text(headers.get(b"content-type")), settings.max_rows)
     elif table is not None and kind == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
         array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
     else:

@@ -334,7 +334,8 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
             if input_name != "input" or not is_image_version(version.manifest):
                 raise ApiError(422, f"input {input_name!r} takes numbers; BYTES are image files (input 'input' of a version trained on "
                                     "images) or compressed streams (input 'stream')")
-            array = await run_in_threadpool(decode_images, array, version.manifest, [f"element {i} of input 'input'" for i in range(len(array))])
+            array = await run_in_threadpool(decode_images, array, version.manifest, [f"element {i} of input 'input'" for i in range(len(array))],
+                                            settings.max_rows, "input 'input': ")
         if compress:
             pipeline.streams_of(version, "compress")
         outputs, _ = await pipeline.run(request.app.state.batcher, version, call, array, settings.max_rows, f"input {input_name!r}: ", codes)

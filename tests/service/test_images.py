@@ -189,6 +189,21 @@ def test_more_images_than_the_row_limit_are_refused_before_any_is_read(image_reg
     assert within.shape == (2, 3, 8, 8) and within.dtype == np.uint8
 
 
+def test_the_routes_count_images_against_the_row_limit_before_reading_them(image_registry):
+    """Three unreadable images to a server taking two rows a request: the row limit answers, not the first image."""
+    import base64
+
+    part = b'--xx\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\nnot an image\r\n'
+    tensor = {"name": "input", "shape": [3], "datatype": "BYTES", "data": [base64.b64encode(b"not an image").decode()] * 3}
+    with make_client(image_registry, max_rows=2) as limited:
+        wait_ready(limited.get)
+        v1 = limited.post("/v1/models/photos/encode", content=part * 3 + b"--xx--\r\n",
+                          headers={"Content-Type": "multipart/form-data; boundary=xx"})
+        v2 = limited.post("/v2/models/photos/infer", json={"inputs": [tensor]})
+    assert (v1.status_code, v1.json()["detail"]) == (413, "3 rows exceed the limit of 2 rows per request")
+    assert (v2.status_code, v2.json()["error"]) == (413, "input 'input': 3 rows exceed the limit of 2 rows per request")
+
+
 @pytest.mark.parametrize("binary", [False, True])
 def test_an_empty_bytes_tensor_is_refused_as_no_rows(client, binary):
     tensor = {"name": "input", "shape": [0], "datatype": "BYTES"}
