@@ -186,13 +186,20 @@ ENCODE, DECODE = Call("inputs", ("code",)), Call("codes", ("reconstruction",))
 RECONSTRUCT, PROJECT = Call("inputs", ("reconstruction", "error", "percentile")), Call("inputs", ("coordinates",))
 
 
+def _regular_file(path: Path) -> Path:
+    """``path``, a file of the version folder itself: not a link leading elsewhere, nor a pipe or device to block on."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise CheckpointError(f"{path}: not a regular file (a link, a folder or a device); a version's files are its own")
+    return path
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(_regular_file(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return value
@@ -202,7 +209,7 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     """Load and verify one version folder. Raises CheckpointError naming the file and the problem."""
     folder = Path(folder)
     manifest = _read_json(folder / MANIFEST)
-    weights_path = folder / WEIGHTS
+    weights_path = _regular_file(folder / WEIGHTS)
     try:
         data = weights_path.read_bytes()
     except FileNotFoundError:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from aeserve.models.checkpoint import MANIFEST, WEIGHTS, ModelVersion, load_version, sha256_bytes
+from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, ModelVersion, load_version, sha256_bytes
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -119,7 +119,12 @@ class Registry:
         return json.loads((self.version_dir(name, self.resolve(name, ref)) / MANIFEST).read_text())
 
     def load(self, name: str, ref: str | int = "latest", device: str | torch.device = "cpu") -> ModelVersion:
-        return load_version(self.version_dir(name, self.resolve(name, ref)), device)
+        number = self.resolve(name, ref)
+        version = load_version(self.version_dir(name, number), device)
+        if version.manifest.get("version") != number:  # a folder copied by hand would answer as another version
+            raise CheckpointError(f"{self.version_dir(name, number) / MANIFEST}: the manifest is of version "
+                                  f"{version.manifest.get('version')!r}, but it sits in {name}/{number}; a version keeps the number it was published as")
+        return version
 
     # --- writing ---------------------------------------------------------------
 
@@ -219,13 +224,13 @@ def valid_aliases(stored: bytes | None, versions: list[int]) -> dict[str, int]:
     """
     try:
         parsed = json.loads(stored) if stored else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON or not UTF-8, nested too deep, a number of thousands of digits
         parsed = {}
-    aliases = {
-        alias: int(v)
-        for alias, v in (parsed.items() if isinstance(parsed, dict) else [])
-        if isinstance(alias, str) and ALIAS_PATTERN.match(alias) and is_number(str(v)) and int(v) in versions
-    }
+    aliases = {}
+    for alias, value in parsed.items() if isinstance(parsed, dict) else []:
+        text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+        if isinstance(alias, str) and ALIAS_PATTERN.match(alias) and is_number(text) and len(text) <= 18 and int(text) in versions:
+            aliases[alias] = int(text)
     if versions:
         aliases["latest"] = versions[-1]
     return dict(sorted(aliases.items()))

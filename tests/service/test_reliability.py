@@ -218,3 +218,34 @@ def test_requests_beyond_max_inflight_get_503_before_their_body_is_read_and_heal
             first.join(60)
         assert answers[0].status_code == 200 and len(answers[0].json()["errors"]) == 50
         assert httpx.post(f"{live.url}/v1/models/digits-mlp/encode", content=body, headers={"Content-Type": "application/json"}).status_code == 200
+
+
+@pytest.mark.parametrize("aliases", ['[' * 100_000 + ']' * 100_000, '{"prod": "' + '9' * 5000 + '"}', '{"prod": ' + '9' * 5000 + '}'])
+def test_an_unreadable_aliases_file_counts_as_no_aliases_and_stops_no_model(registry, trained_registry, aliases):
+    """Nested past the parser's recursion limit, or a version of thousands of digits: that model keeps its versions
+    without aliases, and every other model still loads (the refresh used to raise for all of them)."""
+    import shutil
+
+    for name in ("good", "bad"):
+        shutil.copytree(trained_registry.version_dir("digits-pca", 1), registry.root / name / "1")
+    (registry.root / "bad" / "aliases.json").write_text(aliases)
+    store = ModelStore(registry)
+    store.refresh()
+    assert store.names() == ["bad", "good"] and store.loaded_once
+    assert store.entry("bad").aliases == {"latest": 1}
+
+
+def test_a_version_folder_copied_under_another_number_or_with_linked_files_is_refused(registry, trained_registry, tmp_path):
+    import shutil
+
+    shutil.copytree(trained_registry.version_dir("digits-pca", 1), registry.root / "m" / "1")
+    shutil.copytree(registry.root / "m" / "1", registry.root / "m" / "2")  # its manifest says version 1
+    shutil.copytree(registry.root / "m" / "1", registry.root / "m" / "3")
+    outside = tmp_path / "manifest.json"
+    shutil.move(registry.root / "m" / "3" / MANIFEST, outside)
+    (registry.root / "m" / "3" / MANIFEST).symlink_to(outside)
+    store = ModelStore(registry)
+    store.refresh()
+    assert sorted(store.entry("m").versions) == [1]
+    assert "the manifest is of version 1, but it sits in m/2" in store.failed["m:2"]
+    assert "manifest.json: not a regular file" in store.failed["m:3"]
