@@ -9,6 +9,7 @@ code must be quantized, and its rate measured and traded against the distortion.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,6 +26,10 @@ class RDConfig(ModelConfig):
     channels: Size = 64  # N: the transforms' width
     latent_channels: Size = 8  # M: the latent's channels; the code is (M, H/4, W/4), flattened
     lmbda: Positive = 0.01  # distortion weight: loss = bits per image + lmbda * 255^2 * squared error per image
+    # "channel": one learned density per latent channel, shared by its positions (Ballé et al.); "position": one per
+    # latent value, for data whose images are aligned (centred objects, a fixed frame), where a background position's
+    # values are far more predictable than the channel's as a whole. Either way the tables are fixed: no side information.
+    prior: Literal["channel", "position"] = "channel"
     # No code_dim: the code is the latent, latent_channels * (H/4) * (W/4) integers.
 
 
@@ -48,7 +53,7 @@ class RDAutoencoder(Autoencoder):
             nn.ConvTranspose2d(n, n, 5, stride=2, padding=2, output_padding=1), GDN(n, inverse=True),
             nn.ConvTranspose2d(n, c, 5, stride=2, padding=2, output_padding=1),
         )
-        self.prior = FactorizedPrior(m)
+        self.prior = FactorizedPrior(m if config.prior == "channel" else self.code_dim)
 
     @property
     def code_dim(self) -> int:
@@ -58,7 +63,11 @@ class RDAutoencoder(Autoencoder):
     def channel_of(self) -> torch.Tensor:
         """For each position of a flattened code, its latent channel (the table that codes it)."""
         m, h, w = self.latent
-        return torch.arange(m).repeat_interleave(h * w)
+        return torch.arange(m).repeat_interleave(h * w) if self.config.prior == "channel" else torch.arange(self.code_dim)
+
+    def likelihood(self, y: torch.Tensor) -> torch.Tensor:
+        """Latents (n, M, H, W) -> each value's probability mass under its density."""
+        return self.prior.likelihood(y if self.config.prior == "channel" else y.reshape(len(y), -1, 1, 1))
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         return self.analysis(x.reshape(-1, *self.image))
@@ -75,7 +84,7 @@ class RDAutoencoder(Autoencoder):
         y = self.latents(x)
         y_hat = y + torch.empty_like(y).uniform_(-0.5, 0.5) if noisy else torch.round(y).clamp(-RADIUS, RADIUS)
         x_hat = torch.sigmoid(self.synthesis(y_hat)).reshape(len(x), -1)
-        return bits(self.prior.likelihood(y_hat)), (x_hat - x.reshape(len(x), -1)).pow(2).sum(dim=1)
+        return bits(self.likelihood(y_hat)), (x_hat - x.reshape(len(x), -1)).pow(2).sum(dim=1)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         rate, distortion = self.rate_distortion(x, noisy=True)
