@@ -53,7 +53,9 @@ class RDAutoencoder(Autoencoder):
             nn.ConvTranspose2d(n, n, 5, stride=2, padding=2, output_padding=1), GDN(n, inverse=True),
             nn.ConvTranspose2d(n, c, 5, stride=2, padding=2, output_padding=1),
         )
-        self.prior = FactorizedPrior(m if config.prior == "channel" else self.code_dim)
+        # The prior sees the latent as (densities, positions sharing one): (M, H/4, W/4), or each value its own.
+        self.prior_shape = self.latent if config.prior == "channel" else (self.code_dim, 1, 1)
+        self.prior = FactorizedPrior(self.prior_shape[0])
 
     @property
     def code_dim(self) -> int:
@@ -61,13 +63,13 @@ class RDAutoencoder(Autoencoder):
         return m * h * w
 
     def channel_of(self) -> torch.Tensor:
-        """For each position of a flattened code, its latent channel (the table that codes it)."""
-        m, h, w = self.latent
-        return torch.arange(m).repeat_interleave(h * w) if self.config.prior == "channel" else torch.arange(self.code_dim)
+        """For each position of a flattened code, the density whose table codes it: its channel, or its own."""
+        densities, h, w = self.prior_shape
+        return torch.arange(densities).repeat_interleave(h * w)
 
     def likelihood(self, y: torch.Tensor) -> torch.Tensor:
-        """Latents (n, M, H, W) -> each value's probability mass under its density."""
-        return self.prior.likelihood(y if self.config.prior == "channel" else y.reshape(len(y), -1, 1, 1))
+        """Latents (n, M, H, W) -> each value's probability mass under its density, shaped as the prior sees them."""
+        return self.prior.likelihood(y.reshape(len(y), *self.prior_shape))
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         return self.analysis(x.reshape(-1, *self.image))
