@@ -27,8 +27,9 @@ class ImageTooLarge(ValueError):
 
     def __init__(self, pixels: int, size: tuple[int, int] | None, limit: int):
         self.pixels, self.size, self.limit = pixels, size, limit
-        declared = f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} megapixels)" if size else f"{pixels / 1e6:.1f} megapixels"
-        super().__init__(f"it declares {declared}, more than the {limit / 1e6:g} megapixels allowed")
+        # what the header declares, in words: '13000x13000 pixels (169.0 megapixels)'
+        self.declared = f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} megapixels)" if size else f"{pixels / 1e6:.1f} megapixels"
+        super().__init__(f"it declares {self.declared}, more than the {limit / 1e6:g} megapixels allowed")
 
 
 def open_image(source: str | Path | bytes, max_pixels: int | None = None):

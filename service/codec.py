@@ -150,11 +150,10 @@ def decode_images(files: list[bytes], manifest: dict[str, Any], names: list[str]
 
 
 def _too_large(name: str, e: ImageTooLarge, before: int, size: tuple[int, int]) -> str:
-    declared = f"{e.size[0]}x{e.size[1]} pixels ({e.pixels / 1e6:.1f} megapixels)" if e.size else f"{e.pixels / 1e6:.1f} megapixels"
     takes = f"this version takes {size[1]}x{size[0]} pixels"
     if e.pixels > MAX_IMAGE_PIXELS:
-        return f"{name} declares {declared}, more than the {MAX_IMAGE_PIXELS / 1e6:g} megapixels an image may have; send it smaller ({takes})"
-    return (f"{name} declares {declared}, which brings this request's images to {(before + e.pixels) / 1e6:.1f} megapixels, more "
+        return f"{name} declares {e.declared}, more than the {MAX_IMAGE_PIXELS / 1e6:g} megapixels an image may have; send it smaller ({takes})"
+    return (f"{name} declares {e.declared}, which brings this request's images to {(before + e.pixels) / 1e6:.1f} megapixels, more "
             f"than the {MAX_REQUEST_PIXELS / 1e6:g} megapixels a request may have; send fewer images a request, or smaller ones ({takes})")
 
 
