@@ -129,20 +129,19 @@ def reaching(*places: str | os.PathLike[str] | None) -> Iterator[None]:
 
     ``places`` are the URLs read or written, and the local folders written to (a disk fills up while writing).
     """
+    urls = [str(p) for p in places if p and is_url(str(p))]
+    folders = [str(p) for p in places if p and not is_url(str(p))]
     try:
         yield
     except OSError as e:
         if e.filename is not None or isinstance(e, BrokenPipeError):
             raise
-        urls = [str(p) for p in places if p and is_url(str(p))]
-        folders = [str(p) for p in places if p and not is_url(str(p))]
         # A local disk fails without a path on a write (ENOSPC, EDQUOT, EIO); any other pathless OSError is a store's.
         named = (folders or urls) if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) else urls
         if not named or (not urls and e.errno not in USER_ERRNOS):
             raise
         raise StoreError(f"{' or '.join(named)}: {e.strerror or e}") from e
     except Exception as e:
-        urls = [str(p) for p in places if p and is_url(str(p))]
         if not urls or not store_client_error(e):
             raise
         raise StoreError(f"{' or '.join(urls)}: {e}") from e
