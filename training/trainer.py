@@ -70,6 +70,7 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
     # Early stopping: the best validation error so far, its epoch and its weights (a resumed run counts from where it resumes).
     stopping = bool(train.patience and len(x_val))
     best = (history[-1]["val_sq_err"] if history else math.inf, first_epoch - 1, _copy_weights(model) if stopping else {})
+    started = time.monotonic()
     for epoch in range(first_epoch, train.epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=shuffle)  # the same order on every rank
@@ -101,7 +102,8 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
         if state is not None and world.is_main:
             state.save(epoch, model, optimiser, scheduler, shuffle, history, prepare_facts or {})
         if progress:
-            print(f"epoch {epoch}/{train.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), file=sys.stderr)
+            print(f"epoch {epoch}/{train.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
+                  + time_left(time.monotonic() - started, epoch - first_epoch + 1, train.epochs - epoch), file=sys.stderr)
         if stopping:
             if record["val_sq_err"] < best[0]:
                 best = (record["val_sq_err"], epoch, _copy_weights(model))
@@ -112,6 +114,14 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
         if progress:
             print(f"stopped after epoch {history[-1]['epoch']}; kept the weights of epoch {best[1]} (val_sq_err {best[0]:.4f})", file=sys.stderr)
     return history
+
+
+def time_left(seconds: float, epochs_done: int, epochs_left: int) -> str:
+    """'  about 3 min left' from the mean time of the epochs run so far (early stopping may end sooner)."""
+    if epochs_left <= 0:
+        return ""
+    left = seconds / epochs_done * epochs_left
+    return f"  about {left:.0f} s left" if left < 90 else f"  about {left / 60:.0f} min left"
 
 
 def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -135,3 +135,11 @@ def test_progress_bars_only_on_a_terminal_elsewhere_one_line_per_epoch(capsys, m
     on_terminal = trained_output(True)
     assert "\r" in on_terminal and "it/s" in on_terminal  # the bar, redrawn in place
     assert "epoch 1/2  train_loss " in on_terminal and "epoch 2/2  train_loss " in on_terminal
+
+
+def test_time_left_is_the_mean_epoch_times_the_epochs_left():
+    from aeserve.training.trainer import time_left
+
+    assert time_left(30.0, 3, 4) == "  about 40 s left"
+    assert time_left(60.0, 2, 10) == "  about 5 min left"
+    assert time_left(60.0, 2, 0) == ""
