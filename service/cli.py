@@ -5,37 +5,37 @@ import argparse
 import logging
 import sys
 import threading
-import typing
 
 GIL_SWITCH_SECONDS = 0.0005
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from pydantic_settings import CliSettingsSource
+
     from aeserve.service.settings import Settings
 
     p = sub.add_parser("serve", help="serve the registry's models over HTTP",
                        description="Every flag also reads from its AESERVE_* environment variable; a flag given wins.")
-    for name, field in Settings.model_fields.items():
-        env = f"AESERVE_{name.upper()}"
-        help_text = f"{field.description or name} (default {field.default}; {env})"
-        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
-        if field.annotation is bool:
-            p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = {int: int, float: float}.get(field.annotation, str)
-            p.add_argument(_flag(name), dest=name, type=kind, choices=choices, default=None, help=help_text)
-    p.set_defaults(func=cmd_serve)
+    # pydantic-settings writes the flags, with their types, choices and defaults, from the Settings fields.
+    source = CliSettingsSource(Settings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True)
+    for action in p._actions:
+        if action.dest in Settings.model_fields:
+            action.help = f"{action.help} [{Settings.model_config['env_prefix']}{action.dest.upper()}]"
+    p.set_defaults(func=cmd_serve, settings_source=source)
 
 
 def settings_from_args(args: argparse.Namespace):
-    """Flags override AESERVE_* environment variables, which override the defaults."""
+    """Flags override AESERVE_* environment variables, which override the defaults; a bad value exits 2 naming its flag."""
+    from pydantic import ValidationError
+
     from aeserve.service.settings import Settings
 
-    return Settings(**{key: value for key, value in vars(args).items() if key in Settings.model_fields and value is not None})
+    try:
+        return Settings(_cli_settings_source=args.settings_source(parsed_args=args))
+    except ValidationError as e:
+        problems = "; ".join(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}" for error in e.errors())
+        print(f"aeserve serve: error: {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

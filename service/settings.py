@@ -13,7 +13,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AESERVE_", extra="ignore")
 
     registry: str = Field(default="registry", description="registry: a folder, or a URL (s3://bucket/prefix, gs://bucket/prefix, file://...)")
-    cache: Path | None = Field(default=None, description="where versions from a registry URL are copied, verified by sha256 (default: ~/.cache/aeserve)")
+    cache: Path | None = Field(default=None, description="where versions from a registry URL are copied, verified by sha256 (unset: ~/.cache/aeserve)")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the service to the network")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where models run; auto: a GPU when there is one")

@@ -1,4 +1,6 @@
 """`aeserve serve`'s flags come from the Settings class: every setting has one, and none restates a default."""
+import argparse
+
 import pytest
 
 from aeserve.cli import build_parser
@@ -16,8 +18,8 @@ def test_every_setting_has_a_flag_that_names_its_variable_and_default():
     for name, field in Settings.model_fields.items():
         action = serve_action(name)
         assert action is not None, name
-        assert action.default is None  # the defaults live in Settings alone
-        assert f"AESERVE_{name.upper()}" in action.help and f"default {field.default}" in action.help
+        assert action.default == argparse.SUPPRESS  # the defaults live in Settings alone
+        assert f"AESERVE_{name.upper()}" in action.help and f"default: {'null' if field.default is None else field.default}" in action.help
 
 
 def test_flags_override_the_environment_which_overrides_the_defaults(monkeypatch):
@@ -29,7 +31,9 @@ def test_flags_override_the_environment_which_overrides_the_defaults(monkeypatch
 
 
 def test_a_bad_value_names_the_flag_and_what_is_allowed(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--engine", "tensorrt"])
+    with pytest.raises(SystemExit) as exited:
+        settings_from_args(build_parser().parse_args(["serve", "--engine", "tensorrt", "--port", "70000"]))
+    assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert "--engine: invalid choice: 'tensorrt' (choose from" in err and "onnx" in err and "torch" in err
+    assert err == ("aeserve serve: error: --port: Input should be less than or equal to 65535; "
+                   "--engine: Input should be 'onnx' or 'torch'\n")
