@@ -10,7 +10,7 @@ The MLP's widths follow the number of encoded features d (numbers plus one-hot c
 ``code_dim = clamp(round(d / 4), 2, 64)`` and one hidden layer of ``clamp(d, 32, 512)`` units (at least
 ``2 code_dim``). Training stops early on the validation error (``train.patience``) and keeps the best epoch's
 weights; the batch gives about ten steps per epoch. ``--set`` overrides any key; the manifest records the result in
-``training.run_config``, which ``run_config_toml`` writes as a config that trains again.
+``training.run_config``, which, written out as TOML, is a config that trains again.
 """
 from __future__ import annotations
 
@@ -87,24 +87,3 @@ def recipe_run_config(path: str, label: str | None = None, overrides: list[str] 
     if config.data != data:
         dataset = load_dataset(config.data)
     return config, dataset
-
-
-def run_config_toml(run_config: dict[str, Any]) -> str:
-    """A version's ``training.run_config`` as a TOML config: top-level keys, then one table per section."""
-    lines = [f"{key} = {_toml_value(value)}" for key, value in run_config.items() if not isinstance(value, dict)]
-    for section, table in run_config.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{section}]"] + [f"{key} = {_toml_value(value)}" for key, value in table.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ValueError(f"cannot write {value!r} as TOML")

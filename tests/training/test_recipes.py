@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
 
 from aeserve.cli import main
@@ -12,7 +13,7 @@ from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.data import DataError
 from aeserve.training.evaluate import reconstruction_errors
-from aeserve.training.recipes import mlp_sizes, run_config_toml, source_for
+from aeserve.training.recipes import mlp_sizes, source_for
 from aeserve.training.trainer import fit
 
 
@@ -54,7 +55,7 @@ def test_a_table_trains_without_a_config_and_its_run_config_trains_again(tmp_pat
     assert manifest["training"]["epochs_run"] == len(manifest["training"]["history"]) <= 6
 
     toml = tmp_path / "again.toml"
-    toml.write_text(run_config_toml(run))
+    toml.write_text(tomli_w.dumps(run))
     assert main(["train", str(toml), "--registry", reg, "--quiet"]) == 0
     again = Registry(reg).manifest("rows", 2)
     assert again["training"]["run_config"] == run
