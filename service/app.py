@@ -74,11 +74,22 @@ async def _poll(app: FastAPI) -> None:
             log.exception("registry refresh failed")
 
 
+async def _first_load(app: FastAPI) -> None:
+    store, settings = app.state.store, app.state.settings
+    await asyncio.to_thread(store.refresh)
+    loaded = store.loaded()
+    if loaded:
+        log.info("ready on http://%s:%d: %d versions of %d models from %s (%s)", settings.host, settings.port, len(loaded),
+                 len(store.names()), settings.registry, ", ".join(f"{name}:{version}" for name, version in loaded))
+    else:
+        log.warning("not ready: no models in %s; it is polled for new versions", settings.registry)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await app.state.engines.start()
     tasks = []
-    tasks.append(asyncio.create_task(asyncio.to_thread(app.state.store.refresh)))  # readiness flips once this is done
+    tasks.append(asyncio.create_task(_first_load(app)))  # readiness flips once this is done
     if app.state.settings.poll_seconds > 0:
         tasks.append(asyncio.create_task(_poll(app)))
     try:
