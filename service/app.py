@@ -51,7 +51,8 @@ class AccessLog:
     """One JSON line per request, written to ``stream`` in one piece every ACCESS_FLUSH_S seconds.
 
     A ``logging`` call per request (a record, a formatter, a write and a flush under a lock) costs the single-row
-    benchmark a large share of its rate; a line gathered here costs about 2.5 µs of the event loop (docs/serving.md).
+    benchmark a large share of its rate; a line gathered here costs the event loop next to nothing (docs/serving.md,
+    "Costs the code is shaped by").
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
@@ -106,14 +107,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 class ServiceApp:
     """The ASGI app: the four operations go straight to their handler, every other request to FastAPI.
 
-    On this hot path FastAPI's per-request routing, dependency solving and
-    middleware stack cost more than the model call; dispatching
-    ``POST /v1/models/{name}[/versions/{version}]/{op}`` directly roughly
-    doubled the single-row request rate (see benchmarks/serve.py). Every HTTP
-    request, either way, gets its metrics and one JSON access-log line.
-    More than ``max_inflight`` requests in progress get 503 before their body
-    is read, so an overload that outruns even parsing cannot pile up
-    connections and memory; the health routes are never refused.
+    On this hot path FastAPI's per-request routing, dependency solving and middleware stack cost more than the model
+    call, so ``POST /v1/models/{name}[/versions/{version}]/{op}`` is dispatched directly (docs/serving.md, "Costs the
+    code is shaped by"). Every HTTP request, either way, gets its metrics and one JSON access-log line. More than
+    ``max_inflight`` requests in progress are refused as overloaded before their body is read, so an overload that
+    outruns even parsing cannot pile up connections and memory; the health routes are never refused.
     ``api`` is the FastAPI app behind it and ``state`` its state.
     """
 

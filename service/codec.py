@@ -30,8 +30,8 @@ MULTIPART = "multipart/form-data"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 Body = bytes | bytearray  # a request body as read_body returns it
 NPY_HEADER_BYTES = 10_012  # magic, version and length (at most 12 bytes), then a header of at most 10,000
-# Image bodies are refused by the size their headers declare, before decoding (docs/api.md): a PNG of one colour holds
-# 13000x13000 pixels in 164 KB, and decoding and fitting a 25 MP RGBA PNG takes 0.8 s and 0.3 GB.
+# Image bodies are refused by the size their headers declare, before decoding: a small file can declare a huge image
+# (docs/api.md, "Images", has the figures).
 MAX_IMAGE_PIXELS = 25_000_000  # one image: a 24 MP photo (6000x4000, 5712x4284) passes
 MAX_REQUEST_PIXELS = 100_000_000  # all images of one request together: four such photos, or 1,500 of 256x256
 
@@ -39,11 +39,9 @@ MAX_REQUEST_PIXELS = 100_000_000  # all images of one request together: four suc
 async def read_body(receive: Receive, content_length: str | None, limit: int) -> Body:
     """The whole body from ASGI ``receive``, refused (TooLarge) as soon as it is known to exceed ``limit`` bytes.
 
-    With a Content-Length, each chunk is copied once, into a buffer of that
-    size. Joining a list of chunks at the end copies everything a second time
-    into fresh memory: for a 31 MB .npy body that took the event loop 65-90 ms
-    instead of 15-30 ms, most of it in page faults. A body that comes in one
-    message is that message's bytes, not copied at all.
+    With a Content-Length, each chunk is copied once, into a buffer of that size: joining a list of chunks at the end
+    would copy everything a second time into fresh memory, mostly page faults (docs/serving.md, "Costs the code is
+    shaped by"). A body that comes in one message is that message's bytes, not copied at all.
     """
     if content_length is None:
         return await _read_chunked(receive, limit)
@@ -159,8 +157,8 @@ def _too_large(name: str, e: ImageTooLarge, before: int, size: tuple[int, int]) 
 
 def multipart_files(body: Body, content_type: str, max_rows: int | None = None) -> list[tuple[str, bytes]]:
     """The parts of a ``multipart/form-data`` body as (how an error names it, bytes), in order. The standard library's
-    MIME parser reads them; 400 when the body is not that. More than ``max_rows`` parts, counted by their delimiter
-    lines, are refused (413) before the parser reads them: it takes about 0.25 ms a part."""
+    MIME parser reads them; Malformed when the body is not that. More than ``max_rows`` parts, counted by their
+    delimiter lines, are refused (TooManyRows) before the parser reads them, which costs time per part (docs/serving.md)."""
     parser = BytesParser(policy=email.policy.HTTP)
     header = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
     boundary = parser.parsebytes(header).get_boundary()
@@ -199,12 +197,10 @@ def _parse_json(body: Body) -> Any:
 def _plain_rows(body: Body) -> np.ndarray | None:
     """``{"inputs": [[numbers], ...]}`` straight into an array, or None to take the general path.
 
-    simdjson reads the numbers into a buffer without a Python object per
-    number: on a single 784-number row about half the time of orjson's parse
-    plus numpy's list conversion. It is taken only where it cannot differ from
-    the general path: two quotes (the key, nothing else), one bracket per row
-    plus the outer one (rows are flat lists), rows of equal length, and only
-    numbers (as_buffer refuses strings, booleans, nulls and objects).
+    simdjson reads the numbers into a buffer without a Python object per number, faster than orjson's parse plus
+    numpy's list conversion (docs/serving.md, "Costs the code is shaped by"). It is taken only where it cannot differ
+    from the general path: two quotes (the key, nothing else), one bracket per row plus the outer one (rows are flat
+    lists), rows of equal length, and only numbers (as_buffer refuses strings, booleans, nulls and objects).
     Everything else (NaN literals, big integers, nested rows) goes the general way.
     """
     if body.count(b'"') != 2:
@@ -331,7 +327,7 @@ def validate_rows(array: np.ndarray, row_shape: tuple[int, ...], max_rows: int, 
     with np.errstate(over="ignore", invalid="ignore"):
         rows = array.astype(np.float32, copy=False).reshape(len(array), *row_shape)
     # One pass each for the smallest and the largest value (NaN propagates into both): no temporary arrays on the
-    # common path, where a 10,000-image body takes 1.5 ms instead of 6 ms. Values beyond float32 are beyond ``bound``.
+    # common path (docs/serving.md, "Costs the code is shaped by"). Values beyond float32 are beyond ``bound``.
     # Compared as Python floats: a float16 scalar against ``bound`` would cast ``bound`` to float16 (infinity) and let
     # an infinity through.
     low, high = float(array.min()), float(array.max())

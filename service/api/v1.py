@@ -98,7 +98,7 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows, codes=codes)
     if call.takes == "inputs":  # data comes back flat or nested, as it was sent
         outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
-    if operation.streams == "pack":  # coding takes about 50 us a row: off the event loop
+    if operation.streams == "pack":  # entropy coding takes time per row: off the event loop (docs/serving.md)
         outputs = ([base64.b64encode(stream).decode() for stream in await run_in_threadpool(pipeline.pack, version, outputs[0])],)
     if wants_npy(_text(headers.get(b"accept"))) and operation.streams != "pack":  # streams have no .npy form: JSON
         content, media = npy_bytes(outputs[0]), NPY
