@@ -22,9 +22,19 @@ from starlette.types import Message, Receive, Scope, Send
 
 from aeserve.models.registry import open_registry
 from aeserve.service.api import health, models, v2
+from aeserve.service.api.errors import (
+    V1,
+    answer,
+    http_error_handler,
+    internal_error,
+    protocol_of,
+    service_error_handler,
+    status_of,
+    validation_error_handler,
+)
 from aeserve.service.api.v1 import operation_target, operations_openapi, serve_operation
 from aeserve.service.auth import require_api_key
-from aeserve.service.errors import ApiError, api_error_handler, error_response, http_error_handler, overloaded, validation_error_handler
+from aeserve.service.errors import Overloaded, ServiceError
 from aeserve.service.metrics import Metrics
 from aeserve.service.runtime.batcher import Batcher
 from aeserve.service.runtime.engines import Engines
@@ -41,7 +51,8 @@ class AccessLog:
     """One JSON line per request, written to ``stream`` in one piece every ACCESS_FLUSH_S seconds.
 
     A ``logging`` call per request (a record, a formatter, a write and a flush under a lock) costs the single-row
-    benchmark a large share of its rate; a line gathered here costs about 2.5 µs of the event loop (docs/serving.md).
+    benchmark a large share of its rate; a line gathered here costs the event loop next to nothing (docs/serving.md,
+    "Costs the code is shaped by").
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
@@ -107,14 +118,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 class ServiceApp:
     """The ASGI app: the four operations go straight to their handler, every other request to FastAPI.
 
-    On this hot path FastAPI's per-request routing, dependency solving and
-    middleware stack cost more than the model call; dispatching
-    ``POST /v1/models/{name}[/versions/{version}]/{op}`` directly roughly
-    doubled the single-row request rate (see benchmarks/serve.py). Every HTTP
-    request, either way, gets its metrics and one JSON access-log line.
-    More than ``max_inflight`` requests in progress get 503 before their body
-    is read, so an overload that outruns even parsing cannot pile up
-    connections and memory; the health routes are never refused.
+    On this hot path FastAPI's per-request routing, dependency solving and middleware stack cost more than the model
+    call, so ``POST /v1/models/{name}[/versions/{version}]/{op}`` is dispatched directly (docs/serving.md, "Costs the
+    code is shaped by"). Every HTTP request, either way, gets its metrics and one JSON access-log line. More than
+    ``max_inflight`` requests in progress are refused as overloaded before their body is read, so an overload that
+    outruns even parsing cannot pile up connections and memory; the health routes are never refused.
     ``api`` is the FastAPI app behind it and ``state`` its state.
     """
 
@@ -149,8 +157,9 @@ class ServiceApp:
         if path.startswith(HEALTH_PATHS):
             return await self._fastapi(scope, receive, send)
         if self.inflight >= self.max_inflight:
-            await overloaded(self.inflight, path)(scope, receive, send)
-            return 503
+            refused = Overloaded(f"overloaded: {self.inflight} requests are in progress; retry shortly", retry_after=1)
+            await answer(refused, protocol_of(path))(scope, receive, send)
+            return status_of(refused, protocol_of(path))
         self.inflight += 1
         try:
             target = operation_target(path)
@@ -176,12 +185,12 @@ class ServiceApp:
         try:
             await serve_operation(self.state, scope, receive, send, *target)
             return 200
-        except ApiError as e:
-            await error_response(e.status, e.detail, e.headers)(scope, receive, send)
-            return e.status
+        except ServiceError as e:
+            await answer(e, V1)(scope, receive, send)
+            return status_of(e, V1)
         except Exception:
             log.exception("operation %s failed", scope["path"])
-            await error_response(500, "internal error; the server log has the details")(scope, receive, send)
+            await internal_error(V1)(scope, receive, send)
             return 500
 
 
@@ -202,7 +211,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.batcher = Batcher(engines.run, settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_queue,
                                 on_batch=metrics.observe_batch)
     app.state.access_log = AccessLog() if settings.access_log else None
-    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(health.router)

@@ -5,16 +5,16 @@ import secrets
 
 from fastapi import Request
 
-from aeserve.service.errors import ApiError
+from aeserve.service.errors import Unauthenticated
 
 
 def check_api_key(expected: str | None, authorization: str | None) -> None:
-    """Raise 401 unless ``authorization`` is ``Bearer <expected>``; nothing to check when no key is set."""
+    """Raise Unauthenticated unless ``authorization`` is ``Bearer <expected>``; nothing to check when no key is set."""
     if not expected:
         return
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected.encode()):
-        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer KEY'")
 
 
 async def require_api_key(request: Request) -> None:

@@ -1,45 +1,64 @@
-"""Client errors as JSON ``{"detail": ...}`` with the right status; never a 500 for what a client sent."""
+"""What can go wrong with a request, in the service's own words: typed errors that know no protocol.
+
+The codecs, the pipeline, the batcher and the store raise these; each protocol maps every type to its own status
+and error body once, in ``service/api/errors.py`` (so overload can become 429, or a new protocol be added, without
+touching the core). An error carries what a client needs to act on it: its message, which says what was wrong and
+what is allowed, and for some a fact a protocol may advertise (how long to wait, the row limit).
+"""
 from __future__ import annotations
 
-import orjson
-from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+
+class ServiceError(Exception):
+    """A request the service will not answer as sent; ``message`` says why and what is allowed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers or {}
+class Malformed(ServiceError):
+    """The body cannot be read as what it claims to be: its framing, JSON, a .npy header, a multipart body, an image."""
 
 
-def error_response(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> Response:
-    """``{"detail": ...}``, or the Open Inference Protocol's ``{"error": ...}`` under /v2/."""
-    key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
-    return Response(orjson.dumps({key: detail}), status_code=status, media_type="application/json", headers=headers)
+class Invalid(ServiceError):
+    """The body was read, but is not what the call takes: wrong shape or type, a non-finite number, an option not allowed."""
 
 
-def overloaded(inflight: int, path: str) -> Response:
-    """503 for a request refused before it starts."""
-    return error_response(503, f"overloaded: {inflight} requests are in progress; retry shortly", {"Retry-After": "1"}, path)
+class NotFound(ServiceError):
+    """No model, version, operation or file by that name."""
 
 
-async def api_error_handler(request: Request, exc: ApiError) -> Response:
-    return error_response(exc.status, exc.detail, exc.headers, request.url.path)
+class Unauthenticated(ServiceError):
+    """The API key is missing or wrong."""
 
 
-async def http_error_handler(request: Request, exc: StarletteHTTPException) -> Response:
-    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    if exc.status_code == 404 and detail == "Not Found":
-        detail = f"no route {request.method} {request.url.path}; see /docs for the API"
-    elif exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', '')}"
-    return error_response(exc.status_code, detail, getattr(exc, "headers", None), request.url.path)
+class TooLarge(ServiceError):
+    """The body, or the images in it, over a limit."""
 
 
-async def validation_error_handler(request: Request, exc: RequestValidationError) -> Response:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return error_response(422, problems, path=request.url.path)
+class TooManyRows(TooLarge):
+    """More rows than a request may hold; ``limit`` is that most, ``where`` starts the message (say "input 'input': ")."""
+
+    def __init__(self, rows: int, limit: int, where: str = "") -> None:
+        super().__init__(f"{where}{rows} rows exceed the limit of {limit} rows per request")
+        self.rows, self.limit = rows, limit
+
+
+class UnsupportedMedia(ServiceError):
+    """A body of a media type the call does not take."""
+
+
+class Unavailable(ServiceError):
+    """The request was refused before any work, and may succeed later: send it again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    """Too many requests waiting or in progress."""
+
+
+class NotReady(Unavailable):
+    """Models are still loading."""

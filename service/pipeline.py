@@ -14,7 +14,7 @@ from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.outputs import CODE_FORMS, Call
 from aeserve.models.streams import StreamError, StreamFormat
 from aeserve.service.codec import check_finite_outputs, validate_rows
-from aeserve.service.errors import ApiError
+from aeserve.service.errors import Invalid
 from aeserve.service.runtime.batcher import Batcher
 
 # Input values are taken within a million times the training data's range (codes: within a million), where every
@@ -35,21 +35,21 @@ def value_bound(version: ModelVersion, call: Call) -> float:
 
 
 def code_form(value: object) -> str:
-    """A request's ``codes`` option as sent, checked: one of CODE_FORMS (422 naming them otherwise)."""
+    """A request's ``codes`` option as sent, checked: one of CODE_FORMS (Invalid naming them otherwise)."""
     if value not in CODE_FORMS:
-        raise ApiError(422, f"codes must be one of {', '.join(CODE_FORMS)}; got {value!r}")
+        raise Invalid(f"codes must be one of {', '.join(CODE_FORMS)}; got {value!r}")
     return value
 
 
 def check_codes(version: ModelVersion, call: Call, codes: str) -> None:
-    """422 when the call cannot answer its codes as ``codes``: no code output, or a version without compact codes."""
+    """Invalid when the call cannot answer its codes as ``codes``: no code output, or a version without compact codes."""
     if codes == "float":
         return
     if "code" not in call.outputs:
-        raise ApiError(422, f"codes={codes} applies to the codes that encode answers; this call answers {', '.join(call.outputs)}")
+        raise Invalid(f"codes={codes} applies to the codes that encode answers; this call answers {', '.join(call.outputs)}")
     if version.code_quantization is None:
-        raise ApiError(422, f"version {version.name}:{version.version} has no code quantization (it was published before int8 and "
-                            f"binary codes); retrain it to get {codes} codes, or ask for codes=float")
+        raise Invalid(f"version {version.name}:{version.version} has no code quantization (it was published before int8 and "
+                      f"binary codes); retrain it to get {codes} codes, or ask for codes=float")
 
 
 async def run(batcher: Batcher, version: ModelVersion, call: Call, array: np.ndarray, max_rows: int,
@@ -66,10 +66,10 @@ async def run(batcher: Batcher, version: ModelVersion, call: Call, array: np.nda
 
 
 def streams_of(version: ModelVersion, op: str) -> StreamFormat:
-    """The version's stream format; 422 for a version without an entropy model."""
+    """The version's stream format; Invalid for a version without an entropy model."""
     if version.streams is None:
-        raise ApiError(422, f"version {version.name}:{version.version} (kind {version.manifest.get('kind')}) has no entropy model, so it cannot "
-                            f"{op}; compress and decompress need a version of kind rd (configs/fmnist-rd-1.toml, say)")
+        raise Invalid(f"version {version.name}:{version.version} (kind {version.manifest.get('kind')}) has no entropy model, so it cannot "
+                      f"{op}; compress and decompress need a version of kind rd (configs/fmnist-rd-1.toml, say)")
     return version.streams
 
 
@@ -80,10 +80,10 @@ def pack(version: ModelVersion, codes: np.ndarray) -> list[bytes]:
 
 
 def unpack(version: ModelVersion, streams: list[bytes]) -> np.ndarray:
-    """Streams -> their codes (n, code_dim) float32; 422 naming the row of one this version cannot decode."""
+    """Streams -> their codes (n, code_dim) float32; Invalid naming the row of one this version cannot decode."""
     formats = streams_of(version, "decompress")
     try:
         codes = [formats.unpack(stream, row) for row, stream in enumerate(streams)]
     except StreamError as e:
-        raise ApiError(422, str(e)) from None
+        raise Invalid(str(e)) from None
     return np.stack(codes) if codes else np.zeros((0, version.code_dim), np.float32)

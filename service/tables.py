@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from aeserve.service.errors import ApiError
+from aeserve.service.errors import Invalid, TooManyRows
 
 
 def _finite(value: int | float) -> bool:
@@ -43,9 +43,9 @@ class TableRows:
     def encode(self, rows: Any, max_rows: int) -> tuple[np.ndarray, bool]:
         """JSON rows -> ((n, width) float64 as the model takes them, checked in this precision; whether they were objects)."""
         if not isinstance(rows, list) or not rows:
-            raise ApiError(422, "inputs must be a non-empty list of rows")
+            raise Invalid("inputs must be a non-empty list of rows")
         if len(rows) > max_rows:
-            raise ApiError(413, f"{len(rows)} rows exceed the limit of {max_rows} rows per request")
+            raise TooManyRows(len(rows), max_rows)
         objects = isinstance(rows[0], dict)
         out = np.zeros((len(rows), self.width), np.float64)
         for i, row in enumerate(rows):
@@ -53,10 +53,10 @@ class TableRows:
                 categories = self.categories.get(name)
                 if categories is None:
                     if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
-                        raise ApiError(422, f"row {i}, column {name!r}: expected a finite number, got {reprlib.repr(value)}")
+                        raise Invalid(f"row {i}, column {name!r}: expected a finite number, got {reprlib.repr(value)}")
                     out[i, where.start] = value
                 elif value not in categories:
-                    raise ApiError(422, f"row {i}, column {name!r}: unknown category {value!r}; known: {categories}")
+                    raise Invalid(f"row {i}, column {name!r}: unknown category {value!r}; known: {categories}")
                 else:
                     out[i, where.start + categories.index(value)] = 1.0
         return out, objects
@@ -64,17 +64,17 @@ class TableRows:
     def _values(self, i: int, row: Any, objects: bool) -> list[Any]:
         if objects:
             if not isinstance(row, dict):
-                raise ApiError(422, f"row {i}: expected an object keyed by column name, as row 0 is")
+                raise Invalid(f"row {i}: expected an object keyed by column name, as row 0 is")
             missing = [n for n in self.names if n not in row]
             extra = [k for k in row if k not in self.names]
             if missing or extra:
-                raise ApiError(422, f"row {i}: " + "; ".join(
+                raise Invalid(f"row {i}: " + "; ".join(
                     [*([f"column(s) {missing} missing"] if missing else []), *([f"unknown column(s) {extra}"] if extra else [])])
                     + f"; the columns are {self.names}")
             return [row[n] for n in self.names]
         if not isinstance(row, list) or len(row) != len(self.names):
             got = f"{len(row)} values" if isinstance(row, list) else type(row).__name__
-            raise ApiError(422, f"row {i}: expected {len(self.names)} values in the column order {self.names}, got {got}")
+            raise Invalid(f"row {i}: expected {len(self.names)} values in the column order {self.names}, got {got}")
         return row
 
     def decode(self, x: np.ndarray, objects: bool) -> list:

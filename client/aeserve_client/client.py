@@ -2,13 +2,14 @@
 
 Both retry an answer of 503 or 429 (the server is overloaded) a bounded number of times, waiting what its
 ``Retry-After`` says, and split an array of more rows than the server takes in one request into several requests,
-joining the answers in order.
+joining the answers in order. The server's limit need not be known: a 413 that names it (``X-Max-Rows``) makes the
+client keep it and send the refused rows again in slices of that size.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import httpx
@@ -48,14 +49,34 @@ class _Options:
             seconds = 0.5 * 2 ** attempt
         return min(seconds, self.max_retry_wait)
 
-    def slices(self, rows: T) -> Iterator[tuple[int, T]]:
-        """``rows`` (an array (n, ...), or a list such as compressed streams) in consecutive slices of at most max_rows
-        rows (an array's are views, no copies), each with the index of its first row."""
-        if getattr(rows, "ndim", 1) == 0 or len(rows) <= self.max_rows:
-            yield 0, rows
-            return
-        for start in range(0, len(rows), self.max_rows):
-            yield start, rows[start:start + self.max_rows]
+    def slice(self, rows: T, start: int) -> T:
+        """The slice of ``rows`` (an array (n, ...), or a list such as compressed streams) from row ``start``, of at most
+        max_rows rows (an array's is a view, no copy); an array of no dimensions goes whole."""
+        if getattr(rows, "ndim", 1) == 0 or (start == 0 and len(rows) <= self.max_rows):
+            return rows
+        return rows[start:start + self.max_rows]
+
+    def learns_limit(self, response: httpx.Response, rows: T) -> bool:
+        """Whether the server refused ``rows`` as more than it takes in one request and named its limit (a 413 with
+        ``X-Max-Rows``, fewer than were sent). The limit is then kept, for this call's other slices and later calls,
+        and the rows are to be sent again."""
+        if response.status_code != 413:
+            return False
+        limit = wire.max_rows(response.headers.get("X-Max-Rows"))
+        if limit is None or limit >= _count(rows):
+            return False
+        self.max_rows = limit
+        return True
+
+
+def _count(rows: np.ndarray | Sequence) -> int:
+    """Rows in ``rows``; an array of no dimensions counts as one, sent as it is (the server says what is wrong)."""
+    return 1 if getattr(rows, "ndim", 1) == 0 else len(rows)
+
+
+def _request(op: str, rows: T) -> tuple[wire._NpyBody | bytes, dict[str, str]]:
+    """The body and headers of ``op`` on ``rows``: decompress sends streams in JSON, every other operation .npy."""
+    return wire.streams_request(rows) if op == "decompress" else wire.npy_request(op, rows)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -66,8 +87,9 @@ class Client:
     """Blocking client. Raises an AeserveError subclass for error answers (OverloadedError once retries run out).
 
     max_retries: how often a 503 or 429 answer is retried (0: never); each wait is the server's ``Retry-After``,
-    at most max_retry_wait seconds. max_rows: the most rows sent in one request, at most the server's ``max_rows``;
-    bigger arrays go out as several requests, all to the version that answered the first.
+    at most max_retry_wait seconds. max_rows: the most rows sent in one request; bigger arrays go out as several
+    requests, all to the version that answered the first. A server that takes fewer names its limit in its 413
+    (``X-Max-Rows``), and the client splits by that limit from then on.
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
@@ -86,12 +108,18 @@ class Client:
             _sleep(wait)
             attempt += 1
 
-    def _call(self, op: str, name: str, array: np.ndarray, version: str | int | None) -> Result:
-        parts = []
-        for start, rows in self._options.slices(np.asarray(array)):
-            body, headers = wire.npy_request(op, rows)
-            parts.append(wire.result(self._send("POST", wire.path(name, op, version), content=body, headers=headers), start))
+    def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None) -> Result:
+        array = array if op == "decompress" else np.asarray(array)
+        parts, start = [], 0
+        while not parts or start < _count(array):
+            rows = self._options.slice(array, start)
+            body, headers = _request(op, rows)
+            response = self._send("POST", wire.path(name, op, version), content=body, headers=headers)
+            if self._options.learns_limit(response, rows):
+                continue  # the same rows again, in slices of the server's limit
+            parts.append(wire.result(response, start))
             version = parts[-1].version or version  # the other slices go to the version that answered the first
+            start += _count(rows)
         return wire.join(parts)
 
     def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
@@ -117,11 +145,7 @@ class Client:
     def decompress(self, name: str, streams: list[bytes], version: str | int | None = None) -> Result:
         """Streams -> data (n, *input_shape), float32; by default from the version the first stream names."""
         version = version if version is not None else wire.stream_version(streams[0]) if streams else None
-        parts = []
-        for start, rows in self._options.slices(streams):
-            body, headers = wire.streams_request(rows)
-            parts.append(wire.result(self._send("POST", wire.path(name, "decompress", version), content=body, headers=headers), start))
-        return wire.join(parts)
+        return self._call("decompress", name, streams, version)
 
     def models(self) -> list[dict]:
         response = self._send("GET", "/v1/models")
@@ -168,12 +192,18 @@ class AsyncClient:
             await _async_sleep(wait)
             attempt += 1
 
-    async def _call(self, op: str, name: str, array: np.ndarray, version: str | int | None) -> Result:
-        parts = []
-        for start, rows in self._options.slices(np.asarray(array)):
-            body, headers = wire.npy_request(op, rows)
-            parts.append(wire.result(await self._send("POST", wire.path(name, op, version), body, headers), start))
+    async def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None) -> Result:
+        array = array if op == "decompress" else np.asarray(array)
+        parts, start = [], 0
+        while not parts or start < _count(array):
+            rows = self._options.slice(array, start)
+            body, headers = _request(op, rows)
+            response = await self._send("POST", wire.path(name, op, version), body, headers)
+            if self._options.learns_limit(response, rows):
+                continue  # the same rows again, in slices of the server's limit
+            parts.append(wire.result(response, start))
             version = parts[-1].version or version  # the other slices go to the version that answered the first
+            start += _count(rows)
         return wire.join(parts)
 
     async def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
@@ -193,11 +223,7 @@ class AsyncClient:
 
     async def decompress(self, name: str, streams: list[bytes], version: str | int | None = None) -> Result:
         version = version if version is not None else wire.stream_version(streams[0]) if streams else None
-        parts = []
-        for start, rows in self._options.slices(streams):
-            body, headers = wire.streams_request(rows)
-            parts.append(wire.result(await self._send("POST", wire.path(name, "decompress", version), body, headers), start))
-        return wire.join(parts)
+        return await self._call("decompress", name, streams, version)
 
     async def models(self) -> list[dict]:
         response = await self._send("GET", "/v1/models")

@@ -124,6 +124,14 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+def max_rows(value: str | None) -> int | None:
+    """``X-Max-Rows``, the most rows the server takes in one request, as a whole number >= 1; None when absent or
+    unreadable."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value) or None
+
+
 ROW = re.compile(r"^row (\d+)\b")  # how a refusal that names a row starts
 
 

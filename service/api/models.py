@@ -9,16 +9,13 @@ from starlette.responses import Response
 
 from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.registry import NotFoundError
+from aeserve.service.api.errors import V1, openapi_errors
 from aeserve.service.codec import JSON, json_bytes
-from aeserve.service.errors import ApiError
-from aeserve.service.runtime.store import ModelStore, NotReadyError, valid_name
+from aeserve.service.errors import NotFound, NotReady
+from aeserve.service.runtime.store import ModelStore, valid_name
 
-ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}}
-router = APIRouter(prefix="/v1", tags=["models"], responses={
-    401: {"description": "missing or wrong API key", **ERROR},
-    404: {"description": "unknown model or version", **ERROR},
-    503: {"description": "models still loading", **ERROR},
-})
+router = APIRouter(prefix="/v1", tags=["models"], responses=openapi_errors(V1, (
+    (401, "missing or wrong API key"), (404, "unknown model or version"), (503, "models still loading"))))
 
 
 def lookup(store: ModelStore, name: str, ref: str, context: dict[str, str]) -> ModelVersion:
@@ -26,12 +23,12 @@ def lookup(store: ModelStore, name: str, ref: str, context: dict[str, str]) -> M
     # The name is checked only when the lookup fails (a loaded name is valid), and before anything else is said.
     try:
         version = store.get(name, ref)
-    except (NotFoundError, NotReadyError) as e:
+    except (NotFoundError, NotReady) as e:
         if not valid_name(name):
-            raise ApiError(404, f"unknown model {name!r}: model names are letters, digits, '_', '.', '-'") from None
-        if isinstance(e, NotReadyError):
-            raise ApiError(503, str(e), {"Retry-After": "1"}) from None
-        raise ApiError(404, str(e.args[0])) from None
+            raise NotFound(f"unknown model {name!r}: model names are letters, digits, '_', '.', '-'") from None
+        if isinstance(e, NotReady):
+            raise
+        raise NotFound(str(e.args[0])) from None
     context["model"], context["version"] = name, str(version.version)
     return version
 
@@ -77,8 +74,8 @@ async def version_file(request: Request, name: str, version: str, path: str) -> 
     folder = loaded.folder.resolve() if loaded.folder is not None else None
     target = (folder / path).resolve() if folder is not None and VERSION_FILE.match(path) else None
     if target is None or folder not in target.parents or not target.is_file():
-        raise ApiError(404, f"version {name}:{loaded.version} has no file {path!r}; "
-                            "published files are report/report.md, report/*.png and map/sample.json")
+        raise NotFound(f"version {name}:{loaded.version} has no file {path!r}; "
+                       "published files are report/report.md, report/*.png and map/sample.json")
     return Response(target.read_bytes(), media_type=FILE_TYPES[target.suffix])
 
 

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from aeserve.models.images import IMAGE_MEDIA_TYPES
 from aeserve.models.outputs import CODE_FORMS, OUTPUTS
 from aeserve.service import pipeline
+from aeserve.service.api.errors import V1, MethodNotAllowed, openapi_errors
 from aeserve.service.api.models import lookup
 from aeserve.service.auth import check_api_key
 from aeserve.service.codec import (
@@ -38,7 +39,7 @@ from aeserve.service.codec import (
     read_body,
     wants_npy,
 )
-from aeserve.service.errors import ApiError
+from aeserve.service.errors import Invalid, NotFound, UnsupportedMedia
 from aeserve.service.operations import OPERATIONS
 from aeserve.service.runtime.store import ModelStore
 from aeserve.service.tables import TableRows
@@ -47,7 +48,6 @@ from aeserve.service.tables import TableRows
 STREAMS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "string", "contentEncoding": "base64",
                                                             "pattern": "^[A-Za-z0-9+/]*={0,2}$"},
                   "description": "one compressed stream per row, base64: a 7-byte header (format, model, version), then the coded code"}
-ERROR = {"application/json": {"schema": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}
 STATUSES = ((400, "malformed body"), (401, "missing or wrong API key"), (404, "unknown model, version or operation"),
             (405, "method not allowed"), (413, "body or row count over the limit"), (415, "unsupported Content-Type"),
             (422, "wrong shape, wrong type or a non-finite number"), (503, "overloaded or still loading"))
@@ -64,13 +64,13 @@ def operation_target(path: str) -> tuple[str, str, str] | None:
 
 
 async def serve_operation(state: State, scope: Scope, receive: Receive, send: Send, name: str, ref: str, op: str) -> None:
-    """Answer one operation request, or raise ApiError; ``scope["aeserve"]`` gets model, version and op for metrics and logs."""
+    """Answer one operation request, or raise a ServiceError; ``scope["aeserve"]`` gets model, version and op for metrics and logs."""
     operation = OPERATIONS.get(op)
     if operation is None:
-        raise ApiError(404, f"unknown operation {op!r}; allowed: {', '.join(OPERATIONS)}")
+        raise NotFound(f"unknown operation {op!r}; allowed: {', '.join(OPERATIONS)}")
     context = scope["aeserve"] = {"op": op}
     if scope["method"] != "POST":
-        raise ApiError(405, f"{scope['method']} is not allowed on an operation; use POST", {"Allow": "POST"})
+        raise MethodNotAllowed(f"{scope['method']} is not allowed on an operation; use POST", ("POST",))
     headers = dict(scope["headers"])  # ASGI header names are lower-case bytes
     settings = state.settings
     check_api_key(settings.api_key, _text(headers.get(b"authorization")))
@@ -82,12 +82,12 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     call, keys = operation.for_version(table is not None)
     objects = False
     if operation.streams:
-        pipeline.streams_of(version, op)  # 422 before reading rows, for a version without an entropy model
+        pipeline.streams_of(version, op)  # refused before reading rows, for a version without an entropy model
         if codes != "float":
-            raise ApiError(422, f"codes={codes} applies to encode; {op} answers {'streams' if op == 'compress' else 'inputs'}")
+            raise Invalid(f"codes={codes} applies to encode; {op} answers {'streams' if op == 'compress' else 'inputs'}")
     if operation.streams == "unpack":
         if kind != JSON:
-            raise ApiError(415, f'decompress takes {JSON}: {{"inputs": ["<base64 stream>", ...]}}, as compress answers')
+            raise UnsupportedMedia(f'decompress takes {JSON}: {{"inputs": ["<base64 stream>", ...]}}, as compress answers')
         array = await run_in_threadpool(pipeline.unpack, version, parse_streams(body))
     elif kind not in (JSON, NPY):  # image files (one, or a part each): decoded as the training images were
         array = await run_in_threadpool(image_rows, body, version.manifest, call.takes, _text(headers.get(b"content-type")), settings.max_rows)
@@ -98,7 +98,7 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows, codes=codes)
     if call.takes == "inputs":  # data comes back flat or nested, as it was sent
         outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
-    if operation.streams == "pack":  # coding takes about 50 us a row: off the event loop
+    if operation.streams == "pack":  # entropy coding takes time per row: off the event loop (docs/serving.md)
         outputs = ([base64.b64encode(stream).decode() for stream in await run_in_threadpool(pipeline.pack, version, outputs[0])],)
     if wants_npy(_text(headers.get(b"accept"))) and operation.streams != "pack":  # streams have no .npy form: JSON
         content, media = npy_bytes(outputs[0]), NPY
@@ -125,7 +125,7 @@ def code_option(query: bytes) -> str:
     if values is None:
         return "float"
     if len(values) > 1:
-        raise ApiError(422, f"give codes once, one of {', '.join(CODE_FORMS)}; got {values}")
+        raise Invalid(f"give codes once, one of {', '.join(CODE_FORMS)}; got {values}")
     return pipeline.code_form(values[0])
 
 
@@ -221,7 +221,7 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
             answers[NPY] = {}
         responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
                              "content": answers}}
-        responses.update({str(status): {"description": text, "content": ERROR} for status, text in STATUSES})
+        responses.update({str(status): response for status, response in openapi_errors(V1, STATUSES).items()})
         named = {**name, "schema": {"type": "string", "enum": coded}} if operation.streams else name
         for path, parameters, suffix in ((f"/v1/models/{{name}}/{op}", [named], "latest"),
                                          (f"/v1/models/{{name}}/versions/{{version}}/{op}", [named, version], "versioned")):

@@ -5,7 +5,7 @@ What Triton, KServe and MLServer clients speak. The input tensor is ``input``
 code_dim], to decode); the requested outputs (``models/outputs.py``: ``code``,
 ``reconstruction``, ``error``, ``percentile``, ``coordinates``) are one call
 of the pipeline, so the encoder runs once however many are asked for. Errors
-answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422. The request parameter ``codes`` (``int8`` or
+answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422 (``service/api/errors.py``). The request parameter ``codes`` (``int8`` or
 ``binary``) answers the ``code`` output as INT8, or as UINT8 packed bits, followed by one more output tensor that reads
 it: ``code_scale`` or ``code_threshold`` (FP32, [code_dim]); the protocol's parameters hold only single values.
 An image version also takes the input ``input`` as BYTES ``[n]``: image files, decoded as its training images were.
@@ -31,16 +31,15 @@ from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.outputs import CODE_FORMS, FROM_CODES, OUTPUTS, Call
 from aeserve.models.registry import is_number
 from aeserve.service import pipeline
+from aeserve.service.api.errors import V2, openapi_errors
 from aeserve.service.api.health import readiness
 from aeserve.service.api.models import request_lookup
 from aeserve.service.codec import decode_images, is_image_version, read_body
-from aeserve.service.errors import ApiError
+from aeserve.service.errors import Invalid, Malformed
 
-ERROR = {"content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
-router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], responses={
-    status: {"description": text, **ERROR} for status, text in (
-        (400, "bad request"), (401, "missing or wrong API key"), (404, "unknown model or version"),
-        (413, "body or row count over the limit"), (503, "overloaded or still loading"))})
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], responses=openapi_errors(V2, (
+    (400, "bad request"), (401, "missing or wrong API key"), (404, "unknown model or version"),
+    (413, "body or row count over the limit"), (503, "overloaded or still loading"))))
 health_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])  # no API key, like /health/*
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -165,12 +164,12 @@ def _input_tensor(spec: Any, binary: memoryview, offset: int, may_hold_booleans:
     """(name, array — or byte strings for BYTES —, new offset into the binary part) for one request input.
     ``may_hold_booleans`` is False when the JSON header holds no ``true`` or ``false``: no need to look for booleans."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise ApiError(400, "each input must be an object with a name, shape, datatype and data")
+        raise Invalid("each input must be an object with a name, shape, datatype and data")
     name, shape, datatype = spec["name"], spec.get("shape"), spec.get("datatype")
     if datatype not in DATATYPES and datatype != "BYTES":
-        raise ApiError(400, f"input {name!r}: datatype {datatype!r} is not one of {sorted([*DATATYPES, 'BYTES'])}")
+        raise Invalid(f"input {name!r}: datatype {datatype!r} is not one of {sorted([*DATATYPES, 'BYTES'])}")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise ApiError(400, f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        raise Invalid(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
     if datatype == "BYTES":
         return _bytes_tensor(spec, name, shape, binary, offset)
     dtype = np.dtype(DATATYPES[datatype])
@@ -178,14 +177,14 @@ def _input_tensor(spec: Any, binary: memoryview, offset: int, may_hold_booleans:
     size = _binary_data_size(spec, name)
     if size is not None:
         if size != count * dtype.itemsize or offset + size > len(binary):
-            raise ApiError(400, f"input {name!r}: binary_data_size {size!r} does not match shape {shape} of {datatype} "
-                                f"({count * dtype.itemsize} bytes) or the bytes sent")
+            raise Malformed(f"input {name!r}: binary_data_size {size!r} does not match shape {shape} of {datatype} "
+                            f"({count * dtype.itemsize} bytes) or the bytes sent")
         array = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<"))
         offset += size
     else:
         array = _numbers(spec.get("data"), name, datatype, may_hold_booleans)
         if array.size != count:
-            raise ApiError(400, f"input {name!r}: shape {shape} needs {count} values, data has {array.size}")
+            raise Invalid(f"input {name!r}: shape {shape} needs {count} values, data has {array.size}")
     return name, array.reshape(shape), offset
 
 
@@ -193,7 +192,7 @@ def _binary_data_size(spec: dict[str, Any], name: str) -> int | None:
     """An input's ``binary_data_size`` parameter: None when absent, else a byte count (a non-negative integer)."""
     size = _parameters(spec).get("binary_data_size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise ApiError(400, f"input {name!r}: binary_data_size must be a non-negative integer (a byte count), got {size!r}")
+        raise Invalid(f"input {name!r}: binary_data_size must be a non-negative integer (a byte count), got {size!r}")
     return size
 
 
@@ -217,17 +216,17 @@ def _numbers(data: Any, name: str, datatype: str, may_hold_booleans: bool) -> np
     them; only an error's message looks at them one by one.
     """
     if not isinstance(data, list):
-        raise ApiError(400, f"input {name!r}: data must be a list of numbers of datatype {datatype}, got {_json_kind(data)}")
+        raise Invalid(f"input {name!r}: data must be a list of numbers of datatype {datatype}, got {_json_kind(data)}")
     try:
         values = np.asarray(data)
     except ValueError:
-        raise ApiError(400, f"input {name!r}: data is ragged or nested too deep: send one flat list, or lists of equal lengths "
-                            "nested as the shape") from None
+        raise Invalid(f"input {name!r}: data is ragged or nested too deep: send one flat list, or lists of equal lengths "
+                      "nested as the shape") from None
     # numpy reads [true, 2] as the integers [1, 2]; look for booleans only when the header can hold one.
     if values.dtype.kind not in "iuf" or (may_hold_booleans and bool in set(map(type, np.asarray(data, dtype=object).flat))):
         for index, value in enumerate(np.asarray(data, dtype=object).flat):
             if type(value) not in (int, float):
-                raise ApiError(400, f"input {name!r}: data must be numbers of datatype {datatype}; element {index} is {_json_kind(value)}")
+                raise Invalid(f"input {name!r}: data must be numbers of datatype {datatype}; element {index} is {_json_kind(value)}")
         values = np.asarray(data, dtype=np.float64)  # numbers only, which numpy could not hold as one kind
     dtype = np.dtype(DATATYPES[datatype])
     with np.errstate(invalid="ignore", over="ignore"):  # a float outside an integer type's range casts to garbage, refused below
@@ -238,9 +237,9 @@ def _numbers(data: Any, name: str, datatype: str, may_hold_booleans: bool) -> np
             index = int(changed[0])
             value = values.flat[index].item()
             if value != math.trunc(value):
-                raise ApiError(400, f"input {name!r}: data element {index}, {value!r}, is not an integer, as {datatype} needs")
+                raise Invalid(f"input {name!r}: data element {index}, {value!r}, is not an integer, as {datatype} needs")
             info = np.iinfo(dtype)
-            raise ApiError(400, f"input {name!r}: data element {index}, {value!r}, is outside {datatype}'s range [{info.min}, {info.max}]")
+            raise Invalid(f"input {name!r}: data element {index}, {value!r}, is outside {datatype}'s range [{info.min}, {info.max}]")
     return array
 
 
@@ -248,56 +247,56 @@ def _bytes_tensor(spec: dict[str, Any], name: str, shape: list[int], binary: mem
     """A BYTES tensor of shape [n]: with the binary extension, each element a 4-byte little-endian length and its bytes;
     in JSON, each element a base64 string (compressed streams are not text)."""
     if len(shape) != 1:
-        raise ApiError(400, f"input {name!r}: a BYTES tensor has shape [n], one byte string per row; got {shape}")
+        raise Invalid(f"input {name!r}: a BYTES tensor has shape [n], one byte string per row; got {shape}")
     size = _binary_data_size(spec, name)
     if size is None:
         data = spec.get("data")
         if not isinstance(data, list) or len(data) != shape[0] or not all(isinstance(v, str) for v in data):
-            raise ApiError(400, f"input {name!r}: data must be {shape[0]} base64 strings")
+            raise Invalid(f"input {name!r}: data must be {shape[0]} base64 strings")
         try:
             return name, [base64.b64decode(v, validate=True) for v in data], offset
         except (binascii.Error, ValueError):
-            raise ApiError(400, f"input {name!r}: data must be base64 strings (standard alphabet, padded)") from None
+            raise Invalid(f"input {name!r}: data must be base64 strings (standard alphabet, padded)") from None
     if offset + size > len(binary):
-        raise ApiError(400, f"input {name!r}: binary_data_size {size} is more than the {len(binary) - offset} bytes sent")
+        raise Malformed(f"input {name!r}: binary_data_size {size} is more than the {len(binary) - offset} bytes sent")
     chunk, items, at = bytes(binary[offset:offset + size]), [], 0
     while at < len(chunk):
         length = int.from_bytes(chunk[at:at + 4], "little")
         if at + 4 > len(chunk) or at + 4 + length > len(chunk):
-            raise ApiError(400, f"input {name!r}: element {len(items)}'s length runs past binary_data_size")
+            raise Malformed(f"input {name!r}: element {len(items)}'s length runs past binary_data_size")
         items.append(chunk[at + 4:at + 4 + length])
         at += 4 + length
     if len(items) != shape[0]:
-        raise ApiError(400, f"input {name!r}: shape {shape} needs {shape[0]} byte strings, the bytes hold {len(items)}")
+        raise Malformed(f"input {name!r}: shape {shape} needs {shape[0]} byte strings, the bytes hold {len(items)}")
     return name, items, offset + size
 
 
 def _call(input_name: str, document: dict[str, Any]) -> tuple[Call, list[dict[str, Any]]]:
     """The call a request asks for, and its requested outputs (all that its input can answer when it names none)."""
     if input_name not in TAKES:
-        raise ApiError(400, f"unknown input {input_name!r}; use 'input' (data), 'code' (to decode) or 'stream' (to decompress)")
+        raise Invalid(f"unknown input {input_name!r}; use 'input' (data), 'code' (to decode) or 'stream' (to decompress)")
     takes = TAKES[input_name]
     defaults = FROM_CODES if takes in ("codes", "streams") else [name for name, output in OUTPUTS.items() if output.by_default]
     requested = document.get("outputs") or [{"name": n} for n in defaults]
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
-        raise ApiError(400, "outputs must be a list of objects with a name")
+        raise Invalid("outputs must be a list of objects with a name")
     unknown = [o["name"] for o in requested if o["name"] not in OUTPUTS and o["name"] != STREAM]
     if unknown:
-        raise ApiError(400, f"unknown output(s) {unknown}; allowed: {[*OUTPUTS, STREAM]}")
+        raise Invalid(f"unknown output(s) {unknown}; allowed: {[*OUTPUTS, STREAM]}")
     if not isinstance(_parameters(document).get("binary_data_output", False), bool):
-        raise ApiError(400, f"the request parameter binary_data_output must be true or false, got {_parameters(document)['binary_data_output']!r}")
+        raise Invalid(f"the request parameter binary_data_output must be true or false, got {_parameters(document)['binary_data_output']!r}")
     for output in requested:
         if not isinstance(_parameters(output).get("binary_data", False), bool):
-            raise ApiError(400, f"output {output['name']!r}: binary_data must be true or false, got {_parameters(output)['binary_data']!r}")
+            raise Invalid(f"output {output['name']!r}: binary_data must be true or false, got {_parameters(output)['binary_data']!r}")
     if any(o["name"] == STREAM for o in requested):  # compress: the codes, coded
         if takes != "inputs" or len(requested) != 1:
-            raise ApiError(400, f"output {STREAM!r} (compress) comes alone, from the input tensor 'input'")
+            raise Invalid(f"output {STREAM!r} (compress) comes alone, from the input tensor 'input'")
         return Call("inputs", ("code",)), requested
     takes = "codes" if takes == "streams" else takes  # decompress: streams are decoded into codes first
     try:
         call = Call(takes, tuple(dict.fromkeys(o["name"] for o in requested))).check()
     except ValueError as e:
-        raise ApiError(400, f"input {input_name!r}: {e}") from None
+        raise Invalid(f"input {input_name!r}: {e}") from None
     return call, requested
 
 
@@ -307,40 +306,37 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
     body = await read_body(request.receive, request.headers.get("content-length"), settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
     if header_length is not None and (not is_number(header_length) or int(header_length) > len(body)):
-        raise ApiError(400, f"{HEADER_LENGTH} must be a byte count within the body, got {header_length!r}")
+        raise Malformed(f"{HEADER_LENGTH} must be a byte count within the body, got {header_length!r}")
     split = int(header_length) if header_length is not None else len(body)
     try:
         document = orjson.loads(body[:split])
     except orjson.JSONDecodeError as e:
-        raise ApiError(400, f"malformed JSON inference header: {e}") from None
+        raise Malformed(f"malformed JSON inference header: {e}") from None
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list) or len(document["inputs"]) != 1:
-        raise ApiError(400, "the request must hold exactly one input tensor, named 'input' (data) or 'code' (to decode)")
+        raise Invalid("the request must hold exactly one input tensor, named 'input' (data) or 'code' (to decode)")
     may_hold_booleans = body.find(b"true", 0, split) >= 0 or body.find(b"false", 0, split) >= 0
     input_name, array, end = _input_tensor(document["inputs"][0], memoryview(body)[split:], 0, may_hold_booleans)
     if split + end != len(body):
-        raise ApiError(400, f"input {input_name!r}: {len(body) - split - end} bytes follow the tensor's data; binary_data_size must "
-                            f"count every byte after the JSON header ({HEADER_LENGTH} {split})")
+        raise Malformed(f"input {input_name!r}: {len(body) - split - end} bytes follow the tensor's data; binary_data_size must "
+                        f"count every byte after the JSON header ({HEADER_LENGTH} {split})")
     call, requested = _call(input_name, document)
     compress = requested[0]["name"] == STREAM
-    try:
-        codes = pipeline.code_form(_parameters(document).get("codes", "float"))
-        if (compress or input_name == STREAM) and codes != "float":
-            raise ApiError(422, f"the codes parameter applies to the 'code' output; got codes={codes} with compressed streams")
-        if input_name == STREAM:
-            if not isinstance(array, list):
-                raise ApiError(422, f"input {STREAM!r} must be a BYTES tensor: the streams compress made")
-            array = await run_in_threadpool(pipeline.unpack, version, array)
-        elif isinstance(array, list):  # BYTES as 'input': image files, for a version trained on images
-            if input_name != "input" or not is_image_version(version.manifest):
-                raise ApiError(422, f"input {input_name!r} takes numbers; BYTES are image files (input 'input' of a version trained on "
-                                    "images) or compressed streams (input 'stream')")
-            array = await run_in_threadpool(decode_images, array, version.manifest, [f"element {i} of input 'input'" for i in range(len(array))],
-                                            settings.max_rows, "input 'input': ")
-        if compress:
-            pipeline.streams_of(version, "compress")
-        outputs, _ = await pipeline.run(request.app.state.batcher, version, call, array, settings.max_rows, f"input {input_name!r}: ", codes)
-    except ApiError as e:
-        raise ApiError(400 if e.status == 422 else e.status, e.detail, e.headers) from None
+    codes = pipeline.code_form(_parameters(document).get("codes", "float"))
+    if (compress or input_name == STREAM) and codes != "float":
+        raise Invalid(f"the codes parameter applies to the 'code' output; got codes={codes} with compressed streams")
+    if input_name == STREAM:
+        if not isinstance(array, list):
+            raise Invalid(f"input {STREAM!r} must be a BYTES tensor: the streams compress made")
+        array = await run_in_threadpool(pipeline.unpack, version, array)
+    elif isinstance(array, list):  # BYTES as 'input': image files, for a version trained on images
+        if input_name != "input" or not is_image_version(version.manifest):
+            raise Invalid(f"input {input_name!r} takes numbers; BYTES are image files (input 'input' of a version trained on "
+                          "images) or compressed streams (input 'stream')")
+        array = await run_in_threadpool(decode_images, array, version.manifest, [f"element {i} of input 'input'" for i in range(len(array))],
+                                        settings.max_rows, "input 'input': ")
+    if compress:
+        pipeline.streams_of(version, "compress")
+    outputs, _ = await pipeline.run(request.app.state.batcher, version, call, array, settings.max_rows, f"input {input_name!r}: ", codes)
     if compress:
         return _answer(document, name, version, requested, {STREAM: await run_in_threadpool(pipeline.pack, version, outputs[0])})
     results = dict(zip(call.outputs, outputs, strict=True))

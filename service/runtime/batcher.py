@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from aeserve.service.errors import ApiError
+from aeserve.service.errors import Overloaded
 
 Outputs = tuple[np.ndarray, ...]
 
@@ -42,9 +42,10 @@ class Batcher:
         self.pending = 0  # requests queued or running, over all workers
 
     async def submit(self, version: Any, call: Any, rows: np.ndarray) -> Outputs:
-        """``call`` (hashable) of ``version`` on ``rows`` (n, ...) float32, batched with other requests for the same."""
+        """``call`` (hashable) of ``version`` on ``rows`` (n, ...) float32, batched with other requests for the same;
+        Overloaded when ``max_queue`` requests are already waiting."""
         if self.pending >= self.max_queue:
-            raise ApiError(503, f"overloaded: {self.pending} requests are waiting; retry shortly", {"Retry-After": "1"})
+            raise Overloaded(f"overloaded: {self.pending} requests are waiting; retry shortly", retry_after=1)
         if len(rows) >= self.max_batch_rows:
             # Already a full batch: no reason to queue it behind others' rows.
             self.pending += 1

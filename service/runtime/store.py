@@ -18,6 +18,7 @@ import numpy as np
 from aeserve.models.checkpoint import CheckpointError, ModelVersion
 from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name, is_number
+from aeserve.service.errors import NotReady
 from aeserve.service.runtime.engines import one_torch_thread
 
 if TYPE_CHECKING:
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
     from aeserve.service.runtime.engines import Engines
 
 log = logging.getLogger("aeserve.store")
-
-
-class NotReadyError(RuntimeError):
-    """Models are still loading."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ class ModelStore:
     def entry(self, name: str) -> ModelEntry:
         index = self._index
         if not self.loaded_once:
-            raise NotReadyError("models are still loading; retry shortly")
+            raise NotReady("models are still loading; retry shortly", retry_after=1)
         if name not in index:
             raise NotFoundError(f"unknown model {name!r}; available: {sorted(index)}")
         return index[name]

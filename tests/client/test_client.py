@@ -230,6 +230,63 @@ def test_rows_at_or_under_max_rows_and_empty_arrays_go_in_one_request():
     assert [len(rows) for _, rows in server.requests] == [10, 0]
 
 
+class Limited(StandIn):
+    """A stand-in server that takes at most ``limit`` rows a request and names its limit in the 413 (``X-Max-Rows``),
+    or does not when ``advertise`` is False."""
+
+    def __init__(self, limit: int, advertise: bool = True) -> None:
+        super().__init__()
+        self.limit, self.advertise = limit, advertise
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        rows = rows_sent(request)
+        if len(rows) > self.limit:
+            self.requests.append((request.url.path, rows))
+            headers = {"X-Max-Rows": str(self.limit)} if self.advertise else {}
+            return httpx.Response(413, json={"detail": f"{len(rows)} rows exceed the limit of {self.limit} rows per request"},
+                                  headers=headers)
+        return super().__call__(request)
+
+
+def test_a_413_naming_the_limit_makes_the_client_split_by_it_and_keep_it(waits):
+    server = Limited(4)
+    with Client("http://test", transport=httpx.MockTransport(server)) as client:  # no max_rows: the server's default
+        codes = client.encode("m", ROWS)
+        assert client._options.max_rows == 4
+        again = client.encode("m", ROWS)
+    assert [len(rows) for _, rows in server.requests] == [10, 4, 4, 2, 4, 4, 2]  # the limit is learned once
+    np.testing.assert_array_equal(codes.outputs, ROWS.sum(axis=1, keepdims=True))
+    np.testing.assert_array_equal(again.outputs, codes.outputs)
+    assert waits == []  # nothing to wait for: the rows go again at once
+
+
+async def test_async_learns_the_limit_too():
+    server = Limited(3)
+    async with AsyncClient("http://test", transport=httpx.MockTransport(server)) as client:
+        recon = await client.reconstruct("m", ROWS)
+    assert [len(rows) for _, rows in server.requests] == [10, 3, 3, 3, 1]
+    np.testing.assert_array_equal(recon.outputs, 2 * ROWS)
+    np.testing.assert_array_equal(recon.errors, ROWS.sum(axis=1))
+
+
+@pytest.mark.parametrize("limit", ["", "0", "-3", "many", "10"])
+def test_a_413_without_a_usable_smaller_limit_raises(limit):
+    """No header, one that is not a whole number >= 1, or one no smaller than the rows sent: the 413 is the answer."""
+    server = Limited(4, advertise=False)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        response = server(request)
+        if limit and response.status_code == 413:
+            response.headers["X-Max-Rows"] = limit
+        return response
+
+    with Client("http://test", transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(InvalidInputError) as error:
+            client.encode("m", ROWS)
+    assert (error.value.status, error.value.detail) == (413, "10 rows exceed the limit of 4 rows per request")
+    assert len(server.requests) == 1
+
+
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("max_rows", 0, "max_rows=0: must be a whole number >= 1"),
     ("max_rows", 2.5, "max_rows=2.5: must be a whole number >= 1"),

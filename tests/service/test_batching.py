@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from aeserve.service.errors import ApiError
+from aeserve.service.api.errors import V1, headers_of, status_of
+from aeserve.service.errors import Overloaded
 from aeserve.service.runtime.batcher import Batcher
 from aeserve.service.runtime.engines import ModelThreads
 
@@ -82,9 +83,9 @@ async def test_full_queue_answers_503_with_retry_after():
     model.gate.clear()
     held = [asyncio.create_task(submit(batcher, np.zeros((1, 2), np.float32))) for _ in range(2)]
     await asyncio.sleep(0.05)
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(Overloaded) as refused:
         await submit(batcher, np.zeros((1, 2), np.float32))
-    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert status_of(refused.value, V1) == 503 and headers_of(refused.value) == {"Retry-After": "1"}
     model.gate.set()
     await asyncio.gather(*held)
     assert (await submit(batcher, np.ones((1, 2), np.float32)))[0].tolist() == [[2.0, 2.0]]

@@ -8,8 +8,9 @@ import numpy as np
 import orjson
 import pytest
 
+from aeserve.service.api.errors import V1, status_of
 from aeserve.service.codec import JSON, NPY, _plain_rows, parse_rows, read_body, validate_rows
-from aeserve.service.errors import ApiError
+from aeserve.service.errors import ServiceError
 
 
 def decode_rows(kind, body, row_shape, max_rows):
@@ -69,9 +70,9 @@ def test_anything_but_plain_rows_takes_the_general_path(body):
     (b'{"inputs": [[1, 2, 3]]}', 422, "each row must be 2 numbers"),
 ])
 def test_refusals_are_the_same_either_way(body, status, words):
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(ServiceError) as refused:
         decode_rows(JSON, body, (2,), max_rows=10)
-    assert refused.value.status == status and words in refused.value.detail
+    assert status_of(refused.value, V1) == status and words in refused.value.message
 
 
 def test_a_repeated_key_keeps_the_last_value_as_orjson_does():
@@ -85,8 +86,8 @@ def test_a_body_in_a_buffer_decodes_as_the_same_bytes_do(body):
     def outcome(b):
         try:
             return decode_rows(JSON, b, (2,), max_rows=10)[0].tolist()
-        except ApiError as e:
-            return e.status, e.detail
+        except ServiceError as e:
+            return status_of(e, V1), e.message
     assert outcome(bytearray(body)) == outcome(body)
 
 
@@ -114,14 +115,14 @@ def test_a_body_is_read_whole_however_it_is_split(chunks, content_length):
     ([b"x" * 600, b"x" * 600], None, 413, "exceeds the limit of 1000"),
 ])
 def test_a_body_that_breaks_its_framing_or_the_limit_is_refused(chunks, content_length, status, words):
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(ServiceError) as refused:
         read(chunks, content_length)
-    assert refused.value.status == status and words in refused.value.detail
+    assert status_of(refused.value, V1) == status and words in refused.value.message
 
 
 @pytest.mark.parametrize("content_length", [None, "11"])
 def test_a_client_that_leaves_mid_body_is_refused(content_length):
-    with pytest.raises(ApiError, match="closed the connection"):
+    with pytest.raises(ServiceError, match="closed the connection"):
         read([b"hel", b"lo"], content_length, disconnect=True)
 
 
@@ -145,9 +146,9 @@ def test_an_npy_body_read_in_pieces_decodes_to_its_rows():
 def test_a_body_of_any_float_width_refuses_what_is_not_finite_by_its_row(dtype, bad):
     rows = np.zeros((3, 6), dtype)
     rows[2, 4] = bad
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(ServiceError) as refused:
         decode_rows(NPY, npy(rows), (6,), max_rows=3)
-    assert refused.value.status == 422 and str(refused.value.detail).startswith("row 2 holds a NaN, an infinity")
+    assert status_of(refused.value, V1) == 422 and str(refused.value.message).startswith("row 2 holds a NaN, an infinity")
 
 
 def test_the_bound_holds_for_small_integer_and_half_precision_bodies():
@@ -155,9 +156,9 @@ def test_the_bound_holds_for_small_integer_and_half_precision_bodies():
         rows = np.zeros((2, 6), dtype)
         rows[1, 0] = 20000
         np.testing.assert_array_equal(validate_rows(rows, (6,), 2, bound=30000.0)[0], rows.astype(np.float32))
-        with pytest.raises(ApiError) as refused:
+        with pytest.raises(ServiceError) as refused:
             validate_rows(rows, (6,), 2, bound=1000.0)
-        assert refused.value.status == 422 and str(refused.value.detail).startswith("row 1 holds a value beyond ±1000")
+        assert status_of(refused.value, V1) == 422 and str(refused.value.message).startswith("row 1 holds a value beyond ±1000")
 
 
 @pytest.mark.parametrize("shape", ["(-1, -64)", "(-8, -8)", "(True, 64)", "(1, False, 64)"])
@@ -167,12 +168,12 @@ def test_an_npy_header_with_a_shape_that_is_not_sizes_is_refused(shape):
     start, end = header.index("'shape': ") + len("'shape': "), header.index("), ") + 1
     forged = header[:start] + shape + header[end:]
     forged = forged[:-1].ljust(127) + "\n"  # the header keeps its length, so only the shape is wrong
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(ServiceError) as refused:
         decode_rows(NPY, forged.encode("latin1") + body[128:], (64,), max_rows=8)
-    assert refused.value.status == 400 and "shape must be non-negative integers" in str(refused.value.detail)
+    assert status_of(refused.value, V1) == 400 and "shape must be non-negative integers" in str(refused.value.message)
 
 
 def test_a_null_in_json_rows_is_refused_by_its_row():
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(ServiceError) as refused:
         decode_rows(JSON, b'{"inputs": [[1, 2, 3], [4, null, 6]]}', (3,), max_rows=2)
-    assert refused.value.status == 422 and refused.value.detail == "row 1 holds null; inputs must be numbers"
+    assert status_of(refused.value, V1) == 422 and refused.value.message == "row 1 holds null; inputs must be numbers"

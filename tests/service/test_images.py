@@ -173,17 +173,18 @@ def test_the_images_of_one_request_share_a_pixel_budget(client, image_registry, 
 
 
 def test_more_images_than_the_row_limit_are_refused_before_any_is_read(image_registry):
+    from aeserve.service.api.errors import V1, status_of
     from aeserve.service.codec import decode_images, image_rows
-    from aeserve.service.errors import ApiError
+    from aeserve.service.errors import TooManyRows
 
     manifest = image_registry.load("photos").manifest
     part = b'--xx\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\nnot an image\r\n'
-    with pytest.raises(ApiError) as refused:  # three unreadable parts, and no closing delimiter the parser would refuse
+    with pytest.raises(TooManyRows) as refused:  # three unreadable parts, and no closing delimiter the parser would refuse
         image_rows(part * 3, manifest, "inputs", "multipart/form-data; boundary=xx", max_rows=2)
-    assert (refused.value.status, refused.value.detail) == (413, "3 rows exceed the limit of 2 rows per request")
-    with pytest.raises(ApiError) as refused:
+    assert (status_of(refused.value, V1), refused.value.message) == (413, "3 rows exceed the limit of 2 rows per request")
+    with pytest.raises(TooManyRows) as refused:
         decode_images([b"not an image"] * 3, manifest, ["element 0", "element 1", "element 2"], max_rows=2, where="input 'input': ")
-    assert (refused.value.status, refused.value.detail) == (413, "input 'input': 3 rows exceed the limit of 2 rows per request")
+    assert (status_of(refused.value, V1), refused.value.message) == (413, "input 'input': 3 rows exceed the limit of 2 rows per request")
     within = image_rows(part.replace(b"not an image", image_bytes(np.zeros((8, 8), np.uint8), "PNG")) * 2 + b"--xx--\r\n", manifest,
                         "inputs", "multipart/form-data; boundary=xx", max_rows=2)
     assert within.shape == (2, 3, 8, 8) and within.dtype == np.uint8

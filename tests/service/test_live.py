@@ -104,6 +104,26 @@ async def test_the_client_sends_what_np_save_writes_with_its_length(shape):
     assert (len(expected.getvalue()) > 4 * PIECE_BYTES) == (shape[0] == 5000)  # the first shape spans many pieces
 
 
+async def test_the_client_learns_the_servers_row_limit(service_registry, monkeypatch):
+    """Behind AESERVE_MAX_ROWS=100, a client built with no options encodes 250 rows: the server's 413 names its limit
+    (X-Max-Rows), and the client sends the rows again in slices of 100, sync and async."""
+    monkeypatch.setenv("AESERVE_MAX_ROWS", "100")
+    version = service_registry.load("digits-mlp")
+    rows = (np.random.default_rng(5).random((250, 64)) * 16).astype(np.float32)
+    one_by_one = np.concatenate([version.encode(row[None]) for row in rows])
+    with LiveServer(service_registry, poll_seconds=0, models="digits-mlp") as server:
+        refused = httpx.post(f"{server.url}/v1/models/digits-mlp/encode", json={"inputs": rows.tolist()})
+        assert (refused.status_code, refused.headers["X-Max-Rows"]) == (413, "100")
+        assert refused.json() == {"detail": "250 rows exceed the limit of 100 rows per request"}
+        with Client(server.url) as client:
+            codes = client.encode("digits-mlp", rows)
+        async with AsyncClient(server.url) as client:
+            async_codes = await client.encode("digits-mlp", rows)
+    for result in (codes, async_codes):
+        assert (result.model, result.version) == ("digits-mlp", "1")
+        np.testing.assert_allclose(result.outputs, one_by_one, rtol=1e-5, atol=1e-5)
+
+
 async def test_async_client(live, service_registry):
     expected = service_registry.load("digits-pca").project(IMAGES)
     async with AsyncClient(live.url) as client:
