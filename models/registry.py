@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, ModelVersion, load_version, sha256_bytes
+from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_version, sha256_bytes
+from aeserve.models.version import ModelVersion
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from aeserve.models.checkpoint import ModelVersion
+from aeserve.models.version import ModelVersion
 
 REPORT_DIR = "report"
 MAP_POINTS = 5000

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aeserve.models.checkpoint import ModelVersion, weights_bytes
+from aeserve.models.checkpoint import weights_bytes
 from aeserve.models.kinds import build_model
 from aeserve.models.outputs import INT8_SCALE_QUANTILE, CodeQuantization
 from aeserve.models.projector import build_projector, projector_manifest
 from aeserve.models.registry import Registry
+from aeserve.models.version import ModelVersion
 from aeserve.training.config import RunConfig
 from aeserve.training.data import DataError, Dataset, ModelRows, load_dataset
 from aeserve.training.distributed import current_world, loss_step
