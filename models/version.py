@@ -93,8 +93,10 @@ class ModelVersion:
     def __post_init__(self) -> None:
         self._graphs = TorchGraphs(self)
         tables = self.model.coding_tables()
-        # Compressed streams, for a version with an entropy model (kind rd); None for the others.
-        self.streams = None if tables is None else StreamFormat(self.name, self.version, RangeCoder(*tables))
+        # Compressed streams, for a version with an entropy model (kind rd); None for the others, and for one not yet
+        # published (the trainer's, making its report), whose streams would have no version number to carry.
+        published = "version" in self.manifest
+        self.streams = None if tables is None or not published else StreamFormat(self.name, self.version, RangeCoder(*tables))
 
     @property
     def name(self) -> str:

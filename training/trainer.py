@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -24,6 +25,8 @@ from aeserve.training.distributed import current_world, loss_step
 from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metrics, reconstruction_errors
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from aeserve.training.state import LATEST, TrainingState, run_fingerprint, run_state_folder
+
+log = logging.getLogger("aeserve.training")
 
 # Held-out rows the map's neighbour metrics are scored on; 2,000 for a training set beyond evaluate.WHOLE_ELEMENTS,
 # since trustworthiness holds n x n distances and their ranks (10,000 rows: about 2.5 GB).
@@ -262,19 +265,19 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
         "metrics": metrics,
     }
     manifest["map_sample"] = MAP_SAMPLE
+    # The version's other files are made before publishing, which only writes them: concurrent publishers never wait on
+    # plotting, and a report that fails costs the report alone.
+    version = ModelVersion({"name": config.name, **manifest}, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]),
+                           torch.device("cpu"), code_quantization=code_quantization)
+    files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
     if config.train.report:
-        manifest["report"] = f"{REPORT_DIR}/report.md"
-
-    def version_files(final_manifest: dict[str, Any]) -> dict[str, bytes]:
-        """The held-out map sample for the map explorer, and the report when asked for."""
-        version = ModelVersion(final_manifest, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]), torch.device("cpu"),
-                               code_quantization=code_quantization)
-        files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
-        if config.train.report:
+        try:
             files.update(render_report(version, dataset.test_x, dataset.test_y))
-        return files
-
-    version = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization), extra_files=version_files)
+            manifest["report"] = f"{REPORT_DIR}/report.md"
+        except Exception as e:  # matplotlib's many error types among them
+            manifest["report_error"] = f"{type(e).__name__}: {e}"
+            log.warning("%s: the report failed, so the version is published without it: %s", config.name, manifest["report_error"])
+    number = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization), extra_files=files)
     if state is not None:
         state.remove()
-    return version
+    return number

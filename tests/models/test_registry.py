@@ -97,27 +97,45 @@ def test_default_root(monkeypatch):
     assert str(Registry.default_root("/x")) == "/x"
 
 
-def test_publishing_leaves_no_lock_even_when_it_fails(registry):
-    def broken(manifest):
-        raise RuntimeError("report failed")
+def test_publishing_leaves_no_lock_even_when_it_fails(registry, monkeypatch):
+    from aeserve.models import registry as registry_module
 
-    with pytest.raises(RuntimeError, match="report failed"):
-        registry.publish("m", {"kind": "pca"}, b"weights", extra_files=broken)
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(registry_module, "write_synced", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        registry.publish("m", {"kind": "pca"}, b"weights", extra_files={"note.txt": b"1"})
     assert sorted(p.name for p in (registry.root / "m").iterdir()) == []
+    monkeypatch.undo()
     assert registry.publish("m", {"kind": "pca"}, b"weights") == 1
     assert sorted(p.name for p in (registry.root / "m").iterdir()) == ["1", "aliases.json"]
 
 
-def test_concurrent_publishers_get_different_versions_though_the_lock_file_comes_and_goes(registry):
+def test_extra_files_stay_inside_the_version_folder(registry):
+    for relative in ("../escape.txt", "/etc/passwd", MANIFEST, WEIGHTS):
+        with pytest.raises(RegistryError, match=f"extra file {relative!r} must stay inside the version folder"):
+            registry.publish("m", {"kind": "pca"}, b"weights", extra_files={relative: b""})
+    assert registry.versions("m") == []
+
+
+def test_concurrent_publishers_get_different_versions_though_the_lock_file_comes_and_goes(registry, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    def slow_files(manifest):
-        time.sleep(0.01)  # hold the lock a while, so that the others wait on it
-        return {"note.txt": str(manifest["version"]).encode()}
+    from aeserve.models import registry as registry_module
 
+    write = registry_module.write_synced
+
+    def slow_write(path, data):
+        time.sleep(0.005)  # hold the lock a while, so that the others wait on it
+        write(path, data)
+
+    monkeypatch.setattr(registry_module, "write_synced", slow_write)
     with ThreadPoolExecutor(8) as pool:
-        versions = list(pool.map(lambda i: registry.publish("m", {"kind": "pca"}, bytes([i]), extra_files=slow_files), range(16)))
+        versions = list(pool.map(lambda i: registry.publish("m", {"kind": "pca"}, bytes([i]), extra_files={"note.txt": str(i).encode()}),
+                                 range(16)))
     assert sorted(versions) == list(range(1, 17))
-    for version in versions:
-        assert (registry.version_dir("m", version) / "note.txt").read_text() == str(version)
+    for i, version in enumerate(versions):
+        folder = registry.version_dir("m", version)
+        assert (folder / WEIGHTS).read_bytes() == bytes([i]) and (folder / "note.txt").read_text() == str(i)
     assert ".lock" not in {p.name for p in (registry.root / "m").iterdir()}
