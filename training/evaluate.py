@@ -8,7 +8,7 @@ import torch
 
 from aeserve.models.base import Autoencoder
 from aeserve.models.checkpoint import error_quantiles
-from aeserve.models.pca import PCA, PCAConfig
+from aeserve.models.pca import PCA, PCAConfig, top_components
 from aeserve.training.data import ModelRows
 
 EVAL_BATCH = 4096
@@ -67,11 +67,7 @@ def _streamed_principal_components(rows: ModelRows, k: int) -> tuple[torch.Tenso
     for i in range(0, n, EVAL_BATCH):
         centred = rows[i:i + EVAL_BATCH].double() - mean
         scatter += centred.T @ centred
-    eigenvalues, eigenvectors = torch.linalg.eigh(scatter)
-    components = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:k]].T
-    pivot = components.abs().argmax(dim=1)
-    signs = torch.sign(components[torch.arange(k), pivot])
-    return mean.float(), (components * signs[:, None]).float()
+    return mean.float(), top_components(scatter, k).float()
 
 
 def held_out_metrics(model: Autoencoder, x_train: torch.Tensor | ModelRows, x_test: torch.Tensor | ModelRows,
