@@ -22,15 +22,11 @@ from aeserve.models.version import ModelVersion
 from aeserve.training.config import RunConfig
 from aeserve.training.data import DataError, Dataset, ModelRows, load_dataset
 from aeserve.training.distributed import current_world, loss_step
-from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metrics, reconstruction_errors
+from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metric_rows, map_metrics, reconstruction_errors
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from aeserve.training.state import LATEST, TrainingState, run_fingerprint, run_state_folder
 
 log = logging.getLogger("aeserve.training")
-
-# Held-out rows the map's neighbour metrics are scored on; 2,000 for a training set beyond evaluate.WHOLE_ELEMENTS,
-# since trustworthiness holds n x n distances and their ranks (10,000 rows: about 2.5 GB).
-MAP_METRIC_POINTS, MAP_METRIC_POINTS_SAMPLED = 10_000, 2_000
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +223,7 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     code_quantization = CodeQuantization.fit(training_codes.numpy())
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
     train_labels = dataset.train_y[sample_index] if sampled and dataset.train_y is not None else dataset.train_y
-    map_points = min(len(x_test), MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
+    map_points = map_metric_rows(len(x_test), sampled)
     metrics.update(map_metrics(train_coords, train_labels, x_test[:map_points].numpy(), test_coords, dataset.test_y, map_points))
     seconds = time.perf_counter() - started
 
