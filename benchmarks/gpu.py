@@ -33,12 +33,12 @@ import httpx
 import numpy as np
 import torch
 
-from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.registry import Registry
+from aeserve.models.version import ModelVersion
 from aeserve.service.client import Client
 from aeserve.service.operations import OPERATIONS
-from aeserve.service.runtime.engines import Engines
 from aeserve.service.runtime.store import warmed
+from aeserve.service.runtime.torch_engine import TorchEngine
 from benchmarks.loadgen import Request, closed_loop, rss_mb
 from benchmarks.serve import mean_batch_rows, npy_turns, start, stop
 
@@ -114,10 +114,10 @@ def timed(call, repeats: int) -> tuple[float, float]:
 
 
 def on_torch(version: ModelVersion, operation: str) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
-    """``operation`` on torch as the server runs it (``Engines._torch``: one thread under ONE_THREAD_ROWS rows, on the
+    """``operation`` on torch as the server runs it (``TorchEngine``: one thread under ONE_THREAD_ROWS rows, on the
     CPU in blocks of CPU_BLOCK_ROWS rows), here on the calling thread."""
-    engines, call = Engines(version.device.type, "torch"), OPERATIONS[operation].call
-    return lambda x: engines._torch(version, call, x)
+    engine, call = TorchEngine(), OPERATIONS[operation].call
+    return lambda x: engine.run(version, call, x)
 
 
 def in_process_speed(registry: Registry, name: str, device: str, rng: np.random.Generator) -> dict[str, dict[str, tuple[float, float]]]:

@@ -1,8 +1,8 @@
 """Model call time by batch size: torch on one thread and on all of them, and ONNX Runtime on one thread.
 
-Where ONE_THREAD_ROWS splits torch's threads, and where small batches leave torch for ONNX Runtime (SMALL_BATCH_ROWS);
-both are in service/runtime/engines.py. With --blocks, the time of one big call by the size of the blocks torch runs it
-in (CPU_BLOCK_ROWS, there too).
+Where ONE_THREAD_ROWS splits torch's threads (service/runtime/torch_engine.py), and where small batches leave torch for
+ONNX Runtime (SMALL_BATCH_ROWS, service/runtime/engines.py). With --blocks, the time of one big call by the size of the
+blocks torch runs it in (CPU_BLOCK_ROWS, in torch_engine.py).
 
     .venv/bin/python -m benchmarks.model_threads --registry registry --model fmnist-mlp30
     .venv/bin/python -m benchmarks.model_threads --registry registry --model fmnist-mlp30 --blocks
@@ -17,10 +17,10 @@ from functools import partial
 import numpy as np
 import torch
 
-from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.registry import Registry
+from aeserve.models.version import ModelVersion
 from aeserve.service.operations import OPERATIONS
-from aeserve.service.runtime import engines
+from aeserve.service.runtime import torch_engine
 from aeserve.service.runtime.export import GraphExport
 from aeserve.service.runtime.onnx import OnnxVersion
 
@@ -57,8 +57,8 @@ def main() -> None:
     onnx = onnx_version(version)
     encode = OPERATIONS["encode"].call
     # torch as the server runs it (in blocks of CPU_BLOCK_ROWS rows), but on the threads each column asks for
-    runner = engines.Engines("cpu", "torch")
-    engines.ONE_THREAD_ROWS = 0
+    runner = torch_engine.TorchEngine()
+    torch_engine.ONE_THREAD_ROWS = 0
     most = torch.get_num_threads()
     print(f"model {args.model}:{version.version}, encode, {os.cpu_count()} CPUs, microseconds per row\n")
     print(f"| rows | torch, 1 thread | torch, {most} threads | ONNX Runtime, 1 thread |\n|---|---|---|---|")
@@ -67,8 +67,8 @@ def main() -> None:
         x = (rng.random((rows, *version.input_shape)) * 255).astype(np.float32)
         times = []
         for threads in (1, most):
-            runner.torch_threads = threads
-            times.append(seconds_per_call(partial(runner._torch, version, encode), x))
+            runner.threads = threads
+            times.append(seconds_per_call(partial(runner.run, version, encode), x))
         times.append(seconds_per_call(partial(onnx.run, encode), x))
         print(f"| {rows} | " + " | ".join(f"{t / rows * 1e6:.1f}" for t in times) + " |")
 
@@ -77,8 +77,8 @@ def by_block_size(version: ModelVersion, rows: int = 10_000, rounds: int = 7) ->
     """Milliseconds per call of ``rows`` rows on all threads, by block size; the block sizes take turns each round."""
     x = (np.random.default_rng(0).random((rows, *version.input_shape)) * 255).astype(np.float32)
     sizes = [rows, 4096, 2048, 1024, 512, 256]
-    runner = engines.Engines("cpu", "torch")
-    print(f"model {version.name}:{version.version}, {rows} rows per call, {runner.torch_threads} threads, "
+    runner = torch_engine.TorchEngine()
+    print(f"model {version.name}:{version.version}, {rows} rows per call, {runner.threads} threads, "
           f"milliseconds per call (median of {rounds} rounds)\n")
     print("| operation | " + " | ".join("one call" if size == rows else f"blocks of {size}" for size in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
@@ -87,8 +87,8 @@ def by_block_size(version: ModelVersion, rows: int = 10_000, rounds: int = 7) ->
         times: dict[int, list[float]] = {size: [] for size in sizes}
         for _ in range(rounds):
             for size in sizes:
-                engines.CPU_BLOCK_ROWS = size
-                times[size].append(seconds_per_call(partial(runner._torch, version, call), x, budget=1.0))
+                torch_engine.CPU_BLOCK_ROWS = size
+                times[size].append(seconds_per_call(partial(runner.run, version, call), x, budget=1.0))
         print(f"| {operation} | " + " | ".join(f"{np.median(times[size]) * 1e3:.0f}" for size in sizes) + " |")
 
 

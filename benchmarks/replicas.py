@@ -149,7 +149,7 @@ def republish(registry, model: str, files: dict[str, bytes], scale: float) -> in
         weights = save({k: v * scale if k.startswith("model.") else v for k, v in load(weights).items()})
     manifest = {k: v for k, v in json.loads(files["manifest.json"]).items() if k not in ("sha256", "created_at")}
     extras = {k: v for k, v in files.items() if k not in ("manifest.json", "weights.safetensors")}
-    return registry.publish(model, manifest, weights, extra_files=lambda _: extras)
+    return registry.publish(model, manifest, weights, extra_files=extras)
 
 
 def run_wrk(url: str, body: bytes, seconds: int, connections: int, script_dir: Path) -> float:

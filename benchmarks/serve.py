@@ -216,9 +216,9 @@ def main() -> None:
 
     from aeserve.models.registry import Registry
     from aeserve.service.operations import OPERATIONS
-    from aeserve.service.runtime.engines import Engines
     from aeserve.service.runtime.export import export_checked
     from aeserve.service.runtime.onnx import OnnxVersion
+    from aeserve.service.runtime.torch_engine import TorchEngine
 
     version = Registry(args.registry).load(args.model, device=args.device)
     small_engine = None
@@ -228,8 +228,8 @@ def main() -> None:
     serve_args = args.serve_args.split()
     engine_process = "--no-engine-process" not in serve_args and "torch" not in serve_args
     # The in-process side of (b): the call the server makes for a big batch (torch, every core, in blocks).
-    engines, encode_call = Engines(args.device, "torch"), OPERATIONS["encode"].call
-    local_encode = lambda rows: engines._torch(version, encode_call, rows)  # noqa: E731
+    engine, encode_call = TorchEngine(), OPERATIONS["encode"].call
+    local_encode = lambda rows: engine.run(version, encode_call, rows)  # noqa: E731
     row = np.random.default_rng(0).random(version.preprocessing.input_dim).astype(np.float32) * 255
     body = '{"inputs": [[' + ",".join(f"{v:.1f}" for v in row) + "]]}"
     results: dict[str, str] = {}

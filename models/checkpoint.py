@@ -1,4 +1,6 @@
-"""Checkpoint format: ``weights.safetensors`` + ``manifest.json``; nothing pickled.
+"""Checkpoint format: ``weights.safetensors`` + ``manifest.json``; nothing pickled. Reading, checking and writing a
+version, nothing else: ``load_version`` gives a ``ModelVersion`` (models/version.py), and where it runs is its caller's
+business.
 
 A version is rebuilt from its folder alone: the manifest names the kind, the
 config, the preprocessing and the held-out error distribution; the weights
@@ -10,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +21,16 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from aeserve.models.base import Autoencoder
-from aeserve.models.entropy import RangeCoder
 from aeserve.models.kinds import build_model
-from aeserve.models.outputs import Call, CodeQuantization, compute, percentiles
+from aeserve.models.outputs import CodeQuantization
 from aeserve.models.preprocessing import Preprocessing
 from aeserve.models.projector import build_projector
-from aeserve.models.streams import StreamFormat
+from aeserve.models.version import ModelVersion
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 # Held-out errors are stored as these many evenly spaced quantiles (0, 0.1, ..., 100 percent).
 N_QUANTILES = 1001
-# Request bodies arrive as read-only buffers, and torch warns once when a tensor is made over one; these are only read.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class CheckpointError(ValueError):
@@ -60,130 +57,6 @@ def weights_bytes(model: Autoencoder, projector: torch.nn.Module, preprocessing:
 def error_quantiles(errors: np.ndarray) -> list[float]:
     """Held-out per-example errors (n,) -> N_QUANTILES quantiles from 0 to 100 percent."""
     return [float(q) for q in np.quantile(np.asarray(errors, dtype=np.float64), np.linspace(0, 1, N_QUANTILES))]
-
-
-class TorchGraphs:
-    """``Graphs`` (models/outputs.py) on torch, on the version's device.
-
-    On the CPU tensors share the numpy arrays' memory and nothing calls ``.to()``: a no-op there, but every torch call
-    lets go of the GIL. Off the CPU raw rows cross as they came and are scaled on the device, one copy each way.
-    """
-
-    def __init__(self, version: ModelVersion) -> None:
-        self.model, self.projector, self.pre, self.device = version.model, version.projector, version.preprocessing, version.device
-        self.on_cpu = version.device.type == "cpu"
-
-    def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return t if self.on_cpu else t.to(self.device)
-
-    def numpy(self, t: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray((t if self.on_cpu else t.to("cpu")).numpy())
-
-    def to_model(self, x: np.ndarray) -> torch.Tensor:
-        if self.on_cpu:
-            return torch.from_numpy(self.pre.to_model(x))
-        return self.pre.to_model_tensor(self._tensor(x))
-
-    def from_model(self, x: torch.Tensor) -> np.ndarray:
-        if self.on_cpu:
-            return self.pre.from_model(x.numpy())
-        return self.numpy(self.pre.from_model_tensor(x))
-
-    def codes_in(self, z: np.ndarray) -> torch.Tensor:
-        # Codes decoded from a request body view its read-only bytes; torch may not share memory it could write to.
-        # Codes are small (rows x code size), so the copy costs little.
-        return self._tensor(z if z.flags.writeable else z.copy())
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(z)
-
-    def project(self, z: torch.Tensor) -> torch.Tensor:
-        return self.projector(z)
-
-    @staticmethod
-    def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return (x_hat - x).pow(2).sum(dim=1)
-
-    @staticmethod
-    def squared_errors(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return (x_hat - x).pow(2)
-
-
-@dataclass
-class ModelVersion:
-    """A loaded version, on torch. All methods take and return numpy float32 arrays.
-
-    Raw inputs are (n, *input_shape) or (n, input_dim); codes are (n, code_dim).
-    """
-
-    manifest: dict[str, Any]
-    model: Autoencoder
-    projector: torch.nn.Module  # codes (n, code_dim) -> map coordinates (n, 2)
-    preprocessing: Preprocessing
-    quantiles: np.ndarray  # (N_QUANTILES,) float64, held-out summed squared errors
-    device: torch.device
-    folder: Path | None = None  # the version folder it was loaded from
-    code_quantization: CodeQuantization | None = None  # fitted at publish; None for a version published before compact codes
-
-    def __post_init__(self) -> None:
-        self._graphs = TorchGraphs(self)
-        tables = self.model.coding_tables()
-        # Compressed streams, for a version with an entropy model (kind rd); None for the others.
-        self.streams = None if tables is None else StreamFormat(self.name, self.version, RangeCoder(*tables))
-
-    @property
-    def name(self) -> str:
-        return self.manifest["name"]
-
-    @property
-    def version(self) -> int:
-        return int(self.manifest["version"])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.preprocessing.input_shape
-
-    @property
-    def code_dim(self) -> int:
-        return self.model.code_dim
-
-    @torch.inference_mode()
-    def run(self, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The outputs ``call`` asks for (models/outputs.py), in one pass of the model over ``rows``."""
-        return compute(self._graphs, self.quantiles, call, rows)
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """(n, *input_shape) raw -> (n, code_dim)."""
-        return self.run(ENCODE, x)[0]
-
-    def decode(self, z: np.ndarray) -> np.ndarray:
-        """(n, code_dim) -> (n, *input_shape) raw."""
-        return self.run(DECODE, z)[0]
-
-    def reconstruct(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(n, *input_shape) raw -> (reconstructions (n, *input_shape) raw, errors (n,), percentiles (n,)).
-
-        Errors are summed squared errors in model space (inputs scaled to [0, 1]),
-        the same measure as ``metrics.test_sq_err``; percentiles place them among
-        the held-out errors, 0-100.
-        """
-        return self.run(RECONSTRUCT, x)
-
-    def percentiles(self, errors: np.ndarray) -> np.ndarray:
-        """Where each error falls among the held-out errors, 0-100, float32."""
-        return percentiles(self.quantiles, errors)
-
-    def project(self, x: np.ndarray) -> np.ndarray:
-        """(n, *input_shape) raw -> (n, 2) map coordinates."""
-        return self.run(PROJECT, x)[0]
-
-
-ENCODE, DECODE = Call("inputs", ("code",)), Call("codes", ("reconstruction",))
-RECONSTRUCT, PROJECT = Call("inputs", ("reconstruction", "error", "percentile")), Call("inputs", ("coordinates",))
 
 
 def _regular_file(path: Path) -> Path:

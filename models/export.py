@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aeserve.models.checkpoint import ModelVersion
+from aeserve.models.version import ModelVersion
 
 OPSET = 18
 GRAPHS = ("encode", "decode", "project")

@@ -27,11 +27,18 @@ def principal_components(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     x64 = x.to(torch.float64)
     mean = x64.mean(dim=0)
     centred = x64 - mean
-    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+    return mean.float(), top_components(centred.T @ centred, k).float()
+
+
+def top_components(scatter: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading eigenvectors of a scatter matrix (d, d) float64, as rows (k, d), largest eigenvalue first.
+
+    Signs follow scikit-learn's svd_flip: the entry of largest magnitude in each component is positive.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(scatter)
     components = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:k]].T
     pivot = components.abs().argmax(dim=1)
-    signs = torch.sign(components[torch.arange(k), pivot])
-    return mean.float(), (components * signs[:, None]).float()
+    return components * torch.sign(components[torch.arange(k), pivot])[:, None]
 
 
 class PCA(Autoencoder):

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, ModelVersion, load_version, sha256_bytes
+from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_version, sha256_bytes
+from aeserve.models.version import ModelVersion
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -163,12 +164,11 @@ class Registry:
         os.replace(tmp, folder / ALIASES)
         fsync_dir(folder)
 
-    def publish(self, name: str, manifest: dict[str, Any], weights: bytes,
-                extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None) -> int:
+    def publish(self, name: str, manifest: dict[str, Any], weights: bytes, extra_files: dict[str, bytes] | None = None) -> int:
         """Publish a new version atomically; fills in name, version, sha256 and created_at. Returns the version.
 
-        ``extra_files`` gets the final manifest and returns more files for the
-        version folder (relative path -> bytes), written inside the same atomic step.
+        ``extra_files`` are more files for the version folder (relative path -> bytes), made before publishing and
+        written inside the same atomic step: under the lock nothing runs but writing.
         """
         with self._locked(name) as folder:
             version = (self.versions(name) or [0])[-1] + 1
@@ -273,11 +273,10 @@ def finished_manifest(name: str, version: int, manifest: dict[str, Any], weights
     }
 
 
-def version_files(manifest: dict[str, Any], weights: bytes,
-                  extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None) -> dict[str, bytes]:
+def version_files(manifest: dict[str, Any], weights: bytes, extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
     """A version's files by relative path, in writing order: the weights, the extra files, the manifest last."""
     files = {WEIGHTS: weights}
-    for relative, data in (extra_files(manifest) if extra_files else {}).items():
+    for relative, data in (extra_files or {}).items():
         path = PurePosixPath(relative)
         if path.is_absolute() or ".." in path.parts or not path.parts or path.name in (MANIFEST, WEIGHTS):
             raise RegistryError(f"extra file {relative!r} must stay inside the version folder and not replace its manifest or weights")

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,8 +218,7 @@ class ObjectRegistry:
 
     # --- writing -----------------------------------------------------------------
 
-    def publish(self, name: str, manifest: dict[str, Any], weights: bytes,
-                extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None) -> int:
+    def publish(self, name: str, manifest: dict[str, Any], weights: bytes, extra_files: dict[str, bytes] | None = None) -> int:
         """Claim the next free version number, write the files, then the manifest (the commit marker). Returns the version."""
         check_name(name)
         claim = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": datetime.now(UTC).isoformat(timespec="seconds")}).encode()

@@ -20,10 +20,10 @@ from aeserve.models.registry import NotFoundError, Registry, RegistryError, chec
 from aeserve.training.config import load_run_config
 from aeserve.training.data import DataConfig, DataError, ModelRows, is_url, load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
-from aeserve.training.evaluate import bounded_sample, linear_probe, map_metrics, reconstruction_errors
+from aeserve.training.evaluate import bounded_sample, linear_probe, map_metric_rows, map_metrics, reconstruction_errors
 from aeserve.training.recipes import recipe_run_config
 from aeserve.training.report import REPORT_DIR, render_report
-from aeserve.training.trainer import MAP_METRIC_POINTS, MAP_METRIC_POINTS_SAMPLED, encode_all, project_codes, train
+from aeserve.training.trainer import encode_all, project_codes, train
 
 REGISTRY_HELP = "a folder or a URL: s3://bucket/prefix, gs://bucket/prefix, file://... (default: $AESERVE_REGISTRY or ./registry)"
 
@@ -299,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             train_y = None if dataset.train_y is None else dataset.train_y[train_rows]
             test_y = None if dataset.test_y is None else dataset.test_y[test_rows]
             x_train, x_test_rows = x_all.subset(train_rows).tensor(), x_test.subset(test_rows).tensor()
-            map_points = min(len(x_test_rows), MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
+            map_points = map_metric_rows(len(x_test_rows), sampled)
             map_now = map_metrics(project_codes(loaded.projector, encode_all(loaded.model, x_train)), train_y, x_test_rows[:map_points].numpy(),
                                   project_codes(loaded.projector, encode_all(loaded.model, x_test_rows)), test_y, map_points)
             rows += [(f"{key} (stored)", stored[key]) for key in sorted(map_now) if key in stored]

@@ -8,7 +8,7 @@ import torch
 
 from aeserve.models.base import Autoencoder
 from aeserve.models.checkpoint import error_quantiles
-from aeserve.models.pca import PCA, PCAConfig
+from aeserve.models.pca import PCA, PCAConfig, top_components
 from aeserve.training.data import ModelRows
 
 EVAL_BATCH = 4096
@@ -17,6 +17,9 @@ EVAL_BATCH = 4096
 # values (64 MB), recorded in the manifest as training.sample_rows. Errors and the PCA baseline stream over every row.
 WHOLE_ELEMENTS = 2**26
 SAMPLE_ELEMENTS = 2**24
+# Held-out rows the map's neighbour metrics are scored on; 2,000 for a training set beyond WHOLE_ELEMENTS, since
+# trustworthiness holds n x n distances and their ranks (10,000 rows: about 2.5 GB).
+MAP_METRIC_POINTS, MAP_METRIC_POINTS_SAMPLED = 10_000, 2_000
 
 
 def bounded_sample(index: np.ndarray, input_dim: int, seed: int) -> np.ndarray:
@@ -26,6 +29,12 @@ def bounded_sample(index: np.ndarray, input_dim: int, seed: int) -> np.ndarray:
         return index
     size = max(1, SAMPLE_ELEMENTS // input_dim)
     return np.sort(np.random.default_rng(seed).choice(index, size=size, replace=False))
+
+
+def map_metric_rows(test_rows: int, sampled: bool) -> int:
+    """How many of ``test_rows`` held-out rows the map's neighbour metrics are scored on, ``sampled`` when the training
+    rows were (``bounded_sample``)."""
+    return min(test_rows, MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
 
 
 @torch.inference_mode()
@@ -67,11 +76,7 @@ def _streamed_principal_components(rows: ModelRows, k: int) -> tuple[torch.Tenso
     for i in range(0, n, EVAL_BATCH):
         centred = rows[i:i + EVAL_BATCH].double() - mean
         scatter += centred.T @ centred
-    eigenvalues, eigenvectors = torch.linalg.eigh(scatter)
-    components = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:k]].T
-    pivot = components.abs().argmax(dim=1)
-    signs = torch.sign(components[torch.arange(k), pivot])
-    return mean.float(), (components * signs[:, None]).float()
+    return mean.float(), top_components(scatter, k).float()
 
 
 def held_out_metrics(model: Autoencoder, x_train: torch.Tensor | ModelRows, x_test: torch.Tensor | ModelRows,

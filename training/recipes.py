@@ -49,7 +49,7 @@ def source_for(path: str) -> str:
 def mlp_sizes(features: int) -> dict[str, Any]:
     """The MLP's code size and hidden widths for ``features`` inputs (see the module docstring for the rule)."""
     code_dim = min(MAX_CODE_DIM, max(2, round(features / 4)))
-    # One hidden layer: on the breast-cancer table (250 rows) it reached a lower validation error than two (docs/benchmarks.md).
+    # One hidden layer: why, in docs/benchmarks.md (Anomaly scores, the earlier tries).
     return {"code_dim": code_dim, "hidden": [min(MAX_HIDDEN, max(32, features, 2 * code_dim))]}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from aeserve.models.checkpoint import ModelVersion
+from aeserve.models.version import ModelVersion
 
 REPORT_DIR = "report"
 MAP_POINTS = 5000
@@ -141,7 +141,8 @@ def render_report(version: ModelVersion, x_test: np.ndarray, y_test: np.ndarray 
         f"{REPORT_DIR}/map.png": map_figure(version, x_test, y_test),
     }
     lines = [
-        f"# {manifest['name']} version {manifest['version']}",
+        # A version's report is made before it is published, when its number is not known yet (its folder names it).
+        f"# {manifest['name']}" + (f" version {manifest['version']}" if "version" in manifest else ""),
         "",
         f"kind `{manifest['kind']}`, code size {manifest['code_dim']}, input shape {manifest['input_shape']}, "
         f"trained on {training.get('dataset', '?')} for {training.get('epochs', '?')} epochs in {training.get('seconds', '?')} s "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -12,21 +13,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aeserve.models.checkpoint import ModelVersion, weights_bytes
+from aeserve.models.checkpoint import weights_bytes
 from aeserve.models.kinds import build_model
 from aeserve.models.outputs import INT8_SCALE_QUANTILE, CodeQuantization
 from aeserve.models.projector import build_projector, projector_manifest
 from aeserve.models.registry import Registry
+from aeserve.models.version import ModelVersion
 from aeserve.training.config import RunConfig
 from aeserve.training.data import DataError, Dataset, ModelRows, load_dataset
 from aeserve.training.distributed import current_world, loss_step
-from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metrics, reconstruction_errors
+from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metric_rows, map_metrics, reconstruction_errors
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from aeserve.training.state import LATEST, TrainingState, run_fingerprint, run_state_folder
 
-# Held-out rows the map's neighbour metrics are scored on; 2,000 for a training set beyond evaluate.WHOLE_ELEMENTS,
-# since trustworthiness holds n x n distances and their ranks (10,000 rows: about 2.5 GB).
-MAP_METRIC_POINTS, MAP_METRIC_POINTS_SAMPLED = 10_000, 2_000
+log = logging.getLogger("aeserve.training")
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +233,7 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     code_quantization = CodeQuantization.fit(training_codes.numpy())
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
     train_labels = dataset.train_y[sample_index] if sampled and dataset.train_y is not None else dataset.train_y
-    map_points = min(len(x_test), MAP_METRIC_POINTS_SAMPLED if sampled else MAP_METRIC_POINTS)
+    map_points = map_metric_rows(len(x_test), sampled)
     metrics.update(map_metrics(train_coords, train_labels, x_test[:map_points].numpy(), test_coords, dataset.test_y, map_points))
     seconds = time.perf_counter() - started
 
@@ -271,19 +271,19 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
         "metrics": metrics,
     }
     manifest["map_sample"] = MAP_SAMPLE
+    # The version's other files are made before publishing, which only writes them: concurrent publishers never wait on
+    # plotting, and a report that fails costs the report alone.
+    version = ModelVersion({"name": config.name, **manifest}, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]),
+                           torch.device("cpu"), code_quantization=code_quantization)
+    files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
     if config.train.report:
-        manifest["report"] = f"{REPORT_DIR}/report.md"
-
-    def version_files(final_manifest: dict[str, Any]) -> dict[str, bytes]:
-        """The held-out map sample for the map explorer, and the report when asked for."""
-        version = ModelVersion(final_manifest, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]), torch.device("cpu"),
-                               code_quantization=code_quantization)
-        files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
-        if config.train.report:
+        try:
             files.update(render_report(version, dataset.test_x, dataset.test_y))
-        return files
-
-    version = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization), extra_files=version_files)
+            manifest["report"] = f"{REPORT_DIR}/report.md"
+        except Exception as e:  # matplotlib's many error types among them
+            manifest["report_error"] = f"{type(e).__name__}: {e}"
+            log.warning("%s: the report failed, so the version is published without it: %s", config.name, manifest["report_error"])
+    number = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization), extra_files=files)
     if state is not None:
         state.remove()
-    return version
+    return number

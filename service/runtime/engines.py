@@ -2,8 +2,8 @@
 
 A deployment chooses its engine (``Settings.engine``, ``Settings.device``):
 
-- ``torch``: every call on torch, on the CPU or a GPU, on model threads (plain threads fed by a queue, so the event
-  loop never blocks).
+- ``torch``: every call on torch (``torch_engine.py``), on the CPU or a GPU, on model threads (plain threads fed by
+  a queue, so the event loop never blocks).
 - ``onnx`` (the default on the CPU): calls under ``SMALL_BATCH_ROWS`` rows run on ONNX Runtime, bigger ones on
   torch with every core. In the server torch lets go of the GIL at each operator and waits for the busy event loop
   to hand it back; an ONNX Runtime session runs a whole graph in one call, and its kernels are faster on few rows
@@ -25,23 +25,17 @@ from queue import Empty, SimpleQueue
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.outputs import Call
+from aeserve.models.version import ModelVersion
 from aeserve.service.runtime.engine_process import EngineProcess
 from aeserve.service.runtime.export import GraphExport
+from aeserve.service.runtime.torch_engine import TorchEngine, one_torch_thread
 
 log = logging.getLogger("aeserve.engines")
 Outputs = tuple[np.ndarray, ...]
 
 SMALL_BATCH_ROWS = 128  # calls of fewer rows go to ONNX Runtime where a version has its graphs
-# torch calls under this many rows run on one thread: on 2 cores the default MLP's encode of one row takes 0.47 ms on
-# one thread and 1.31 ms on two, and a busy server's event loop needs the other core (benchmarks/model_threads.py).
-ONE_THREAD_ROWS = 64
-# Torch runs big CPU calls in blocks of this many rows: a block's activations come back from the allocator warm, one
-# call's are fresh pages every time, and blocks bound the memory a big request takes (benchmarks/model_threads.py --blocks).
-CPU_BLOCK_ROWS = 1024
 RESTART_S = (5.0, 600.0)  # the first wait before a dead engine process is replaced, and the longest
 
 
@@ -145,7 +139,7 @@ class Engines:
     def __init__(self, device: str, engine: str = "onnx", engine_process: bool = True, threads: int = 1) -> None:
         self.device = device
         self.threads = ModelThreads(threads)
-        self.torch_threads = torch.get_num_threads()
+        self.torch = TorchEngine()
         self.process = EngineProcess() if engine == "onnx" and device == "cpu" and engine_process else None
         self.small: SmallEngine | None = self.process
         if engine == "onnx" and device == "cpu" and not engine_process:
@@ -187,17 +181,7 @@ class Engines:
                 return await small.run(version, call, rows)
             except Exception as e:  # the engine failed this call, or is gone: torch runs it instead
                 log.warning("a call of %d rows failed on ONNX Runtime (%s); running it on torch", len(rows), e)
-        return await self.threads.run(self._torch, version, call, rows)
-
-    def _torch(self, version: ModelVersion, call: Call, rows: np.ndarray) -> Outputs:
-        """On a model thread: one thread for small calls, every core for big ones, in blocks on the CPU."""
-        wanted = 1 if len(rows) < ONE_THREAD_ROWS else self.torch_threads
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
-        if version.device.type != "cpu" or len(rows) <= CPU_BLOCK_ROWS:
-            return version.run(call, rows)
-        parts = [version.run(call, rows[start:start + CPU_BLOCK_ROWS]) for start in range(0, len(rows), CPU_BLOCK_ROWS)]
-        return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
+        return await self.threads.run(self.torch.run, version, call, rows)
 
     def onnx_versions(self) -> int:
         return self.small.versions() if self.small is not None else 0
@@ -242,19 +226,3 @@ class Engines:
         self.threads.close()
         if self.process is not None:
             await self.process.close()
-
-
-class one_torch_thread:
-    """Torch work off the model threads (loading, warm-up) runs on its calling thread alone.
-
-    OpenMP (libgomp) keeps a team of worker threads for every thread that ever ran torch on several threads. Once a
-    process holds more of them than it has cores, every team stops spin-waiting between parallel regions and sleeps
-    instead, and a big model call then waits on each wake-up (docs/serving.md).
-    """
-
-    def __enter__(self) -> None:
-        self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self._threads)

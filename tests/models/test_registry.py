@@ -1,16 +1,14 @@
-"""Registry layout, atomic publishing, aliases, and refusal of tampered versions."""
+"""Registry layout, atomic publishing, aliases, and names and folders that lead out of the registry."""
 import json
 import os
-import re
 import time
 
-import numpy as np
 import pytest
 
-from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, sha256_bytes
+from aeserve.models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
 from aeserve.models.registry import NotFoundError, Registry, RegistryError
 from aeserve.training.trainer import train
-from tests.conftest import digits_run, tamper_version
+from tests.conftest import digits_run
 
 
 @pytest.fixture
@@ -83,64 +81,6 @@ def test_unknown_model_and_version(published):
             published.resolve("digits", digit)
 
 
-def test_sha256_mismatch_is_refused(published):
-    weights = published.version_dir("digits", 1) / WEIGHTS
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"weights.safetensors: sha256 [0-9a-f]{64} does not match the manifest's"):
-        published.load("digits")
-
-
-def _rewrite(published, weights: bytes | None = None, **manifest_changes):
-    tamper_version(published, "digits", weights, **manifest_changes)
-
-
-def test_corrupted_weights_file_is_refused(published):
-    _rewrite(published, weights=b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
-    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
-        published.load("digits")
-
-
-def test_truncated_weights_file_is_refused(published):
-    data = (published.version_dir("digits", 1) / WEIGHTS).read_bytes()
-    _rewrite(published, weights=data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
-        published.load("digits")
-
-
-def test_pickle_in_place_of_weights_is_refused(published):
-    import pickle  # the test builds a hostile file; the product never loads pickles
-    _rewrite(published, weights=pickle.dumps({"a": np.zeros(3)}))
-    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
-        published.load("digits")
-
-
-def test_manifest_shapes_that_do_not_match_the_weights_are_refused(published):
-    _rewrite(published, config={"code_dim": 5})
-    with pytest.raises(CheckpointError, match=r"tensors do not match the manifest's model .*wrong shape \['model.components'"):
-        published.load("digits")
-
-
-@pytest.mark.parametrize(("change", "reason"), [
-    ({"code_dim": 7}, "code_dim 7 but the model config gives 4"),
-    ({"input_shape": [64]}, "input_shape [64] but the model config gives [8, 8]"),
-])
-def test_manifest_facts_that_contradict_the_model_are_refused(published, change, reason):
-    _rewrite(published, **change)
-    with pytest.raises(CheckpointError, match=re.escape(f"the manifest contradicts itself: {reason}")):
-        published.load("digits")
-
-
-def test_absurd_sizes_and_unknown_kinds_are_refused_without_allocating(published):
-    _rewrite(published, config={"code_dim": 10**12})
-    with pytest.raises(CheckpointError, match="tensors do not match"):
-        published.load("digits")
-    _rewrite(published, kind="transformer")
-    with pytest.raises(CheckpointError, match="unknown model kind 'transformer'"):
-        published.load("digits")
-
-
 def test_version_folder_symlinked_out_of_the_registry_is_refused(published, tmp_path):
     outside = tmp_path / "outside"
     os.rename(published.version_dir("digits", 1), outside)
@@ -157,27 +97,45 @@ def test_default_root(monkeypatch):
     assert str(Registry.default_root("/x")) == "/x"
 
 
-def test_publishing_leaves_no_lock_even_when_it_fails(registry):
-    def broken(manifest):
-        raise RuntimeError("report failed")
+def test_publishing_leaves_no_lock_even_when_it_fails(registry, monkeypatch):
+    from aeserve.models import registry as registry_module
 
-    with pytest.raises(RuntimeError, match="report failed"):
-        registry.publish("m", {"kind": "pca"}, b"weights", extra_files=broken)
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(registry_module, "write_synced", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        registry.publish("m", {"kind": "pca"}, b"weights", extra_files={"note.txt": b"1"})
     assert sorted(p.name for p in (registry.root / "m").iterdir()) == []
+    monkeypatch.undo()
     assert registry.publish("m", {"kind": "pca"}, b"weights") == 1
     assert sorted(p.name for p in (registry.root / "m").iterdir()) == ["1", "aliases.json"]
 
 
-def test_concurrent_publishers_get_different_versions_though_the_lock_file_comes_and_goes(registry):
+def test_extra_files_stay_inside_the_version_folder(registry):
+    for relative in ("../escape.txt", "/etc/passwd", MANIFEST, WEIGHTS):
+        with pytest.raises(RegistryError, match=f"extra file {relative!r} must stay inside the version folder"):
+            registry.publish("m", {"kind": "pca"}, b"weights", extra_files={relative: b""})
+    assert registry.versions("m") == []
+
+
+def test_concurrent_publishers_get_different_versions_though_the_lock_file_comes_and_goes(registry, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    def slow_files(manifest):
-        time.sleep(0.01)  # hold the lock a while, so that the others wait on it
-        return {"note.txt": str(manifest["version"]).encode()}
+    from aeserve.models import registry as registry_module
 
+    write = registry_module.write_synced
+
+    def slow_write(path, data):
+        time.sleep(0.005)  # hold the lock a while, so that the others wait on it
+        write(path, data)
+
+    monkeypatch.setattr(registry_module, "write_synced", slow_write)
     with ThreadPoolExecutor(8) as pool:
-        versions = list(pool.map(lambda i: registry.publish("m", {"kind": "pca"}, bytes([i]), extra_files=slow_files), range(16)))
+        versions = list(pool.map(lambda i: registry.publish("m", {"kind": "pca"}, bytes([i]), extra_files={"note.txt": str(i).encode()}),
+                                 range(16)))
     assert sorted(versions) == list(range(1, 17))
-    for version in versions:
-        assert (registry.version_dir("m", version) / "note.txt").read_text() == str(version)
+    for i, version in enumerate(versions):
+        folder = registry.version_dir("m", version)
+        assert (folder / WEIGHTS).read_bytes() == bytes([i]) and (folder / "note.txt").read_text() == str(i)
     assert ".lock" not in {p.name for p in (registry.root / "m").iterdir()}

@@ -22,7 +22,7 @@ from tests.conftest import digits_run
 
 def publish_bytes(registry, name: str, weights: bytes = b"weights", extra: dict[str, bytes] | None = None) -> int:
     """Publish a version with stand-in weights: the registry does not look inside them."""
-    return registry.publish(name, {"kind": "pca"}, weights, extra_files=(lambda manifest: extra) if extra else None)
+    return registry.publish(name, {"kind": "pca"}, weights, extra_files=extra)
 
 
 @pytest.fixture

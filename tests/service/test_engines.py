@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from aeserve.models.outputs import OUTPUTS, Call
-from aeserve.service.runtime import engines as engines_module
-from aeserve.service.runtime.engines import ONE_THREAD_ROWS, SMALL_BATCH_ROWS, Engines
+from aeserve.service.runtime import torch_engine
+from aeserve.service.runtime.engines import SMALL_BATCH_ROWS, Engines
+from aeserve.service.runtime.torch_engine import ONE_THREAD_ROWS
 from tests.conftest import KIND_CONFIGS
 
 ENCODE, PROJECT = Call("inputs", ("code",)), Call("inputs", ("coordinates",))
@@ -65,7 +66,7 @@ async def test_calls_the_small_engine_fails_run_on_torch(mlp, caplog):
 
 async def test_torch_runs_small_calls_on_one_thread_and_big_ones_on_every_core(mlp, monkeypatch):
     engines = Engines("cpu", "torch")
-    engines.torch_threads = 2
+    engines.torch.threads = 2
     seen = []
     run = mlp.run
     monkeypatch.setattr(mlp, "run", lambda call, rows: seen.append((len(rows), torch.get_num_threads(), threading.current_thread().name)) or run(call, rows))
@@ -82,7 +83,7 @@ async def test_calls_in_blocks_answer_as_one_call_does(kind, trained_registry, m
     x = np.random.default_rng(0).random((11, *version.input_shape)).astype(np.float32) * 16
     calls = [(Call("inputs", tuple(OUTPUTS)), x), (Call("codes", ("reconstruction",)), version.encode(x))]
     whole = [version.run(call, rows) for call, rows in calls]
-    monkeypatch.setattr(engines_module, "CPU_BLOCK_ROWS", 4)  # blocks of 4, 4 and 3 rows
+    monkeypatch.setattr(torch_engine, "CPU_BLOCK_ROWS", 4)  # blocks of 4, 4 and 3 rows
     engines = Engines("cpu", "torch")
     for (call, rows), one_call in zip(calls, whole, strict=True):
         for in_blocks, want in zip(await engines.run(version, call, rows), one_call, strict=True):

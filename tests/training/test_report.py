@@ -1,6 +1,8 @@
 """Reports: written with every version and by `aeserve eval`, with real figures."""
 import json
 
+import numpy as np
+
 from aeserve.cli import main
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
@@ -12,7 +14,7 @@ def test_training_writes_a_report_the_manifest_points_to(trained_registry):
     manifest = trained_registry.manifest("digits-mlp")
     folder = trained_registry.version_dir("digits-mlp", 1)
     report = (folder / manifest["report"]).read_text()
-    assert report.startswith("# digits-mlp version 1")
+    assert report.startswith("# digits-mlp\n")  # made before publishing: the folder names the version
     assert f"| test summed squared error / example | {manifest['metrics']['test_sq_err']:.5g} |" in report
     for figure in ("reconstructions.png", "map.png", "curves.png"):
         assert f"]({figure})" in report
@@ -32,6 +34,20 @@ def test_report_can_be_turned_off(registry):
     assert not (registry.version_dir("x", 1) / "report").exists()
 
 
+def test_a_report_that_fails_is_logged_and_noted_and_the_version_still_publishes(registry, monkeypatch, caplog):
+    def broken_report(*args):
+        raise RuntimeError("no font for the title")
+
+    monkeypatch.setattr("aeserve.training.trainer.render_report", broken_report)
+    config = build_run_config({"name": "x", "data": {"source": "digits", "limit": 200}, "model": {"kind": "pca", "code_dim": 2}})
+    assert train(config, registry, progress=False) == 1
+    manifest = registry.manifest("x")
+    assert manifest["report_error"] == "RuntimeError: no font for the title" and "report" not in manifest
+    assert sorted(p.name for p in registry.version_dir("x", 1).iterdir()) == ["manifest.json", "map", "weights.safetensors"]
+    assert registry.load("x").encode(np.zeros((1, 64), np.float32)).shape == (1, 2)
+    assert "x: the report failed, so the version is published without it: RuntimeError: no font for the title" in caplog.text
+
+
 def test_eval_writes_a_report_and_prints_the_table(trained_registry, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["eval", "digits-pca:1", "--registry", str(trained_registry.root), "--out", str(out)]) == 0
@@ -39,13 +55,12 @@ def test_eval_writes_a_report_and_prints_the_table(trained_registry, tmp_path, c
     assert f"report: {out / 'report.md'}" in printed
     assert "ratio to PCA" in printed and "1.000" in printed  # PCA is its own baseline
     assert (out / "map.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "report.md").read_text().startswith("# digits-pca version 1\n")
     assert json.loads((trained_registry.version_dir("digits-pca", 1) / "manifest.json").read_text())["version"] == 1
 
 
 def test_a_report_on_unlabelled_data_raises_no_warning(registry, tmp_path):
     import warnings
-
-    import numpy as np
 
     from aeserve.training.report import render_report
 

@@ -99,11 +99,11 @@ def test_a_run_that_fails_after_training_leaves_no_lock_and_resumes_with_the_rep
     reference, registry, state_dir = Registry(tmp_path / "reference"), Registry(tmp_path / "registry"), tmp_path / "state"
     train(digits_run("run", "mlp", epochs=3), reference, progress=False)
 
-    def broken_report(*args):
-        raise RuntimeError("the report broke")
+    def broken_map_sample(*args):
+        raise RuntimeError("the map sample broke")
 
-    monkeypatch.setattr("aeserve.training.trainer.render_report", broken_report)
-    with pytest.raises(RuntimeError, match="the report broke"):
+    monkeypatch.setattr("aeserve.training.trainer.map_sample", broken_map_sample)
+    with pytest.raises(RuntimeError, match="the map sample broke"):
         train(digits_run("run", "mlp", epochs=3), registry, progress=False, state_dir=state_dir)
     monkeypatch.undo()
     assert registry.versions("run") == [] and leftovers(registry, "run") == []  # no lock, no half-written version
@@ -167,16 +167,16 @@ def test_a_data_error_leaves_nothing_behind_and_the_rerun_works(tmp_path, capsys
 def test_the_command_says_where_a_failed_run_left_its_state_and_resume_finishes_it(tmp_path, capsys, monkeypatch):
     from aeserve.cli import main
 
-    def broken_report(*args):
-        raise RuntimeError("the report broke")
+    def broken_map_sample(*args):
+        raise RuntimeError("the map sample broke")
 
     state_dir = tmp_path / "state"
     command = ["train", "configs/digits-mlp8.toml", "--registry", str(tmp_path / "registry"), "--state-dir", str(state_dir), "--quiet",
                "--set", "train.epochs=1", "--set", "data.limit=200"]
-    monkeypatch.setattr("aeserve.training.trainer.render_report", broken_report)
+    monkeypatch.setattr("aeserve.training.trainer.map_sample", broken_map_sample)
     assert main(command) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"note: the training state is kept in {state_dir}; the same command with --resume continues from it", "error: the report broke"]
+        f"note: the training state is kept in {state_dir}; the same command with --resume continues from it", "error: the map sample broke"]
     monkeypatch.undo()
     assert main([*command, "--resume", "--set", "train.report=false"]) == 0
     assert Registry(tmp_path / "registry").versions("digits-mlp8") == [1] and not state_dir.exists()
@@ -193,14 +193,14 @@ def test_resume_finds_an_interrupted_run_in_its_own_default_folder(tmp_path, cap
 
     from aeserve.cli import main
 
-    def broken_report(*args):
-        raise RuntimeError("the report broke")
+    def broken_map_sample(*args):
+        raise RuntimeError("the map sample broke")
 
     monkeypatch.chdir(tmp_path)
     config = Path(__file__).resolve().parents[2] / "configs/digits-mlp8.toml"
     command = ["train", str(config), "--registry", "registry", "--set", "train.epochs=1", "--set", "data.limit=200"]
     with monkeypatch.context() as patched:
-        patched.setattr("aeserve.training.trainer.render_report", broken_report)
+        patched.setattr("aeserve.training.trainer.map_sample", broken_map_sample)
         assert main([*command, "--quiet"]) == 2
     note, error = capsys.readouterr().err.splitlines()
     folder = Path(note.removeprefix("note: the training state is kept in ").removesuffix("; the same command with --resume continues from it"))
