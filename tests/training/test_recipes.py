@@ -10,7 +10,7 @@ from aeserve.cli import main
 from aeserve.models.kinds import build_model
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
-from aeserve.training.data import DataError
+from aeserve.training.data.dataset import DataError
 from aeserve.training.evaluate import reconstruction_errors
 from aeserve.training.recipes import mlp_sizes, run_config_toml, source_for
 from aeserve.training.trainer import fit

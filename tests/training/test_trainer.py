@@ -7,7 +7,7 @@ import pytest
 
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config, load_run_config, parse_override
-from aeserve.training.data import DataError
+from aeserve.training.data.dataset import DataError
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
 
@@ -135,3 +135,12 @@ def test_progress_bars_only_on_a_terminal_elsewhere_one_line_per_epoch(capsys, m
     on_terminal = trained_output(True)
     assert "\r" in on_terminal and "it/s" in on_terminal  # the bar, redrawn in place
     assert "epoch 1/2  train_loss " in on_terminal and "epoch 2/2  train_loss " in on_terminal
+
+
+def test_bad_data_writes_no_registry_entry(tmp_path):
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
+    registry = Registry(tmp_path / "registry")
+    config = build_run_config({"name": "x", "data": {"source": "csv", "path": str(tmp_path / "ragged.csv")}, "model": {"kind": "pca", "code_dim": 1}})
+    with pytest.raises(DataError):
+        train(config, registry, progress=False)
+    assert registry.names() == [] and not (registry.root / "x").exists()
