@@ -108,7 +108,8 @@ def main() -> None:
                         help="also score int8 codes with scales from these quantiles of the training codes' |code|")
     args = parser.parse_args()
 
-    from aeserve.training.data import DataConfig, load_dataset
+    from aeserve.training.data.config import DataConfig
+    from aeserve.training.data.sources import load_dataset
 
     data = load_dataset(DataConfig(source="fashion-mnist", path=args.data))
     labels = np.asarray(data.test_y)

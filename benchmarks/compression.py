@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from aeserve.training.data import FASHION_MNIST_DIR, read_idx
+from aeserve.training.data.builtin import FASHION_MNIST_DIR, read_idx
 from benchmarks.loadgen import served
 
 WEBP_QUALITIES = (0, 5, 10, 20, 30, 50, 70, 90)

@@ -124,7 +124,7 @@ def write_images(folder: Path, n: int) -> float:
     """The first ``n`` Fashion-MNIST training images as gray PNG files, folder/<label>/<i>.png; the seconds it took."""
     from PIL import Image
 
-    from aeserve.training.data import read_idx
+    from aeserve.training.data.builtin import read_idx
 
     x = read_idx(Path(FASHION_MNIST) / "train-images-idx3-ubyte.gz")[:n]
     y = read_idx(Path(FASHION_MNIST) / "train-labels-idx1-ubyte.gz")[:n]
@@ -161,7 +161,10 @@ def timed_train(config: str, registry: str, state: str) -> None:
 def decode_rates(images: Path) -> list[tuple[int, float]]:
     """(workers, images/s) of drawing one epoch's batches of 256 from the folder decoded lazily, with no model: the
     decoding alone (listing and the pass over the files left out), with 0 workers and the default."""
-    from aeserve.training.data import DataConfig, ModelRows, decoding_workers, load_dataset
+    from aeserve.training.data.config import DataConfig
+    from aeserve.training.data.parallel import decoding_workers
+    from aeserve.training.data.rows import ModelRows
+    from aeserve.training.data.sources import load_dataset
 
     rates = []
     for workers in (0, DataConfig.workers):
@@ -239,7 +242,8 @@ def main() -> None:
             images = run_images(folder, args.images)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    from aeserve.training.data import DataConfig, decoding_workers
+    from aeserve.training.data.config import DataConfig
+    from aeserve.training.data.parallel import decoding_workers
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__} "

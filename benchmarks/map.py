@@ -18,7 +18,8 @@ import torch
 from aeserve.models.projector import build_projector
 from aeserve.models.registry import Registry
 from aeserve.training.config import parse_override
-from aeserve.training.data import DataConfig, load_dataset
+from aeserve.training.data.config import DataConfig
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.evaluate import map_metrics
 
 

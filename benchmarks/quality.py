@@ -23,7 +23,7 @@ import torch
 
 from aeserve.models.registry import Registry
 from aeserve.training.config import load_run_config
-from aeserve.training.data import FASHION_MNIST_DIR, read_idx
+from aeserve.training.data.builtin import FASHION_MNIST_DIR, read_idx
 from aeserve.training.trainer import train
 from benchmarks.loadgen import served
 

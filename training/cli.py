@@ -18,7 +18,11 @@ import numpy as np
 from aeserve.models.checkpoint import CheckpointError
 from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name, open_registry
 from aeserve.training.config import load_run_config
-from aeserve.training.data import DataConfig, DataError, ModelRows, is_url, load_dataset
+from aeserve.training.data.config import DataConfig
+from aeserve.training.data.dataset import DataError
+from aeserve.training.data.locations import is_url
+from aeserve.training.data.rows import ModelRows
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
 from aeserve.training.evaluate import bounded_sample, linear_probe, map_metric_rows, map_metrics, reconstruction_errors
 from aeserve.training.recipes import recipe_run_config

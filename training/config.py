@@ -13,7 +13,7 @@ from aeserve.models.config import Config, Count, NonNegative, Positive, Seed, Si
 from aeserve.models.kinds import MODEL_KINDS
 from aeserve.models.projector import PROJECTOR_KINDS
 from aeserve.models.registry import check_name
-from aeserve.training.data import DataConfig
+from aeserve.training.data.config import DataConfig
 
 # The kind of a [model] or [projector] table that names none; tables with a kind and their kinds by name.
 DEFAULT_KINDS = {"model": "mlp", "projector": "pca"}

@@ -9,7 +9,7 @@ import torch
 from aeserve.models.base import Autoencoder
 from aeserve.models.checkpoint import error_quantiles
 from aeserve.models.pca import PCA, PCAConfig, top_components
-from aeserve.training.data import ModelRows
+from aeserve.training.data.rows import ModelRows
 
 EVAL_BATCH = 4096
 # Training sets up to WHOLE_ELEMENTS values (256 MB as float32) are used whole wherever a step needs every row at once

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from aeserve.training.config import RunConfig, load_run_config, parse_override
-from aeserve.training.data import SOURCES, TABLE_SUFFIXES, DataConfig, DataError, Dataset, kind_of, load_dataset, location
+from aeserve.training.data.config import DataConfig
+from aeserve.training.data.dataset import DataError, Dataset
+from aeserve.training.data.locations import kind_of, location
+from aeserve.training.data.sources import SOURCES, load_dataset
+from aeserve.training.data.tables import TABLE_SUFFIXES
 
 ARRAY_SOURCES = {".npy": "npy", ".npz": "npz"}
 MAX_CODE_DIM = 64

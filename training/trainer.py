@@ -20,7 +20,9 @@ from aeserve.models.projector import build_projector, projector_manifest
 from aeserve.models.registry import Registry
 from aeserve.models.version import ModelVersion
 from aeserve.training.config import RunConfig
-from aeserve.training.data import DataError, Dataset, ModelRows, load_dataset
+from aeserve.training.data.dataset import DataError, Dataset
+from aeserve.training.data.rows import ModelRows
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.distributed import current_world, loss_step
 from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metric_rows, map_metrics, reconstruction_errors
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report

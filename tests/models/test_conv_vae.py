@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from aeserve.models.conv import image_shape
 from aeserve.models.entropy import GDN
 from aeserve.models.kinds import build_model
 from aeserve.models.vae import VAE, VAEConfig
@@ -60,3 +61,9 @@ def test_vae_manifest_records_elbo_terms(trained_registry):
     metrics = trained_registry.manifest("digits-vae")["metrics"]
     assert metrics["elbo"] == pytest.approx(-(metrics["elbo_reconstruction"] + metrics["elbo_kl"]), rel=1e-6)
     assert metrics["elbo_kl"] > 0 and np.isfinite(metrics["elbo"])
+
+
+def test_channels_last_rows_get_an_error_naming_the_layout_the_conv_model_takes():
+    with pytest.raises(ValueError, match=r"channels first: \(n, C, H, W\).*\[32, 32, 3\] look channels last \(H, W, C\): .*np.moveaxis"):
+        image_shape((32, 32, 3), 2)
+    assert image_shape((3, 32, 32), 2) == (3, 32, 32)

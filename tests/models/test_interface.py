@@ -43,7 +43,8 @@ def test_save_load_gives_identical_outputs(kind, trained_registry):
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
 def test_loaded_version_matches_its_manifest_metrics(kind, trained_registry):
     """The stored test error is reproduced by the loaded model on the same held-out data."""
-    from aeserve.training.data import DataConfig, load_dataset
+    from aeserve.training.data.config import DataConfig
+    from aeserve.training.data.sources import load_dataset
 
     loaded = trained_registry.load(f"digits-{kind}")
     dataset = load_dataset(DataConfig(**loaded.manifest["training"]["data"]))

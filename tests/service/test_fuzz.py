@@ -35,7 +35,7 @@ def schemathesis(url: str, *options: str) -> subprocess.CompletedProcess:
 
 def table_run(folder):
     from aeserve.training.config import build_run_config
-    from tests.training.test_tables import write_csv
+    from tests.training.data.test_tables import write_csv
 
     return build_run_config({"name": "rows", "data": {"source": "table", "path": str(write_csv(folder / "rows.csv")), "label": "is_big",
                                                       "categorical": ["colour"]},

@@ -12,7 +12,7 @@ from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
 from tests.service.conftest import make_client, wait_ready
-from tests.training.test_images import write_folder
+from tests.training.data.test_images import write_folder
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
 from tests.service.conftest import make_client, wait_ready
-from tests.training.test_tables import write_csv
+from tests.training.data.test_tables import write_csv
 
 EVERYTHING = Call("inputs", tuple(OUTPUTS))
 

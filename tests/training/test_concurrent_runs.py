@@ -12,7 +12,7 @@ import pytest
 from aeserve.cli import main
 from aeserve.models.registry import Registry
 from aeserve.training.config import load_run_config
-from aeserve.training.data import load_dataset
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.state import LOCK, TrainingState, run_fingerprint, run_state_folder
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from aeserve.models.mlp import MLPConfig
 from aeserve.models.projector import PROJECTOR_KINDS, build_projector
 from aeserve.models.registry import Registry
 from aeserve.training.config import TrainParams, build_run_config, load_run_config
-from aeserve.training.data import DataConfig
+from aeserve.training.data.config import DataConfig
 from tests.conftest import KIND_CONFIGS
 
 MLP = "configs/digits-mlp8.toml"

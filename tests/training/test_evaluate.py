@@ -4,7 +4,7 @@ import torch
 
 from aeserve.models.checkpoint import N_QUANTILES
 from aeserve.training.config import build_run_config
-from aeserve.training.data import load_dataset
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.evaluate import reconstruction_errors
 from aeserve.training.trainer import split_validation, train
 

@@ -6,7 +6,7 @@ import torch
 from aeserve.cli import main
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
-from aeserve.training.data import load_dataset
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.evaluate import PROBE_PER_CLASS, linear_probe, per_class_sample
 from aeserve.training.trainer import train
 

@@ -11,7 +11,7 @@ from aeserve.cli import main
 from aeserve.models.kinds import build_model
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
-from aeserve.training.data import DataError
+from aeserve.training.data.dataset import DataError
 from aeserve.training.evaluate import reconstruction_errors
 from aeserve.training.recipes import mlp_sizes, source_for
 from aeserve.training.trainer import fit

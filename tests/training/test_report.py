@@ -5,6 +5,7 @@ import numpy as np
 
 from aeserve.cli import main
 from aeserve.training.config import build_run_config
+from aeserve.training.report import reconstructions_figure
 from aeserve.training.trainer import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,3 +74,17 @@ def test_a_report_on_unlabelled_data_raises_no_warning(registry, tmp_path):
         warnings.simplefilter("error")
         files = render_report(version, x[:20], None)
     assert files["report/map.png"].startswith(PNG_MAGIC)
+
+
+def test_colour_arrays_of_any_layout_never_crash_the_report(tmp_path, registry):
+    x = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3)).astype(np.float32)  # channels last, as many tools write them
+    np.save(tmp_path / "rgb.npy", x)
+    config = build_run_config({"name": "rgb", "data": {"source": "npy", "path": str(tmp_path / "rgb.npy")},
+                               "model": {"kind": "mlp", "code_dim": 2, "hidden": [8]}, "train": {"epochs": 1}})
+    assert train(config, registry, progress=False) == 1
+    assert (registry.version_dir("rgb", 1) / "report" / "reconstructions.png").read_bytes().startswith(PNG_MAGIC)
+    version = registry.load("rgb")
+    for shape in ((3, 8, 8), (4, 2, 3, 8), (192,)):  # channels first, not a picture, a vector
+        object.__setattr__(version.preprocessing, "input_shape", shape)
+        version.manifest["input_shape"] = list(shape)
+        assert reconstructions_figure(version, x[:3]).startswith(PNG_MAGIC)

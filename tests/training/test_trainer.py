@@ -7,7 +7,7 @@ import pytest
 
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config, load_run_config, parse_override
-from aeserve.training.data import DataError
+from aeserve.training.data.dataset import DataError
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
 
@@ -143,3 +143,12 @@ def test_time_left_is_the_mean_epoch_times_the_epochs_left():
     assert time_left(30.0, 3, 4) == "  about 40 s left"
     assert time_left(60.0, 2, 10) == "  about 5 min left"
     assert time_left(60.0, 2, 0) == ""
+
+
+def test_bad_data_writes_no_registry_entry(tmp_path):
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
+    registry = Registry(tmp_path / "registry")
+    config = build_run_config({"name": "x", "data": {"source": "csv", "path": str(tmp_path / "ragged.csv")}, "model": {"kind": "pca", "code_dim": 1}})
+    with pytest.raises(DataError):
+        train(config, registry, progress=False)
+    assert registry.names() == [] and not (registry.root / "x").exists()

@@ -1,5 +1,6 @@
 """Tables: a header row, separators, quoting and a BOM read by pyarrow; the label kept apart; categories one-hot;
-missing fields by policy; every data error names the file, the line as an editor shows it and the column."""
+missing fields by policy; every data error names the file, the line as an editor shows it and the column. The csv
+source (numbers only, no header) goes through the same reader."""
 import json
 
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 from aeserve.models.checkpoint import WEIGHTS
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
-from aeserve.training.data import DataConfig, DataError, load_dataset
+from aeserve.training.data.config import DataConfig
+from aeserve.training.data.dataset import DataError
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.trainer import train
 
 
@@ -193,7 +196,7 @@ def test_parquet_is_read_by_row_groups_and_gives_the_features_of_the_whole_table
 def test_a_csv_is_read_block_by_block_with_line_numbers_counted_across_blocks(tmp_path, monkeypatch):
     path = write_csv(tmp_path / "rows.csv")
     whole = load_dataset(config(path))
-    monkeypatch.setattr("aeserve.training.data.CSV_BLOCK_BYTES", 256)  # about six rows a block
+    monkeypatch.setattr("aeserve.training.data.tables.CSV_BLOCK_BYTES", 256)  # about six rows a block
     blocks = load_dataset(config(path))
     np.testing.assert_array_equal(blocks.train_x, whole.train_x)
     np.testing.assert_array_equal(blocks.test_y, whole.test_y)
@@ -264,3 +267,53 @@ def test_text_that_is_not_utf8_names_the_line_and_column(tmp_path):
     path.write_bytes("\n".join(["sm\xe4ll,large,colour,is_big", *lines[1:]]).encode("latin-1"))
     with pytest.raises(DataError, match=r"rows.csv: line 1 is not UTF-8 text \(byte 3: b'\\xe4'\); save the file as UTF-8$"):
         load_dataset(config(path))
+
+
+# --- the csv source: numbers only, no header --------------------------------------------
+
+def csv_source(path, **data) -> DataConfig:
+    return DataConfig.from_dict({"source": "csv", "path": str(path), **data})
+
+
+def test_a_csv_of_numbers_reads_quotes_spaces_and_blank_lines_as_plain_numbers(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text('1, 2,3\n\n"4",5 ,6e0\n7,8,-9.5\n')
+    data = load_dataset(csv_source(path, test_fraction=0, scaling="minmax"))
+    assert data.train_x.dtype == np.float32 and data.preprocessing.input_shape == (3,)
+    np.testing.assert_array_equal(data.train_x[np.argsort(data.train_x[:, 0])], [[1, 2, 3], [4, 5, 6], [7, 8, -9.5]])
+
+
+def test_a_ragged_csv_names_the_line(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text("1,2,3\n4,5,6\n7,8\n")
+    with pytest.raises(DataError, match=r"ragged.csv: line 3 has 2 values, earlier rows have 3 \(ragged rows\)"):
+        load_dataset(csv_source(path))
+
+
+@pytest.mark.parametrize("text,line,shown", [("1,2\n3,abc\n", 2, "'abc'"), ("1,2\n\n3,4\n5,\n", 4, "''"), ("1,2\n3,NA\n", 2, "'NA'")])
+def test_a_field_that_is_not_a_number_names_its_line_and_place(tmp_path, text, line, shown):
+    (tmp_path / "words.csv").write_text(text)
+    with pytest.raises(DataError, match=rf'^.*words.csv: line {line}, field 2: {shown} is not a number; data.source "csv" takes numbers only'):
+        load_dataset(csv_source(tmp_path / "words.csv"))
+
+
+def test_a_csv_of_numbers_is_read_block_by_block_with_lines_counted_across_blocks(tmp_path, monkeypatch):
+    x = np.random.default_rng(0).normal(size=(200, 4))
+    path = tmp_path / "x.csv"
+    np.savetxt(path, x, delimiter=",")
+    whole = load_dataset(csv_source(path))
+    monkeypatch.setattr("aeserve.training.data.tables.CSV_BLOCK_BYTES", 256)  # a few rows a block
+    blocks = load_dataset(csv_source(path))
+    np.testing.assert_array_equal(blocks.train_x, whole.train_x)
+    np.testing.assert_allclose(np.sort(np.concatenate([blocks.train_x, blocks.test_x]), axis=0), np.sort(x, axis=0).astype(np.float32))
+    lines = path.read_text().splitlines()
+    lines[149] = lines[149].replace(",", ",x", 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"x.csv: line 150, field 2: 'x.*' is not a number"):
+        load_dataset(csv_source(path))
+
+
+def test_csv_text_that_is_not_utf8_names_the_line_and_field(tmp_path):
+    (tmp_path / "bytes.csv").write_bytes(b"1,2\n3,4\xff\n")
+    with pytest.raises(DataError, match=r"bytes.csv: line 2, field 2: the text b'4\\xff' is not UTF-8; save the file as UTF-8$"):
+        load_dataset(csv_source(tmp_path / "bytes.csv"))

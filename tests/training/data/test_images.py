@@ -1,7 +1,6 @@
 """Image folders: subfolders as labels or a flat folder; sizes and modes converted by one rule; unreadable files named
-or skipped and counted; channels-last arrays refused with the layout the conv model takes; reports on colour images;
-big folders decoded lazily, batch by batch, by DataLoader worker processes, with the pixels and order of the in-memory
-path."""
+or skipped and counted; a conv model trained on a folder; big folders decoded lazily, batch by batch, by DataLoader
+worker processes, with the pixels and order of the in-memory path."""
 import json
 import re
 
@@ -10,11 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from aeserve.models.conv import image_shape
-from aeserve.training import data as data_module
 from aeserve.training.config import build_run_config
-from aeserve.training.data import DataConfig, DataError, ImageFiles, ModelRows, load_dataset
-from aeserve.training.report import reconstructions_figure
+from aeserve.training.data import images as image_folders
+from aeserve.training.data.config import DataConfig
+from aeserve.training.data.dataset import DataError
+from aeserve.training.data.images import ImageFiles
+from aeserve.training.data.rows import ModelRows
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.trainer import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -131,12 +132,6 @@ def test_image_size_and_channels_are_checked_when_the_config_is_built():
         DataConfig.from_dict({"source": "images", "channels": 2})
 
 
-def test_channels_last_rows_get_an_error_naming_the_layout_the_conv_model_takes():
-    with pytest.raises(ValueError, match=r"channels first: \(n, C, H, W\).*\[32, 32, 3\] look channels last \(H, W, C\): .*np.moveaxis"):
-        image_shape((32, 32, 3), 2)
-    assert image_shape((3, 32, 32), 2) == (3, 32, 32)
-
-
 def test_an_image_folder_trains_a_conv_model_with_labels_and_a_colour_report(tmp_path, registry):
     folder = write_folder(tmp_path / "photos")
     config = build_run_config({"name": "photos", "data": {"source": "images", "path": str(folder), "image_size": [8, 8]},
@@ -150,20 +145,6 @@ def test_an_image_folder_trains_a_conv_model_with_labels_and_a_colour_report(tmp
     assert json.loads((folder_out / "map" / "sample.json").read_text())["input_shape"] == [3, 8, 8]
 
 
-def test_colour_arrays_of_any_layout_never_crash_the_report(tmp_path, registry):
-    x = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3)).astype(np.float32)  # channels last, as many tools write them
-    np.save(tmp_path / "rgb.npy", x)
-    config = build_run_config({"name": "rgb", "data": {"source": "npy", "path": str(tmp_path / "rgb.npy")},
-                               "model": {"kind": "mlp", "code_dim": 2, "hidden": [8]}, "train": {"epochs": 1}})
-    assert train(config, registry, progress=False) == 1
-    assert (registry.version_dir("rgb", 1) / "report" / "reconstructions.png").read_bytes().startswith(PNG_MAGIC)
-    version = registry.load("rgb")
-    for shape in ((3, 8, 8), (4, 2, 3, 8), (192,)):  # channels first, not a picture, a vector
-        object.__setattr__(version.preprocessing, "input_shape", shape)
-        version.manifest["input_shape"] = list(shape)
-        assert reconstructions_figure(version, x[:3]).startswith(PNG_MAGIC)
-
-
 # --- lazy decoding: the files listed, each batch decoded as training draws it, by DataLoader worker processes ---------
 
 def lazy_run(folder, name, **data):
@@ -174,7 +155,7 @@ def lazy_run(folder, name, **data):
 @pytest.fixture
 def small_tasks(monkeypatch):
     """Four images per decoding task, so that a small folder makes several tasks and worker processes start."""
-    monkeypatch.setattr(data_module, "IMAGE_BATCH", 4)
+    monkeypatch.setattr(image_folders, "IMAGE_BATCH", 4)
 
 
 def test_a_folder_decoded_lazily_gives_the_pixels_split_and_batches_of_the_one_in_memory(tmp_path, small_tasks):
@@ -248,7 +229,7 @@ def test_a_lazy_folder_is_fingerprinted_by_its_files_bytes_and_auto_decodes_lazi
     Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "bright" / "rgb0.png")
     assert load_dataset(config).fingerprint != first
     assert isinstance(load_dataset(images(folder, image_size=[8, 8])).train_x, np.ndarray)  # 10 x 3 x 8 x 8 bytes: in memory
-    monkeypatch.setattr(data_module, "IMAGE_MEMORY_BYTES", 10 * 3 * 8 * 8 - 1)
+    monkeypatch.setattr(image_folders, "IMAGE_MEMORY_BYTES", 10 * 3 * 8 * 8 - 1)
     assert isinstance(load_dataset(images(folder, image_size=[8, 8])).train_x, ImageFiles)
     assert isinstance(load_dataset(images(folder, image_size=[8, 8], channels=1)).train_x, np.ndarray)  # one channel: a third
 

@@ -10,12 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from aeserve.models.registry import Registry
-from aeserve.training import data
 from aeserve.training.config import build_run_config
-from aeserve.training.data import DataConfig, DataError, RemoteArray, load_dataset
+from aeserve.training.data import arrays, locations
+from aeserve.training.data.arrays import RemoteArray
+from aeserve.training.data.config import DataConfig
+from aeserve.training.data.dataset import DataError
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.trainer import train
-from tests.training.test_images import write_folder
-from tests.training.test_tables import write_csv
+from tests.training.data.test_images import write_folder
+from tests.training.data.test_tables import write_csv
 
 
 def npy_bytes(x: np.ndarray) -> bytes:
@@ -58,7 +61,7 @@ def test_rows_of_a_remote_array_read_as_numpy_indexes_them(memory, monkeypatch):
     fs, url = memory
     x = np.arange(1000 * 6, dtype=np.float32).reshape(1000, 6)
     fs.pipe(f"{url}/x.npy", npy_bytes(x))
-    where = data.location(f"{url}/x.npy")
+    where = locations.location(f"{url}/x.npy")
     remote = RemoteArray(where, 128, x.shape, x.dtype)  # np.save writes a 128-byte header for this array
     reads = CountedReads(monkeypatch, where.fs)
     for key in (7, -1, slice(None), slice(10, 20), slice(990, 2000), slice(5, 50, 7), np.array([5, 3, 3, 999, -2, 0, 400, 401]),
@@ -71,7 +74,7 @@ def test_rows_of_a_remote_array_read_as_numpy_indexes_them(memory, monkeypatch):
     with pytest.raises(IndexError):
         view[np.array([100])]
     # A gather is fetched as runs: rows a few bytes apart share one range; far apart ones do not.
-    monkeypatch.setattr(data, "GAP_BYTES", 24 * 10)
+    monkeypatch.setattr(arrays, "GAP_BYTES", 24 * 10)
     reads.ranges = 0
     np.testing.assert_array_equal(remote[np.array([900, 0, 5, 12, 500])], x[[900, 0, 5, 12, 500]])
     assert reads.ranges == 3  # 0..12, 500, 900
@@ -83,7 +86,7 @@ def test_a_big_npy_at_a_url_is_read_rows_on_demand_and_trains_as_the_local_file(
     x = (rng.normal(size=(600, 3)) @ rng.normal(size=(3, 12))).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     fs.pipe(f"{url}/x.npy", npy_bytes(x))
-    monkeypatch.setattr(data, "REMOTE_WHOLE_BYTES", 1024)  # this array "does not fit": read rows on demand
+    monkeypatch.setattr(arrays, "REMOTE_WHOLE_BYTES", 1024)  # this array "does not fit": read rows on demand
     remote = load_dataset(DataConfig(source="npy", path=f"{url}/x.npy"))
     local = load_dataset(DataConfig(source="npy", path=str(tmp_path / "x.npy")))
     assert isinstance(remote.train_x, RemoteArray) and remote.train_x.shape == local.train_x.shape == (540, 12)
@@ -92,7 +95,7 @@ def test_a_big_npy_at_a_url_is_read_rows_on_demand_and_trains_as_the_local_file(
     # The fingerprint names the object by what the store says of it and its first and last blocks, not by its bytes.
     reads = CountedReads(monkeypatch, remote.train_x.file.fs)
     assert remote.fingerprint == remote.fingerprint != local.fingerprint
-    assert reads.bytes <= 2 * 2 * data.HEADER_BYTES
+    assert reads.bytes <= 2 * 2 * locations.HEADER_BYTES
     registry = Registry(tmp_path / "registry")
     for name, path in (("remote", f"{url}/x.npy"), ("local", str(tmp_path / "x.npy"))):
         run = build_run_config({"name": name, "data": {"source": "npy", "path": path}, "model": {"kind": "mlp", "code_dim": 2, "hidden": [8]},
@@ -104,7 +107,7 @@ def test_a_big_npy_at_a_url_is_read_rows_on_demand_and_trains_as_the_local_file(
 def test_a_column_major_array_too_big_to_read_whole_is_refused(memory, monkeypatch):
     fs, url = memory
     fs.pipe(f"{url}/f.npy", npy_bytes(np.asfortranarray(np.ones((100, 4), np.float32))))
-    monkeypatch.setattr(data, "REMOTE_WHOLE_BYTES", 100)
+    monkeypatch.setattr(arrays, "REMOTE_WHOLE_BYTES", 100)
     with pytest.raises(DataError, match=r"f.npy: not a readable .npy array \(stored column-major .*np.ascontiguousarray"):
         load_dataset(DataConfig(source="npy", path=f"{url}/f.npy"))
 
@@ -145,7 +148,7 @@ def test_npz_members_from_s3_stored_and_compressed(s3, tmp_path, monkeypatch):
     np.savez_compressed(tmp_path / "packed.npz", x=x)
     fs.put(str(tmp_path / "stored.npz"), f"{bucket}/stored.npz")
     fs.put(str(tmp_path / "packed.npz"), f"{bucket}/packed.npz")
-    monkeypatch.setattr(data, "REMOTE_WHOLE_BYTES", 1024)  # x is read rows on demand; y (2.4 KB) too
+    monkeypatch.setattr(arrays, "REMOTE_WHOLE_BYTES", 1024)  # x is read rows on demand; y (2.4 KB) too
     stored = load_dataset(DataConfig(source="npz", path=f"{bucket}/stored.npz"))
     assert isinstance(stored.train_x, RemoteArray)
     np.testing.assert_array_equal(np.asarray(stored.test_x), x[270:])  # split as the local file is: the last rows

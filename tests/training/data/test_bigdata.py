@@ -9,7 +9,11 @@ from aeserve.models.preprocessing import Preprocessing
 from aeserve.models.registry import Registry
 from aeserve.training import evaluate
 from aeserve.training.config import build_run_config
-from aeserve.training.data import DataConfig, DataError, Dataset, ModelRows, fit_scaling, load_dataset
+from aeserve.training.data.config import DataConfig
+from aeserve.training.data.dataset import DataError, Dataset
+from aeserve.training.data.rows import ModelRows
+from aeserve.training.data.scaling import fit_scaling
+from aeserve.training.data.sources import load_dataset
 from aeserve.training.evaluate import pca_baseline
 from aeserve.training.trainer import train
 

@@ -1,52 +1,11 @@
-"""Data loaders: real formats on files made here, and errors that name the file and the problem."""
+"""The user's own arrays (.npy, .npz, and a CSV of numbers): real files made here, and errors that name the file and
+the problem."""
 import numpy as np
 import pytest
 
-from aeserve.models.registry import Registry
-from aeserve.training.config import build_run_config
-from aeserve.training.data import DataConfig, DataError, load_dataset, read_idx
-from aeserve.training.trainer import train
-from tests.conftest import write_idx
-
-
-def test_fashion_mnist_idx_files(fmnist_dir):
-    data = load_dataset(DataConfig(source="fashion-mnist", path=str(fmnist_dir)))
-    assert data.train_x.shape == (200, 28, 28) and data.test_x.shape == (50, 28, 28)
-    assert data.train_y.shape == (200,) and data.test_y.dtype == np.int64
-    assert data.preprocessing.input_shape == (28, 28) and data.preprocessing.scale == pytest.approx(1 / 255)
-    x = data.preprocessing.to_model(data.train_x)
-    assert x.shape == (200, 784) and 0 <= x.min() and x.max() <= 1
-
-
-def test_uncompressed_idx_round_trip(tmp_path):
-    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "a", a, compress=False)), a)
-    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "b", a, compress=True)), a)
-
-
-def test_wrong_magic_number(tmp_path):
-    path = tmp_path / "bad-idx"
-    path.write_bytes(b"\x12\x34\x08\x03" + bytes(100))
-    with pytest.raises(DataError, match=r"bad-idx: wrong IDX magic number 12340803"):
-        read_idx(path)
-
-
-def test_truncated_idx(tmp_path):
-    path = write_idx(tmp_path / "t", np.zeros((10, 4, 4), np.uint8), compress=False)
-    path.write_bytes(path.read_bytes()[:-5])
-    with pytest.raises(DataError, match=r"t: truncated or oversized IDX data: header says shape \(10, 4, 4\) \(160 bytes\), file has 155"):
-        read_idx(path)
-
-
-def test_missing_fashion_mnist_file(tmp_path):
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: file not found"):
-        load_dataset(DataConfig(source="fashion-mnist", path=str(tmp_path)))
-
-
-def test_digits():
-    data = load_dataset(DataConfig(source="digits"))
-    assert data.train_x.shape[1:] == (8, 8) and len(data.train_x) + len(data.test_x) == 1797
-    assert len(data.test_x) == 180  # test_fraction 0.1, seeded
+from aeserve.training.data.config import DataConfig
+from aeserve.training.data.dataset import DataError
+from aeserve.training.data.sources import load_dataset
 
 
 def test_npy_npz_csv(tmp_path):
@@ -62,20 +21,6 @@ def test_npy_npz_csv(tmp_path):
     data = load_dataset(DataConfig(source="npz", path=str(tmp_path / "x.npz")))
     np.testing.assert_array_equal(data.test_x, x[40:])
     np.testing.assert_array_equal(data.train_y, np.arange(40))
-
-
-def test_ragged_csv(tmp_path):
-    path = tmp_path / "ragged.csv"
-    path.write_text("1,2,3\n4,5,6\n7,8\n")
-    with pytest.raises(DataError, match=r"ragged.csv: line 3 has 2 values, earlier rows have 3 \(ragged rows\)"):
-        load_dataset(DataConfig(source="csv", path=str(path)))
-
-
-def test_non_numeric_csv(tmp_path):
-    path = tmp_path / "words.csv"
-    path.write_text("1,2\n3,abc\n")
-    with pytest.raises(DataError, match=r"words.csv: line 2 holds a value that is not a number"):
-        load_dataset(DataConfig(source="csv", path=str(path)))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -101,20 +46,6 @@ def test_missing_path():
         load_dataset(DataConfig(source="npy"))
     with pytest.raises(DataError, match="/no/such.csv: file not found"):
         load_dataset(DataConfig(source="csv", path="/no/such.csv"))
-
-
-def test_bad_data_writes_no_registry_entry(tmp_path):
-    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
-    registry = Registry(tmp_path / "registry")
-    config = build_run_config({"name": "x", "data": {"source": "csv", "path": str(tmp_path / "ragged.csv")}, "model": {"kind": "pca", "code_dim": 1}})
-    with pytest.raises(DataError):
-        train(config, registry, progress=False)
-    assert registry.names() == [] and not (registry.root / "x").exists()
-
-
-def test_unknown_source_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"data.source 'mnist' is not one of \['csv', 'digits', 'fashion-mnist', 'images', 'npy', 'npz', 'table'\]"):
-        DataConfig(source="mnist")
 
 
 def test_a_value_beyond_float32_names_its_row_and_column(tmp_path):
