@@ -176,12 +176,26 @@ class Registry:
             self._write_aliases(folder, self.aliases(name))
         return version
 
-    def install(self, name: str, version: int, files: dict[str, bytes]) -> bool:
-        """Put a version made elsewhere (a copy of one in object storage) in place whole; False when it is already here."""
+    def install(self, name: str, version: int, files: dict[str, bytes], replace: bool = False) -> bool:
+        """Put a version made elsewhere (a copy of one in object storage) in place whole; False when it is already here.
+
+        With ``replace``, one already here is replaced (its source now holds other contents under that number): the
+        new one is written whole before the old one moves out of its way.
+        """
         with self._locked(name) as folder:
-            if version in self.versions(name):
+            here = version in self.versions(name)
+            if here and not replace:
                 return False
-            self._install(folder, version, files)
+            self._install(folder, version, files, replace=here)
+            return True
+
+    def remove(self, name: str, version: int) -> bool:
+        """Take a version out whole (a copy's, whose source no longer holds it); False when it is not here."""
+        with self._locked(name) as folder:
+            if version not in self.versions(name):
+                return False
+            _discard(folder, version)
+            fsync_dir(folder)
             return True
 
     def write_aliases(self, name: str, aliases: dict[str, int]) -> None:
@@ -190,8 +204,9 @@ class Registry:
             self._write_aliases(folder, {**aliases, **{k: v for k, v in self.aliases(name).items() if k == "latest"}})
 
     @staticmethod
-    def _install(folder: Path, version: int, files: dict[str, bytes]) -> None:
-        """Write ``files`` into a temporary folder, sync, and rename it to ``<folder>/<version>``: all or nothing."""
+    def _install(folder: Path, version: int, files: dict[str, bytes], replace: bool = False) -> None:
+        """Write ``files`` into a temporary folder, sync, and rename it to ``<folder>/<version>``: all or nothing.
+        ``replace``: a version there already moves out of the way just before the rename."""
         for stale in folder.glob(".tmp-*"):  # left by a writer killed mid-write: under the lock, nobody else is writing
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{version}-"))
@@ -202,6 +217,8 @@ class Registry:
                 (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
                 write_synced(tmp / relative, data)
             fsync_dir(tmp)
+            if replace:
+                _discard(folder, version)
             os.rename(tmp, folder / str(version))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +232,13 @@ class Registry:
             aliases = self.aliases(name)
             aliases[alias] = self.resolve(name, str(version))
             self._write_aliases(folder, aliases)
+
+
+def _discard(folder: Path, version: int) -> None:
+    """Remove ``<folder>/<version>``: renamed out of sight first, so a reader sees the version whole or not at all."""
+    trash = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{version}-removed-"))
+    os.rename(folder / str(version), trash / str(version))
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def valid_aliases(stored: bytes | None, versions: list[int]) -> dict[str, int]:

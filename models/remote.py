@@ -16,7 +16,9 @@ tells a loser of the race that its update was lost (see docs/deploy.md).
 
 Models are loaded from a local copy (``Mirror``): a version is downloaded once, its weights verified by
 sha256 and kept under their hash, and installed into a local registry folder atomically; the server serves
-from that copy, so a restart with the store unreachable serves what was copied before.
+from that copy, so a restart with the store unreachable serves what was copied before. Whenever the store
+answers, it is the source of truth: the copy is kept per store (URL and endpoint), a version the store no
+longer lists is taken out of it, and one whose manifest differs from the store's is replaced.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,8 @@ STORAGE_OPTIONS: dict[str, dict[str, Any]] = {
 }
 STORAGE_OPTIONS["s3a"] = STORAGE_OPTIONS["s3"]
 STORAGE_OPTIONS["gcs"] = STORAGE_OPTIONS["gs"]
+# Where a backend takes its endpoint from the environment when no option names one (botocore reads the S3 one first).
+ENDPOINT_ENVIRONMENT = {"s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), "gs": ("STORAGE_EMULATOR_HOST",)}
 
 
 class ConflictError(RuntimeError):
@@ -82,12 +86,18 @@ def cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(explicit or os.environ.get("AESERVE_CACHE") or Path.home() / ".cache" / "aeserve")
 
 
+def object_tag(info: dict[str, Any]) -> str:
+    """What changes when an object is written again: its ETag or generation, else its size and time."""
+    return str(info.get("ETag") or info.get("generation") or (info.get("size"), info.get("LastModified") or info.get("mtime") or info.get("created")))
+
+
 @dataclass(frozen=True)
 class Listing:
     """One listing of the store: what a poll costs (a paginated LIST, no GETs)."""
     manifests: dict[str, set[int]]  # name -> versions with a manifest (published)
     taken: dict[str, set[int]]  # name -> versions with any object (published or claimed)
-    alias_tags: dict[str, str]  # name -> the aliases file's ETag (or size and time where a store has none)
+    alias_tags: dict[str, str]  # name -> the aliases file's tag (``object_tag``)
+    manifest_tags: dict[str, dict[int, str]]  # name -> version -> its manifest's tag
 
 
 class ObjectRegistry:
@@ -103,8 +113,22 @@ class ObjectRegistry:
         self.fs, self.root = fsspec.core.url_to_fs(self.location, **{**STORAGE_OPTIONS.get(scheme, {}), **storage_options})
         self.root = self.root.rstrip("/")
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.endpoint = self._endpoint()
         self._cache = cache
         self._listing: Listing | None = None
+
+    def _endpoint(self) -> str:
+        """The server this URL reaches: the backend's endpoint option, else the standard environment's; '' for the
+        store's default (AWS S3, Google Cloud Storage)."""
+        fs = self.fs
+        explicit = getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+        found = explicit or next((os.environ[v] for v in ENDPOINT_ENVIRONMENT.get(self.protocol, ()) if os.environ.get(v)), "")
+        return str(found).rstrip("/")
+
+    @property
+    def identity(self) -> str:
+        """URL and endpoint: two stores that share a URL (a local S3 server and AWS, say) are two registries."""
+        return f"{self.location} at {self.endpoint or 'the default endpoint'}"
 
     def _key(self, *parts: object) -> str:
         return "/".join([self.root, *(str(p) for p in parts)])
@@ -176,6 +200,7 @@ class ObjectRegistry:
         manifests: dict[str, set[int]] = {}
         taken: dict[str, set[int]] = {}
         alias_tags: dict[str, str] = {}
+        manifest_tags: dict[str, dict[int, str]] = {}
         prefix = self.root + "/" if self.root else ""
         for key, info in found.items():
             parts = key[len(prefix):].split("/") if key.startswith(prefix) else []
@@ -183,12 +208,13 @@ class ObjectRegistry:
                 continue
             name = parts[0]
             if len(parts) == 2 and parts[1] == ALIASES:
-                alias_tags[name] = str(info.get("ETag") or info.get("generation") or (info.get("size"), info.get("LastModified") or info.get("mtime")))
+                alias_tags[name] = object_tag(info)
             elif len(parts) >= 3 and is_number(parts[1]) and not parts[1].startswith("0"):
                 taken.setdefault(name, set()).add(int(parts[1]))
                 if len(parts) == 3 and parts[2] == MANIFEST:
                     manifests.setdefault(name, set()).add(int(parts[1]))
-        self._listing = Listing(manifests, taken, alias_tags)
+                    manifest_tags.setdefault(name, {})[int(parts[1])] = object_tag(info)
+        self._listing = Listing(manifests, taken, alias_tags, manifest_tags)
         return self._listing
 
     def names(self) -> list[str]:
@@ -254,32 +280,49 @@ class ObjectRegistry:
         raise RegistryError(f"the aliases of {name!r} in {self.location} kept changing; {alias!r} was not set, try again")
 
 
+@dataclass
+class Changes:
+    """What syncs did to the local copy, as 'name:version', recorded as it happens (so a sync that the store cut short
+    still tells what it changed before)."""
+    copied: list[str] = field(default_factory=list)  # new here
+    replaced: list[str] = field(default_factory=list)  # here before with other contents than the store's; now the store's
+    removed: list[str] = field(default_factory=list)  # taken out: the store no longer lists it, or holds other contents that it refused
+
+
 class Mirror:
     """The local copy of an ObjectRegistry: a local registry folder, filled version by version.
 
-    ``<cache>/registries/<hash of the URL>/`` is a plain registry (the server loads from it);
-    ``<cache>/sha256/<hash>`` holds each weights file once, verified: a version whose weights are there already (the
-    same weights under another name or registry, or a copy lost from its folder) is installed without downloading them.
+    ``<cache>/registries/<hash of the URL and endpoint>/`` is a plain registry (the server loads from it), with the
+    store it copies in ``source.txt``; ``<cache>/sha256/<hash>`` holds each weights file once, verified: a version whose
+    weights are there already (the same weights under another name or registry, or a copy lost from its folder) is
+    installed without downloading them.
     """
 
     def __init__(self, source: ObjectRegistry, cache: Path) -> None:
         self.source = source
         self.cache = cache
-        folder = cache / "registries" / hashlib.sha256(source.location.encode()).hexdigest()[:16]
+        folder = cache / "registries" / hashlib.sha256(source.identity.encode()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "source.txt").write_text(source.location + "\n")
+        (folder / "source.txt").write_text(f"{source.location}\n{source.endpoint}\n")
         self.local = Registry(folder)
         self.local.location = f"{source.location} (local copy in {folder})"
         self._alias_tags: dict[str, str] = {}
-        self.refused: dict[str, str] = {}  # 'name:version' -> why it was not copied; not tried again
+        # name -> version -> the manifest's tag when this copy was last checked against it (copied, found equal or
+        # refused); empty at start, so each process compares every copied version with the store's once.
+        self._checked: dict[str, dict[int, str]] = {}
+        self.refused: dict[str, str] = {}  # 'name:version' -> why it was not copied; tried again only if its manifest changes
         self.bytes_fetched = 0
 
-    def fetch(self, name: str, version: int) -> bool:
-        """Copy one published version here unless it is here already; True when it was copied."""
-        if version in self.local.versions(name):
-            return False
+    def fetch(self, name: str, version: int, manifest_bytes: bytes | None = None) -> bool:
+        """Make the copy of one published version the store's: copy it unless the copy here has the store's manifest
+        (``manifest_bytes`` when already read); one with another manifest (the store now holds other contents under
+        that number) is replaced whole. True when it was copied."""
         fs, key = self.source.fs, self.source._key(name, version)
-        manifest_bytes = fs.cat_file(f"{key}/{MANIFEST}")
+        if manifest_bytes is None:
+            manifest_bytes = fs.cat_file(f"{key}/{MANIFEST}")
+        here = version in self.local.versions(name)
+        if here and (self.local.version_dir(name, version) / MANIFEST).read_bytes() == manifest_bytes:
+            return False
         manifest = json.loads(manifest_bytes)
         files: dict[str, bytes] = {}
         self.source.fs.invalidate_cache(key)
@@ -294,7 +337,7 @@ class Mirror:
             raise RegistryError(f"{self.source.protocol}://{key}: the manifest is there but {WEIGHTS} is not")
         files[MANIFEST] = manifest_bytes  # last, as everywhere
         self.bytes_fetched += len(manifest_bytes)
-        return self.local.install(name, version, files)
+        return self.local.install(name, version, files, replace=here)
 
     def _weights(self, key: str, sha256: str) -> bytes:
         """A weights file by its hash: from ``<cache>/sha256`` when there, else downloaded, verified and kept there."""
@@ -313,29 +356,54 @@ class Mirror:
         os.replace(tmp, blob)
         return data
 
-    def sync(self, names: list[str] | None = None) -> list[str]:
-        """Copy every published version not here yet, and aliases that changed; returns 'name:version' of those copied.
+    def sync(self, names: list[str] | None = None, changes: Changes | None = None) -> Changes:
+        """Make the copy follow the store: copy versions not here yet, replace those whose manifest differs from the
+        store's, take out those the store no longer lists, and take the aliases from the store. Returns ``changes``
+        (a new one if not given), with what this sync did added.
 
-        Costs one listing when nothing changed. Raises OSError (and the store's own errors) when the store cannot
-        be reached; what is copied stays.
+        Costs one listing when nothing changed; a version's manifest is read again only when its tag in the listing
+        differs from the one this copy was last checked against (so once per version after a start). Raises OSError
+        (and the store's own errors) when the store cannot be reached; what is in the copy stays.
         """
+        changes = changes if changes is not None else Changes()
         listing = self.source.listing(fresh=True)
-        copied = []
-        for name in sorted(listing.manifests):
+        for name in sorted(set(listing.manifests) | set(self.local.names())):
             if names and name not in names:
                 continue
-            for version in sorted(listing.manifests[name]):
-                key = f"{name}:{version}"
-                if key in self.refused:  # published versions never change: a bad one stays bad
-                    continue
-                try:
-                    if self.fetch(name, version):
-                        copied.append(key)
-                except (RegistryError, ValueError) as e:  # a bad version must not stop the others
-                    self.refused[key] = str(e)
-                    log.error("not copied %s from %s: %s", key, self.source.location, e)
+            listed = listing.manifest_tags.get(name, {})
+            checked = self._checked.setdefault(name, {})
+            for version in self.local.versions(name):
+                if version not in listed and self.local.remove(name, version):
+                    changes.removed.append(f"{name}:{version}")
+                    log.warning("%s:%d is no longer in %s: taken out of the local copy", name, version, self.source.location)
+            for version in set(checked) - set(listed):  # should the number be published again, it is checked again
+                del checked[version]
+                self.refused.pop(f"{name}:{version}", None)
+            stale = [v for v, tag in sorted(listed.items()) if checked.get(v) != tag]
+            paths = {v: self.source._key(name, v, MANIFEST) for v in stale}
+            manifests = self.source.fs.cat(list(paths.values())) if stale else {}  # one concurrent batch of GETs
+            for version in stale:
+                self._check(name, version, manifests[paths[version]], changes)
+                checked[version] = listed[version]
             tag = listing.alias_tags.get(name, "")
             if self._alias_tags.get(name) != tag:
                 self.local.write_aliases(name, self.source.aliases(name) if tag else {})
                 self._alias_tags[name] = tag
-        return copied
+        return changes
+
+    def _check(self, name: str, version: int, manifest_bytes: bytes, changes: Changes) -> None:
+        """Copy, keep or replace one version after its manifest was read from the store; a bad one is refused."""
+        key = f"{name}:{version}"
+        here = version in self.local.versions(name)
+        self.refused.pop(key, None)  # its manifest changed (or was never checked here): a new chance
+        try:
+            if self.fetch(name, version, manifest_bytes):
+                (changes.replaced if here else changes.copied).append(key)
+                if here:
+                    log.warning("%s in %s differs from the local copy (its manifest changed): replaced", key, self.source.location)
+        except (RegistryError, ValueError) as e:  # a bad version must not stop the others
+            self.refused[key] = str(e)
+            log.error("not copied %s from %s: %s", key, self.source.location, e)
+            if here and self.local.remove(name, version):  # the copy here is not what the store holds under that number
+                changes.removed.append(key)
+                log.warning("%s in %s differs from the local copy, which is taken out", key, self.source.location)

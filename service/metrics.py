@@ -73,6 +73,11 @@ class Metrics:
                 "errors": Gauge("aeserve_registry_errors", "failed polls of the registry URL since start", registry=self.registry),
                 "synced": Gauge("aeserve_registry_last_sync_timestamp_seconds", "when a poll of the registry URL last succeeded", registry=self.registry),
                 "fetched": Gauge("aeserve_registry_fetched_bytes", "bytes downloaded from the registry URL since start", registry=self.registry),
+                "removed": Gauge("aeserve_registry_removed_versions", "versions taken out of the local copy since start, and no "
+                                 "longer served, because the store no longer holds them (deleted there, or refused other "
+                                 "contents under their number)", registry=self.registry),
+                "replaced": Gauge("aeserve_registry_replaced_versions", "versions in the local copy replaced since start, and "
+                                  "loaded again, because the store holds other contents under their number", registry=self.registry),
             }
         return self._remote
 

@@ -58,4 +58,6 @@ async def metrics(request: Request) -> Response:
         remote["errors"].set(store.source_errors)
         remote["synced"].set(store.source_synced_at)
         remote["fetched"].set(store.source.bytes_fetched)
+        remote["removed"].set(store.source_removed)
+        remote["replaced"].set(store.source_replaced)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,7 +2,9 @@
 
 Requests look versions up in an in-memory index that is swapped whole on
 refresh, so a request keeps the ModelVersion it started with. A version that
-fails to load is reported and never replaces a good one.
+fails to load is reported and never replaces a good one. Served from a
+registry URL, the store there decides: a version its local copy no longer
+holds stops being served, and one replaced there is loaded again.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from aeserve.service.errors import NotReady
 from aeserve.service.runtime.engines import one_torch_thread
 
 if TYPE_CHECKING:
-    from aeserve.models.remote import Mirror
+    from aeserve.models.remote import Changes, Mirror
     from aeserve.service.runtime.engines import Engines
 
 log = logging.getLogger("aeserve.store")
@@ -44,6 +46,9 @@ class ModelStore:
     source_reachable: bool | None = None  # None: no remote source (or not asked yet)
     source_errors: int = 0  # failed attempts to reach it
     source_synced_at: float = 0.0  # time.time() of the last complete sync
+    source_removed: int = 0  # versions taken out of the local copy: the store no longer holds them as copied
+    source_replaced: int = 0  # versions replaced in the local copy: the store holds other contents under their number
+    _unapplied: Changes | None = None  # what syncs changed in the local copy that the index does not show yet
     _index: dict[str, ModelEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it was refused
     loaded_once: bool = False
@@ -81,15 +86,17 @@ class ModelStore:
         """
         with self._lock, one_torch_thread():
             self._sync()
+            kept = self._kept()
             names = [n for n in self.registry.names() if not self.only or n in self.only]
             new = {name: [v for v in self.registry.versions(name)  # published versions never change: load each once
-                          if v not in self._index.get(name, ModelEntry({}, {})).versions and f"{name}:{v}" not in self.failed]
+                          if v not in kept.get(name, {}) and f"{name}:{v}" not in self.failed]
                    for name in names}
             export = self.engines.export(self._folders(new)) if self.engines is not None else None
             try:
                 loaded = self._load(new)
-                self._index = self._indexed(names, loaded)
+                self._index = self._indexed(names, kept, loaded)
                 self.generation += 1
+                self._unapplied = None
             except BaseException:  # an unreadable aliases file, say: the export child must not outlive the refresh
                 if export is not None:
                     export.close()
@@ -100,30 +107,56 @@ class ModelStore:
             return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
 
     def _sync(self) -> None:
-        """Copy new versions from the registry URL into the local copy; when the store cannot be reached, log it
-        once and keep serving what is copied (clients see no change)."""
+        """Bring the local copy in line with the registry URL; when the store cannot be reached, log it once and keep
+        serving what is copied (clients see no change). What the sync changed in the copy goes to ``_unapplied``."""
         if self.source is None:
             return
+        from aeserve.models.remote import Changes
+
+        # Filled as the sync goes, so a sync cut short still tells what it changed; kept until the index shows it.
+        changes = self._unapplied = self._unapplied or Changes()
+        removed, replaced, copied = len(changes.removed), len(changes.replaced), len(changes.copied)
         try:
-            copied = self.source.sync(self.only or None)
+            self.source.sync(self.only or None, changes)
         except Exception as e:  # noqa: BLE001 - any failure of the store (network, credentials, throttling) is an outage here
             self.source_errors += 1
             if self.source_reachable is not False:
                 log.warning("registry %s unreachable, serving its local copy in %s: %s: %s",
                             self.source.source.location, self.registry.root, type(e).__name__, e)
             self.source_reachable = False
-            return
-        if self.source_reachable is False:
-            log.warning("registry %s reachable again", self.source.source.location)
-        self.source_reachable, self.source_synced_at = True, time.time()
-        for key in copied:
+        else:
+            if self.source_reachable is False:
+                log.warning("registry %s reachable again", self.source.source.location)
+            self.source_reachable, self.source_synced_at = True, time.time()
+        finally:
+            self.source_removed += len(changes.removed) - removed
+            self.source_replaced += len(changes.replaced) - replaced
+        for key in changes.copied[copied:]:
             log.info("copied %s from %s", key, self.source.source.location)
 
-    def _indexed(self, names: list[str], loaded: dict[str, dict[int, ModelVersion]]) -> dict[str, ModelEntry]:
-        """The index after a refresh: the versions already served plus those just loaded, and their aliases."""
+    def _kept(self) -> dict[str, dict[int, ModelVersion]]:
+        """The versions served so far that still serve: all but those a sync took out of the copy or replaced there."""
+        kept = {name: dict(entry.versions) for name, entry in self._index.items()}
+        changes = self._unapplied
+        if changes is None:
+            return kept
+        for key in [*changes.removed, *changes.replaced]:
+            name, _, number = key.partition(":")
+            self.failed.pop(key, None)  # a replaced version gets a new chance to load; a removed one may come back
+            if kept.get(name, {}).pop(int(number), None) is None:
+                continue
+            if key in changes.removed:
+                log.warning("no longer serving %s: the registry %s no longer holds the version copied from it", key, self.source.source.location)
+            else:
+                log.warning("loading %s again: the registry %s holds other contents under its number", key, self.source.source.location)
+        return kept
+
+    def _indexed(self, names: list[str], kept: dict[str, dict[int, ModelVersion]],
+                 loaded: dict[str, dict[int, ModelVersion]]) -> dict[str, ModelEntry]:
+        """The index after a refresh: the versions kept from before plus those just loaded, and their aliases."""
         index: dict[str, ModelEntry] = {}
         for name in names:
-            versions = {**self._index.get(name, ModelEntry({}, {})).versions, **loaded.get(name, {})}
+            versions = {**kept.get(name, {}), **loaded.get(name, {})}
             if not versions:
                 continue
             aliases = {a: v for a, v in self.registry.aliases(name).items() if v in versions}

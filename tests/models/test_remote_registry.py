@@ -15,7 +15,7 @@ import pytest
 
 from aeserve.models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
 from aeserve.models.registry import Registry, RegistryError, open_registry
-from aeserve.models.remote import CLAIM, ConflictError, ObjectRegistry
+from aeserve.models.remote import CLAIM, Changes, ConflictError, ObjectRegistry
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
 
@@ -156,32 +156,105 @@ def test_alias_rules_are_the_local_ones(memory_registry):
 def test_the_local_copy_downloads_each_version_once_and_verifies_it(s3_registry, tmp_path):
     publish_bytes(s3_registry, "m", b"one", {"map/sample.json": b"[1]"})
     mirror = s3_registry.mirror()
-    assert mirror.sync() == ["m:1"]
+    assert mirror.sync().copied == ["m:1"]
     first = mirror.bytes_fetched
     assert first > len(b"one")
     folder = mirror.local.version_dir("m", 1)
     assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, "map", WEIGHTS]
     assert (folder / WEIGHTS).read_bytes() == b"one" and (mirror.cache / "sha256" / sha256_bytes(b"one")).read_bytes() == b"one"
-    assert mirror.sync() == [] and mirror.bytes_fetched == first  # a poll with nothing new lists, and fetches nothing
+    assert mirror.sync() == Changes() and mirror.bytes_fetched == first  # a poll with nothing new lists, and fetches nothing
 
     # A version whose weights do not match its manifest is refused, not copied, and not fetched again.
     publish_bytes(s3_registry, "m", b"two")
     s3_registry.fs.call_s3("put_object", Bucket=s3_registry.root.split("/")[0], Key="registry/m/2/" + WEIGHTS, Body=b"tampered")
-    assert mirror.sync() == []
+    assert mirror.sync().copied == []
     assert "sha256" in mirror.refused["m:2"] and mirror.local.versions("m") == [1]
     fetched = mirror.bytes_fetched
-    assert mirror.sync() == [] and mirror.bytes_fetched == fetched
+    assert mirror.sync().copied == [] and mirror.bytes_fetched == fetched
 
     # The same weights published under another name are not downloaded again: the copy is keyed by sha256.
     publish_bytes(s3_registry, "n", b"one")
     before = mirror.bytes_fetched
-    assert mirror.sync() == ["n:1"]
+    assert mirror.sync().copied == ["n:1"]
     assert mirror.bytes_fetched - before < 1000  # the manifest only
 
     # Aliases follow the store, fetched only when the aliases file changed.
     s3_registry.set_alias("m", "1", "prod")
     mirror.sync()
     assert mirror.local.aliases("m") == {"latest": 1, "prod": 1}
+
+
+def test_the_local_copy_is_kept_per_store_url_and_endpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    from_env = ObjectRegistry("s3://bars/registry", tmp_path, skip_instance_cache=True).mirror()
+    other = ObjectRegistry("s3://bars/registry", tmp_path, endpoint_url="http://127.0.0.1:10", skip_instance_cache=True).mirror()
+    same = ObjectRegistry("s3://bars/registry/", tmp_path, skip_instance_cache=True).mirror()
+    assert from_env.local.root != other.local.root and same.local.root == from_env.local.root
+    assert (from_env.local.root / "source.txt").read_text() == "s3://bars/registry\nhttp://127.0.0.1:9\n"
+    assert (other.local.root / "source.txt").read_text() == "s3://bars/registry\nhttp://127.0.0.1:10\n"
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    default = ObjectRegistry("s3://bars/registry", tmp_path, skip_instance_cache=True)
+    assert default.identity == "s3://bars/registry at the default endpoint"
+    assert default.mirror().local.root not in (from_env.local.root, other.local.root)
+
+
+def test_a_version_the_store_no_longer_lists_leaves_the_local_copy(s3_registry):
+    for weights in (b"one", b"two", b"three"):
+        publish_bytes(s3_registry, "m", weights)
+    s3_registry.set_alias("m", "3", "prod")
+    mirror = s3_registry.mirror()
+    assert mirror.sync().copied == ["m:1", "m:2", "m:3"]
+    assert mirror.local.aliases("m") == {"latest": 3, "prod": 3}
+
+    s3_registry.fs.rm(f"{s3_registry.root}/m/3", recursive=True)
+    assert mirror.sync() == Changes(removed=["m:3"])
+    assert mirror.local.versions("m") == [1, 2]
+    assert mirror.local.aliases("m") == {"latest": 2}  # the store's aliases.json still says prod: 3, a version it no longer has
+    assert s3_registry.mirror().sync() == Changes()  # a restart finds the copy as the store is
+
+    # Removed while no copy was running: a restart takes it out; a number published again is copied again.
+    s3_registry.fs.rm(f"{s3_registry.root}/m/1", recursive=True)
+    assert publish_bytes(s3_registry, "m", b"three again") == 3
+    restarted = s3_registry.mirror()
+    assert restarted.sync() == Changes(copied=["m:3"], removed=["m:1"])
+    assert (restarted.local.version_dir("m", 3) / WEIGHTS).read_bytes() == b"three again"
+
+    # A name gone from the store is gone from the copy.
+    s3_registry.fs.rm(f"{s3_registry.root}/m", recursive=True)
+    assert restarted.sync() == Changes(removed=["m:2", "m:3"])
+    assert restarted.local.names() == [] and restarted.local.aliases("m") == {}
+
+
+def test_a_recreated_bucket_replaces_the_copies_of_its_versions(s3_registry):
+    bucket = s3_registry.root.split("/")[0]
+
+    def recreate_with(weights: bytes) -> None:
+        s3_registry.fs.rm(bucket, recursive=True)  # the objects and the bucket
+        s3_registry.fs.mkdir(bucket)
+        assert publish_bytes(s3_registry, "m", weights) == 1
+
+    publish_bytes(s3_registry, "m", b"old")
+    mirror = s3_registry.mirror()
+    assert mirror.sync().copied == ["m:1"]
+
+    recreate_with(b"new")
+    assert mirror.sync() == Changes(replaced=["m:1"])
+    assert (mirror.local.version_dir("m", 1) / WEIGHTS).read_bytes() == b"new"
+    assert mirror.local.manifest("m", 1)["sha256"] == sha256_bytes(b"new") == s3_registry.manifest("m", 1)["sha256"]
+
+    # After a restart too: the copy is checked against the store's manifest once, and replaced.
+    recreate_with(b"newer")
+    restarted = s3_registry.mirror()
+    assert restarted.sync() == Changes(replaced=["m:1"])
+    assert (restarted.local.version_dir("m", 1) / WEIGHTS).read_bytes() == b"newer"
+    assert restarted.sync() == Changes()
+
+    # Other contents that cannot be copied (weights that do not match their manifest): the old copy is taken out all the same.
+    recreate_with(b"newest")
+    s3_registry.fs.call_s3("put_object", Bucket=bucket, Key="registry/m/1/" + WEIGHTS, Body=b"tampered")
+    assert restarted.sync() == Changes(removed=["m:1"])
+    assert restarted.local.versions("m") == [] and "sha256" in restarted.refused["m:1"]
 
 
 def test_train_publishes_to_object_storage_and_loads_back(s3_registry, tmp_path):

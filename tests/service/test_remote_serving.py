@@ -16,7 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
+from aeserve.models.registry import NotFoundError
 from aeserve.models.remote import ObjectRegistry
+from aeserve.service.runtime.store import ModelStore
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
 from tests.s3 import ENV, free_port, start_s3_server, wait_until
@@ -88,3 +90,125 @@ def test_serving_from_s3_follows_new_versions_and_survives_an_outage_and_a_resta
             server.wait()
         store.kill()
         store.wait()
+
+
+def test_the_store_follows_its_registry_url_when_versions_are_deleted_or_replaced(s3_bucket, tmp_path):
+    """In process: what a poll does to the versions served, without a server."""
+    url = f"{s3_bucket}/registry"
+    registry = ObjectRegistry(url, tmp_path / "trainer-cache", skip_instance_cache=True)
+    assert [train(digits_run("digits", "pca"), registry, progress=False) for _ in range(2)] == [1, 2]
+    mirror = ObjectRegistry(url, tmp_path / "cache", skip_instance_cache=True).mirror()
+    store = ModelStore(mirror.local, source=mirror)
+    assert store.refresh() == ["digits:1", "digits:2"]
+    old = store.get("digits", "1")
+
+    registry.fs.rm(f"{registry.root}/digits/2", recursive=True)
+    assert store.refresh() == []
+    with pytest.raises(NotFoundError, match=r"no loaded version or alias '2'; versions: \[1\]"):
+        store.get("digits", "2")
+    assert store.get("digits").version == 1 and store.entry("digits").aliases == {"latest": 1}
+    assert (store.source_removed, store.source_replaced) == (1, 0)
+
+    bucket = s3_bucket.removeprefix("s3://")
+    registry.fs.rm(bucket, recursive=True)
+    registry.fs.mkdir(bucket)
+    assert train(digits_run("digits", "linear", epochs=1), registry, progress=False) == 1
+    assert store.refresh() == ["digits:1"]
+    new = store.get("digits", "1")
+    assert new is not old and new.manifest["sha256"] == registry.manifest("digits", 1)["sha256"] != old.manifest["sha256"]
+    assert (store.source_removed, store.source_replaced) == (1, 1)
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    assert server.wait(30) in (0, -signal.SIGTERM)
+
+
+def encode_version(base: str, version: int) -> httpx.Response:
+    return httpx.post(f"{base}/v1/models/digits/versions/{version}/encode", json={"inputs": np.ones((2, 64)).tolist()}, timeout=10)
+
+
+def metric(base: str, name: str) -> float:
+    line = next(line for line in httpx.get(f"{base}/metrics").text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
+@pytest.mark.slow
+def test_a_version_deleted_from_the_store_stops_being_served_while_running_and_after_a_restart(s3_server, s3_bucket, tmp_path):
+    url, log, servers = f"{s3_bucket}/registry", tmp_path / "server.log", []
+    registry = ObjectRegistry(url, tmp_path / "trainer-cache", skip_instance_cache=True)
+    assert [train(digits_run("digits", "pca"), registry, progress=False) for _ in range(3)] == [1, 2, 3]
+    try:
+        server, base = serve(url, tmp_path / "cache", s3_server, log)
+        servers.append(server)
+        wait_until(lambda: httpx.get(f"{base}/health/ready").status_code == 200, 60, "ready")
+        assert encode(base).headers["X-Model-Version"] == "3"
+
+        registry.fs.rm(f"{registry.root}/digits/3", recursive=True)
+        wait_until(lambda: encode_version(base, 3).status_code == 404, 30, "version 3 no longer served")
+        assert encode_version(base, 3).json() == {
+            "detail": "model 'digits' has no loaded version or alias '3'; versions: [1, 2], aliases: ['latest']"}
+        assert encode(base).headers["X-Model-Version"] == "2"
+        assert "no longer serving digits:3: the registry " + url in log.read_text()
+        assert metric(base, "aeserve_registry_removed_versions") == 1.0
+
+        stop(server)
+        server, base = serve(url, tmp_path / "cache", s3_server, log)
+        servers.append(server)
+        wait_until(lambda: httpx.get(f"{base}/health/ready").status_code == 200, 60, "ready after the restart")
+        assert encode_version(base, 3).status_code == 404
+        assert encode(base).headers["X-Model-Version"] == "2"
+        assert httpx.get(f"{base}/v1/models").json()["models"] == [{"name": "digits", "versions": ["1", "2"], "aliases": {"latest": "2"}}]
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.slow
+def test_a_recreated_bucket_serves_its_new_weights_after_a_restart_and_while_running(s3_server, s3_bucket, tmp_path):
+    url, log, servers = f"{s3_bucket}/registry", tmp_path / "server.log", []
+    registry = ObjectRegistry(url, tmp_path / "trainer-cache", skip_instance_cache=True)
+    bucket = s3_bucket.removeprefix("s3://")
+
+    def recreate_with(epochs: int) -> str:
+        """The bucket deleted and made again, with other weights published as version 1; their sha256."""
+        registry.fs.rm(bucket, recursive=True)
+        registry.fs.mkdir(bucket)
+        assert train(digits_run("digits", "linear", epochs=epochs), registry, progress=False) == 1
+        return registry.manifest("digits", 1)["sha256"]
+
+    def served(base: str) -> str:
+        return httpx.get(f"{base}/v1/models/digits/versions/1").json().get("sha256")
+
+    def expected_codes() -> np.ndarray:
+        return registry.load("digits", 1).encode(np.ones((2, 64), np.float32))
+
+    assert train(digits_run("digits", "pca"), registry, progress=False) == 1
+    try:
+        server, base = serve(url, tmp_path / "cache", s3_server, log)
+        servers.append(server)
+        wait_until(lambda: httpx.get(f"{base}/health/ready").status_code == 200, 60, "ready")
+        old = served(base)
+        stop(server)
+
+        # Recreated while the server is down: the restart finds its copy differs from the store, and replaces it.
+        new = recreate_with(epochs=1)
+        assert new != old
+        server, base = serve(url, tmp_path / "cache", s3_server, log)
+        servers.append(server)
+        wait_until(lambda: httpx.get(f"{base}/health/ready").status_code == 200, 60, "ready after the restart")
+        assert served(base) == new
+        np.testing.assert_allclose(encode(base).json()["outputs"], expected_codes(), rtol=1e-5, atol=1e-6)
+        assert metric(base, "aeserve_registry_replaced_versions") == 1.0
+        assert f"digits:1 in {url} differs from the local copy (its manifest changed): replaced" in log.read_text()
+
+        # Recreated while it runs: a poll brings the new weights.
+        newer = recreate_with(epochs=2)
+        assert newer not in (old, new)
+        wait_until(lambda: served(base) == newer, 30, "the new version 1 served")
+        np.testing.assert_allclose(encode(base).json()["outputs"], expected_codes(), rtol=1e-5, atol=1e-6)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
