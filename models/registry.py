@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_version, sha256_bytes
+from aeserve.models.storage import install_hint, is_url, local_path, registry_location
 from aeserve.models.version import ModelVersion
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -76,11 +77,6 @@ class Registry:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.location = str(self.root)
-
-    @staticmethod
-    def default_root(explicit: str | None = None) -> Path:
-        """``--registry``, else ``$AESERVE_REGISTRY``, else ``./registry``."""
-        return Path(explicit or os.environ.get("AESERVE_REGISTRY") or "registry")
 
     # --- reading ---------------------------------------------------------------
 
@@ -310,22 +306,17 @@ def version_files(manifest: dict[str, Any], weights: bytes, extra_files: dict[st
 
 
 def open_registry(location: str | os.PathLike[str] | None = None, cache: str | os.PathLike[str] | None = None) -> Any:
-    """The registry at ``location`` (``--registry``), else ``$AESERVE_REGISTRY``, else ``./registry``.
+    """The registry at ``location`` (``registry_location``: ``--registry``, else ``$AESERVE_REGISTRY``, else ``./registry``).
 
     A plain path or ``file://`` URL is a local folder (``Registry``); any other URL (``s3://``, ``gs://``, …) is
     object storage through fsspec (``ObjectRegistry``), copied into ``cache`` for loading.
     """
-    where = str(location or os.environ.get("AESERVE_REGISTRY") or "registry")
-    scheme, sep, rest = where.partition("://")
-    if not sep or len(scheme) < 2:  # a path (a one-letter scheme is a Windows drive)
-        return Registry(where)
-    if scheme == "file":
-        return Registry(rest)
+    where = registry_location(location)
+    if not is_url(where):
+        return Registry(local_path(where))
     from aeserve.models.remote import ObjectRegistry
 
     try:
         return ObjectRegistry(where, cache)
     except (ImportError, ValueError) as e:  # fsspec knows the scheme but its package is not installed, or does not know it
-        extra = {"s3": "aeserve[s3]", "s3a": "aeserve[s3]", "gs": "aeserve[gcs]", "gcs": "aeserve[gcs]"}.get(scheme)
-        hint = f"; install {extra}" if extra else ""
-        raise RegistryError(f"cannot open the registry {where}: {e}{hint}") from None
+        raise RegistryError(f"cannot open the registry {where}: {e}{install_hint(where)}") from None

@@ -21,13 +21,13 @@ import simdjson
 from starlette.types import Receive
 
 from aeserve.models.images import IMAGE_MEDIA_TYPES, ImageTooLarge, open_image, size_and_channels, to_pixels
+from aeserve.models.npy import FLOAT32_MAX, read_header
 from aeserve.models.registry import is_number
 from aeserve.service.errors import Invalid, Malformed, TooLarge, TooManyRows, UnsupportedMedia
 
 NPY = "application/x-npy"
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 Body = bytes | bytearray  # a request body as read_body returns it
 NPY_HEADER_BYTES = 10_012  # magic, version and length (at most 12 bytes), then a header of at most 10,000
 # Image bodies are refused by the size their headers declare, before decoding: a small file can declare a huge image
@@ -285,11 +285,11 @@ def _rows_from_npy(body: Body) -> np.ndarray:
     """A view of the array inside the body, without copying it."""
     stream = io.BytesIO(body[:NPY_HEADER_BYTES])
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f".npy format version {version} is not supported; use 1.0 or 2.0 (numpy.save writes 1.0)")
-        shape, fortran_order, dtype = read_header(stream, max_header_size=NPY_HEADER_BYTES - 12)
+        header = read_header(stream, max_header_size=NPY_HEADER_BYTES - 12)
+        if header is None:
+            stream.seek(0)
+            raise ValueError(f".npy format version {np.lib.format.read_magic(stream)} is not supported; use 1.0 or 2.0 (numpy.save writes 1.0)")
+        shape, fortran_order, dtype = header
     except (ValueError, OSError, EOFError, SyntaxError) as e:
         raise Malformed(f"malformed .npy body: {e}") from None
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

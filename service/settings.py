@@ -8,11 +8,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aeserve.models.storage import DEFAULT_REGISTRY
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AESERVE_", extra="ignore")
 
-    registry: str = Field(default="registry", description="registry: a folder, or a URL (s3://bucket/prefix, gs://bucket/prefix, file://...)")
+    registry: str = Field(default=DEFAULT_REGISTRY, description="registry: a folder, or a URL (s3://bucket/prefix, gs://bucket/prefix, file://...)")
     cache: Path | None = Field(default=None, description="where versions from a registry URL are copied, verified by sha256 (unset: ~/.cache/aeserve)")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the service to the network")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")

@@ -17,10 +17,10 @@ import numpy as np
 
 from aeserve.models.checkpoint import CheckpointError
 from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name, open_registry
+from aeserve.models.storage import DEFAULT_REGISTRY, REGISTRY_VARIABLE, is_url
 from aeserve.training.config import load_run_config
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import DataError
-from aeserve.training.data.locations import is_url
 from aeserve.training.data.rows import ModelRows
 from aeserve.training.data.sources import load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
@@ -29,7 +29,7 @@ from aeserve.training.recipes import recipe_run_config
 from aeserve.training.report import REPORT_DIR, render_report
 from aeserve.training.trainer import encode_all, project_codes, train
 
-REGISTRY_HELP = "a folder or a URL: s3://bucket/prefix, gs://bucket/prefix, file://... (default: $AESERVE_REGISTRY or ./registry)"
+REGISTRY_HELP = f"a folder or a URL: s3://bucket/prefix, gs://bucket/prefix, file://... (default: ${REGISTRY_VARIABLE} or ./{DEFAULT_REGISTRY})"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

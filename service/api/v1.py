@@ -18,13 +18,13 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
 from aeserve.models.images import IMAGE_MEDIA_TYPES
+from aeserve.models.npy import FLOAT32_MAX
 from aeserve.models.outputs import CODE_FORMS, OUTPUTS
 from aeserve.service import pipeline
 from aeserve.service.api.errors import V1, MethodNotAllowed, openapi_errors
 from aeserve.service.api.models import lookup
 from aeserve.service.auth import check_api_key
 from aeserve.service.codec import (
-    FLOAT32_MAX,
     JSON,
     MULTIPART,
     NPY,

@@ -2,11 +2,12 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from aeserve.models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
-from aeserve.models.registry import NotFoundError, Registry, RegistryError
+from aeserve.models.registry import NotFoundError, RegistryError
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
 
@@ -89,12 +90,16 @@ def test_version_folder_symlinked_out_of_the_registry_is_refused(published, tmp_
         published.load("digits")
 
 
-def test_default_root(monkeypatch):
+def test_the_registry_is_the_flag_else_the_variable_else_a_folder_here(monkeypatch, tmp_path):
+    from aeserve.models.registry import open_registry
+
     monkeypatch.delenv("AESERVE_REGISTRY", raising=False)
-    assert str(Registry.default_root()) == "registry"
+    monkeypatch.chdir(tmp_path)
+    assert open_registry().root == Path("registry")
     monkeypatch.setenv("AESERVE_REGISTRY", "/srv/reg")
-    assert str(Registry.default_root()) == "/srv/reg"
-    assert str(Registry.default_root("/x")) == "/x"
+    assert open_registry().root == Path("/srv/reg")
+    assert open_registry("/x").root == Path("/x")
+    assert open_registry("file:///y").root == Path("/y")
 
 
 def test_publishing_leaves_no_lock_even_when_it_fails(registry, monkeypatch):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aeserve.models.npy import FLOAT32_MAX, read_header
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import CHUNK_ROWS, DataError, Dataset, RowsOnDemand, chunks, is_lazy, split_off_test
 from aeserve.training.data.locations import HEADER_BYTES, RemoteFile, open_file, opened, require_file
@@ -103,7 +104,6 @@ class RemoteArray(RowsOnDemand):
         return block[where[order]]
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # a finite float64 beyond it becomes infinite as the model's float32
 
 
 def beyond_float32(values: np.ndarray) -> np.ndarray:
@@ -151,14 +151,11 @@ def check_finite(path: Path | RemoteFile, x: np.ndarray) -> np.ndarray:
 
 
 def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype] | None:
-    """(shape, fortran_order, dtype) of the .npy that ``f`` is at, left at its data; None for a newer header version."""
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-    if read_header is None:
-        return None
-    shape, fortran_order, dtype = read_header(f)
-    if dtype.hasobject:
-        raise ValueError(f"Python objects in dtype {dtype}; arrays are read without pickle")
-    return shape, fortran_order, dtype
+    """``read_header``, refusing a dtype of Python objects (arrays are read without pickle)."""
+    header = read_header(f)
+    if header is not None and header[2].hasobject:
+        raise ValueError(f"Python objects in dtype {header[2]}; arrays are read without pickle")
+    return header
 
 
 def _array_at(where: Path | RemoteFile, offset: int, shape: tuple[int, ...], fortran_order: bool, dtype: np.dtype):

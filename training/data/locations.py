@@ -13,22 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from aeserve.models.storage import install_hint, is_url, local_path
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import DataError
 
 REMOTE_BLOCK_BYTES = 8 * 2**20  # what one read of a table or archive from a URL fetches (ahead, for sequential reads)
 HEADER_BYTES = 64 * 2**10  # what a read of a header (.npy, zip member, CSV header line) from a URL fetches
-
-
-REMOTE_BLOCK_BYTES = 8 * 2**20  # what one read of a table or archive from a URL fetches (ahead, for sequential reads)
-HEADER_BYTES = 64 * 2**10  # what a read of a header (.npy, zip member, CSV header line) from a URL fetches
 GAP_BYTES = 64 * 2**10  # rows of a gather at most this far apart are fetched as one range: cheaper than another request
-
-
-def is_url(path: str) -> bool:
-    """Whether ``path`` names object storage (``s3://``, ``gs://``, …) rather than a local path or ``file://`` URL."""
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and len(scheme) > 1 and scheme != "file"  # a one-letter scheme is a Windows drive
 
 
 @dataclass(frozen=True)
@@ -92,7 +83,7 @@ class RemoteFile:
 def location(path: str) -> Path | RemoteFile:
     """A local path (also from a ``file://`` URL), or a file or folder in object storage."""
     if not is_url(path):
-        return Path(path.removeprefix("file://"))
+        return Path(local_path(path))
     import fsspec
 
     url = path.rstrip("/")
@@ -101,8 +92,7 @@ def location(path: str) -> Path | RemoteFile:
         # file missing from a cached listing of its folder for a file that is not there).
         fs, fs_path = fsspec.core.url_to_fs(url, use_listings_cache=False)
     except (ImportError, ValueError, TypeError) as e:  # the scheme's package is not installed, or fsspec does not know it
-        extra = {"s3": "aeserve[s3]", "s3a": "aeserve[s3]", "gs": "aeserve[gcs]", "gcs": "aeserve[gcs]"}.get(url.partition("://")[0])
-        raise DataError(f"{url}: cannot be read ({e}){f'; install {extra}' if extra else ''}") from None
+        raise DataError(f"{url}: cannot be read ({e}){install_hint(url)}") from None
     return RemoteFile(url, fs, fs_path.rstrip("/"))
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aeserve.training.data.arrays import FLOAT32_MAX, beyond_float32, check_finite
+from aeserve.models.npy import FLOAT32_MAX
+from aeserve.training.data.arrays import beyond_float32, check_finite
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import DataError, Dataset, split_off_test
 from aeserve.training.data.locations import HEADER_BYTES, RemoteFile, open_file, opened, require_file
