@@ -4,9 +4,9 @@
 
 (from the repository root, which makes ``benchmarks`` importable.)
 
-1. Agreement, in-process: each model's latest version is loaded on the CPU and on --device; the four operations on
+1. Agreement, in-process: each model's latest version is loaded on the CPU and on --device; encode, decode, reconstruct and project on
    fresh random inputs of 1, 7 and 300 rows are compared by relative error ||device - cpu|| / ||cpu||.
-2. Agreement, served: `aeserve serve --device DEVICE` on 127.0.0.1; the Python client calls the four operations of
+2. Agreement, served: `aeserve serve --device DEVICE` on 127.0.0.1; the Python client calls those four operations of
    every model (.npy), encode also as JSON; each answer must match the CPU's and name the model and version.
 3. Speed, for --model: in-process encode at 1 to 10,000 rows on the CPU and on the device, on torch as the server
    runs it (the first call after the server's warm-up, then the median); a 10,000-row .npy encode over HTTP against

@@ -116,7 +116,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 class ServiceApp:
-    """The ASGI app: the four operations go straight to their handler, every other request to FastAPI.
+    """The ASGI app: the operations (service/operations.py) go straight to their handler, every other request to FastAPI.
 
     On this hot path FastAPI's per-request routing, dependency solving and middleware stack cost more than the model
     call, so ``POST /v1/models/{name}[/versions/{version}]/{op}`` is dispatched directly (docs/serving.md, "Costs the

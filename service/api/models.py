@@ -1,4 +1,4 @@
-"""Model routes: the list, manifests, published files and reload. The four operations are in operations.py."""
+"""Model routes: the list, manifests, published files and reload. The operations (encode, decode, …) are declared in operations.py."""
 from __future__ import annotations
 
 import asyncio
