@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from aeserve.models.checkpoint import MANIFEST, WEIGHTS, ModelVersion, sha256_bytes
+from aeserve.models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
 from aeserve.models.registry import (
     ALIASES,
     NAME_PATTERN,
@@ -49,6 +49,7 @@ from aeserve.models.registry import (
     valid_aliases,
     version_files,
 )
+from aeserve.models.version import ModelVersion
 
 log = logging.getLogger("aeserve.registry")
 

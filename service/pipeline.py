@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.outputs import CODE_FORMS, Call
 from aeserve.models.streams import StreamError, StreamFormat
+from aeserve.models.version import ModelVersion
 from aeserve.service.codec import check_finite_outputs, validate_rows
 from aeserve.service.errors import Invalid
 from aeserve.service.runtime.batcher import Batcher

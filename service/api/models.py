@@ -7,8 +7,8 @@ import re
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.registry import NotFoundError
+from aeserve.models.version import ModelVersion
 from aeserve.service.api.errors import V1, openapi_errors
 from aeserve.service.codec import JSON, json_bytes
 from aeserve.service.errors import NotFound, NotReady

@@ -27,9 +27,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 import aeserve
-from aeserve.models.checkpoint import ModelVersion
 from aeserve.models.outputs import CODE_FORMS, FROM_CODES, OUTPUTS, Call
 from aeserve.models.registry import is_number
+from aeserve.models.version import ModelVersion
 from aeserve.service import pipeline
 from aeserve.service.api.errors import V2, openapi_errors
 from aeserve.service.api.health import readiness

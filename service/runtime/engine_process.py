@@ -54,7 +54,7 @@ from aeserve.models.preprocessing import Preprocessing
 from aeserve.service.runtime.onnx import OnnxVersion, graphs_serve
 
 if TYPE_CHECKING:
-    from aeserve.models.checkpoint import ModelVersion
+    from aeserve.models.version import ModelVersion
 
 log = logging.getLogger("aeserve.engine")
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from aeserve.models.checkpoint import ModelVersion
+    from aeserve.models.version import ModelVersion
     from aeserve.service.runtime.onnx import OnnxVersion
 
 log = logging.getLogger("aeserve.onnx")

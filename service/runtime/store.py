@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aeserve.models.checkpoint import CheckpointError, ModelVersion
+from aeserve.models.checkpoint import CheckpointError
 from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name, is_number
+from aeserve.models.version import ModelVersion
 from aeserve.service.errors import NotReady
-from aeserve.service.runtime.engines import one_torch_thread
+from aeserve.service.runtime.torch_engine import one_torch_thread
 
 if TYPE_CHECKING:
     from aeserve.models.remote import Changes, Mirror
