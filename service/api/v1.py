@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from aeserve.models.images import IMAGE_MEDIA_TYPES
 from aeserve.models.npy import FLOAT32_MAX
 from aeserve.models.outputs import CODE_FORMS, OUTPUTS
+from aeserve.models.version import ModelVersion
 from aeserve.service import pipeline
 from aeserve.service.api.errors import V1, MethodNotAllowed, openapi_errors
 from aeserve.service.api.models import lookup
@@ -40,7 +41,7 @@ from aeserve.service.codec import (
     wants_npy,
 )
 from aeserve.service.errors import Invalid, NotFound, UnsupportedMedia
-from aeserve.service.operations import OPERATIONS
+from aeserve.service.operations import OPERATIONS, Operation
 from aeserve.service.runtime.store import ModelStore
 from aeserve.service.tables import TableRows
 
@@ -168,64 +169,107 @@ def _inputs_schema(shapes: dict[tuple[int, ...], float], tables: list[list[dict]
     return {**rows, "anyOf": [{"items": form} for form in forms]}
 
 
+def _refs(store: ModelStore, name: str) -> list[str]:
+    """What a request may name a loaded version of ``name`` by: its numbers and its aliases."""
+    entry = store.entry(name)
+    return [*map(str, sorted(entry.versions)), *sorted(entry.aliases)]
+
+
+def _name_parameter(names: list[str] | None) -> dict[str, Any]:
+    return {"name": "name", "in": "path", "required": True, "schema": {"type": "string", **({"enum": names} if names else {})}}
+
+
+def _version_parameter(refs: list[str] | None) -> dict[str, Any]:
+    return {"name": "version", "in": "path", "required": True, "description": "a version number or an alias",
+            "schema": {"type": "string", **({"enum": refs} if refs else {})}}
+
+
+def _at(post: dict[str, Any], path_parameters: list[dict[str, Any]], operation_id: str) -> dict[str, dict]:
+    return {"post": {**post, "operationId": operation_id, "parameters": [*path_parameters, *post["parameters"]]}}
+
+
 def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
-    """OpenAPI path items for the operations, with rows shaped as the loaded versions take them."""
-    versions = [store.get(name, str(number)) for name, number in store.loaded()] if store.loaded_once else []
+    """OpenAPI path items for the operations, each admitting exactly the rows of the versions its route reaches.
+
+    A body's schema cannot depend on a path parameter. Where every loaded version takes the same rows, one path item
+    per route serves every name (``{name}`` and ``{version}``, enums of the loaded ones); where they differ, each name
+    has its own (``/v1/models/NAME/op``), and each version of it too where its versions differ among themselves.
+    """
     names = store.names() if store.loaded_once else []  # the names a request uses: the registry's folders
-    refs = sorted({ref for name in names for ref in [*map(str, store.entry(name).versions), *store.entry(name).aliases]})
-    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", **({"enum": names} if names else {})}}
-    version = {"name": "version", "in": "path", "required": True, "description": "a version number or an alias",
-               "schema": {"type": "string", **({"enum": refs} if refs else {})}}
+    paths: dict[str, dict] = {}
+    for op, operation in OPERATIONS.items():
+        reached: dict[tuple[str, str], dict[str, Any]] = {}  # (name, version or alias) -> the operation there
+        for name in names:
+            for ref in _refs(store, name):
+                version = store.get(name, ref)
+                if not operation.streams or version.streams is not None:  # compress, decompress: versions of kind rd
+                    reached[name, ref] = _post(operation, [version], max_rows)
+        if not names and not operation.streams:  # nothing loaded yet: rows of numbers, any name
+            post = _post(operation, [], max_rows)
+            paths[f"/v1/models/{{name}}/{op}"] = _at(post, [_name_parameter(None)], f"{op}_latest")
+            paths[f"/v1/models/{{name}}/versions/{{version}}/{op}"] = _at(post, [_name_parameter(None), _version_parameter(None)],
+                                                                           f"{op}_versioned")
+        posts = list(reached.values())
+        if posts and all(post == posts[0] for post in posts):  # one path item per route serves every name
+            latest = sorted({name for name, ref in reached if ref == "latest"})
+            if latest:
+                paths[f"/v1/models/{{name}}/{op}"] = _at(posts[0], [_name_parameter(latest)], f"{op}_latest")
+            paths[f"/v1/models/{{name}}/versions/{{version}}/{op}"] = _at(
+                posts[0], [_name_parameter(sorted({name for name, _ in reached})), _version_parameter(sorted({ref for _, ref in reached}))],
+                f"{op}_versioned")
+            continue
+        for name in sorted({name for name, _ in reached}):
+            mine = {ref: post for (other, ref), post in reached.items() if other == name}
+            if "latest" in mine:
+                paths[f"/v1/models/{name}/{op}"] = _at(mine["latest"], [], f"{op}_{name}_latest")
+            first = next(iter(mine.values()))
+            if all(post == first for post in mine.values()):  # its versions take the same rows
+                paths[f"/v1/models/{name}/versions/{{version}}/{op}"] = _at(first, [_version_parameter(sorted(mine))], f"{op}_{name}_versioned")
+                continue
+            for ref, post in mine.items():
+                paths[f"/v1/models/{name}/versions/{ref}/{op}"] = _at(post, [], f"{op}_{name}_{ref}")
+    return paths
+
+
+def _post(operation: Operation, versions: list[ModelVersion], max_rows: int) -> dict[str, Any]:
+    """The OpenAPI operation for ``versions`` (none: nothing is loaded), without its path parameters."""
+    answers_codes = "code" in operation.call.outputs and not operation.streams
+    shapes: dict[tuple[int, ...], float] = {}
+    tables = []
+    for v in versions:
+        table, bound = TableRows.of(v.manifest), pipeline.value_bound(v, operation.call)
+        if table is not None and operation.call.takes == "inputs":
+            tables.append(_table_rows(table, bound))
+            continue
+        shape = pipeline.row_shape(v, operation.call)
+        shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), bound)
+    inputs = _inputs_schema(shapes, tables, max_rows) if operation.streams != "unpack" else STREAMS_SCHEMA
+    content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}}
+    if operation.call.takes == "inputs" and any(is_image_version(v.manifest) for v in versions):
+        content.update({media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES})
+        content[MULTIPART] = {"schema": {"type": "object", "properties": {"images": {
+            "type": "array", "items": {"type": "string", "format": "binary"}, "description": "image files, one a part, in row order"}}}}
+    body = {"required": True, "content": content,
+            "description": "JSON: compressed streams, as compress answers them" if operation.streams == "unpack" else
+                           f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}; to a version trained on images, also "
+                           "one image file, or several as multipart/form-data"}
+    answer = {"model": {"type": "string"}, "version": {"type": "string"}}
+    answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
+    if operation.streams == "pack":
+        answer["outputs"] = STREAMS_SCHEMA
+    if answers_codes:
+        answer.update({key: {"type": "array", "items": {"type": "number"}, "description": f"with codes={form}"}
+                       for key, form in (("scale", "int8"), ("threshold", "binary"))})
+    answers = {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys], "properties": answer}}}
+    if operation.streams != "pack":  # streams are answered in JSON only
+        answers[NPY] = {}
+    responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
+                         "content": answers}}
+    responses.update({str(status): response for status, response in openapi_errors(V1, STATUSES).items()})
     forms = list(CODE_FORMS) if any(v.code_quantization is not None for v in versions) else ["float"]
     codes = {"name": "codes", "in": "query", "required": False, "schema": {"type": "string", "enum": forms, "default": "float"},
              "description": "the codes' form: float (float32, the model's own), int8 (the answer's scale: code ~ scale * q) or binary "
                             "(bits code > threshold, 8 per byte, first dimension in the first byte's high bit: rows of "
                             "ceil(code_dim / 8) bytes 0-255); int8 and binary are for versions published with them"}
-    paths: dict[str, dict] = {}
-    # compress and decompress: listed only for names whose versions have an entropy model (the others answer 422).
-    coded = [n for n in names if all(v.streams is not None for v in store.entry(n).versions.values())]
-    for op, operation in OPERATIONS.items():
-        if operation.streams and not coded:
-            continue
-        answers_codes = "code" in operation.call.outputs and not operation.streams
-        shapes: dict[tuple[int, ...], float] = {}
-        tables = []
-        for v in versions:
-            if operation.streams and v.name not in coded:
-                continue  # a version without an entropy model takes no rows here (422)
-            table, bound = TableRows.of(v.manifest), pipeline.value_bound(v, operation.call)
-            if table is not None and operation.call.takes == "inputs":
-                tables.append(_table_rows(table, bound))
-                continue
-            shape = pipeline.row_shape(v, operation.call)
-            shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), bound)
-        inputs = _inputs_schema(shapes, tables, max_rows) if operation.streams != "unpack" else STREAMS_SCHEMA
-        content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}}
-        if operation.call.takes == "inputs" and any(is_image_version(v.manifest) for v in versions):
-            content.update({media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES})
-            content[MULTIPART] = {"schema": {"type": "object", "properties": {"images": {
-                "type": "array", "items": {"type": "string", "format": "binary"}, "description": "image files, one a part, in row order"}}}}
-        body = {"required": True, "content": content,
-                "description": "JSON: compressed streams, as compress answers them" if operation.streams == "unpack" else
-                               f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}; to a version trained on images, also "
-                               "one image file, or several as multipart/form-data"}
-        answer = {"model": {"type": "string"}, "version": {"type": "string"}}
-        answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
-        if operation.streams == "pack":
-            answer["outputs"] = STREAMS_SCHEMA
-        if answers_codes:
-            answer.update({key: {"type": "array", "items": {"type": "number"}, "description": f"with codes={form}"}
-                           for key, form in (("scale", "int8"), ("threshold", "binary"))})
-        answers = {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys], "properties": answer}}}
-        if operation.streams != "pack":  # streams are answered in JSON only
-            answers[NPY] = {}
-        responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
-                             "content": answers}}
-        responses.update({str(status): response for status, response in openapi_errors(V1, STATUSES).items()})
-        named = {**name, "schema": {"type": "string", "enum": coded}} if operation.streams else name
-        for path, parameters, suffix in ((f"/v1/models/{{name}}/{op}", [named], "latest"),
-                                         (f"/v1/models/{{name}}/versions/{{version}}/{op}", [named, version], "versioned")):
-            paths[path] = {"post": {"tags": ["models"], "summary": operation.summary, "operationId": f"{op}_{suffix}",
-                                    "parameters": [*parameters, *([codes] if answers_codes else [])], "requestBody": body,
-                                    "responses": responses}}
-    return paths
+    return {"tags": ["models"], "summary": operation.summary, "parameters": [codes] if answers_codes else [], "requestBody": body,
+            "responses": responses}

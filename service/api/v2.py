@@ -48,11 +48,15 @@ DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8"
 ANSWER_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int8): "INT8", np.dtype(np.uint8): "UINT8"}
 TAKES = {"input": "inputs", "code": "codes", "stream": "streams"}  # input tensor name -> what its rows are
 STREAM = "stream"  # compressed streams (BYTES): the output of compress, the input of decompress
+# An input tensor. Its rows are its first dimension (at least one; a scalar, shape [], holds none); its values are in ``data``, or
+# with the binary extension in the bytes that the parameter ``binary_data_size`` counts.
 TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
-    "name": {"type": "string", "enum": list(TAKES)}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "name": {"type": "string", "enum": list(TAKES)},
+    "shape": {"type": "array", "minItems": 1, "prefixItems": [{"type": "integer", "minimum": 1}], "items": {"type": "integer", "minimum": 0}},
     "datatype": {"type": "string", "enum": sorted([*DATATYPES, "BYTES"])},
     "data": {"type": "array", "items": {"type": ["number", "string"]}, "description": "numbers; for BYTES, base64 strings"},
-    "parameters": {"type": "object"}}}
+    "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}}},
+    "anyOf": [{"required": ["data"]}, {"required": ["parameters"], "properties": {"parameters": {"required": ["binary_data_size"]}}}]}
 INFER_BODY = {"requestBody": {"required": True, "description": (
     "One input tensor, 'input' (data), 'code' (to decode) or 'stream' (BYTES [n], to decompress), its data's length the "
     "product of its shape; with the binary tensor data extension the JSON header is followed by the tensor's bytes "
@@ -166,7 +170,7 @@ def _input_tensor(spec: Any, binary: memoryview, offset: int, may_hold_booleans:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise Invalid("each input must be an object with a name, shape, datatype and data")
     name, shape, datatype = spec["name"], spec.get("shape"), spec.get("datatype")
-    if datatype not in DATATYPES and datatype != "BYTES":
+    if not isinstance(datatype, str) or (datatype not in DATATYPES and datatype != "BYTES"):
         raise Invalid(f"input {name!r}: datatype {datatype!r} is not one of {sorted([*DATATYPES, 'BYTES'])}")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise Invalid(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
@@ -185,7 +189,10 @@ def _input_tensor(spec: Any, binary: memoryview, offset: int, may_hold_booleans:
         array = _numbers(spec.get("data"), name, datatype, may_hold_booleans)
         if array.size != count:
             raise Invalid(f"input {name!r}: shape {shape} needs {count} values, data has {array.size}")
-    return name, array.reshape(shape), offset
+    try:
+        return name, array.reshape(shape), offset
+    except ValueError:  # a 0 in the shape lets the others be beyond what an array can have
+        raise Invalid(f"input {name!r}: shape {shape} has more dimensions, or larger ones, than an array can have") from None
 
 
 def _binary_data_size(spec: dict[str, Any], name: str) -> int | None:

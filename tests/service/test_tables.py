@@ -112,3 +112,30 @@ def test_bad_table_rows_name_the_row_and_the_column(table_registry, rows, messag
         wait_ready(client.get)
         response = client.post("/v1/models/rows/encode", json={"inputs": rows})
     assert response.status_code == 422 and response.json()["detail"].startswith(message)
+
+
+def test_each_name_has_its_own_operations_where_the_loaded_versions_take_different_rows(table_registry, tmp_path):
+    """A body's schema cannot depend on the path's {name}: beside a digits version, the table's code rows (2 numbers)
+    are admitted on its own decode route only, and the digits' (4) on theirs."""
+    import shutil
+
+    from tests.conftest import digits_run
+
+    registry = Registry(tmp_path / "registry")
+    shutil.copytree(table_registry.root / "rows", registry.root / "rows")
+    train(digits_run("digits-pca", "pca"), registry, progress=False)
+    with make_client(registry) as client:
+        wait_ready(client.get)
+        paths = client.get("/openapi.json").json()["paths"]
+        assert "/v1/models/{name}/decode" not in paths and "/v1/models/{name}/versions/{version}/decode" not in paths
+        for name, width in (("rows", 2), ("digits-pca", 4)):
+            for path in (f"/v1/models/{name}/decode", f"/v1/models/{name}/versions/{{version}}/decode"):
+                inputs = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["inputs"]
+                assert (inputs["items"]["minItems"], inputs["items"]["maxItems"]) == (width, width), path
+            (version,) = paths[f"/v1/models/{name}/versions/{{version}}/decode"]["post"]["parameters"]
+            assert version["schema"]["enum"] == ["1", "latest"]
+        digits_rows = paths["/v1/models/digits-pca/encode"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["inputs"]
+        assert [form["items"]["maxItems"] for form in digits_rows["anyOf"]] == [64, 8]  # flat or nested, no table rows
+        # what the shared document used to admit for every name: digits codes, sent to the table
+        response = client.post("/v1/models/rows/decode", json={"inputs": [[0.0, 0.0, 0.0, 0.0]]})
+        assert (response.status_code, response.json()) == (422, {"detail": "each row must be 2 numbers; got rows of shape [4]"})

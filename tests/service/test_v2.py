@@ -187,3 +187,34 @@ def test_binary_data_parameters_are_booleans(live, trained_registry):
     response = infer(live, code("FP32", [0.0] * 4, parameters={"binary_data_output": "false"}))
     assert response.status_code == 400
     assert response.json() == {"error": "the request parameter binary_data_output must be true or false, got 'false'"}
+
+
+DATATYPES = "['BYTES', 'FP16', 'FP32', 'FP64', 'INT16', 'INT32', 'INT64', 'INT8', 'UINT16', 'UINT8']"
+
+
+@pytest.mark.parametrize("tensor,message", [
+    ({"name": "input", "shape": [1, 64], "datatype": {}, "data": [0.0] * 64}, f"input 'input': datatype {{}} is not one of {DATATYPES}"),
+    ({"name": "code", "shape": [1, 4], "datatype": ["FP32"], "data": [0.0] * 4}, f"input 'code': datatype ['FP32'] is not one of {DATATYPES}"),
+    ({"name": "code", "shape": [0, 2**40, 2**40], "datatype": "FP32", "data": []},
+     "input 'code': shape [0, 1099511627776, 1099511627776] has more dimensions, or larger ones, than an array can have"),
+    ({"name": "code", "shape": [0] * 70, "datatype": "FP32", "data": []},
+     f"input 'code': shape {[0] * 70} has more dimensions, or larger ones, than an array can have"),
+], ids=["datatype-object", "datatype-list", "huge-shape", "too-many-dimensions"])
+def test_a_malformed_tensor_is_a_400_not_a_500(live, tensor, message):
+    response = infer(live, {"inputs": [tensor]})
+    assert (response.status_code, response.json()) == (400, {"error": message})
+
+
+def test_the_document_admits_no_tensor_without_rows_or_values(live):
+    jsonschema = pytest.importorskip("jsonschema")
+    document = httpx.get(f"{live.url}/openapi.json").json()
+    body = document["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    refused = {"inputs": [{"datatype": "FP16", "name": "code", "shape": []}]}  # a scalar: no rows, and no data
+    response = infer(live, refused)
+    assert (response.status_code, response.json()) == (400, {"error": "input 'code': data must be a list of numbers of datatype FP16, got null"})
+    for tensor in ({"datatype": "FP16", "name": "code", "shape": []}, {"datatype": "FP16", "name": "code", "shape": [], "data": [0.0]},
+                   {"datatype": "FP16", "name": "code", "shape": [0, 4], "data": []}, {"datatype": "FP16", "name": "code", "shape": [1, 4]}):
+        assert not jsonschema.Draft202012Validator(body).is_valid({"inputs": [tensor]}), tensor
+        assert infer(live, {"inputs": [tensor]}).status_code == 400
+    admitted = {"inputs": [{"datatype": "FP16", "name": "code", "shape": [1, 4], "data": [0.0] * 4}]}
+    assert jsonschema.Draft202012Validator(body).is_valid(admitted) and infer(live, admitted).status_code == 200
