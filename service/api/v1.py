@@ -28,7 +28,7 @@ from aeserve.service.codec import (
     JSON,
     MULTIPART,
     NPY,
-    body_kind,
+    body_format,
     image_rows,
     is_image_version,
     json_bytes,
@@ -76,7 +76,7 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     check_api_key(settings.api_key, _text(headers.get(b"authorization")))
     version = lookup(state.store, name, ref, context)
     codes = code_option(scope["query_string"]) if scope.get("query_string") else "float"
-    kind = body_kind(_text(headers.get(b"content-type")))
+    sent_as = body_format(_text(headers.get(b"content-type")))
     body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
     table = TableRows.of(version.manifest)
     call, keys = operation.for_version(table is not None)
@@ -86,15 +86,15 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
         if codes != "float":
             raise Invalid(f"codes={codes} applies to encode; {op} answers {'streams' if op == 'compress' else 'inputs'}")
     if operation.streams == "unpack":
-        if kind != JSON:
+        if sent_as != JSON:
             raise UnsupportedMedia(f'decompress takes {JSON}: {{"inputs": ["<base64 stream>", ...]}}, as compress answers')
         array = await run_in_threadpool(pipeline.unpack, version, parse_streams(body))
-    elif kind not in (JSON, NPY):  # image files (one, or a part each): decoded as the training images were
+    elif sent_as not in (JSON, NPY):  # image files (one, or a part each): decoded as the training images were
         array = await run_in_threadpool(image_rows, body, version.manifest, call.takes, _text(headers.get(b"content-type")), settings.max_rows)
-    elif table is not None and kind == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
+    elif table is not None and sent_as == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
         array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
     else:
-        array = parse_rows(kind, body)
+        array = parse_rows(sent_as, body)
     outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows, codes=codes)
     if call.takes == "inputs":  # data comes back flat or nested, as it was sent
         outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
