@@ -20,11 +20,12 @@ again (``engines.py``).
 Protocol, over a Unix socket pair; the child answers each request before it
 reads the next, so answers come in the order of the requests:
 
-- request: ``REQUEST`` (kind, call, slot, rows, payload bytes), then the
-  payload: for LOAD, a JSON description (graph sizes, preprocessing, held-out
-  error quantiles) and the graphs' ONNX bytes; for CALL, the rows as float32.
-  ``call`` packs a ``Call``: bit 0 for rows of codes, then three bits per
-  wanted output (its index in ``OUTPUTS``, plus one).
+- request: ``REQUEST`` (request type, packed call, slot, rows, payload bytes),
+  then the payload: for LOAD, a JSON description (graph sizes, preprocessing,
+  held-out error quantiles) and the graphs' ONNX bytes; for CALL, the rows as
+  float32. The packed call (``pack_call``) is a ``Call`` in 64 bits: bit 0 for
+  rows of codes, then each wanted output as its index in ``OUTPUTS`` plus one,
+  in as many bits as the largest such number needs.
 - answer: ``ANSWER`` (status, payload bytes), then the outputs as float32, one
   after the other, or an error message.
 
@@ -58,9 +59,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aeserve.engine")
 
-REQUEST = struct.Struct("<BIIII")  # kind, call, slot, rows, payload bytes
+REQUEST = struct.Struct("<BQIII")  # request type, packed call, slot, rows, payload bytes
 ANSWER = struct.Struct("<BI")  # status, payload bytes
-LOAD, CALL = 0, 1
+LOAD, CALL = 0, 1  # request types
+PACKED_CALL_BITS = 64  # REQUEST's "Q"
 OK, FAILED = 0, 1
 LOAD_TIMEOUT_S = 120.0
 
@@ -73,18 +75,26 @@ OUTPUT_NAMES = list(OUTPUTS)
 
 
 def pack_call(call: Call) -> int:
-    code = int(call.takes == "codes")
+    """``call`` as one number for REQUEST: bit 0 for rows of codes, then each output's index in OUTPUT_NAMES plus one
+    (0 ends the list), each in the bits the largest index needs: a new output widens them, and never wraps into the
+    next. ValueError when the outputs do not fit in PACKED_CALL_BITS."""
+    width = len(OUTPUT_NAMES).bit_length()
+    if 1 + width * len(call.outputs) > PACKED_CALL_BITS:
+        raise ValueError(f"a call of {len(call.outputs)} outputs, {width} bits each, does not fit the engine process's "
+                         f"{PACKED_CALL_BITS}-bit call field; widen REQUEST's call field")
+    packed = int(call.takes == "codes")
     for i, name in enumerate(call.outputs):
-        code |= (OUTPUT_NAMES.index(name) + 1) << (1 + 3 * i)
-    return code
+        packed |= (OUTPUT_NAMES.index(name) + 1) << (1 + width * i)
+    return packed
 
 
-def unpack_call(code: int) -> Call:
-    outputs, rest = [], code >> 1
+def unpack_call(packed: int) -> Call:
+    width = len(OUTPUT_NAMES).bit_length()
+    outputs, rest = [], packed >> 1
     while rest:
-        outputs.append(OUTPUT_NAMES[(rest & 7) - 1])
-        rest >>= 3
-    return Call("codes" if code & 1 else "inputs", tuple(outputs))
+        outputs.append(OUTPUT_NAMES[(rest & ((1 << width) - 1)) - 1])
+        rest >>= width
+    return Call("codes" if packed & 1 else "inputs", tuple(outputs))
 
 
 class EngineProcess:
@@ -205,12 +215,13 @@ class _Channel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
-    def send(self, kind: int, op: int, slot: int, rows: int, parts: list[bytes], finish: Callable[[Any], Any]) -> asyncio.Future:
+    def send(self, request_type: int, packed_call: int, slot: int, rows: int, parts: list[bytes],
+             finish: Callable[[Any], Any]) -> asyncio.Future:
         """Send one request whose payload is ``parts``; the future gets ``finish(answer payload)``, or EngineProcessError."""
         if self.lost is not None:
             raise self.lost
         future = asyncio.get_running_loop().create_future()
-        header = REQUEST.pack(kind, op, slot, rows, sum(len(part) for part in parts))
+        header = REQUEST.pack(request_type, packed_call, slot, rows, sum(len(part) for part in parts))
         if len(parts) == 1:
             self.transport.write(header + parts[0])  # a call: one write
         else:
@@ -293,19 +304,19 @@ def serve(sock: socket.socket) -> None:
     """Answer requests until the server closes its end."""
     versions: dict[int, OnnxVersion] = {}
     while (header := _receive(sock, REQUEST.size)) is not None:
-        kind, op, slot, rows, size = REQUEST.unpack(header)  # op: a packed Call
+        request_type, packed_call, slot, rows, size = REQUEST.unpack(header)
         payload = _receive(sock, size)
         if payload is None:
             return
         try:
-            if kind == LOAD:
+            if request_type == LOAD:
                 versions[slot] = _load(payload)
                 del payload
                 release_freed_memory()  # the graphs' bytes, now inside the sessions
                 outputs: tuple[np.ndarray, ...] = ()
             else:
                 x = np.frombuffer(payload, dtype=np.float32).reshape(rows, -1)
-                outputs = versions[slot].run(unpack_call(op), x)
+                outputs = versions[slot].run(unpack_call(packed_call), x)
         except Exception as e:  # onnxruntime's own error types among them; the server falls back for this call
             message = f"{type(e).__name__}: {e}".encode()
             sock.sendall(ANSWER.pack(FAILED, len(message)) + message)
