@@ -81,11 +81,11 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     table = TableRows.of(version.manifest)
     call, keys = operation.for_version(table is not None)
     objects = False
-    if operation.streams:
+    if operation.uses_streams:
         pipeline.streams_of(version, op)  # refused before reading rows, for a version without an entropy model
         if codes != "float":
-            raise Invalid(f"codes={codes} applies to encode; {op} answers {'streams' if op == 'compress' else 'inputs'}")
-    if operation.streams == "unpack":
+            raise Invalid(f"codes={codes} applies to encode; {op} answers {'streams' if operation.answers_streams else 'inputs'}")
+    if operation.takes_streams:
         if sent_as != JSON:
             raise UnsupportedMedia(f'decompress takes {JSON}: {{"inputs": ["<base64 stream>", ...]}}, as compress answers')
         array = await run_in_threadpool(pipeline.unpack, version, parse_streams(body))
@@ -98,9 +98,9 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows, codes=codes)
     if call.takes == "inputs":  # data comes back flat or nested, as it was sent
         outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
-    if operation.streams == "pack":  # entropy coding takes time per row: off the event loop (docs/serving.md)
+    if operation.answers_streams:  # entropy coding takes time per row: off the event loop (docs/serving.md)
         outputs = ([base64.b64encode(stream).decode() for stream in await run_in_threadpool(pipeline.pack, version, outputs[0])],)
-    if wants_npy(_text(headers.get(b"accept"))) and operation.streams != "pack":  # streams have no .npy form: JSON
+    if wants_npy(_text(headers.get(b"accept"))) and not operation.answers_streams:  # streams have no .npy form: JSON
         content, media = npy_bytes(outputs[0]), NPY
     else:
         answer: dict[str, Any] = dict(zip(keys, outputs, strict=True))
@@ -185,13 +185,13 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
     # compress and decompress: listed only for names whose versions have an entropy model (the others answer 422).
     coded = [n for n in names if all(v.streams is not None for v in store.entry(n).versions.values())]
     for op, operation in OPERATIONS.items():
-        if operation.streams and not coded:
+        if operation.uses_streams and not coded:
             continue
-        answers_codes = "code" in operation.call.outputs and not operation.streams
+        answers_codes = "code" in operation.call.outputs and not operation.uses_streams
         shapes: dict[tuple[int, ...], float] = {}
         tables = []
         for v in versions:
-            if operation.streams and v.name not in coded:
+            if operation.uses_streams and v.name not in coded:
                 continue  # a version without an entropy model takes no rows here (422)
             table, bound = TableRows.of(v.manifest), pipeline.value_bound(v, operation.call)
             if table is not None and operation.call.takes == "inputs":
@@ -199,30 +199,30 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
                 continue
             shape = pipeline.row_shape(v, operation.call)
             shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), bound)
-        inputs = _inputs_schema(shapes, tables, max_rows) if operation.streams != "unpack" else STREAMS_SCHEMA
+        inputs = STREAMS_SCHEMA if operation.takes_streams else _inputs_schema(shapes, tables, max_rows)
         content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}}
         if operation.call.takes == "inputs" and any(is_image_version(v.manifest) for v in versions):
             content.update({media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES})
             content[MULTIPART] = {"schema": {"type": "object", "properties": {"images": {
                 "type": "array", "items": {"type": "string", "format": "binary"}, "description": "image files, one a part, in row order"}}}}
         body = {"required": True, "content": content,
-                "description": "JSON: compressed streams, as compress answers them" if operation.streams == "unpack" else
+                "description": "JSON: compressed streams, as compress answers them" if operation.takes_streams else
                                f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}; to a version trained on images, also "
                                "one image file, or several as multipart/form-data"}
         answer = {"model": {"type": "string"}, "version": {"type": "string"}}
         answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
-        if operation.streams == "pack":
+        if operation.answers_streams:
             answer["outputs"] = STREAMS_SCHEMA
         if answers_codes:
             answer.update({key: {"type": "array", "items": {"type": "number"}, "description": f"with codes={form}"}
                            for key, form in (("scale", "int8"), ("threshold", "binary"))})
         answers = {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys], "properties": answer}}}
-        if operation.streams != "pack":  # streams are answered in JSON only
+        if not operation.answers_streams:  # streams are answered in JSON only
             answers[NPY] = {}
         responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
                              "content": answers}}
         responses.update({str(status): response for status, response in openapi_errors(V1, STATUSES).items()})
-        named = {**name, "schema": {"type": "string", "enum": coded}} if operation.streams else name
+        named = {**name, "schema": {"type": "string", "enum": coded}} if operation.uses_streams else name
         for path, parameters, suffix in ((f"/v1/models/{{name}}/{op}", [named], "latest"),
                                          (f"/v1/models/{{name}}/versions/{{version}}/{op}", [named, version], "versioned")):
             paths[path] = {"post": {"tags": ["models"], "summary": operation.summary, "operationId": f"{op}_{suffix}",
