@@ -46,7 +46,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -97,6 +97,14 @@ def unpack_call(packed: int) -> Call:
     return Call("codes" if packed & 1 else "inputs", tuple(outputs))
 
 
+class LoadedVersion(NamedTuple):
+    """A version loaded into the child: held, so that its id() is not reused; its slot there; the graphs it has."""
+
+    version: ModelVersion
+    slot: int
+    graphs: frozenset[str]
+
+
 class EngineProcess:
     """The server's side of the engine process: start the child, load versions into it, run their calls there."""
 
@@ -104,8 +112,7 @@ class EngineProcess:
         self._child: subprocess.Popen | None = None
         self._channel: _Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # id(version) -> (version, slot, the graphs it has); holding the version keeps its id from being reused.
-        self._versions: dict[int, tuple[ModelVersion, int, frozenset[str]]] = {}
+        self._versions: dict[int, LoadedVersion] = {}  # by id(version)
         self._slots = 0
 
     async def start(self) -> None:
@@ -131,7 +138,7 @@ class EngineProcess:
         """Wait until the child has exited; the versions it served (torch in the server serves them now)."""
         if self._channel is not None:
             await asyncio.shield(self._channel.closed)
-        versions = [version for version, _, _ in self._versions.values()]
+        versions = [loaded.version for loaded in self._versions.values()]
         self._versions.clear()
         return versions
 
@@ -145,7 +152,7 @@ class EngineProcess:
                                   "quantiles": version.quantiles.tolist()}).encode()
         parts = [struct.pack("<I", len(description)), description, *graphs.values()]
         await self._channel.send(LOAD, 0, slot, 0, parts, lambda answer: None)
-        self._versions[id(version)] = (version, slot, frozenset(graphs))
+        self._versions[id(version)] = LoadedVersion(version, slot, frozenset(graphs))
 
     def take(self, version: ModelVersion, graphs: dict[str, bytes]) -> None:
         """From another thread (the registry refresh): ``load`` the version; if that fails, torch serves it (logged)."""
@@ -158,12 +165,12 @@ class EngineProcess:
         log.info("small batches of %s run in the engine process", key)
 
     def serves(self, version: ModelVersion, call: Call) -> bool:
-        entry = self._versions.get(id(version))
-        return entry is not None and graphs_serve(entry[2], call) and self.up
+        loaded = self._versions.get(id(version))
+        return loaded is not None and graphs_serve(loaded.graphs, call) and self.up
 
     def run(self, version: ModelVersion, call: Call, rows: np.ndarray) -> asyncio.Future:
         """``call`` on ``rows`` in the child; the future gets the outputs as a tuple of arrays."""
-        _, slot, _ = self._versions[id(version)]
+        slot = self._versions[id(version)].slot
         n = len(rows)
         shapes = tuple(OUTPUTS[name].row_shape(version) for name in call.outputs)
         data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
