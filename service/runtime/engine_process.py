@@ -4,11 +4,9 @@ In the server alone, every small batch went to a model thread and back: the
 thread woke, waited for the GIL that the busy event loop held, ran the graph,
 took the GIL back and handed the answer over. Here the loop writes the rows to
 a socket, and the child, which shares no GIL with it, answers on that socket;
-the loop reads it like any other connection. Under wrk (single-row JSON encode,
-32 connections, two servers side by side on the 2-core VM, 8 alternating
-pairs) a prototype served 13 % more requests per second than the model
-threads, every pair higher. The same child called from a model thread that
-blocked on the socket served 10 % fewer than the loop-driven one.
+the loop reads it like any other connection, with no model thread blocked on
+it in between (the measurements: docs/serving.md, "Costs the code is shaped
+by").
 
 The child imports numpy and ONNX Runtime, not torch, and runs the same code as
 the in-process ONNX engine (``onnx.py``), so its answers are that engine's, bit

@@ -6,8 +6,8 @@ A deployment chooses its engine (``Settings.engine``, ``Settings.device``):
   a queue, so the event loop never blocks).
 - ``onnx`` (the default on the CPU): calls under ``SMALL_BATCH_ROWS`` rows run on ONNX Runtime, bigger ones on
   torch with every core. In the server torch lets go of the GIL at each operator and waits for the busy event loop
-  to hand it back; an ONNX Runtime session runs a whole graph in one call, and its kernels are faster on few rows
-  (``benchmarks/model_threads.py``). From about 128 rows on torch on both cores is faster. The small batches run in
+  to hand it back; an ONNX Runtime session runs a whole graph in one call, and does better on few rows, torch on
+  every core on many (where they cross: docs/serving.md, "Costs the code is shaped by"). The small batches run in
   the engine process (``engine_process.py``), which the event loop feeds directly and which shares no GIL with it,
   or with ``engine_process`` off on the server's model threads (``OnnxThreads``).
 
