@@ -31,6 +31,9 @@ class Config:
     """Base of the config dataclasses; ``section`` is their TOML table, the prefix of keys in error messages."""
 
     section: ClassVar[str] = ""
+    # Keys renamed since versions were published: old name -> current name. Manifests and configs that use the old
+    # name still build; the config holds the current one.
+    renamed_keys: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         from pydantic import ValidationError
@@ -51,12 +54,24 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any], kind: str | None = None) -> Self:
         """Build from a config table, refusing unknown keys; ``kind`` (the table's kind, if it has one) is named in that error."""
+        values = cls.current_keys(values)
         allowed = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             of_kind = f" for {cls.section}.kind {kind!r}" if kind else ""
             raise ValueError(f"unknown key(s) {[f'{cls.section}.{key}' for key in unknown]}{of_kind}; allowed: {allowed}")
         return cls(**values)
+
+    @classmethod
+    def current_keys(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with each old key name (``renamed_keys``) replaced by its current name; ValueError if both are there."""
+        values = dict(values)
+        for old, new in cls.renamed_keys.items():
+            if old in values:
+                if new in values:
+                    raise ValueError(f"{cls.section}.{old} is the old name of {cls.section}.{new}; give one of them, not both")
+                values[new] = values.pop(old)
+        return values
 
 
 @functools.cache

@@ -2,8 +2,8 @@
 
 Between convolutions, either a pointwise activation or GDN (generalized divisive normalization, the compression
 models' nonlinearity: each channel divided by a learned norm of all channels at that pixel; its inverse in the
-decoder). GDN's joint normalisation fits images' local statistics better than a pointwise unit does, at about 1.6 ×
-the cost per epoch (docs/benchmarks.md, "Quality", has the comparison behind configs/fmnist-64d.toml).
+decoder). GDN's joint normalisation fits images' local statistics better than a pointwise unit does, at a higher
+cost per epoch (docs/benchmarks.md, "Quality", has the comparison behind configs/fmnist-64d.toml).
 """
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ def export_onnx(version: ModelVersion, out: Path) -> list[Path]:
 
 class _Graphs(nn.Module):
     """A version's graphs as one module, ``(x, z) -> (encode(x), decode(z)[, project(z)])``: one export call builds the
-    exporter's operator table once (about 1.8 s of each call), and ``onnx.utils.Extractor`` then cuts out each graph."""
+    exporter's operator table once (a fixed cost of every call: docs/serving.md, "Costs the code is shaped by"), and
+    ``onnx.utils.Extractor`` then cuts out each graph."""
 
     def __init__(self, model: nn.Module, projector: nn.Module | None) -> None:
         super().__init__()

@@ -48,7 +48,7 @@ class PCAProjector(nn.Module):
         # Fitted state, set by fit().
         self.register_buffer("mean", torch.zeros(code_dim))
         self.register_buffer("components", torch.zeros(2, code_dim))
-        if code_dim >= 2:  # the first two axes; not torch.eye, which on the meta device imports torch._dynamo (1 s)
+        if code_dim >= 2:  # the first two axes; not torch.eye, which on the meta device imports torch._dynamo (docs/serving.md)
             self.components.diagonal().fill_(1.0)
 
     def fit(self, codes: torch.Tensor) -> dict[str, Any]:

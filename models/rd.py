@@ -1,7 +1,7 @@
 """A compression autoencoder: convolutions with GDN, quantized latents and a learned entropy model (kind "rd").
 
 Ballé, Laparra & Simoncelli 2017, sized for small images: two stride-2 stages down to an (M, H/4, W/4) latent and
-back. Training minimises rate + lambda * distortion, with uniform noise standing in for rounding; at test time the
+back. Training minimises rate + distortion_weight * distortion (the paper's lambda), with uniform noise standing in for rounding; at test time the
 latents are rounded, and ``encode`` answers exactly the integers a compressed stream carries (so ``reconstruct`` shows
 what ``decompress`` gives back). The lecture's remark that autoencoders do not compress "for free" is this module: the
 code must be quantized, and its rate measured and traded against the distortion.
@@ -25,11 +25,13 @@ from aeserve.models.entropy import GDN, RADIUS, FactorizedPrior, bits
 class RDConfig(ModelConfig):
     channels: Size = 64  # N: the transforms' width
     latent_channels: Size = 8  # M: the latent's channels; the code is (M, H/4, W/4), flattened
-    lmbda: Positive = 0.01  # distortion weight: loss = bits per image + lmbda * 255^2 * squared error per image
+    # loss = bits per image + distortion_weight * 255^2 * squared error per image (Ballé et al.'s lambda)
+    distortion_weight: Positive = 0.01
     # "channel": one learned density per latent channel, shared by its positions (Ballé et al.); "position": one per
     # latent value, for data whose images are aligned (centred objects, a fixed frame), where a background position's
     # values are far more predictable than the channel's as a whole. Either way the tables are fixed: no side information.
     prior: Literal["channel", "position"] = "channel"
+    renamed_keys = {"lmbda": "distortion_weight"}  # versions published before the rename, and their configs, say lmbda
     # No code_dim: the code is the latent, latent_channels * (H/4) * (W/4) integers.
 
 
@@ -90,7 +92,7 @@ class RDAutoencoder(Autoencoder):
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         rate, distortion = self.rate_distortion(x, noisy=True)
-        return (rate + self.config.lmbda * 255**2 * distortion).mean()
+        return (rate + self.config.distortion_weight * 255**2 * distortion).mean()
 
     def coding_tables(self) -> tuple[np.ndarray, np.ndarray]:
         return self.prior.pmf.detach().cpu().numpy(), self.channel_of().numpy()

@@ -7,19 +7,19 @@ with ``latest`` kept at the highest version.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_version, sha256_bytes
 from aeserve.models.storage import install_hint, is_url, local_path, registry_location
@@ -71,6 +71,43 @@ def write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextmanager
+def exclusive_lock(path: Path, blocking: bool = True, on_acquired: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` while the block runs; without ``blocking``, filelock.Timeout at once
+    when another holds it. ``on_acquired(fd)`` may write into the file, for whoever finds it held.
+
+    filelock's flock: the kernel lets go when the process ends, however it ends. The file is removed on the way out, so
+    nothing is left behind; that is safe because a waiter whose lock lands on the removed file sees it unlinked and
+    starts again on the file the path names then (filelock checks), and a file another holder made since is left alone.
+    No soft fallback: on a filesystem without flock it fails rather than leave a lock a killed process cannot release.
+    """
+    held: list[os.stat_result] = []
+
+    def acquired(fd: int) -> None:
+        held.append(os.fstat(fd))
+        if on_acquired is not None:
+            on_acquired(fd)
+
+    lock = FileLock(path, blocking=blocking, fallback_to_soft=False, on_acquired=acquired)
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+            break
+        except FileNotFoundError:  # the folder was removed in between, by a holder that finished
+            continue
+    try:
+        yield
+    finally:
+        try:
+            if os.path.samestat(os.stat(path), held[-1]):
+                path.unlink()  # before unlocking: a waiter then finds the path gone or new, never shared
+        except FileNotFoundError:
+            pass
+        finally:
+            lock.release()
 
 
 class Registry:
@@ -127,29 +164,10 @@ class Registry:
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[Path]:
-        """Hold ``<name>/.lock`` exclusively; the file is removed on the way out, so no run leaves a lock behind.
-
-        Removing it is safe because a waiter that got the lock on a file since removed (or replaced) sees that
-        the path no longer names the file it holds, and starts again on the current one.
-        """
+        """Hold ``<name>/.lock`` exclusively (``exclusive_lock``: no run leaves it behind); the name's folder."""
         folder = self._model_dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / LOCK
-        while True:
-            lock = open(path, "a+")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                held, current = os.fstat(lock.fileno()), os.stat(path)
-                if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
-                    break
-            except FileNotFoundError:
-                pass
-            lock.close()
-        try:
+        with exclusive_lock(folder / LOCK):
             yield folder
-        finally:
-            path.unlink(missing_ok=True)  # before unlocking: a waiter then finds the path gone or new, never shared
-            lock.close()
 
     def _write_aliases(self, folder: Path, aliases: dict[str, int]) -> None:
         data = aliases_json(aliases)

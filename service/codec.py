@@ -90,14 +90,14 @@ def media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
-def body_kind(content_type: str | None) -> str:
-    """JSON, NPY, an image media type or multipart/form-data for a request's Content-Type (none means JSON);
-    UnsupportedMedia for anything else."""
-    kind = media_type(content_type)
-    if kind not in ("", JSON, NPY, MULTIPART, *IMAGE_MEDIA_TYPES):
-        images = f", or to a version trained on images one image as {', '.join(IMAGE_MEDIA_TYPES)}" if kind.startswith("image/") else ""
-        raise UnsupportedMedia(f"unsupported Content-Type {kind!r}; send {JSON} or {NPY}{images}")
-    return kind or JSON
+def body_format(content_type: str | None) -> str:
+    """What a request body is sent as, by its Content-Type (none means JSON): JSON, NPY, an image media type or
+    multipart/form-data; UnsupportedMedia for anything else."""
+    sent_as = media_type(content_type)
+    if sent_as not in ("", JSON, NPY, MULTIPART, *IMAGE_MEDIA_TYPES):
+        images = f", or to a version trained on images one image as {', '.join(IMAGE_MEDIA_TYPES)}" if sent_as.startswith("image/") else ""
+        raise UnsupportedMedia(f"unsupported Content-Type {sent_as!r}; send {JSON} or {NPY}{images}")
+    return sent_as or JSON
 
 
 def is_image_version(manifest: dict[str, Any]) -> bool:
@@ -304,9 +304,9 @@ def _rows_from_npy(body: Body) -> np.ndarray:
     return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
-def parse_rows(kind: str, body: Body) -> np.ndarray:
-    """A body of ``kind`` (JSON or NPY) as an array of rows, not yet validated."""
-    return _rows_from_npy(body) if kind == NPY else _rows_from_json(body)
+def parse_rows(sent_as: str, body: Body) -> np.ndarray:
+    """A body sent as ``sent_as`` (JSON or NPY, as ``body_format`` tells) as an array of rows, not yet validated."""
+    return _rows_from_npy(body) if sent_as == NPY else _rows_from_json(body)
 
 
 def validate_rows(array: np.ndarray, row_shape: tuple[int, ...], max_rows: int, where: str = "",

@@ -18,12 +18,15 @@ class Operation:
     call: Call
     answer_keys: tuple[str, ...] = ("outputs",)  # one JSON key per output of the call, in its order
     table_outputs: dict[str, str] = field(default_factory=dict)  # output -> JSON key, answered too for a table version
-    # Compressed streams (versions with an entropy model): "pack" answers the codes as one byte string per row,
-    # "unpack" takes byte strings and decodes them into the call's codes.
-    streams: str = ""
+    # Compressed streams (versions with an entropy model): an operation that answers streams answers the codes as one
+    # byte string per row; one that takes streams decodes byte strings into the call's codes.
+    answers_streams: bool = False
+    takes_streams: bool = False
 
     def __post_init__(self) -> None:
         self.call.check()
+        if self.answers_streams and self.takes_streams:
+            raise ValueError(f"operation {self.name!r}: answers streams or takes them, not both")
         if len(self.answer_keys) != len(self.call.outputs):
             raise ValueError(f"operation {self.name!r}: one answer key per output, got {self.answer_keys} for {self.call.outputs}")
 
@@ -32,6 +35,11 @@ class Operation:
         if not is_table or not self.table_outputs:
             return self.call, self.answer_keys
         return Call(self.call.takes, (*self.call.outputs, *self.table_outputs)), (*self.answer_keys, *self.table_outputs.values())
+
+    @property
+    def uses_streams(self) -> bool:
+        """Whether it answers or takes compressed streams: only versions with an entropy model serve it."""
+        return self.answers_streams or self.takes_streams
 
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
@@ -43,7 +51,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("project", "Inputs -> 2-D map coordinates (n, 2).", Call("inputs", ("coordinates",))),
     Operation("compress", "Inputs -> one compressed byte string per row (base64 in JSON): the quantized code, entropy-coded, "
               "behind a 7-byte header naming the version. For versions with an entropy model (kind rd).",
-              Call("inputs", ("code",)), streams="pack"),
+              Call("inputs", ("code",)), answers_streams=True),
     Operation("decompress", "Compressed byte strings (base64 in JSON), as compress made them -> inputs (n, *input_shape). "
-              "A stream made by another version, or damaged, is refused (422).", Call("codes", ("reconstruction",)), streams="unpack"),
+              "A stream made by another version, or damaged, is refused (422).", Call("codes", ("reconstruction",)), takes_streams=True),
 )}

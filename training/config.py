@@ -86,9 +86,11 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
         raise ValueError(f"unknown top-level key(s) {unknown}; allowed: ['data', 'model', 'name', 'projector', 'train']")
     model = _section(values, "model")
     kind = _kind(model, "model")
+    model = MODEL_KINDS[kind].config_class.current_keys(model)  # a renamed key is kept, and recorded, by its current name
     MODEL_KINDS[kind].config_class.from_dict(model, kind)  # validate now, before any data is loaded
     projector = _section(values, "projector")
     projector_kind = _kind(projector, "projector")
+    projector = PROJECTOR_KINDS[projector_kind].config_class.current_keys(projector)
     PROJECTOR_KINDS[projector_kind].config_class.from_dict(projector, projector_kind)
     name = values.get("name")
     if not name:
@@ -143,12 +145,22 @@ def _drop_keys_of_the_old_kind(values: dict[str, Any], file_kinds: dict[str, str
         kind = table.get("kind", DEFAULT_KINDS[section])
         if kind == file_kind or kind not in KINDS[section]:
             continue
-        taken = {f.name for f in dataclasses.fields(KINDS[section][kind].config_class)} | {"kind"}
+        config_class = KINDS[section][kind].config_class
+        taken = {f.name for f in dataclasses.fields(config_class)} | set(config_class.renamed_keys) | {"kind"}
         dropped = sorted(key for key in table if key not in taken and (section, key) not in explicit)
         if dropped:
             values[section] = {key: value for key, value in table.items() if key not in dropped}
             print(f"note: {section}.kind changed from {file_kind!r} to {kind!r}: left out {', '.join(f'{section}.{key}' for key in dropped)} "
                   f"from the config file (kind {kind!r} does not take them)", file=sys.stderr)
+
+
+def _other_name(section: str, key: str) -> str | None:
+    """The other name of a renamed key of ``section`` (its old name for the current one, or the reverse), else None."""
+    for cls in KINDS.get(section, {}).values():
+        for old, new in cls.config_class.renamed_keys.items():
+            if key in (old, new):
+                return new if key == old else old
+    return None
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = (), name: str | None = None, seed: int | None = None,
@@ -172,6 +184,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), name: st
             if not isinstance(target, dict):
                 raise ValueError(f"--set {text!r}: {key!r} is not a table")
         target[keys[-1]] = value
+        if len(keys) == 2 and (other := _other_name(*keys)) is not None and (keys[0], other) not in explicit:
+            target.pop(other, None)  # the file's value under a renamed key's other name gives way to --set
         explicit.add(tuple(keys[:2]))
     _drop_keys_of_the_old_kind(values, file_kinds, explicit)
     if name is not None:

@@ -22,7 +22,7 @@ from typing import Any
 from aeserve.training.config import RunConfig, load_run_config, parse_override
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import DataError, Dataset
-from aeserve.training.data.locations import kind_of, location
+from aeserve.training.data.locations import Found, found_at, location
 from aeserve.training.data.sources import SOURCES, load_dataset
 from aeserve.training.data.tables import TABLE_SUFFIXES
 
@@ -37,7 +37,7 @@ STEPS_PER_EPOCH = 10
 def source_for(path: str) -> str:
     """The data source that reads ``path``: a table or an array by its suffix, or a folder of images (local or a URL)."""
     where = location(path)
-    if kind_of(where) == "directory":
+    if found_at(where) is Found.FOLDER:
         if "images" not in SOURCES:
             raise DataError(f"{path}: is a directory; image folders are not supported yet (give a table or a .npy/.npz array)")
         return "images"

@@ -14,21 +14,21 @@ seed, config or data never meet, and the same command finds its state again.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+from filelock import Timeout
 
-from aeserve.models.registry import fsync_dir, write_synced
+from aeserve.models.registry import exclusive_lock, fsync_dir, write_synced
 
 LATEST = "LATEST"
 LOCK = ".lock"
@@ -150,38 +150,27 @@ class TrainingState:
     def locked(self, name: str) -> Iterator[None]:
         """Hold the folder for the run ``name`` while the block runs; RunInProgress if another live run holds it.
 
-        An exclusive flock on ``<folder>/.lock``: the kernel releases it when the process ends, however it ends, so a
-        killed run leaves no stale lock. The file names the holder (pid, name, fingerprint) for the other run's message.
+        An exclusive lock on ``<folder>/.lock`` (``exclusive_lock``): the kernel releases it when the process ends,
+        however it ends, so a killed run leaves no stale lock. The holder writes its pid, name and fingerprint into the
+        file for the other run's message: filelock keeps no holder's pid for a flock, only for its soft locks.
         """
         path = self.folder / LOCK
-        fd = self._lock(path, name)
-        try:
+
+        def name_the_holder(fd: int) -> None:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"pid": os.getpid(), "name": name, "fingerprint": self.fingerprint}).encode(), 0)
-            yield
-        finally:
-            if _same_file(path, fd):
-                path.unlink()  # while still held: a run that opened it meanwhile sees it gone and takes a new one
-            os.close(fd)
 
-    def _lock(self, path: Path, name: str) -> int:
-        while True:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the folder was removed in between, by a run of it that just finished
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise RunInProgress(self._in_use(name, holder)) from None
-            # The holder may have finished and removed the file between our open and our flock: the lock then has
-            # to be taken on the file the path names now.
-            if _same_file(path, fd):
-                return fd
-            os.close(fd)
+        with ExitStack() as held:
+            while True:
+                try:
+                    held.enter_context(exclusive_lock(path, blocking=False, on_acquired=name_the_holder))
+                    break
+                except Timeout:
+                    holder = _holder(path)
+                    if holder is not None:
+                        raise RunInProgress(self._in_use(name, holder)) from None
+                    # The holder finished and removed the file between our open and our lock: try the path's file now.
+            yield
 
     def _in_use(self, name: str, holder: dict[str, Any]) -> str:
         pid = f"pid {holder['pid']}" if "pid" in holder else "pid unknown"
@@ -192,18 +181,12 @@ class TrainingState:
                 f"{self.folder}; wait for it to finish, or give this run another --state-dir")
 
 
-def _holder(fd: int) -> dict[str, Any]:
-    """What the lock file says of its holder; empty when the holder has not written it yet."""
+def _holder(path: Path) -> dict[str, Any] | None:
+    """What the lock file says of its holder: empty when the holder has not written it yet, None when the file is gone."""
     try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        holder = json.loads(path.read_bytes() or b"{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return holder if isinstance(holder, dict) else {}
-
-
-def _same_file(path: Path, fd: int) -> bool:
-    try:
-        named, held = os.stat(path), os.fstat(fd)
-        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
-    except FileNotFoundError:
-        return False

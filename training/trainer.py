@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +29,14 @@ from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_r
 from aeserve.training.state import LATEST, TrainingState, run_fingerprint, run_state_folder
 
 log = logging.getLogger("aeserve.training")
+
+
+class BestEpoch(NamedTuple):
+    """Early stopping's best epoch so far: its validation error, its number and its weights (a copy of the state dict)."""
+
+    val_sq_err: float
+    epoch: int
+    weights: dict[str, torch.Tensor]
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +77,9 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
     if saved is not None:
         state.restore(saved, model, optimiser, scheduler, shuffle)
         history, first_epoch = list(saved["history"]), saved["epoch"] + 1
-    # Early stopping: the best validation error so far, its epoch and its weights (a resumed run counts from where it resumes).
+    # Early stopping keeps the best epoch so far (a resumed run counts from where it resumes).
     stopping = bool(train.patience and len(x_val))
-    best = (history[-1]["val_sq_err"] if history else math.inf, first_epoch - 1, _copy_weights(model) if stopping else {})
+    best = BestEpoch(history[-1]["val_sq_err"] if history else math.inf, first_epoch - 1, _copy_weights(model) if stopping else {})
     started = time.monotonic()
     for epoch in range(first_epoch, train.epochs + 1):
         model.train()
@@ -107,14 +115,15 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
             print(f"epoch {epoch}/{train.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
                   + time_left(time.monotonic() - started, epoch - first_epoch + 1, train.epochs - epoch), file=sys.stderr)
         if stopping:
-            if record["val_sq_err"] < best[0]:
-                best = (record["val_sq_err"], epoch, _copy_weights(model))
-            elif epoch - best[1] >= train.patience:
+            if record["val_sq_err"] < best.val_sq_err:
+                best = BestEpoch(record["val_sq_err"], epoch, _copy_weights(model))
+            elif epoch - best.epoch >= train.patience:
                 break
-    if stopping and best[1] < history[-1]["epoch"]:
-        model.load_state_dict(best[2])
+    if stopping and best.epoch < history[-1]["epoch"]:
+        model.load_state_dict(best.weights)
         if progress:
-            print(f"stopped after epoch {history[-1]['epoch']}; kept the weights of epoch {best[1]} (val_sq_err {best[0]:.4f})", file=sys.stderr)
+            print(f"stopped after epoch {history[-1]['epoch']}; kept the weights of epoch {best.epoch} (val_sq_err {best.val_sq_err:.4f})",
+                  file=sys.stderr)
     return history
 
 

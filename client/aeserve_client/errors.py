@@ -41,7 +41,7 @@ _BY_STATUS: dict[int, type[AeserveError]] = {
 
 def error_for(status: int, detail: str, retry_after: float | None = None) -> AeserveError:
     """The exception for an error answer; statuses without a class of their own get the base class."""
-    kind = _BY_STATUS.get(status, AeserveError)
-    if kind is OverloadedError:
+    error_class = _BY_STATUS.get(status, AeserveError)
+    if error_class is OverloadedError:
         return OverloadedError(status, detail, retry_after)
-    return kind(status, detail)
+    return error_class(status, detail)

@@ -68,8 +68,8 @@ def protocol_of(path: str) -> Protocol:
 
 
 def status_of(error: ServiceError, protocol: Protocol) -> int:
-    kind = next(k for k in type(error).__mro__ if k in STATUSES)
-    return STATUSES[kind][protocol.column]
+    listed = next(cls for cls in type(error).__mro__ if cls in STATUSES)  # the error's class, or the nearest listed base
+    return STATUSES[listed][protocol.column]
 
 
 def headers_of(error: ServiceError) -> dict[str, str]:

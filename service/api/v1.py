@@ -29,7 +29,7 @@ from aeserve.service.codec import (
     JSON,
     MULTIPART,
     NPY,
-    body_kind,
+    body_format,
     image_rows,
     is_image_version,
     json_bytes,
@@ -77,31 +77,31 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     check_api_key(settings.api_key, _text(headers.get(b"authorization")))
     version = lookup(state.store, name, ref, context)
     codes = code_option(scope["query_string"]) if scope.get("query_string") else "float"
-    kind = body_kind(_text(headers.get(b"content-type")))
+    sent_as = body_format(_text(headers.get(b"content-type")))
     body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
     table = TableRows.of(version.manifest)
     call, keys = operation.for_version(table is not None)
     objects = False
-    if operation.streams:
+    if operation.uses_streams:
         pipeline.streams_of(version, op)  # refused before reading rows, for a version without an entropy model
         if codes != "float":
-            raise Invalid(f"codes={codes} applies to encode; {op} answers {'streams' if op == 'compress' else 'inputs'}")
-    if operation.streams == "unpack":
-        if kind != JSON:
+            raise Invalid(f"codes={codes} applies to encode; {op} answers {'streams' if operation.answers_streams else 'inputs'}")
+    if operation.takes_streams:
+        if sent_as != JSON:
             raise UnsupportedMedia(f'decompress takes {JSON}: {{"inputs": ["<base64 stream>", ...]}}, as compress answers')
         array = await run_in_threadpool(pipeline.unpack, version, parse_streams(body))
-    elif kind not in (JSON, NPY):  # image files (one, or a part each): decoded as the training images were
+    elif sent_as not in (JSON, NPY):  # image files (one, or a part each): decoded as the training images were
         array = await run_in_threadpool(image_rows, body, version.manifest, call.takes, _text(headers.get(b"content-type")), settings.max_rows)
-    elif table is not None and kind == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
+    elif table is not None and sent_as == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
         array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
     else:
-        array = parse_rows(kind, body)
+        array = parse_rows(sent_as, body)
     outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows, codes=codes)
     if call.takes == "inputs":  # data comes back flat or nested, as it was sent
         outputs = tuple(o.reshape(len(o), *sent_shape) if OUTPUTS[n].mirrors_input else o for n, o in zip(call.outputs, outputs, strict=True))
-    if operation.streams == "pack":  # entropy coding takes time per row: off the event loop (docs/serving.md)
+    if operation.answers_streams:  # entropy coding takes time per row: off the event loop (docs/serving.md)
         outputs = ([base64.b64encode(stream).decode() for stream in await run_in_threadpool(pipeline.pack, version, outputs[0])],)
-    if wants_npy(_text(headers.get(b"accept"))) and operation.streams != "pack":  # streams have no .npy form: JSON
+    if wants_npy(_text(headers.get(b"accept"))) and not operation.answers_streams:  # streams have no .npy form: JSON
         content, media = npy_bytes(outputs[0]), NPY
     else:
         answer: dict[str, Any] = dict(zip(keys, outputs, strict=True))
@@ -202,9 +202,9 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
         for name in names:
             for ref in _refs(store, name):
                 version = store.get(name, ref)
-                if not operation.streams or version.streams is not None:  # compress, decompress: versions of kind rd
+                if not operation.uses_streams or version.streams is not None:  # compress, decompress: versions of kind rd
                     reached[name, ref] = _post(operation, [version], max_rows)
-        if not names and not operation.streams:  # nothing loaded yet: rows of numbers, any name
+        if not names and not operation.uses_streams:  # nothing loaded yet: rows of numbers, any name
             post = _post(operation, [], max_rows)
             paths[f"/v1/models/{{name}}/{op}"] = _at(post, [_name_parameter(None)], f"{op}_latest")
             paths[f"/v1/models/{{name}}/versions/{{version}}/{op}"] = _at(post, [_name_parameter(None), _version_parameter(None)],
@@ -233,7 +233,7 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
 
 def _post(operation: Operation, versions: list[ModelVersion], max_rows: int) -> dict[str, Any]:
     """The OpenAPI operation for ``versions`` (none: nothing is loaded), without its path parameters."""
-    answers_codes = "code" in operation.call.outputs and not operation.streams
+    answers_codes = "code" in operation.call.outputs and not operation.uses_streams
     shapes: dict[tuple[int, ...], float] = {}
     tables = []
     for v in versions:
@@ -243,25 +243,25 @@ def _post(operation: Operation, versions: list[ModelVersion], max_rows: int) -> 
             continue
         shape = pipeline.row_shape(v, operation.call)
         shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), bound)
-    inputs = _inputs_schema(shapes, tables, max_rows) if operation.streams != "unpack" else STREAMS_SCHEMA
+    inputs = STREAMS_SCHEMA if operation.takes_streams else _inputs_schema(shapes, tables, max_rows)
     content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}}
     if operation.call.takes == "inputs" and any(is_image_version(v.manifest) for v in versions):
         content.update({media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES})
         content[MULTIPART] = {"schema": {"type": "object", "properties": {"images": {
             "type": "array", "items": {"type": "string", "format": "binary"}, "description": "image files, one a part, in row order"}}}}
     body = {"required": True, "content": content,
-            "description": "JSON: compressed streams, as compress answers them" if operation.streams == "unpack" else
+            "description": "JSON: compressed streams, as compress answers them" if operation.takes_streams else
                            f"JSON, or one .npy array of shape (n, ...) with Content-Type: {NPY}; to a version trained on images, also "
                            "one image file, or several as multipart/form-data"}
     answer = {"model": {"type": "string"}, "version": {"type": "string"}}
     answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
-    if operation.streams == "pack":
+    if operation.answers_streams:
         answer["outputs"] = STREAMS_SCHEMA
     if answers_codes:
         answer.update({key: {"type": "array", "items": {"type": "number"}, "description": f"with codes={form}"}
                        for key, form in (("scale", "int8"), ("threshold", "binary"))})
     answers = {JSON: {"schema": {"type": "object", "required": ["model", "version", *operation.answer_keys], "properties": answer}}}
-    if operation.streams != "pack":  # streams are answered in JSON only
+    if not operation.answers_streams:  # streams are answered in JSON only
         answers[NPY] = {}
     responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
                          "content": answers}}

@@ -4,11 +4,9 @@ In the server alone, every small batch went to a model thread and back: the
 thread woke, waited for the GIL that the busy event loop held, ran the graph,
 took the GIL back and handed the answer over. Here the loop writes the rows to
 a socket, and the child, which shares no GIL with it, answers on that socket;
-the loop reads it like any other connection. Under wrk (single-row JSON encode,
-32 connections, two servers side by side on the 2-core VM, 8 alternating
-pairs) a prototype served 13 % more requests per second than the model
-threads, every pair higher. The same child called from a model thread that
-blocked on the socket served 10 % fewer than the loop-driven one.
+the loop reads it like any other connection, with no model thread blocked on
+it in between (the measurements: docs/serving.md, "Costs the code is shaped
+by").
 
 The child imports numpy and ONNX Runtime, not torch, and runs the same code as
 the in-process ONNX engine (``onnx.py``), so its answers are that engine's, bit
@@ -20,11 +18,12 @@ again (``engines.py``).
 Protocol, over a Unix socket pair; the child answers each request before it
 reads the next, so answers come in the order of the requests:
 
-- request: ``REQUEST`` (kind, call, slot, rows, payload bytes), then the
-  payload: for LOAD, a JSON description (graph sizes, preprocessing, held-out
-  error quantiles) and the graphs' ONNX bytes; for CALL, the rows as float32.
-  ``call`` packs a ``Call``: bit 0 for rows of codes, then three bits per
-  wanted output (its index in ``OUTPUTS``, plus one).
+- request: ``REQUEST`` (request type, packed call, slot, rows, payload bytes),
+  then the payload: for LOAD, a JSON description (graph sizes, preprocessing,
+  held-out error quantiles) and the graphs' ONNX bytes; for CALL, the rows as
+  float32. The packed call (``pack_call``) is a ``Call`` in 64 bits: bit 0 for
+  rows of codes, then each wanted output as its index in ``OUTPUTS`` plus one,
+  in as many bits as the largest such number needs.
 - answer: ``ANSWER`` (status, payload bytes), then the outputs as float32, one
   after the other, or an error message.
 
@@ -45,7 +44,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -58,9 +57,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aeserve.engine")
 
-REQUEST = struct.Struct("<BIIII")  # kind, call, slot, rows, payload bytes
+REQUEST = struct.Struct("<BQIII")  # request type, packed call, slot, rows, payload bytes
 ANSWER = struct.Struct("<BI")  # status, payload bytes
-LOAD, CALL = 0, 1
+LOAD, CALL = 0, 1  # request types
+PACKED_CALL_BITS = 64  # REQUEST's "Q"
 OK, FAILED = 0, 1
 LOAD_TIMEOUT_S = 120.0
 
@@ -73,18 +73,34 @@ OUTPUT_NAMES = list(OUTPUTS)
 
 
 def pack_call(call: Call) -> int:
-    code = int(call.takes == "codes")
+    """``call`` as one number for REQUEST: bit 0 for rows of codes, then each output's index in OUTPUT_NAMES plus one
+    (0 ends the list), each in the bits the largest index needs: a new output widens them, and never wraps into the
+    next. ValueError when the outputs do not fit in PACKED_CALL_BITS."""
+    width = len(OUTPUT_NAMES).bit_length()
+    if 1 + width * len(call.outputs) > PACKED_CALL_BITS:
+        raise ValueError(f"a call of {len(call.outputs)} outputs, {width} bits each, does not fit the engine process's "
+                         f"{PACKED_CALL_BITS}-bit call field; widen REQUEST's call field")
+    packed = int(call.takes == "codes")
     for i, name in enumerate(call.outputs):
-        code |= (OUTPUT_NAMES.index(name) + 1) << (1 + 3 * i)
-    return code
+        packed |= (OUTPUT_NAMES.index(name) + 1) << (1 + width * i)
+    return packed
 
 
-def unpack_call(code: int) -> Call:
-    outputs, rest = [], code >> 1
+def unpack_call(packed: int) -> Call:
+    width = len(OUTPUT_NAMES).bit_length()
+    outputs, rest = [], packed >> 1
     while rest:
-        outputs.append(OUTPUT_NAMES[(rest & 7) - 1])
-        rest >>= 3
-    return Call("codes" if code & 1 else "inputs", tuple(outputs))
+        outputs.append(OUTPUT_NAMES[(rest & ((1 << width) - 1)) - 1])
+        rest >>= width
+    return Call("codes" if packed & 1 else "inputs", tuple(outputs))
+
+
+class LoadedVersion(NamedTuple):
+    """A version loaded into the child: held, so that its id() is not reused; its slot there; the graphs it has."""
+
+    version: ModelVersion
+    slot: int
+    graphs: frozenset[str]
 
 
 class EngineProcess:
@@ -94,8 +110,7 @@ class EngineProcess:
         self._child: subprocess.Popen | None = None
         self._channel: _Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # id(version) -> (version, slot, the graphs it has); holding the version keeps its id from being reused.
-        self._versions: dict[int, tuple[ModelVersion, int, frozenset[str]]] = {}
+        self._versions: dict[int, LoadedVersion] = {}  # by id(version)
         self._slots = 0
 
     async def start(self) -> None:
@@ -121,7 +136,7 @@ class EngineProcess:
         """Wait until the child has exited; the versions it served (torch in the server serves them now)."""
         if self._channel is not None:
             await asyncio.shield(self._channel.closed)
-        versions = [version for version, _, _ in self._versions.values()]
+        versions = [loaded.version for loaded in self._versions.values()]
         self._versions.clear()
         return versions
 
@@ -135,7 +150,7 @@ class EngineProcess:
                                   "quantiles": version.quantiles.tolist()}).encode()
         parts = [struct.pack("<I", len(description)), description, *graphs.values()]
         await self._channel.send(LOAD, 0, slot, 0, parts, lambda answer: None)
-        self._versions[id(version)] = (version, slot, frozenset(graphs))
+        self._versions[id(version)] = LoadedVersion(version, slot, frozenset(graphs))
 
     def take(self, version: ModelVersion, graphs: dict[str, bytes]) -> None:
         """From another thread (the registry refresh): ``load`` the version; if that fails, torch serves it (logged)."""
@@ -148,12 +163,12 @@ class EngineProcess:
         log.info("small batches of %s run in the engine process", key)
 
     def serves(self, version: ModelVersion, call: Call) -> bool:
-        entry = self._versions.get(id(version))
-        return entry is not None and graphs_serve(entry[2], call) and self.up
+        loaded = self._versions.get(id(version))
+        return loaded is not None and graphs_serve(loaded.graphs, call) and self.up
 
     def run(self, version: ModelVersion, call: Call, rows: np.ndarray) -> asyncio.Future:
         """``call`` on ``rows`` in the child; the future gets the outputs as a tuple of arrays."""
-        _, slot, _ = self._versions[id(version)]
+        slot = self._versions[id(version)].slot
         n = len(rows)
         shapes = tuple(OUTPUTS[name].row_shape(version) for name in call.outputs)
         data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
@@ -205,12 +220,13 @@ class _Channel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
-    def send(self, kind: int, op: int, slot: int, rows: int, parts: list[bytes], finish: Callable[[Any], Any]) -> asyncio.Future:
+    def send(self, request_type: int, packed_call: int, slot: int, rows: int, parts: list[bytes],
+             finish: Callable[[Any], Any]) -> asyncio.Future:
         """Send one request whose payload is ``parts``; the future gets ``finish(answer payload)``, or EngineProcessError."""
         if self.lost is not None:
             raise self.lost
         future = asyncio.get_running_loop().create_future()
-        header = REQUEST.pack(kind, op, slot, rows, sum(len(part) for part in parts))
+        header = REQUEST.pack(request_type, packed_call, slot, rows, sum(len(part) for part in parts))
         if len(parts) == 1:
             self.transport.write(header + parts[0])  # a call: one write
         else:
@@ -293,19 +309,19 @@ def serve(sock: socket.socket) -> None:
     """Answer requests until the server closes its end."""
     versions: dict[int, OnnxVersion] = {}
     while (header := _receive(sock, REQUEST.size)) is not None:
-        kind, op, slot, rows, size = REQUEST.unpack(header)  # op: a packed Call
+        request_type, packed_call, slot, rows, size = REQUEST.unpack(header)
         payload = _receive(sock, size)
         if payload is None:
             return
         try:
-            if kind == LOAD:
+            if request_type == LOAD:
                 versions[slot] = _load(payload)
                 del payload
                 release_freed_memory()  # the graphs' bytes, now inside the sessions
                 outputs: tuple[np.ndarray, ...] = ()
             else:
                 x = np.frombuffer(payload, dtype=np.float32).reshape(rows, -1)
-                outputs = versions[slot].run(unpack_call(op), x)
+                outputs = versions[slot].run(unpack_call(packed_call), x)
         except Exception as e:  # onnxruntime's own error types among them; the server falls back for this call
             message = f"{type(e).__name__}: {e}".encode()
             sock.sendall(ANSWER.pack(FAILED, len(message)) + message)

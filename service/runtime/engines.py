@@ -6,8 +6,8 @@ A deployment chooses its engine (``Settings.engine``, ``Settings.device``):
   a queue, so the event loop never blocks).
 - ``onnx`` (the default on the CPU): calls under ``SMALL_BATCH_ROWS`` rows run on ONNX Runtime, bigger ones on
   torch with every core. In the server torch lets go of the GIL at each operator and waits for the busy event loop
-  to hand it back; an ONNX Runtime session runs a whole graph in one call, and its kernels are faster on few rows
-  (``benchmarks/model_threads.py``). From about 128 rows on torch on both cores is faster. The small batches run in
+  to hand it back; an ONNX Runtime session runs a whole graph in one call, and does better on few rows, torch on
+  every core on many (where they cross: docs/serving.md, "Costs the code is shaped by"). The small batches run in
   the engine process (``engine_process.py``), which the event loop feeds directly and which shares no GIL with it,
   or with ``engine_process`` off on the server's model threads (``OnnxThreads``).
 
@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -103,12 +103,19 @@ class SmallEngine(Protocol):
     def versions(self) -> int: ...
 
 
+class TakenVersion(NamedTuple):
+    """A version on ONNX Runtime in the server: held, so that its id() is not reused; the OnnxVersion that runs it."""
+
+    version: ModelVersion
+    onnx: Any
+
+
 class OnnxThreads:
     """ONNX Runtime in the server process, on the model threads."""
 
     def __init__(self, threads: ModelThreads) -> None:
         self._threads = threads
-        self._versions: dict[int, tuple[ModelVersion, Any]] = {}  # id(version) -> (version, its OnnxVersion)
+        self._versions: dict[int, TakenVersion] = {}  # by id(version)
 
     def take(self, version: ModelVersion, graphs: dict[str, bytes]) -> None:
         from aeserve.service.runtime.onnx import OnnxVersion
@@ -119,15 +126,15 @@ class OnnxThreads:
         except Exception as e:  # onnxruntime's own error types
             log.warning("small batches of %s:%s stay on torch: %s: %s", version.name, version.version, type(e).__name__, e)
             return
-        self._versions[id(version)] = (version, engine)
+        self._versions[id(version)] = TakenVersion(version, engine)
         log.info("small batches of %s:%s run on ONNX Runtime in the server", version.name, version.version)
 
     def serves(self, version: ModelVersion, call: Call) -> bool:
-        entry = self._versions.get(id(version))
-        return entry is not None and entry[1].serves(call)
+        taken = self._versions.get(id(version))
+        return taken is not None and taken.onnx.serves(call)
 
     def run(self, version: ModelVersion, call: Call, rows: np.ndarray) -> asyncio.Future:
-        return self._threads.run(self._versions[id(version)][1].run, call, rows)
+        return self._threads.run(self._versions[id(version)].onnx.run, call, rows)
 
     def versions(self) -> int:
         return len(self._versions)

@@ -1,7 +1,7 @@
 """Graphs for the ONNX Runtime engine, exported and checked in a child process while the server loads the versions.
 
-Exporting imports about 150 MB of compiler machinery (torch.export, sympy, onnxscript) that the server would keep for
-life, and the child never holds the server's GIL. For each version folder the child exports the graphs
+Exporting imports compiler machinery (torch.export, sympy, onnxscript) whose memory the server would keep for life
+(docs/serving.md, "Costs the code is shaped by"), and the child never holds the server's GIL. For each version folder the child exports the graphs
 (``models/export.py``), runs them on ONNX Runtime against torch on sample rows, and writes the graphs that pass. A
 version whose graphs do not export or differ is served by torch alone, and the log says why. The server itself never
 imports the exporter, and with the engine process not even ONNX Runtime.

@@ -12,8 +12,8 @@ from aeserve.models.version import ModelVersion
 
 Outputs = tuple[np.ndarray, ...]
 
-# torch calls under this many rows run on one thread: on 2 cores the default MLP's encode of one row takes 0.47 ms on
-# one thread and 1.31 ms on two, and a busy server's event loop needs the other core (benchmarks/model_threads.py).
+# torch calls under this many rows run on one thread: a second thread slows a small call down rather than up, and a
+# busy server's event loop needs the other core (docs/serving.md, "Costs the code is shaped by").
 ONE_THREAD_ROWS = 64
 # Torch runs big CPU calls in blocks of this many rows: a block's activations come back from the allocator warm, one
 # call's are fresh pages every time, and blocks bound the memory a big request takes (benchmarks/model_threads.py --blocks).

@@ -44,7 +44,7 @@ def test_the_range_coder_round_trips_exactly_and_spends_about_the_information_co
 
 def test_rd_codes_are_the_integers_a_stream_carries_and_training_lowers_rate_plus_distortion():
     torch.manual_seed(0)
-    model = RDAutoencoder(RDConfig(channels=8, latent_channels=2, lmbda=0.01), (1, 16, 16))
+    model = RDAutoencoder(RDConfig(channels=8, latent_channels=2, distortion_weight=0.01), (1, 16, 16))
     assert model.code_dim == 2 * 4 * 4 and model.channel_of().tolist() == [0] * 16 + [1] * 16
     x = torch.rand(64, 256) * (torch.rand(64, 1) > 0.5)
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -151,3 +151,25 @@ def test_a_version_with_a_position_prior_compresses_and_decompresses_what_it_enc
     rows = (np.random.default_rng(0).random((6, 64)) * 16).astype(np.float32)
     codes = version.encode(rows)
     np.testing.assert_array_equal(np.stack([version.streams.unpack(version.streams.pack(c)) for c in codes]), codes)
+
+
+def test_a_version_whose_manifest_says_lmbda_loads_and_answers_as_before(tmp_path):
+    from aeserve.models.registry import Registry
+    from aeserve.training.config import build_run_config
+    from aeserve.training.trainer import train
+    from tests.conftest import tamper_version
+
+    registry = Registry(tmp_path / "registry")
+    old_config = {"kind": "rd", "channels": 8, "latent_channels": 1, "lmbda": 0.02}  # a config from before the rename trains
+    train(build_run_config({"name": "rd", "data": {"source": "digits", "limit": 200}, "model": old_config,
+                            "train": {"epochs": 1, "batch_size": 64, "report": False}}), registry, progress=False)
+    assert registry.manifest("rd", 1)["config"]["distortion_weight"] == 0.02
+    rows = np.random.default_rng(0).random((4, 64), dtype=np.float32) * 16
+    before = registry.load("rd")
+    config = dict(registry.manifest("rd", 1)["config"])
+    config["lmbda"] = config.pop("distortion_weight")  # as versions published before the rename have it
+    tamper_version(registry, "rd", config=config)
+    old = registry.load("rd")
+    assert old.model.config == before.model.config and old.model.config.distortion_weight == 0.02
+    np.testing.assert_array_equal(old.encode(rows), before.encode(rows))
+    np.testing.assert_array_equal(old.decode(old.encode(rows)), before.decode(before.encode(rows)))

@@ -297,7 +297,7 @@ def test_small_batches_are_served_by_the_onnx_engine_in_the_server(service_regis
         answer = client.post("/v1/models/digits-mlp/encode", json={"inputs": IMAGES.tolist()})
         assert answer.status_code == 200, answer.text
         codes = np.array(answer.json()["outputs"], dtype=np.float32)
-        engine = small._versions[id(version)][1]
+        engine = small._versions[id(version)].onnx
         np.testing.assert_array_equal(codes, engine.graph("encode", version.preprocessing.to_model(IMAGES)))
         np.testing.assert_allclose(codes, version.encode(IMAGES), atol=1e-4)
         many = np.repeat(IMAGES, 26, axis=0)  # 130 rows: torch

@@ -13,9 +13,9 @@ from aeserve.service.codec import JSON, NPY, _plain_rows, parse_rows, read_body,
 from aeserve.service.errors import ServiceError
 
 
-def decode_rows(kind, body, row_shape, max_rows):
+def decode_rows(sent_as, body, row_shape, max_rows):
     """A body through the v1 codec and the one validator, as the pipeline takes it."""
-    return validate_rows(parse_rows(kind, body), row_shape, max_rows)
+    return validate_rows(parse_rows(sent_as, body), row_shape, max_rows)
 
 
 def general(body: bytes) -> np.ndarray:

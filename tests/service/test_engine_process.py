@@ -8,13 +8,13 @@ import pytest
 
 from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.service.operations import OPERATIONS
+from aeserve.service.runtime import engine_process
 from aeserve.service.runtime.engine_process import EngineProcess, EngineProcessError, pack_call, unpack_call
 from aeserve.service.runtime.onnx import OnnxVersion
 from tests.conftest import KIND_CONFIGS
 
-pytestmark = pytest.mark.slow  # the ONNX export of every kind, and child processes
-
 pytest.importorskip("onnxruntime")
+slow = pytest.mark.slow  # the ONNX export of every kind, and child processes
 ENCODE, DECODE, PROJECT = (OPERATIONS[op].call for op in ("encode", "decode", "project"))
 
 
@@ -42,6 +42,23 @@ def test_calls_cross_the_socket_as_they_are():
     assert [unpack_call(pack_call(call)) for call in calls] == calls
 
 
+def test_a_new_output_widens_the_packed_call_instead_of_wrapping_into_the_next(monkeypatch):
+    names = [*OUTPUTS, "seventh", "eighth"]  # index 7 plus one is 8: four bits, where six outputs take three
+    monkeypatch.setattr(engine_process, "OUTPUT_NAMES", names)
+    calls = [Call("inputs", ("eighth", "code", "seventh")), Call("inputs", tuple(names))]
+    assert [unpack_call(pack_call(call)) for call in calls] == calls
+    assert pack_call(Call("inputs", ("eighth",))) == 8 << 1
+
+
+def test_a_call_whose_outputs_do_not_fit_the_call_field_is_refused(monkeypatch):
+    names = [f"output_{i}" for i in range(40)]  # six bits each: ten outputs fit in 64 bits, eleven do not
+    monkeypatch.setattr(engine_process, "OUTPUT_NAMES", names)
+    assert unpack_call(pack_call(Call("codes", tuple(names[-10:])))) == Call("codes", tuple(names[-10:]))
+    with pytest.raises(ValueError, match="a call of 11 outputs, 6 bits each, does not fit the engine process's 64-bit call field"):
+        pack_call(Call("inputs", tuple(names[:11])))
+
+
+@slow
 async def test_every_call_answers_as_the_in_process_engine(exported, process):
     for version, graphs in exported.values():
         await process.load(version, graphs)
@@ -61,6 +78,7 @@ async def test_every_call_answers_as_the_in_process_engine(exported, process):
                     np.testing.assert_array_equal(g, e, err_msg=f"{kind} {call} on {n} rows")
 
 
+@slow
 async def test_only_loaded_versions_and_exported_graphs_are_served(exported, process):
     mlp, graphs = exported["mlp"]
     pca, _ = exported["pca"]
@@ -71,6 +89,7 @@ async def test_only_loaded_versions_and_exported_graphs_are_served(exported, pro
     assert not process.serves(pca, ENCODE)
 
 
+@slow
 async def test_a_failing_call_fails_alone(exported, process):
     mlp, graphs = exported["mlp"]
     await process.load(mlp, graphs)
@@ -81,6 +100,7 @@ async def test_a_failing_call_fails_alone(exported, process):
     np.testing.assert_allclose((await good)[0], mlp.encode(rows(3)), atol=1e-4)
 
 
+@slow
 async def test_graphs_that_do_not_load_are_refused_and_the_process_serves_on(exported, process):
     mlp, graphs = exported["mlp"]
     pca, _ = exported["pca"]
@@ -91,6 +111,7 @@ async def test_graphs_that_do_not_load_are_refused_and_the_process_serves_on(exp
     np.testing.assert_allclose((await process.run(mlp, ENCODE, rows(2)))[0], mlp.encode(rows(2)), atol=1e-4)
 
 
+@slow
 async def test_a_dead_process_fails_the_calls_in_flight_and_takes_no_more(exported, process):
     mlp, graphs = exported["mlp"]
     await process.load(mlp, graphs)
@@ -107,6 +128,7 @@ async def test_a_dead_process_fails_the_calls_in_flight_and_takes_no_more(export
         await process.load(mlp, graphs)
 
 
+@slow
 async def test_take_loads_a_version_from_the_refresh_thread(exported, process):
     mlp, graphs = exported["mlp"]
     await asyncio.to_thread(process.take, mlp, graphs)  # as the registry refresh calls it, from its thread
@@ -114,6 +136,7 @@ async def test_take_loads_a_version_from_the_refresh_thread(exported, process):
     np.testing.assert_allclose((await process.run(mlp, ENCODE, rows(2)))[0], mlp.encode(rows(2)), atol=1e-4)
 
 
+@slow
 def test_the_child_imports_neither_torch_nor_the_web_stack():
     """What keeps it at about 90 MB instead of 300 (importing torch alone takes 217 MB)."""
     import subprocess

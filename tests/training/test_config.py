@@ -144,3 +144,18 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
         pytest.skip(f"{path.name} reads {config.data.source} data")
     model = build_model(config.model_kind, config.model, shape)
     assert model.code_dim >= 1
+
+
+def test_a_config_that_says_lmbda_trains_with_it_as_distortion_weight(tmp_path):
+    path = tmp_path / "rd.toml"
+    path.write_text('name = "rd"\n[data]\nsource = "digits"\n[model]\nkind = "rd"\nchannels = 8\nlmbda = 0.02\n')
+    config = load_run_config(path)
+    assert config.model == {"channels": 8, "distortion_weight": 0.02}  # recorded in the manifest by its current name
+    assert build_model("rd", config.model, (8, 8)).config.distortion_weight == 0.02
+    assert load_run_config(path, ["model.distortion_weight=0.5"]).model["distortion_weight"] == 0.5  # --set wins over the file
+    assert load_run_config(path, ["model.lmbda=0.5"]).model["distortion_weight"] == 0.5
+    with pytest.raises(ValueError, match=r"^model\.lmbda is the old name of model\.distortion_weight; give one of them, not both$"):
+        load_run_config(path, ["model.lmbda=0.5", "model.distortion_weight=0.5"])
+    path.write_text(path.read_text() + "distortion_weight = 0.03\n")
+    with pytest.raises(ValueError, match=r"^model\.lmbda is the old name of model\.distortion_weight; give one of them, not both$"):
+        load_run_config(path)

@@ -22,7 +22,7 @@ from aeserve.models.images import IMAGE_FORMATS, IMAGE_SUFFIXES, image_input_sha
 from aeserve.models.preprocessing import Preprocessing
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import DataError, Dataset, RowsOnDemand, split_off_test
-from aeserve.training.data.locations import RemoteFile, child, kind_of, location
+from aeserve.training.data.locations import Found, RemoteFile, child, found_at, location
 from aeserve.training.data.parallel import decoding_workers, in_parallel
 
 # Images per task of a decoding pass: what one worker process decodes at a time (training: one batch per task), and
@@ -247,10 +247,10 @@ def _image_folder(config: DataConfig) -> Path | RemoteFile:
     if not config.path:
         raise DataError("data.source 'images' needs data.path (a folder of images)")
     folder = location(config.path)
-    kind = kind_of(folder)
-    if kind == "file":
+    found = found_at(folder)
+    if found is Found.FILE:
         raise DataError(f"{folder}: is a file; data.source 'images' needs a folder of images (one subfolder per label, or flat)")
-    if kind != "directory":
+    if found is Found.NOTHING:
         raise DataError(f"{folder}: folder not found")
     return folder
 

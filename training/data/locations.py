@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -96,11 +97,20 @@ def location(path: str) -> Path | RemoteFile:
     return RemoteFile(url, fs, fs_path.rstrip("/"))
 
 
-def kind_of(where: Path | RemoteFile) -> str | None:
-    """"file", "directory", or None when nothing is there: on the local disk or as the store reports it."""
+class Found(Enum):
+    """What a path names: a file, a folder, or nothing (a store's other object types count as nothing)."""
+
+    FILE = "file"
+    FOLDER = "directory"  # fsspec's word, which ``info()["type"]`` reports
+    NOTHING = "nothing"
+
+
+def found_at(where: Path | RemoteFile) -> Found:
+    """What ``where`` names, on the local disk or as the store reports it."""
     if isinstance(where, Path):
-        return "file" if where.is_file() else "directory" if where.is_dir() else None
-    return (where.info() or {}).get("type")
+        return Found.FILE if where.is_file() else Found.FOLDER if where.is_dir() else Found.NOTHING
+    reported = (where.info() or {}).get("type")
+    return Found(reported) if reported in (Found.FILE.value, Found.FOLDER.value) else Found.NOTHING
 
 
 def open_file(where: Path | RemoteFile, block_size: int = REMOTE_BLOCK_BYTES):
@@ -129,9 +139,9 @@ def require_file(config: DataConfig) -> Path | RemoteFile:
     if not config.path:
         raise DataError(f"data.source {config.source!r} needs data.path (a file)")
     where = location(config.path)
-    kind = kind_of(where)
-    if kind == "directory":
+    found = found_at(where)
+    if found is Found.FOLDER:
         raise DataError(f"{where}: is a directory; data.source {config.source!r} needs a file")
-    if kind != "file":
+    if found is Found.NOTHING:
         raise DataError(f"{where}: file not found")
     return where

@@ -57,8 +57,8 @@ class Table:
                 _, fields = next(self._lines("replace"), (0, []))
                 self.names = [str(i + 1) for i in range(len(fields))]
         except (pa.ArrowException, OSError) as e:
-            kind = "Parquet file" if self.parquet else "table"
-            raise DataError(f"{path}: not a readable {kind} ({str(e).splitlines()[0]})") from None
+            what = "Parquet file" if self.parquet else "table"
+            raise DataError(f"{path}: not a readable {what} ({str(e).splitlines()[0]})") from None
         repeated = next((name for i, name in enumerate(self.names) if name in self.names[:i]), None)
         if repeated is not None:
             places = [str(i + 1) for i, name in enumerate(self.names) if name == repeated]
