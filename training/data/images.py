@@ -9,11 +9,12 @@ import hashlib
 import io
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from aeserve.models.images import IMAGE_FORMATS, IMAGE_SUFFIXES, image_input_sha
 from aeserve.models.preprocessing import Preprocessing
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import DataError, Dataset, RowsOnDemand, split_off_test
-from aeserve.training.data.locations import Found, RemoteFile, child, found_at, location
+from aeserve.training.data.locations import Found, RemoteFile, child, location, required
 from aeserve.training.data.parallel import decoding_workers, in_parallel
 
 # Images per task of a decoding pass: what one worker process decodes at a time (training: one batch per task), and
@@ -243,18 +244,6 @@ class ImageFiles(RowsOnDemand):
                 yield pixels.numpy()
 
 
-def _image_folder(config: DataConfig) -> Path | RemoteFile:
-    if not config.path:
-        raise DataError("data.source 'images' needs data.path (a folder of images)")
-    folder = location(config.path)
-    found = found_at(folder)
-    if found is Found.FILE:
-        raise DataError(f"{folder}: is a file; data.source 'images' needs a folder of images (one subfolder per label, or flat)")
-    if found is Found.NOTHING:
-        raise DataError(f"{folder}: folder not found")
-    return folder
-
-
 def _first_size(folder: Path | RemoteFile, files: list[str], skip_bad: bool) -> tuple[int, int]:
     """(height, width) of the first readable image in the folder's order: the default data.image_size."""
     for file, source in zip(files, _image_sources(folder, files), strict=True):
@@ -268,22 +257,29 @@ def _first_size(folder: Path | RemoteFile, files: list[str], skip_bad: bool) -> 
     raise DataError(f"{folder}: 0 readable image(s); at least 2 are needed")
 
 
-def _decoded(reader: _ImageReader, workers: int) -> tuple[np.ndarray, list[int], list[str]]:
-    """(every readable image's pixels in one array, their file numbers, notes of the unreadable ones skipped).
-
-    Gray images stay one channel until a colour one shows up; then they are repeated to three.
-    """
-    pixels, kept, skipped = [], [], []
+def _each_file(work: Callable[[int], list], reader: _ImageReader, workers: int) -> tuple[list[tuple[int, Any]], list[str]]:
+    """``work`` over the reader's files, IMAGE_BATCH files from each start, in worker processes: (file number, result)
+    of each readable file in order, and the notes (strings) of the unreadable ones skipped."""
     starts = list(range(0, len(reader.files), IMAGE_BATCH))
-    with closing(in_parallel(reader.decode_each, starts, workers)) as decoded:
-        batches = list(zip(starts, decoded, strict=True))
+    with closing(in_parallel(work, starts, workers)) as done:
+        batches = list(zip(starts, done, strict=True))
+    read, skipped = [], []
     for start, results in batches:
         for number, result in enumerate(results, start):
             if isinstance(result, str):
                 skipped.append(result)
             else:
-                pixels.append(result)
-                kept.append(number)
+                read.append((number, result))
+    return read, skipped
+
+
+def _decoded(reader: _ImageReader, workers: int) -> tuple[np.ndarray, list[int], list[str]]:
+    """(every readable image's pixels in one array, their file numbers, notes of the unreadable ones skipped).
+
+    Gray images stay one channel until a colour one shows up; then they are repeated to three.
+    """
+    read, skipped = _each_file(reader.decode_each, reader, workers)
+    kept, pixels = [number for number, _ in read], [p for _, p in read]
     channels = reader.config_channels or (3 if any(p.ndim == 3 for p in pixels) else 1)
     x = np.empty((len(pixels), *image_input_shape(reader.size, channels)), dtype=np.uint8)
     for row, p in enumerate(pixels):
@@ -294,18 +290,10 @@ def _decoded(reader: _ImageReader, workers: int) -> tuple[np.ndarray, list[int],
 def _scanned(reader: _ImageReader, workers: int) -> tuple[ImageFiles, list[int], list[str]]:
     """(the readable images as an ImageFiles, their file numbers, notes of the unreadable ones skipped), from one pass
     over the files: each read and hashed, its header parsed (decoded whole with skip_bad)."""
-    digests, grays, kept, skipped = {}, [], [], []
-    starts = list(range(0, len(reader.files), IMAGE_BATCH))
-    with closing(in_parallel(partial(reader.scan, decode=reader.skip_bad), starts, workers)) as scanned:
-        batches = list(zip(starts, scanned, strict=True))
-    for start, results in batches:
-        for number, result in enumerate(results, start):
-            if isinstance(result, str):
-                skipped.append(result)
-            else:
-                digests[number] = result[0]
-                grays.append(result[1])
-                kept.append(number)
+    read, skipped = _each_file(partial(reader.scan, decode=reader.skip_bad), reader, workers)
+    kept = [number for number, _ in read]
+    digests = {number: digest for number, (digest, _) in read}
+    grays = [gray for _, (_, gray) in read]
     channels = reader.config_channels or (1 if all(grays) else 3)
     reader = replace(reader, channels=channels)
     return ImageFiles(reader, digests, workers, np.asarray(kept, dtype=np.int64)), kept, skipped
@@ -324,7 +312,7 @@ def load_images(config: DataConfig) -> Dataset:
     pixels. Either pass is spread over ``data.workers`` DataLoader worker processes; the rows, their order, the split
     and the pixels are the same whichever way and however many workers.
     """
-    folder = _image_folder(config)
+    folder = required(config, Found.FOLDER, "a folder of images", " (one subfolder per label, or flat)")
     files, labels, names = _image_files(folder)
     if not files:
         raise DataError(f"{folder}: no images found (files ending {', '.join(IMAGE_SUFFIXES)}, in the folder or in label subfolders)")

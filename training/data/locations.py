@@ -136,12 +136,18 @@ def child(folder: Path | RemoteFile, relative: str) -> Path | RemoteFile:
 
 def require_file(config: DataConfig) -> Path | RemoteFile:
     """data.path as a local file or a file at a URL, or a DataError saying why it is neither."""
+    return required(config, Found.FILE, "a file")
+
+
+def required(config: DataConfig, wanted: Found, what: str, layout: str = "") -> Path | RemoteFile:
+    """data.path, local or at a URL, when it is a ``wanted`` (a file or a folder: ``what``, say "a folder of images");
+    else a DataError that names it and says what it is. ``layout`` follows the message for what is found instead."""
     if not config.path:
-        raise DataError(f"data.source {config.source!r} needs data.path (a file)")
+        raise DataError(f"data.source {config.source!r} needs data.path ({what})")
     where = location(config.path)
     found = found_at(where)
-    if found is Found.FOLDER:
-        raise DataError(f"{where}: is a directory; data.source {config.source!r} needs a file")
     if found is Found.NOTHING:
-        raise DataError(f"{where}: file not found")
+        raise DataError(f"{where}: {'file' if wanted is Found.FILE else 'folder'} not found")
+    if found is not wanted:
+        raise DataError(f"{where}: is a {'file' if found is Found.FILE else 'directory'}; data.source {config.source!r} needs {what}{layout}")
     return where
