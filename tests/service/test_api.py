@@ -8,7 +8,7 @@ import pytest
 
 from aeserve.service.operations import OPERATIONS
 from tests.conftest import KIND_CONFIGS
-from tests.service.conftest import DEVICE, LiveServer, make_client, wait_for_metric, wait_ready
+from tests.servers import DEVICE, LiveServer, make_client, wait_for_metric, wait_ready
 
 NAMES = [f"digits-{kind}" for kind in KIND_CONFIGS]
 rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import pytest
 from aeserve.models.registry import Registry
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
-from tests.service.conftest import LiveServer
+from tests.servers import LiveServer
 
 pytestmark = pytest.mark.slow  # three schemathesis runs against a live server: about a minute each
 

@@ -10,7 +10,7 @@ from aeserve.service.client import AeserveError, AsyncClient, Client
 from aeserve.service.operations import OPERATIONS
 from aeserve.training.trainer import train
 from tests.conftest import KIND_CONFIGS, digits_run
-from tests.service.conftest import DEVICE, LiveServer, Traffic, wait_for_metric
+from tests.servers import DEVICE, LiveServer, Traffic, wait_for_metric
 
 IMAGES = (np.random.default_rng(1).random((6, 8, 8)) * 16).astype(np.float32)
 

@@ -20,7 +20,7 @@ from aeserve.service.runtime.store import ModelStore
 from aeserve.training.trainer import train
 from benchmarks.loadgen import npy_request, overload_run, wait_ready
 from tests.conftest import digits_run, tamper_version
-from tests.service.conftest import LiveServer, Traffic, free_port
+from tests.servers import LiveServer, Traffic, free_port
 
 IMAGES = (np.random.default_rng(5).random((3, 8, 8)) * 16).astype(np.float32)
 

@@ -21,7 +21,8 @@ from aeserve.models.remote import ObjectRegistry
 from aeserve.service.runtime.store import ModelStore
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
-from tests.s3 import ENV, free_port, start_s3_server, wait_until
+from tests.s3 import ENV, start_s3_server
+from tests.servers import free_port, wait_until
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")

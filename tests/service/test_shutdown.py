@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from benchmarks.loadgen import wait_ready
-from tests.service.conftest import free_port
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow  # a server process drained after SIGTERM
 
