@@ -3,11 +3,14 @@ for readiness, and client traffic to keep one busy.
 
 The web stack is imported only when a server is made: every session loads this module (tests/s3.py takes its ports here).
 The apps run their models on the CPU; ``AESERVE_TEST_DEVICE=cuda`` runs the same tests with the models on a GPU.
-A process started as ``aeserve serve`` is waited for with ``benchmarks.loadgen.wait_ready``, which the benchmarks use.
+``aeserve serve`` as its own process starts with ``serve_process`` and is waited for with ``benchmarks.loadgen.wait_ready``,
+which the benchmarks use.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +24,15 @@ if TYPE_CHECKING:
     from aeserve.models.registry import Registry
 
 DEVICE = os.environ.get("AESERVE_TEST_DEVICE", "cpu")
+
+
+def serve_process(*flags: str, **popen) -> tuple[subprocess.Popen, str]:
+    """``aeserve serve FLAGS`` on a free port of 127.0.0.1, started (not yet ready), and its base URL; ``popen`` goes to
+    subprocess.Popen (env, stdout, stderr), whose output is discarded unless told otherwise."""
+    port = free_port()
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    process = subprocess.Popen([sys.executable, "-m", "aeserve", "serve", "--port", str(port), *flags], **popen)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def wait_until(check: Callable[[], object], seconds: float, what: str) -> object:

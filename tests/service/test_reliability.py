@@ -2,8 +2,6 @@
 the in-flight limit. Hostile registries are the store's tests (tests/service/runtime/test_store.py)."""
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +16,7 @@ from aeserve.service.client import Client
 from aeserve.training.trainer import train
 from benchmarks.loadgen import npy_request, overload_run, wait_ready
 from tests.conftest import digits_run
-from tests.servers import LiveServer, Traffic, free_port
+from tests.servers import LiveServer, Traffic, serve_process
 
 IMAGES = (np.random.default_rng(5).random((3, 8, 8)) * 16).astype(np.float32)
 
@@ -111,11 +109,8 @@ def test_concurrent_requests_to_different_versions_never_mix(service_registry):
 @pytest.mark.slow
 def test_open_loop_load_at_twice_capacity_gets_only_200_or_503_and_the_service_recovers(service_registry):
     """The overload benchmark's procedure, short: capacity closed-loop, then twice that open-loop, then capacity again."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "aeserve", "serve", "--registry", str(service_registry.root), "--port", str(port),
-                               "--models", "digits-conv", "--poll-seconds", "0", "--no-access-log", "--max-queue", "8", "--device", "cpu"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, base = serve_process("--registry", str(service_registry.root), "--models", "digits-conv", "--poll-seconds", "0",
+                                 "--no-access-log", "--max-queue", "8", "--device", "cpu")
     try:
         wait_ready(base, server)
         rows = (np.random.default_rng(0).random((512, 8, 8)) * 16).astype(np.float32)
