@@ -16,7 +16,6 @@ import contextlib
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+
+from aeserve.training.distributed import free_port
 
 
 @dataclass
@@ -179,12 +180,6 @@ async def open_loop(base_url: str, request: Request, rate: float, seconds: float
     outcome.retried = connections.retried
     connections.close()
     return outcome
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

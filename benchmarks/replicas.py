@@ -45,9 +45,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from aeserve.training.distributed import free_port
 from benchmarks.haproxy import haproxy_config
 from benchmarks.loadgen import processes, wait_ready
-from tests.s3 import ENV, free_port, start_s3_server
+from tests.s3 import ENV, start_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLICAS = 3

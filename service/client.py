@@ -7,7 +7,4 @@
         result.outputs, result.model, result.version
 """
 from aeserve_client import *  # noqa: F403  (the client's public names, as aeserve_client lists them)
-from aeserve_client import __all__ as _public
-from aeserve_client.wire import NPY, PIECE_BYTES, _NpyBody  # noqa: F401  (the wire format, for tests and benchmarks)
-
-__all__ = [*_public, "NPY", "PIECE_BYTES", "_NpyBody"]
+from aeserve_client import __all__  # noqa: F401  (and the same list of them)

@@ -16,7 +16,7 @@ from aeserve.training.trainer import train
 # Tiny tensors: one thread is faster than two and keeps timings steady on a shared machine.
 torch.set_num_threads(1)
 # Servers started by tests run torch only: the ONNX export child costs seconds per start. The engine's own tests
-# (tests/models/test_onnx_engine.py, tests/service/test_api.py) ask for it.
+# (tests/models/test_onnx_engine.py, tests/service/api/test_routes.py) ask for it.
 os.environ.setdefault("AESERVE_ENGINE", "torch")
 
 # Small, fast settings for each kind; the shared interface tests run over all of them.

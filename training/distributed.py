@@ -72,7 +72,8 @@ def loss_step(model: nn.Module) -> nn.Module:
     return step
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: the local rendezvous's here, and the servers' that the tests and benchmarks start."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -93,5 +94,5 @@ def spawn(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
     """Run fn(*args) in nproc local processes forming one process group; returns rank 0's result."""
     context = torch.multiprocessing.get_context("spawn")
     results = context.SimpleQueue()
-    torch.multiprocessing.spawn(_worker, args=(nproc, _free_port(), fn, args, results), nprocs=nproc, join=True)
+    torch.multiprocessing.spawn(_worker, args=(nproc, free_port(), fn, args, results), nprocs=nproc, join=True)
     return results.get()

@@ -74,7 +74,7 @@ def _count(rows: np.ndarray | Sequence) -> int:
     return 1 if getattr(rows, "ndim", 1) == 0 else len(rows)
 
 
-def _request(op: str, rows: T) -> tuple[wire._NpyBody | bytes, dict[str, str]]:
+def _request(op: str, rows: T) -> tuple[wire.NpyBody | bytes, dict[str, str]]:
     """The body and headers of ``op`` on ``rows``: decompress sends streams in JSON, every other operation .npy."""
     return wire.streams_request(rows) if op == "decompress" else wire.npy_request(op, rows)
 
@@ -179,7 +179,7 @@ class AsyncClient:
         self._options = _Options(max_retries, max_retry_wait, max_rows)
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
 
-    async def _send(self, method: str, url: str, body: wire._NpyBody | bytes | None = None,
+    async def _send(self, method: str, url: str, body: wire.NpyBody | bytes | None = None,
                     headers: dict[str, str] | None = None) -> httpx.Response:
         attempt = 0
         while True:

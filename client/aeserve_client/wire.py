@@ -44,7 +44,7 @@ def _wire_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32)
 
 
-class _NpyBody:
+class NpyBody:
     """A ``.npy`` body as its header, then slices of the array's own memory: nothing is copied before the socket.
 
     Saving the array into a buffer copies it, and httpx joins a ``bytes`` body
@@ -73,16 +73,16 @@ class _NpyBody:
             yield self.data[start:start + PIECE_BYTES]
 
 
-async def async_pieces(body: _NpyBody) -> AsyncIterator[bytes | memoryview]:
+async def async_pieces(body: NpyBody) -> AsyncIterator[bytes | memoryview]:
     for piece in body:
         yield piece
 
 
-def npy_request(op: str, array: np.ndarray) -> tuple[_NpyBody, dict[str, str]]:
+def npy_request(op: str, array: np.ndarray) -> tuple[NpyBody, dict[str, str]]:
     """The body and headers of one operation on ``array`` (n, ...)."""
     # reconstruct answers errors and percentiles too, which only the JSON answer carries; compress answers streams (JSON).
     accept = "application/json" if op in ("reconstruct", "compress") else NPY
-    body = _NpyBody(array)
+    body = NpyBody(array)
     return body, {"Content-Type": NPY, "Accept": accept, "Content-Length": str(len(body))}
 
 

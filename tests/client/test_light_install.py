@@ -13,7 +13,7 @@ import pytest
 
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
-from tests.service.conftest import LiveServer
+from tests.servers import LiveServer
 
 CLIENT_SOURCE = Path(__file__).resolve().parents[2] / "client"
 

@@ -1,43 +1,18 @@
-"""Service fixtures: the app in-process (TestClient runs its lifespan) and a real uvicorn server on loopback.
+"""Service fixtures: a private copy of the trained registry, and the app in-process on it, ready.
 
-The apps run their models on the CPU; ``AESERVE_TEST_DEVICE=cuda`` runs the same tests with the models on a GPU.
+The helpers that start servers and wait for them are in tests/servers.py.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from aeserve.models.registry import Registry
-from aeserve.service.app import create_app
-from aeserve.service.settings import Settings
-
-DEVICE = os.environ.get("AESERVE_TEST_DEVICE", "cpu")
-
-
-def wait_ready(get, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if get("/health/ready").status_code == 200:
-            return
-        time.sleep(0.02)
-    raise TimeoutError("service did not become ready")
-
-
-def wait_for_metric(get, line: str, deadline: float) -> None:
-    """Poll ``get("/metrics")`` until it holds ``line`` (say "aeserve_engine_process_versions 1.0"), failing the test at
-    ``deadline`` (time.monotonic()): the ONNX export behind the engine metrics takes seconds."""
-    while line not in get("/metrics").text:
-        assert time.monotonic() < deadline, f"/metrics never showed {line!r}"
-        time.sleep(0.1)
+from tests.servers import make_client, wait_ready
 
 
 @pytest.fixture
@@ -48,90 +23,8 @@ def service_registry(trained_registry: Registry, tmp_path: Path) -> Registry:
     return Registry(root)
 
 
-def make_client(registry: Registry, **settings) -> TestClient:
-    app = create_app(Settings(**{"registry": registry.root, "poll_seconds": 0, "access_log": False, "device": DEVICE, **settings}))
-    return TestClient(app, raise_server_exceptions=False)
-
-
 @pytest.fixture
 def api(service_registry: Registry) -> Iterator[TestClient]:
     with make_client(service_registry) as client:
         wait_ready(client.get)
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving the app on 127.0.0.1 in a background thread."""
-
-    def __init__(self, registry: Registry, **settings) -> None:
-        self.port = free_port()
-        self.app = create_app(Settings(registry=registry.root, access_log=False, device=DEVICE, port=self.port, **settings))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        import httpx
-
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                wait_ready(lambda path: httpx.get(self.url + path), timeout=30)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise TimeoutError("server did not start")
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-class Traffic:
-    """Client threads calling ``encode`` in a loop until stopped; records every answer's version and every failure."""
-
-    def __init__(self, url: str, model: str, rows, threads: int = 3) -> None:
-        self.url, self.model, self.rows = url, model, rows
-        self.versions: list[str] = []
-        self.failures: list[Exception] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop) for _ in range(threads)]
-
-    def _loop(self) -> None:
-        from aeserve.service.client import Client
-
-        with Client(self.url) as client:
-            while not self._stop.is_set():
-                try:
-                    self.versions.append(client.encode(self.model, self.rows).version)
-                except Exception as e:  # any failure at all is what the tests look for
-                    self.failures.append(e)
-
-    def versions_after_settling(self, seconds: float = 0.5, answers: int = 6, timeout: float = 30.0) -> set[str]:
-        """Versions of the next ``answers`` answers once requests in flight at a switch have finished: counted, not
-        timed, so a busy machine that answers slowly gives the same verdict (an empty set only if nothing answers)."""
-        time.sleep(seconds)
-        start, deadline = len(self.versions), time.monotonic() + timeout
-        while len(self.versions) < start + answers and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return set(self.versions[start:])
-
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()

@@ -10,7 +10,7 @@ from aeserve.service.client import AeserveError, AsyncClient, Client
 from aeserve.service.operations import OPERATIONS
 from aeserve.training.trainer import train
 from tests.conftest import KIND_CONFIGS, digits_run
-from tests.service.conftest import DEVICE, LiveServer, Traffic, wait_for_metric
+from tests.servers import DEVICE, LiveServer, Traffic, wait_for_metric
 
 IMAGES = (np.random.default_rng(1).random((6, 8, 8)) * 16).astype(np.float32)
 
@@ -60,10 +60,10 @@ def test_a_big_npy_request_over_real_http(live, service_registry):
 
 
 def test_small_integers_cross_as_they_are_and_answer_as_float32(live, service_registry):
-    from aeserve.service.client import _NpyBody
+    from aeserve_client.wire import NpyBody
 
     def sent(array):
-        return np.load(io.BytesIO(b"".join(_NpyBody(array))))
+        return np.load(io.BytesIO(b"".join(NpyBody(array))))
 
     pixels = np.random.default_rng(3).integers(0, 17, size=(7, 8, 8), dtype=np.uint8)
     assert sent(pixels).dtype == np.uint8  # a quarter of the float32 body
@@ -83,7 +83,7 @@ def test_small_integers_cross_as_they_are_and_answer_as_float32(live, service_re
 async def test_the_client_sends_what_np_save_writes_with_its_length(shape):
     """The client sends the array's memory in pieces (no copy of a big batch before the socket); the server must
     still see one .npy body, as np.save writes it, with a Content-Length and no chunked framing, sync and async."""
-    from aeserve.service.client import PIECE_BYTES
+    from aeserve_client.wire import PIECE_BYTES
 
     array = np.random.default_rng(4).random(shape)  # float64: crosses as float32
     expected = io.BytesIO()

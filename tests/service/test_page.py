@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from tests.service.conftest import LiveServer
+from tests.servers import LiveServer
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

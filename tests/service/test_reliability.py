@@ -1,10 +1,7 @@
-"""Reliability: hostile registries, overload, reload under load with a corrupt version, isolation between versions."""
+"""Reliability of a running server: overload, reload under load with a corrupt version, isolation between versions,
+the in-flight limit. Hostile registries are the store's tests (tests/service/runtime/test_store.py)."""
 import json
-import logging
 import os
-import struct
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,71 +10,15 @@ import httpx
 import numpy as np
 import pytest
 
-from aeserve.models.checkpoint import MANIFEST, WEIGHTS
+from aeserve.models.checkpoint import WEIGHTS
 from aeserve.models.registry import Registry
 from aeserve.service.client import Client
-from aeserve.service.runtime.store import ModelStore
 from aeserve.training.trainer import train
 from benchmarks.loadgen import npy_request, overload_run, wait_ready
-from tests.conftest import digits_run, tamper_version
-from tests.service.conftest import LiveServer, Traffic, free_port
+from tests.conftest import digits_run
+from tests.servers import LiveServer, Traffic, serve_process
 
 IMAGES = (np.random.default_rng(5).random((3, 8, 8)) * 16).astype(np.float32)
-
-
-def _tamper(registry, name, weights: bytes | None = None, **manifest_changes):
-    tamper_version(registry, name, weights, **manifest_changes)
-
-
-def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + data
-
-
-HOSTILE = {
-    "header-claims-huge-length": lambda r, n: _tamper(r, n, weights=struct.pack("<Q", 2**60) + b"{}"),
-    "offsets-past-the-end": lambda r, n: _tamper(r, n, weights=safetensors_bytes(
-        {"model.mean": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}, b"\0" * 16)),
-    "overlapping-offsets": lambda r, n: _tamper(r, n, weights=safetensors_bytes(
-        {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}},
-        b"\0" * 24)),
-    "pickle-instead-of-weights": lambda r, n: _tamper(r, n, weights=b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94."),
-    "unknown-kind": lambda r, n: _tamper(r, n, kind="os.system"),
-    "absurd-sizes": lambda r, n: _tamper(r, n, config={"code_dim": 10**9}),
-    "wrong-sha256": lambda r, n: _tamper(r, n, sha256="0" * 64),
-    "manifest-not-json": lambda r, n: (r.version_dir(n, 1) / MANIFEST).write_text("{not json"),
-    "manifest-contradicts-its-model": lambda r, n: _tamper(r, n, code_dim=9, input_shape=[64]),
-}
-
-
-@pytest.mark.parametrize("attack", sorted(HOSTILE))
-def test_hostile_versions_are_refused_logged_and_the_good_model_keeps_serving(registry, trained_registry, attack, caplog):
-    import shutil
-
-    for name in ("good", "bad"):  # copies of a trained version (training each would cost a second per attack)
-        shutil.copytree(trained_registry.version_dir("digits-pca", 1), registry.root / name / "1")
-    HOSTILE[attack](registry, "bad")
-    store = ModelStore(registry)
-    with caplog.at_level(logging.ERROR, logger="aeserve.store"):
-        store.refresh()
-    assert store.names() == ["good"]
-    assert "bad:1" in store.failed
-    assert any("refused bad:1" in record.getMessage() for record in caplog.records)
-    assert store.get("good").encode(IMAGES).shape == (3, 4)
-
-
-def test_aliases_and_symlinks_that_lead_out_of_the_registry_are_ignored(registry, tmp_path):
-    train(digits_run("m", "pca"), registry, progress=False)
-    folder = registry.root / "m"
-    (folder / "aliases.json").write_text(json.dumps({"latest": "1", "prod": "../../etc", "x": "/tmp"}))
-    (tmp_path / "elsewhere").mkdir()
-    (folder / "2").symlink_to(tmp_path / "elsewhere")
-    (tmp_path / "elsewhere" / MANIFEST).write_text("{}")
-    store = ModelStore(registry)
-    store.refresh()
-    assert store.entry("m").aliases == {"latest": 1}
-    assert sorted(store.entry("m").versions) == [1]
-    assert "outside the registry" in store.failed["m:2"]
 
 
 def test_overload_answers_503_with_retry_after_and_recovers(service_registry):
@@ -168,11 +109,8 @@ def test_concurrent_requests_to_different_versions_never_mix(service_registry):
 @pytest.mark.slow
 def test_open_loop_load_at_twice_capacity_gets_only_200_or_503_and_the_service_recovers(service_registry):
     """The overload benchmark's procedure, short: capacity closed-loop, then twice that open-loop, then capacity again."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "aeserve", "serve", "--registry", str(service_registry.root), "--port", str(port),
-                               "--models", "digits-conv", "--poll-seconds", "0", "--no-access-log", "--max-queue", "8", "--device", "cpu"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, base = serve_process("--registry", str(service_registry.root), "--models", "digits-conv", "--poll-seconds", "0",
+                                 "--no-access-log", "--max-queue", "8", "--device", "cpu")
     try:
         wait_ready(base, server)
         rows = (np.random.default_rng(0).random((512, 8, 8)) * 16).astype(np.float32)
@@ -218,34 +156,3 @@ def test_requests_beyond_max_inflight_get_503_before_their_body_is_read_and_heal
             first.join(60)
         assert answers[0].status_code == 200 and len(answers[0].json()["errors"]) == 50
         assert httpx.post(f"{live.url}/v1/models/digits-mlp/encode", content=body, headers={"Content-Type": "application/json"}).status_code == 200
-
-
-@pytest.mark.parametrize("aliases", ['[' * 100_000 + ']' * 100_000, '{"prod": "' + '9' * 5000 + '"}', '{"prod": ' + '9' * 5000 + '}'])
-def test_an_unreadable_aliases_file_counts_as_no_aliases_and_stops_no_model(registry, trained_registry, aliases):
-    """Nested past the parser's recursion limit, or a version of thousands of digits: that model keeps its versions
-    without aliases, and every other model still loads (the refresh used to raise for all of them)."""
-    import shutil
-
-    for name in ("good", "bad"):
-        shutil.copytree(trained_registry.version_dir("digits-pca", 1), registry.root / name / "1")
-    (registry.root / "bad" / "aliases.json").write_text(aliases)
-    store = ModelStore(registry)
-    store.refresh()
-    assert store.names() == ["bad", "good"] and store.loaded_once
-    assert store.entry("bad").aliases == {"latest": 1}
-
-
-def test_a_version_folder_copied_under_another_number_or_with_linked_files_is_refused(registry, trained_registry, tmp_path):
-    import shutil
-
-    shutil.copytree(trained_registry.version_dir("digits-pca", 1), registry.root / "m" / "1")
-    shutil.copytree(registry.root / "m" / "1", registry.root / "m" / "2")  # its manifest says version 1
-    shutil.copytree(registry.root / "m" / "1", registry.root / "m" / "3")
-    outside = tmp_path / "manifest.json"
-    shutil.move(registry.root / "m" / "3" / MANIFEST, outside)
-    (registry.root / "m" / "3" / MANIFEST).symlink_to(outside)
-    store = ModelStore(registry)
-    store.refresh()
-    assert sorted(store.entry("m").versions) == [1]
-    assert "the manifest is of version 1, but it sits in m/2" in store.failed["m:2"]
-    assert "manifest.json: not a regular file" in store.failed["m:3"]

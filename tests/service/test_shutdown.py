@@ -2,7 +2,6 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -12,17 +11,14 @@ import orjson
 import pytest
 
 from benchmarks.loadgen import wait_ready
-from tests.service.conftest import free_port
+from tests.servers import serve_process
 
 pytestmark = pytest.mark.slow  # a server process drained after SIGTERM
 
 
 def test_sigterm_drains_in_flight_requests(service_registry):
-    port = free_port()
     env = {**os.environ, "AESERVE_REGISTRY": str(service_registry.root), "AESERVE_DEVICE": "cpu"}
-    server = subprocess.Popen([sys.executable, "-m", "aeserve", "serve", "--port", str(port), "--poll-seconds", "0"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    server, base = serve_process("--poll-seconds", "0", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_ready(base, server)
         body = orjson.dumps({"inputs": np.ones((1000, 64), np.float32)}, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -2,7 +2,7 @@
 import logging
 import time
 
-from tests.service.conftest import make_client, wait_ready
+from tests.servers import make_client, wait_ready
 
 
 def wait_for_log(caplog, match) -> None:

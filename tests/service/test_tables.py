@@ -6,7 +6,7 @@ from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
-from tests.service.conftest import make_client, wait_ready
+from tests.servers import make_client, wait_ready
 from tests.training.data.test_tables import write_csv
 
 EVERYTHING = Call("inputs", tuple(OUTPUTS))

@@ -35,7 +35,8 @@ import numpy as np
 import pytest
 
 from benchmarks.haproxy import haproxy_config as shipped_config
-from tests.s3 import ENV, free_port, start_s3_server, wait_until
+from tests.s3 import ENV, start_s3_server
+from tests.servers import free_port, wait_until
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")

@@ -173,7 +173,7 @@ def test_a_reader_that_closed_stdout_ends_the_command_quietly(tmp_path, monkeypa
 def no_s3_credentials(monkeypatch):
     """An environment with no AWS credentials anywhere, and an endpoint nothing listens on (never reached: signing fails first)."""
     s3fs = pytest.importorskip("s3fs", reason="s3fs is the aeserve[s3] extra")
-    from tests.s3 import free_port
+    from tests.servers import free_port
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):

@@ -8,7 +8,7 @@ import pytest
 
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
-from tests.service.conftest import LiveServer, make_client, wait_ready
+from tests.servers import LiveServer, make_client, wait_ready
 
 ROWS = (np.random.default_rng(0).random((5, 64)) * 16).astype(np.float32)
 

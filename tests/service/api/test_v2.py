@@ -5,7 +5,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import LiveServer
+from tests.servers import LiveServer
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402

@@ -11,7 +11,7 @@ from aeserve.models.images import open_image, to_pixels
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
-from tests.service.conftest import make_client, wait_ready
+from tests.servers import make_client, wait_ready
 from tests.training.data.test_images import write_folder
 
 

@@ -2,7 +2,7 @@
 answers fit the schema, the schema admits exactly what the server accepts, undeclared methods get 405.
 
 One run per model, with its real name and version as the path parameters, so that requests reach the model instead of
-404ing. Seeded; a larger run: AESERVE_FUZZ_EXAMPLES=300 pytest tests/service/test_fuzz.py -m slow
+404ing. Seeded; a larger run: AESERVE_FUZZ_EXAMPLES=300 pytest tests/service/api/test_fuzz.py -m slow
 """
 import os
 import re
@@ -16,7 +16,7 @@ import pytest
 from aeserve.models.registry import Registry
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
-from tests.service.conftest import LiveServer
+from tests.servers import LiveServer
 
 pytestmark = pytest.mark.slow  # three schemathesis runs against a live server: about a minute each
 

@@ -8,7 +8,7 @@ import pytest
 
 from aeserve.service.operations import OPERATIONS
 from tests.conftest import KIND_CONFIGS
-from tests.service.conftest import DEVICE, LiveServer, make_client, wait_for_metric, wait_ready
+from tests.servers import DEVICE, LiveServer, make_client, wait_for_metric, wait_ready
 
 NAMES = [f"digits-{kind}" for kind in KIND_CONFIGS]
 rng = np.random.default_rng(0)
@@ -305,84 +305,6 @@ def test_small_batches_are_served_by_the_onnx_engine_in_the_server(service_regis
                              headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
         np.testing.assert_array_equal(np.load(io.BytesIO(answer.content)), version.encode(many))
         assert "aeserve_onnx_engine_versions 1.0" in client.get("/metrics").text
-
-
-def test_new_versions_serve_before_their_engine_arrives(service_registry, monkeypatch):
-    from aeserve.service.runtime import engines as engines_module
-    from aeserve.service.runtime.engines import Engines
-    from aeserve.service.runtime.store import ModelStore
-
-    exports = []
-
-    class RecordingExport:
-        def __init__(self, folders):
-            self.folders = folders
-            exports.append(self)
-
-        def collect(self, versions, take):
-            self.serving = {name: [v for n, v in store.loaded() if n == name] for name in store.names()}
-            self.versions = [f"{v.name}:{v.version}" for v in versions]
-
-    monkeypatch.setattr(engines_module, "GraphExport", RecordingExport)
-    store = ModelStore(service_registry, engines=Engines("cpu", "onnx", engine_process=False), only=["digits-mlp"])
-    assert store.refresh() == ["digits-mlp:1"]
-    (export,) = exports
-    assert export.folders == [service_registry.version_dir("digits-mlp", 1)]
-    assert export.serving == {"digits-mlp": [1]}  # published before the engine was attached
-    assert export.versions == ["digits-mlp:1"]
-    assert store.refresh() == [] and len(exports) == 1  # nothing new: no export
-
-
-def test_a_refresh_runs_torch_on_its_own_thread_alone(service_registry, monkeypatch):
-    """Loading and warm-up run torch on one thread, so that OpenMP starts teams of threads for the model threads
-    only (more teams than cores and libgomp stops spin-waiting in all of them); the thread's setting comes back."""
-    import threading
-
-    import torch
-
-    from aeserve.service.runtime.store import ModelStore
-
-    during, after, load = [], [], service_registry.load
-
-    def recording(*args, **kwargs):
-        during.append(torch.get_num_threads())
-        return load(*args, **kwargs)
-
-    def refresh():
-        torch.set_num_threads(2)
-        store = ModelStore(service_registry, only=["digits-mlp"])
-        monkeypatch.setattr(store.registry, "load", recording)
-        assert store.refresh() == ["digits-mlp:1"]
-        after.append(torch.get_num_threads())
-
-    thread = threading.Thread(target=refresh)
-    thread.start()
-    thread.join()
-    assert during == [1] and after == [2]
-
-
-def test_a_refresh_that_fails_after_loading_stops_its_export(service_registry, monkeypatch):
-    from aeserve.service.runtime import engines as engines_module
-    from aeserve.service.runtime.engines import Engines
-    from aeserve.service.runtime.store import ModelStore
-
-    closed = []
-
-    class RecordingExport:
-        def __init__(self, folders):
-            pass
-
-        def close(self):
-            closed.append(True)
-
-    def unreadable(name):
-        raise PermissionError(f"aliases.json of {name}: permission denied")
-    monkeypatch.setattr(engines_module, "GraphExport", RecordingExport)
-    store = ModelStore(service_registry, engines=Engines("cpu", "onnx", engine_process=False), only=["digits-mlp"])
-    monkeypatch.setattr(store.registry, "aliases", unreadable)
-    with pytest.raises(PermissionError, match="aliases.json of digits-mlp"):
-        store.refresh()
-    assert closed == [True]
 
 
 def test_the_access_log_writes_one_json_line_per_request(service_registry):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -21,18 +20,16 @@ from aeserve.models.remote import ObjectRegistry
 from aeserve.service.runtime.store import ModelStore
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
-from tests.s3 import ENV, free_port, start_s3_server, wait_until
+from tests.s3 import ENV, start_s3_server
+from tests.servers import free_port, serve_process, wait_until
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 
 def serve(url: str, cache: Path, endpoint: str, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     env = {**os.environ, **ENV, "AWS_ENDPOINT_URL": endpoint, "AESERVE_ENGINE": "torch"}
-    server = subprocess.Popen([sys.executable, "-m", "aeserve", "serve", "--registry", url, "--cache", str(cache), "--port", str(port),
-                               "--poll-seconds", "0.3", "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
-    return server, f"http://127.0.0.1:{port}"
+    return serve_process("--registry", url, "--cache", str(cache), "--poll-seconds", "0.3", "--device", "cpu", env=env, stderr=log.open("ab"))
 
 
 def encode(base: str) -> httpx.Response:

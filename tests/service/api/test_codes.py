@@ -14,7 +14,7 @@ from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
-from tests.service.conftest import make_client, wait_ready
+from tests.servers import LiveServer, make_client, wait_ready
 
 NAMES = ("digits-mlp", "digits-pca12")  # code_dim 4 (one byte of bits, four unused) and 12 (two bytes)
 rng = np.random.default_rng(1)
@@ -228,7 +228,6 @@ def test_option_on_other_calls(api):
 def test_tritonclient_reads_int8_and_binary_codes(codes_registry, binary_data):
     """A real client of the protocol (tritonclient's HTTP client) takes the INT8 and UINT8 tensors and the extra one."""
     httpclient = pytest.importorskip("tritonclient.http")
-    from tests.service.conftest import LiveServer
 
     version = codes_registry.load("digits-pca12")
     floats = version.encode(IMAGES)
