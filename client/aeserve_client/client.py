@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import TypeVar
 
 import httpx
@@ -79,6 +79,24 @@ def _request(op: str, rows: T) -> tuple[wire.NpyBody | bytes, dict[str, str]]:
     return wire.streams_request(rows) if op == "decompress" else wire.npy_request(op, rows)
 
 
+def _requests(options: _Options, op: str, name: str, array: np.ndarray | list[bytes],
+              version: str | int | None) -> Generator[tuple[str, wire.NpyBody | bytes, dict[str, str]], httpx.Response, Result]:
+    """One call as the requests it takes, for Client and AsyncClient alike: yields (path, body, headers) of each slice
+    of rows and is sent its answer; returns the answers joined in order."""
+    array = array if op == "decompress" else np.asarray(array)
+    parts, start = [], 0
+    while not parts or start < _count(array):
+        rows = options.slice(array, start)
+        body, headers = _request(op, rows)
+        response = yield wire.path(name, op, version), body, headers
+        if options.learns_limit(response, rows):
+            continue  # the same rows again, in slices of the server's limit
+        parts.append(wire.result(response, start))
+        version = parts[-1].version or version  # the other slices go to the version that answered the first
+        start += _count(rows)
+    return wire.join(parts)
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -109,18 +127,13 @@ class Client:
             attempt += 1
 
     def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None) -> Result:
-        array = array if op == "decompress" else np.asarray(array)
-        parts, start = [], 0
-        while not parts or start < _count(array):
-            rows = self._options.slice(array, start)
-            body, headers = _request(op, rows)
-            response = self._send("POST", wire.path(name, op, version), content=body, headers=headers)
-            if self._options.learns_limit(response, rows):
-                continue  # the same rows again, in slices of the server's limit
-            parts.append(wire.result(response, start))
-            version = parts[-1].version or version  # the other slices go to the version that answered the first
-            start += _count(rows)
-        return wire.join(parts)
+        requests = _requests(self._options, op, name, array, version)
+        path, body, headers = next(requests)
+        while True:
+            try:
+                path, body, headers = requests.send(self._send("POST", path, content=body, headers=headers))
+            except StopIteration as done:
+                return done.value
 
     def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
         """x (n, *input_shape) or (n, prod(input_shape)) -> codes (n, code_dim), float32."""
@@ -193,18 +206,13 @@ class AsyncClient:
             attempt += 1
 
     async def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None) -> Result:
-        array = array if op == "decompress" else np.asarray(array)
-        parts, start = [], 0
-        while not parts or start < _count(array):
-            rows = self._options.slice(array, start)
-            body, headers = _request(op, rows)
-            response = await self._send("POST", wire.path(name, op, version), body, headers)
-            if self._options.learns_limit(response, rows):
-                continue  # the same rows again, in slices of the server's limit
-            parts.append(wire.result(response, start))
-            version = parts[-1].version or version  # the other slices go to the version that answered the first
-            start += _count(rows)
-        return wire.join(parts)
+        requests = _requests(self._options, op, name, array, version)
+        path, body, headers = next(requests)
+        while True:
+            try:
+                path, body, headers = requests.send(await self._send("POST", path, body, headers))
+            except StopIteration as done:
+                return done.value
 
     async def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
         return await self._call("encode", name, x, version)
