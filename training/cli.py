@@ -25,7 +25,7 @@ from aeserve.training.data.rows import ModelRows
 from aeserve.training.data.sources import load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
 from aeserve.training.evaluate import bounded_sample, linear_probe, map_metric_rows, map_metrics, reconstruction_errors
-from aeserve.training.recipes import recipe_run_config
+from aeserve.training.recipes import inferred_notes, recipe_run_config, recipe_toml
 from aeserve.training.report import REPORT_DIR, render_report
 from aeserve.training.trainer import encode_all, project_codes, train
 
@@ -203,7 +203,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         with reaching(args.data):
             config, dataset = recipe_run_config(args.data, args.label, args.overrides, name=name, seed=args.seed)
         if not args.quiet:
-            print(f"recipe for {args.data}: {json.dumps({k: v for k, v in config.to_dict().items() if k in ('model', 'train')})}", file=sys.stderr)
+            print(f"recipe for {args.data} (a config: saved as a .toml file, `aeserve train FILE` trains it again):\n{recipe_toml(config)}",
+                  file=sys.stderr)
+        for line in inferred_notes(dataset.facts.get("inferred")):
+            print(f"note: {line}", file=sys.stderr)
     with reaching(url_or_none(config.data.path), state_dir, registry.location):
         if args.nproc > 1:
             version = spawn(args.nproc, train, config, registry, not args.quiet, None, state_dir, args.resume, per_run)
@@ -217,6 +220,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = manifest["metrics"]
     print(f"published {config.name}:{version} in {registry.location}  test_sq_err {m['test_sq_err']:.4g}  "
           f"test_mse {m['test_mse']:.4g}  pca_sq_err {m['pca_sq_err']:.4g}  ({manifest['training']['seconds']:.1f} s)")
+    dropped = manifest["training"].get("dropped_rows")
+    if dropped:
+        print(f"note: {dropped['rows']} row(s) left out of training, for {dropped['why']}", file=sys.stderr)
     rows = m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS)
     if rows < MIN_PERCENTILE_ROWS:
         print(f"note: the anomaly percentiles rest on {rows} held-out rows (validation and test), fewer than {MIN_PERCENTILE_ROWS:,}", file=sys.stderr)

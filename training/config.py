@@ -5,9 +5,10 @@ import copy
 import dataclasses
 import sys
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from aeserve.models.config import Config, Count, NonNegative, Positive, Seed, Size
 from aeserve.models.kinds import MODEL_KINDS
@@ -58,7 +59,9 @@ class RunConfig:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else kept as a string."""
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else as a list where it is
+    bracketed as one without TOML's quotes (``[island, sex]``), else kept as a string (which ``list_where_taken``
+    splits at its commas for a key that takes a list: ``island,sex``)."""
     if "=" not in text:
         raise ValueError(f"--set expects section.key=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -68,8 +71,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
+        bracketed = raw.strip()
+        value = _items(bracketed[1:-1]) if bracketed.startswith("[") and bracketed.endswith("]") else raw
     return path, value
+
+
+def _items(text: str) -> list[Any]:
+    """``a, 2, 'b'`` -> ["a", 2, "b"]: each item read as TOML, else as its text without quotes; no items in blank text."""
+    items = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            items.append(tomllib.loads(f"v = {item}")["v"])
+        except tomllib.TOMLDecodeError:
+            items.append(item.strip("'\""))
+    return [] if items == [""] else items
+
+
+def list_where_taken(config_class: type | None, key: str, value: Any) -> Any:
+    """``value``, or its comma-separated items as a list where it is a string and ``config_class.key`` takes a list."""
+    if not isinstance(value, str) or config_class is None:
+        return value
+    hint = typing.get_type_hints(config_class, include_extras=True).get(key)
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    return _items(value) if typing.get_origin(hint) is tuple else value
+
+
+def _config_class(section: str, table: dict[str, Any]) -> type | None:
+    """The config class that reads ``[section]`` as it stands (a model's by its kind), or None for an unknown one."""
+    if section in KINDS:
+        kind = KINDS[section].get(table.get("kind", DEFAULT_KINDS[section]))
+        return kind.config_class if kind is not None else None
+    return {"data": DataConfig, "train": TrainParams}.get(section)
 
 
 def _section(values: dict[str, Any], key: str) -> dict[str, Any]:
@@ -187,6 +220,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), name: st
         if len(keys) == 2 and (other := _other_name(*keys)) is not None and (keys[0], other) not in explicit:
             target.pop(other, None)  # the file's value under a renamed key's other name gives way to --set
         explicit.add(tuple(keys[:2]))
+    for section, *key in explicit:  # once every kind is known: `model.hidden=64,32` is a list for an MLP
+        if key and isinstance(values.get(section), dict) and key[0] in values[section]:
+            values[section][key[0]] = list_where_taken(_config_class(section, values[section]), key[0], values[section][key[0]])
     _drop_keys_of_the_old_kind(values, file_kinds, explicit)
     if name is not None:
         values["name"] = name

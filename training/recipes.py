@@ -10,21 +10,27 @@ The MLP's widths follow the number of encoded features d (numbers plus one-hot c
 ``code_dim = clamp(round(d / 4), 2, 64)`` and one hidden layer of ``clamp(d, 32, 512)`` units (at least
 ``2 code_dim``). Training stops early on the validation error (``train.patience``) and keeps the best epoch's
 weights; the batch gives about ten steps per epoch. ``--set`` overrides any key; the manifest records the result in
-``training.run_config``, which, written out as TOML, is a config that trains again.
+``training.run_config``, which, written out as TOML (``recipe_toml``), is a config that trains again.
+
+A table's columns are inferred from it (``tables.infer_columns``): numbers, dates, categories, and the columns left out
+(identifiers, names, free text) with the reason; ``data.missing`` is "median", so that empty fields are filled in
+training and in serving alike. What was inferred is recorded in the manifest (``training.inferred``); the columns
+that ``--set`` names are read as it says.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
 
-from aeserve.training.config import RunConfig, load_run_config, parse_override
+from aeserve.training.config import RunConfig, list_where_taken, load_run_config, parse_override
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import DataError, Dataset
 from aeserve.training.data.locations import Found, found_at, location
 from aeserve.training.data.sources import SOURCES, load_dataset
-from aeserve.training.data.tables import TABLE_SUFFIXES
+from aeserve.training.data.tables import TABLE_SUFFIXES, infer_columns
 
 ARRAY_SOURCES = {".npy": "npy", ".npz": "npz"}
 MAX_CODE_DIM = 64
@@ -75,6 +81,8 @@ def recipe_run_config(path: str, label: str | None = None, overrides: list[str] 
     """The run that ``aeserve train --data PATH`` makes, and the data it read to size it.
 
     ``--set data.*`` keys shape the data before the recipe is sized to it; every ``--set`` key then overrides the recipe.
+    A table's columns that ``--set`` does not name are inferred (``infer_columns``), and so is ``data.missing`` where
+    ``--set`` does not give it; the dataset's facts (the manifest's training facts) record what was inferred.
     """
     values: dict[str, Any] = {"source": source_for(path), "path": str(path)}
     if label:
@@ -84,10 +92,41 @@ def recipe_run_config(path: str, label: str | None = None, overrides: list[str] 
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] == "data" and len(keys) == 2:
-            values[keys[1]] = value
+            values[keys[1]] = list_where_taken(DataConfig, keys[1], value)
+    inferred = None
+    if values["source"] == "table":
+        keys, inferred = infer_columns(DataConfig.from_dict(values))
+        inferred["missing"] = values.setdefault("missing", "median")
+        values.update(keys)
     data = DataConfig.from_dict(values)
     dataset = load_dataset(data)
     config = load_run_config(None, overrides, name=name or Path(path).stem, seed=seed, values=recipe(data, dataset))
     if config.data != data:
         dataset = load_dataset(config.data)
+    if inferred is not None:
+        dataset.facts["inferred"] = inferred
     return config, dataset
+
+
+def recipe_toml(config: RunConfig) -> str:
+    """The run as a TOML config: saved to a file, ``aeserve train FILE`` trains it again. Values as JSON writes them,
+    which TOML reads alike (strings, numbers, booleans and lists of them)."""
+    values = config.to_dict()
+    lines = [f"name = {json.dumps(values.pop('name'))}"]
+    for section, table in values.items():
+        lines += ["", f"[{section}]", *(f"{key} = {json.dumps(value)}" for key, value in table.items())]
+    return "\n".join(lines) + "\n"
+
+
+def inferred_notes(inferred: dict[str, Any] | None) -> list[str]:
+    """What ``aeserve train --data`` tells of a table's inferred columns: each one left out and why, and the filled fields."""
+    if not inferred:
+        return []
+    notes = [f"column {name!r} left out: {why}" for name, why in inferred["excluded"].items()]
+    if inferred["empty_fields"]:
+        counts = ", ".join(f"{name} {count}" for name, count in inferred["empty_fields"].items())
+        how = {"median": "filled (numbers and dates with the median, categories as a category of their own) and flagged by an "
+                         "indicator; served rows are filled alike",
+               "drop": "their rows left out", "error": "refused"}[inferred["missing"]]
+        notes.append(f"empty or NA fields ({counts}): {how} (data.missing = {inferred['missing']!r})")
+    return notes

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
+from aeserve.models.columns import MISSING_TEXTS, accepts_missing
 from aeserve.models.images import IMAGE_MEDIA_TYPES
 from aeserve.models.npy import FLOAT32_MAX
 from aeserve.models.outputs import CODE_FORMS, OUTPUTS
@@ -49,6 +50,7 @@ from aeserve.service.tables import TableRows
 STREAMS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "string", "contentEncoding": "base64",
                                                             "pattern": "^[A-Za-z0-9+/]*={0,2}$"},
                   "description": "one compressed stream per row, base64: a 7-byte header (format, model, version), then the coded code"}
+IMPUTED = "imputed"  # table rows in JSON: per row, the columns filled as in training
 STATUSES = ((400, "malformed body"), (401, "missing or wrong API key"), (404, "unknown model, version or operation"),
             (405, "method not allowed"), (413, "body or row count over the limit"), (415, "unsupported Content-Type"),
             (422, "wrong shape, wrong type or a non-finite number"), (503, "overloaded or still loading"))
@@ -81,7 +83,7 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
     table = TableRows.of(version.manifest)
     call, keys = operation.for_version(table is not None)
-    objects = False
+    objects, imputed = False, None
     if operation.uses_streams:
         pipeline.streams_of(version, op)  # refused before reading rows, for a version without an entropy model
         if codes != "float":
@@ -93,7 +95,7 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     elif sent_as not in (JSON, NPY):  # image files (one, or a part each): decoded as the training images were
         array = await run_in_threadpool(image_rows, body, version.manifest, call.takes, _text(headers.get(b"content-type")), settings.max_rows)
     elif table is not None and sent_as == JSON and call.takes == "inputs":  # table rows: arrays in column order, or objects
-        array, objects = table.encode(parse_json_inputs(body), settings.max_rows)
+        array, objects, imputed = table.encode(parse_json_inputs(body), settings.max_rows)
     else:
         array = parse_rows(sent_as, body)
     outputs, sent_shape = await pipeline.run(state.batcher, version, call, array, settings.max_rows, codes=codes)
@@ -113,6 +115,8 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
                     answer[key] = table.decode(answer[key], objects)
                 elif output == "feature_error":
                     answer[key] = table.per_column(answer[key], objects)
+        if imputed is not None:
+            answer[IMPUTED] = imputed
         content, media = json_bytes({"model": name, "version": context["version"], **answer}), JSON
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", media.encode()), (b"content-length", b"%d" % len(content)),
@@ -144,11 +148,29 @@ def _nested(shape: tuple[int, ...], number: dict[str, Any]) -> dict[str, Any]:
     return {"type": "array", "minItems": shape[0], "maxItems": shape[0], "items": _nested(shape[1:], number)}
 
 
+def _table_column(feature: dict[str, Any], bound: float) -> dict[str, Any]:
+    """What a table column takes: a number, one of its categories or a date; and, where the version fills a missing
+    field, null or a missing text too (a category's own texts among them stay categories)."""
+    if feature["type"] == "category":
+        values = list(feature["categories"])
+        if accepts_missing(feature):
+            values += [text for text in MISSING_TEXTS if text not in values] + [None]
+        return {"enum": values}
+    value = {"type": "string", "anyOf": [{"format": "date"}, {"format": "date-time"}],
+             "description": "an ISO 8601 date (YYYY-MM-DD), or a date and time: the date is what counts"} if feature["type"] == "date" else _number(bound)
+    if not accepts_missing(feature):
+        return value
+    return {"anyOf": [value, {"enum": [*MISSING_TEXTS, None]}], "description": "null, or a missing text such as \"NA\", is filled as in training"}
+
+
 def _table_rows(table: TableRows, bound: float) -> list[dict[str, Any]]:
-    """A table version's row forms: values in column order, or an object keyed by column name."""
-    columns = [{"type": "string", "enum": table.categories[n]} if n in table.categories else _number(bound) for n in table.names]
+    """A table version's row forms: values in column order, or an object keyed by column name (which may leave out a
+    column the version fills, and carry the table's ignored columns)."""
+    columns = [_table_column(feature, bound) for feature in table.features]
+    required = [f["name"] for f in table.features if not accepts_missing(f)]
+    ignored = {name: {"description": "a column training left out: ignored"} for name in table.ignored}
     return [{"type": "array", "prefixItems": columns, "items": False, "minItems": len(columns), "maxItems": len(columns)},
-            {"type": "object", "properties": dict(zip(table.names, columns, strict=True)), "required": table.names,
+            {"type": "object", "properties": {**dict(zip(table.names, columns, strict=True)), **ignored}, "required": required,
              "additionalProperties": False}]
 
 
@@ -255,6 +277,9 @@ def _post(operation: Operation, versions: list[ModelVersion], max_rows: int) -> 
                            "one image file, or several as multipart/form-data"}
     answer = {"model": {"type": "string"}, "version": {"type": "string"}}
     answer.update({key: {"type": "array"} for key in (*operation.answer_keys, *operation.table_outputs.values())})
+    if tables and operation.call.takes == "inputs":
+        answer[IMPUTED] = {"type": "array", "items": {"type": "array", "items": {"type": "string"}},
+                           "description": "table rows sent as JSON: per row, the columns whose missing value was filled as in training"}
     if operation.answers_streams:
         answer["outputs"] = STREAMS_SCHEMA
     if answers_codes:

@@ -98,9 +98,14 @@ def test_object_rows_get_object_answers_with_feature_errors(table_registry):
 
 
 @pytest.mark.parametrize("rows,message", [
-    ([{"small": 0.05, "large": 2000.0}], "row 0: column(s) ['colour'] missing; the columns are ['small', 'large', 'colour']"),
+    ([{"small": 0.05, "large": 2000.0}], "row 0: column(s) ['colour'] missing (this version was trained with data.missing = 'error': "
+                                         "send it); the columns are ['small', 'large', 'colour'] (and, ignored, ['is_big'])"),
     ([{"small": 0.05, "large": 2000.0, "colour": "red", "price": 3}], "row 0: unknown column(s) ['price']; the columns are"),
-    ([{"small": None, "large": 2000.0, "colour": "red"}], "row 0, column 'small': expected a finite number, got None"),
+    ([{"small": None, "large": 2000.0, "colour": "red"}], "row 0, column 'small': the value is missing (None); this version was trained "
+                                                          "with data.missing = 'error', so it fills no missing field: send a finite number"),
+    ([[0.05, "NA", "red"]], "row 0, column 'large': the value is missing ('NA'); this version was trained with data.missing = 'error'"),
+    ([[0.05, 2000.0, ""]], "row 0, column 'colour': the value is missing (''); this version was trained with data.missing = 'error', so it "
+                           "fills no missing field: send one of ['blue', 'green', 'red']"),
     ([[0.05, 2000.0, "red"], [0.05, "2000", "red"]], "row 1, column 'large': expected a finite number, got '2000'"),
     ([[0.05, 2000.0, "red"], [10**400, 2000.0, "red"]], "row 1, column 'small': expected a finite number, got 1000000"),
     ([[0.05, 2000.0, "purple"]], "row 0, column 'colour': unknown category 'purple'; known: ['blue', 'green', 'red']"),

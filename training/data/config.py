@@ -31,11 +31,16 @@ class DataConfig(Config):
     # [0, 1]), standard (each feature mean 0, deviation 1); auto: standard for tables, global for everything else.
     scaling: Literal["auto", "global", "minmax", "standard"] = "auto"
     # Tables: the label column (kept out of the features), the feature columns (default: all but the label and
-    # `exclude`), the columns one-hot encoded, and what to do with empty or NA fields.
+    # `exclude`), the columns one-hot encoded, the columns of dates (each read as its year and day of the year), and
+    # what to do with empty or NA fields: refuse them, drop their rows, or fill them (a number with its median, a date
+    # with its median year and day, a category with its most common value; a column with empty fields also gets an
+    # indicator, a category a slot of its own) and fill them again when serving. `aeserve train --data` infers all of
+    # these from the table where --set gives none.
     label: str = ""
     columns: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     categorical: tuple[str, ...] = ()
+    dates: tuple[str, ...] = ()
     missing: Literal["error", "drop", "median"] = "error"
     # Images: every picture brought to [height, width] (default: the first image's size) with channels 1 or 3
     # (0: 1 when every image is gray, else 3); an unreadable file is an error, or skipped and counted with skip_bad.
@@ -51,11 +56,14 @@ class DataConfig(Config):
         super().__post_init__()
         if len(self.image_size) not in (0, 2):
             raise ValueError(f"data.image_size must be [height, width], got {list(self.image_size)}")
-        for key in ("columns", "exclude", "categorical"):
+        for key in ("columns", "exclude", "categorical", "dates"):
             names = getattr(self, key)
             repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
             if repeated is not None:
                 raise ValueError(f"data.{key} names {repeated!r} more than once, got {list(names)}")
+        both = next((name for name in self.dates if name in self.categorical), None)
+        if both is not None:
+            raise ValueError(f"data.dates and data.categorical both name {both!r}; a column is read one way: leave it out of one")
 
     @property
     def resolved_scaling(self) -> str:

@@ -10,9 +10,11 @@ import csv
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from aeserve.models.columns import DATE_PARTS, DATE_PATTERN, MISSING_TEXTS, date_parts, width
 from aeserve.models.npy import FLOAT32_MAX
 from aeserve.training.data.arrays import beyond_float32, check_finite
 from aeserve.training.data.config import DataConfig
@@ -134,7 +136,8 @@ class Table:
                     source, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, column_names=None if self.header else self.names),
                     parse_options=pa_csv.ParseOptions(delimiter=self.delimiter),
                     convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()), include_columns=columns,
-                                                          strings_can_be_null=missing, quoted_strings_can_be_null=missing))
+                                                          null_values=list(MISSING_TEXTS), strings_can_be_null=missing,
+                                                          quoted_strings_can_be_null=missing))
         except (pa.ArrowException, OSError) as e:
             if not self.parquet and "columns, got" in str(e):
                 self._raise_ragged_line()
@@ -200,9 +203,28 @@ class Table:
                 raise DataError(f"{self.field(first + row, name)}: {text!r} is not a number; {advice}") from None
         return values
 
+    def dates(self, first: int, name: str, column) -> np.ndarray:
+        """A date column of a batch whose first row is ``first`` as (rows, 2) float64, each row's year and day of the
+        year (NaN where the field is missing). Text is read as ISO 8601 dates (``1970-01-01``, a time of day left out);
+        a field that is not one is an error naming its line."""
+        out = np.full((len(column), len(DATE_PARTS)), np.nan)
+        read: dict[str, tuple[int, int] | None] = {}  # each distinct text parsed once
+        for row, text in enumerate(self.texts(name, column).to_pylist()):
+            if text is None:
+                continue
+            if text not in read:
+                read[text] = date_parts(text)
+            if read[text] is None:
+                raise DataError(f"{self.field(first + row, name)}: {text!r} is not a date (YYYY-MM-DD, as data.dates reads); "
+                                f"leave the column out of data.dates to read it otherwise")
+            out[row] = read[text]
+        return out
+
 
 def load_table(config: DataConfig) -> Dataset:
-    """A table with a header row: numeric features as they are, `categorical` ones one-hot, `label` kept apart.
+    """A table with a header row: numeric features as they are, ``categorical`` ones one-hot, ``dates`` as their year and
+    day of the year, ``label`` kept apart; missing fields as ``data.missing`` says (see ``models/columns.py`` for what
+    each column's entry in the manifest's ``features`` holds).
 
     Read batch by batch (``Table``): what is held is one batch plus, per kept row, the features as float32 (float64
     with ``missing = "median"``, whose medians need the exact values) and a category number per categorical column.
@@ -211,7 +233,7 @@ def load_table(config: DataConfig) -> Dataset:
     table = Table(path)
     names = table.names
     wanted = [config.label] if config.label else []
-    for key in ("columns", "exclude", "categorical"):
+    for key in ("columns", "exclude", "categorical", "dates"):
         wanted += list(getattr(config, key))
     unknown = [c for c in wanted if c not in names]
     if unknown:
@@ -223,11 +245,13 @@ def load_table(config: DataConfig) -> Dataset:
         raise DataError(f"{path}: no feature columns left (the header names {names})")
     used = features + ([config.label] if config.label else [])
     table.nested(used)
-    numeric = [n for n in features if n not in config.categorical]
+    fill = config.missing == "median"
+    dated = [n for n in features if n in config.dates]
+    numeric = [n for n in features if n not in config.categorical and n not in config.dates]
     coded = [n for n in used if n in config.categorical or n == config.label]
-    dtype = np.float64 if config.missing == "median" else np.float32
-    values: dict[str, list[np.ndarray]] = {name: [] for name in numeric}
-    codes: dict[str, tuple[list[np.ndarray], dict[str, int]]] = {name: ([], {}) for name in coded}  # numbers in order seen
+    dtype = np.float64 if fill else np.float32
+    values: dict[str, list[np.ndarray]] = {name: [] for name in numeric + dated}  # a date's: (rows, 2) year and day
+    codes: dict[str, tuple[list[np.ndarray], dict[str, int]]] = {name: ([], {}) for name in coded}  # numbers in order seen, -1: missing
     first = kept = 0
     for batch in table.batches(used):
         nulls = np.zeros(batch.num_rows, bool)
@@ -236,51 +260,221 @@ def load_table(config: DataConfig) -> Dataset:
             if column_nulls.any() and config.missing == "error":
                 row = first + int(np.argmax(column_nulls))
                 raise DataError(f"{table.field(row, name)}: the field is empty or NA; set data.missing = 'drop' or 'median'")
-            if name == config.label or config.missing == "drop" or name in config.categorical:
+            if name == config.label or config.missing == "drop":
                 nulls |= column_nulls
         keep = np.flatnonzero(~nulls)
         for name in numeric:
             column = table.numbers(first, name, batch.column(name), CATEGORIES_ADVICE)[keep]
-            infinite = np.isinf(column) if config.missing == "median" else ~np.isfinite(column)  # NaN: filled in below
+            infinite = np.isinf(column) if fill else ~np.isfinite(column)  # NaN: filled in below
             beyond = beyond_float32(column)  # the features are float32 in the end, whatever they are held as here
             if infinite.any() or beyond.any():
                 at = int(np.argmax(infinite | beyond))
                 problem = "the value is not finite" if infinite[at] else f"{float(column[at])!r} is beyond float32's range (±{FLOAT32_MAX:.2g})"
                 raise DataError(f"{table.field(first + int(keep[at]), name)}: {problem}")
             values[name].append(column.astype(dtype))
+        for name in dated:
+            values[name].append(table.dates(first, name, batch.column(name))[keep])
         for name in coded:
             seen, numbers = codes[name]
             texts = np.asarray(table.texts(name, batch.column(name)).to_pylist(), dtype=object)[keep]
-            seen.append(np.fromiter((numbers.setdefault(text, len(numbers)) for text in texts), np.int64, len(texts)))
+            seen.append(np.fromiter((-1 if text is None else numbers.setdefault(text, len(numbers)) for text in texts), np.int64, len(texts)))
         first, kept = first + batch.num_rows, kept + len(keep)
     if kept < 2:
         raise DataError(f"{path}: {kept} usable row(s); at least 2 are needed")
-    sorted_codes = {}  # per coded column: (its values sorted, each row's index among them)
+    sorted_codes = {}  # per coded column: (its values sorted, each row's index among them, -1 where missing)
     for name, (seen, numbers) in codes.items():
         categories = sorted(numbers)
         position = {text: i for i, text in enumerate(categories)}
         rank = np.fromiter((position[text] for text in numbers), np.int64, len(numbers))  # in the order numbers were given
-        sorted_codes[name] = (categories, rank[np.concatenate(seen)])
-    widths = [len(sorted_codes[n][0]) if n in config.categorical else 1 for n in features]
-    x = np.zeros((kept, sum(widths)), np.float32)
-    described, start = [], 0
-    for name, width in zip(features, widths, strict=True):
-        if name in config.categorical:
-            categories, index = sorted_codes[name]
-            x[np.arange(kept), start + index] = 1.0
-            described.append({"name": name, "type": "category", "categories": categories})
-        else:
-            column = np.concatenate(values.pop(name))
-            if config.missing == "median":
-                present = column[~np.isnan(column)]
-                column = np.where(np.isnan(column), float(np.median(present)) if len(present) else 0.0, column)
-            x[:, start] = column
-            described.append({"name": name, "type": "number"})
-        start += width
+        order = np.concatenate(seen)
+        sorted_codes[name] = (categories, np.where(order >= 0, rank[np.maximum(order, 0)] if len(rank) else -1, -1))
+    described, columns = [], {}
+    for name in features:
+        feature, columns[name] = _column(name, config, sorted_codes.get(name), values.get(name))
+        described.append(feature)
+    x = np.zeros((kept, sum(map(width, described))), np.float32)
+    start = 0
+    for feature in described:
+        block = columns.pop(feature["name"])
+        x[:, start:start + block.shape[1]] = block
+        start += block.shape[1]
     y = sorted_codes[config.label][1] if config.label else None
     dataset = split_off_test(path.name, x, y, config, None)
     dataset.features = described
+    dataset.facts["table_columns"] = names  # the header: the columns a served row may still carry, and that are left out
+    if first > kept:
+        why = "an empty or NA field (data.missing = 'drop')" if config.missing == "drop" else f"an empty or NA label ({config.label!r})"
+        dataset.facts["dropped_rows"] = {"rows": first - kept, "why": why}
     return dataset
+
+
+def _column(name: str, config: DataConfig, coded: tuple[list[str], np.ndarray] | None, parts: list[np.ndarray] | None
+            ) -> tuple[dict[str, Any], np.ndarray]:
+    """A feature column's entry in the manifest and its values as the model takes them, (rows, width) float32.
+
+    With ``missing = "median"`` every column gets a ``fill``, except a category with empty fields, whose missing rows
+    are a category of their own (its ``indicator`` slot); a number or a date with empty fields gets an indicator too.
+    """
+    fill = config.missing == "median"
+    if coded is not None:
+        categories, index = coded
+        gaps = index < 0
+        feature = {"name": name, "type": "category", "categories": categories}
+        block = np.zeros((len(index), len(categories) + bool(gaps.any())), np.float32)
+        block[np.flatnonzero(~gaps), index[~gaps]] = 1.0
+        if gaps.any():
+            block[gaps, -1] = 1.0
+            feature["indicator"] = True
+        elif fill:  # the most common category; the first in sorted order among equals
+            feature["fill"] = categories[int(np.argmax(np.bincount(index, minlength=len(categories))))]
+        return feature, block
+    column = np.concatenate(parts)
+    column = column.reshape(len(column), -1)  # a number's one value, a date's two
+    feature = {"name": name, "type": "date" if name in config.dates else "number"}
+    if not fill:
+        return feature, column.astype(np.float32)
+    gaps = np.isnan(column[:, 0])
+    present = column[~gaps]
+    medians = [float(np.median(part)) if len(part) else 0.0 for part in present.T]
+    column = np.where(gaps[:, None], medians, column)
+    feature["fill"] = medians if feature["type"] == "date" else medians[0]
+    if gaps.any():
+        feature["indicator"] = True
+        column = np.concatenate([column, gaps[:, None]], axis=1)
+    return feature, column.astype(np.float32)
+
+
+# What ``aeserve train --data`` infers of a table's columns (``infer_columns``): a text column with at most this many
+# distinct values, and at most one per two filled fields, is one-hot encoded; one with more is a name, an identifier or
+# free text, and is left out.
+MAX_CATEGORIES = 50
+MAX_TRACKED = 65536  # distinct texts counted per column, at most: beyond, it is surely not categorical
+FREE_TEXT_SPACES = 0.5  # a text column left out is called free text when this share of its distinct values holds a space
+
+
+class _Profile:
+    """What one pass over a column learns of it, for ``infer_columns``."""
+
+    def __init__(self) -> None:
+        self.rows = self.empty = 0
+        self.unusable: str | None = None  # why it holds neither numbers nor text
+        self.text = False  # some filled field is not a number
+        self.dates = True  # every filled field is an ISO date (or the column's type is a date)
+        self.distinct: set[str] = set()  # up to MAX_TRACKED of its texts
+        self.counting = True  # integers counting up by one, row after row, with no empty field: a row number
+        self.last: float | None = None
+
+    def numbers(self, values: np.ndarray) -> None:
+        if self.counting and len(values):
+            steps = np.diff(np.concatenate([[values[0] - 1 if self.last is None else self.last], values]))
+            self.counting = bool(np.all(steps == 1))
+            self.last = float(values[-1])
+
+    def texts(self, texts) -> None:
+        import pyarrow.compute as pc
+
+        present = texts.drop_null()
+        if not len(present):
+            return
+        if len(self.distinct) <= MAX_TRACKED:
+            self.distinct.update(pc.unique(present).to_pylist())
+        if self.dates:
+            self.dates = bool(pc.all(pc.match_substring_regex(present, DATE_PATTERN)).as_py())
+        if not self.text:
+            numbers = _text_numbers(present)
+            if numbers is None:
+                self.text = True
+            else:
+                self.numbers(numbers)
+
+    def kind(self, name: str) -> tuple[str, str | None]:
+        """("number" | "category" | "date" | "exclude", why it is left out)."""
+        filled = self.rows - self.empty
+        if self.unusable:
+            return "exclude", self.unusable
+        if not filled:
+            return "exclude", "every field is empty"
+        if self.text and self.dates:
+            return "date", None
+        if not self.text:
+            if self.counting and not self.empty and filled > 2:
+                return "exclude", f"identifier-like: whole numbers counting up by one, row after row, to {self.last:g}"
+            return "number", None
+        distinct = len(self.distinct)
+        if distinct <= MAX_CATEGORIES and distinct <= max(2, filled // 2):
+            return "category", None
+        many = f"more than {MAX_TRACKED:,}" if distinct > MAX_TRACKED else f"{distinct:,}"
+        if sum(" " in text for text in self.distinct) > FREE_TEXT_SPACES * distinct:
+            why = f"free text: {many} different texts in {filled:,} filled fields, most of several words"
+        elif distinct == filled:
+            why = f"identifier-like: each of its {filled:,} filled fields is a different text"
+        else:
+            why = f"{many} different texts in {filled:,} filled fields: too many to one-hot (at most {MAX_CATEGORIES}, and one per two fields)"
+        return "exclude", f"{why}; list it in data.categorical to one-hot it anyway"
+
+
+def _text_numbers(texts) -> np.ndarray | None:
+    """Texts (without nulls) as float64 when every one is a number, as ``Table.numbers`` reads them; else None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        return np.asarray(pc.cast(texts, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    except pa.ArrowInvalid:
+        pass
+    try:
+        return np.array([float(text) for text in texts.to_pylist()], np.float64)
+    except ValueError:
+        return None
+
+
+def infer_columns(config: DataConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What each column of the table at ``config.path`` is, read in one pass: the ``[data]`` keys that make it so, and
+    a record of what was inferred and why, for the manifest.
+
+    Only the columns that ``config`` does not name (as its label, or in exclude, categorical or dates) are inferred; of
+    ``data.columns`` when it is given, else of every column. Numbers stay numbers, except whole numbers counting up by
+    one row after row (a row number); a text column of ISO dates is a date; one with few distinct values
+    (MAX_CATEGORIES) a category; every other (names, identifiers, free text), and a column whose every field is empty,
+    is left out, with the reason.
+    """
+    import pyarrow as pa
+
+    path = require_file(config)
+    table = Table(path)
+    named = {config.label, *config.exclude, *config.categorical, *config.dates}
+    unknown = [c for c in [*config.columns, *named] if c and c not in table.names]
+    if unknown:
+        raise DataError(f"{path}: no column(s) {unknown}; the header names {table.names}")
+    candidates = [n for n in (config.columns or table.names) if n not in named]
+    profiles = {name: _Profile() for name in candidates}
+    for batch in table.batches(candidates) if candidates else ():
+        for name, profile in profiles.items():
+            column = batch.column(name)
+            profile.rows += len(column)
+            profile.empty += column.null_count
+            kind = column.type
+            if profile.unusable:
+                continue
+            if pa.types.is_nested(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+                profile.unusable = f"holds {kind} values, neither numbers nor text"
+            elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+                profile.dates = False
+                profile.numbers(np.asarray(column.drop_null().to_numpy(zero_copy_only=False), np.float64))
+            elif pa.types.is_date(kind) or pa.types.is_timestamp(kind):
+                profile.text = True  # a date type: dates, whatever its text
+            else:
+                profile.texts(table.texts(name, column))
+    kinds = {name: profile.kind(name) for name, profile in profiles.items()}
+    chosen = {key: [name for name, (kind, _) in kinds.items() if kind == key] for key in ("category", "date", "exclude")}
+    keys = {"exclude": [*config.exclude, *chosen["exclude"]], "categorical": [*config.categorical, *chosen["category"]],
+            "dates": [*config.dates, *chosen["date"]]}
+    record = {"categorical": chosen["category"], "dates": chosen["date"],
+              "excluded": {name: why for name, (kind, why) in kinds.items() if kind == "exclude"},
+              "empty_fields": {name: p.empty for name, p in profiles.items() if p.empty and kinds[name][0] != "exclude"}}
+    if config.columns:
+        keys["columns"] = [n for n in config.columns if n not in chosen["exclude"]]
+    return keys, record
 
 
 def load_csv(config: DataConfig) -> Dataset:
