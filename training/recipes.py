@@ -89,10 +89,13 @@ def recipe_run_config(path: str, label: str | None = None, overrides: list[str] 
         if values["source"] != "table":
             raise ValueError(f"--label names a table's label column; {path} is not a table")
         values["label"] = label
+    others = []  # every --set but data's, which are in the data config from here on
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] == "data" and len(keys) == 2:
             values[keys[1]] = list_where_taken(DataConfig, keys[1], value)
+        else:
+            others.append(text)
     inferred = None
     if values["source"] == "table":
         keys, inferred = infer_columns(DataConfig.from_dict(values))
@@ -100,7 +103,7 @@ def recipe_run_config(path: str, label: str | None = None, overrides: list[str] 
         values.update(keys)
     data = DataConfig.from_dict(values)
     dataset = load_dataset(data)
-    config = load_run_config(None, overrides, name=name or Path(path).stem, seed=seed, values=recipe(data, dataset))
+    config = load_run_config(None, others, name=name or Path(path).stem, seed=seed, values=recipe(data, dataset))
     if config.data != data:
         dataset = load_dataset(config.data)
     if inferred is not None:

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from aeserve.models.columns import MISSING_TEXTS
 from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
@@ -144,3 +145,74 @@ def test_each_name_has_its_own_operations_where_the_loaded_versions_take_differe
         # what the shared document used to admit for every name: digits codes, sent to the table
         response = client.post("/v1/models/rows/decode", json={"inputs": [[0.0, 0.0, 0.0, 0.0]]})
         assert (response.status_code, response.json()) == (422, {"detail": "each row must be 2 numbers; got rows of shape [4]"})
+
+
+@pytest.fixture(scope="module")
+def penguins_registry(tmp_path_factory) -> Registry:
+    """A version trained with no config on a penguins-like table: its empty fields filled, a date column, columns left out."""
+    from aeserve.training.recipes import recipe_run_config
+    from tests.training.data.test_tables import write_penguins
+
+    folder = tmp_path_factory.mktemp("penguins")
+    registry = Registry(folder / "registry")
+    config, dataset = recipe_run_config(str(write_penguins(folder / "penguins.csv")), "species",
+                                        ["train.epochs=3", "train.report=false"], name="penguins")
+    train(config, registry, progress=False, dataset=dataset, state_dir=folder / "state")
+    return registry
+
+
+PENGUIN = {"island": "Dream", "bill_length_mm": 41.5, "body_mass_g": 3900.0, "sex": "female", "year": 2008, "observed": "2008-06-02"}
+
+
+def test_a_version_trained_with_filled_fields_fills_null_na_empty_and_left_out_values_as_training_did(penguins_registry):
+    version = penguins_registry.load("penguins")
+    fill = {f["name"]: f.get("fill") for f in version.manifest["features"]}
+    gaps = [{**PENGUIN, "bill_length_mm": None, "sex": "NA"}, {**PENGUIN, "body_mass_g": "", "observed": None},
+            {k: v for k, v in PENGUIN.items() if k not in ("island", "year", "observed")}, PENGUIN]
+    # As the model takes them: [island one-hot 3, bill, bill missing, mass, mass missing, sex one-hot 2 + missing, year, observed 2 + missing]
+    def row(island, bill, mass, sex, year, observed):
+        def number(value, name):
+            return [value, 0] if value is not None else [fill[name], 1]
+
+        return [*(np.array(["Biscoe", "Dream", "Torgersen"]) == island), *number(bill, "bill_length_mm"), *number(mass, "body_mass_g"),
+                *(np.array(["female", "male", None]) == sex), year, *([*observed, 0] if observed is not None else [*fill["observed"], 1])]
+
+    expected = np.array([row("Dream", None, 3900.0, None, 2008, (2008, 154)), row("Dream", 41.5, None, "female", 2008, None),
+                         row(fill["island"], 41.5, 3900.0, "female", fill["year"], None), row("Dream", 41.5, 3900.0, "female", 2008, (2008, 154))],
+                        np.float32)
+    with make_client(penguins_registry) as client:
+        wait_ready(client.get)
+        encoded = client.post("/v1/models/penguins/encode", json={"inputs": gaps}).json()
+        answer = client.post("/v1/models/penguins/reconstruct", json={"inputs": gaps}).json()
+        as_arrays = client.post("/v1/models/penguins/encode", json={"inputs": [[None, "NA", "", "n/a", 2008, "1970-01-01"]]}).json()
+    assert encoded["imputed"] == answer["imputed"] == [["bill_length_mm", "sex"], ["body_mass_g", "observed"], ["island", "year", "observed"], []]
+    np.testing.assert_allclose(encoded["outputs"], version.encode(expected), rtol=1e-5, atol=1e-5)
+    x_hat, errors, _ = version.reconstruct(expected)
+    np.testing.assert_allclose(answer["errors"], errors, rtol=1e-4)
+    assert as_arrays["imputed"] == [["island", "bill_length_mm", "body_mass_g", "sex"]]
+    assert all(row["sex"] in ("female", "male", None) and len(row["observed"]) == 10 for row in answer["outputs"])
+    assert [sorted(row) for row in answer["feature_errors"]] == [sorted(PENGUIN)] * 4
+
+
+def test_object_rows_may_carry_the_label_and_the_left_out_columns_and_a_date_not_seen_in_training(penguins_registry):
+    version = penguins_registry.load("penguins")
+    carrying = {**PENGUIN, "species": "Adelie", "Name": "bird-9999", "rowid": 7, "comment": "new bird", "observed": "2031-07-04T10:00:00Z"}
+    with make_client(penguins_registry) as client:
+        wait_ready(client.get)
+        answer = client.post("/v1/models/penguins/encode", json={"inputs": [carrying]}).json()
+        unknown = client.post("/v1/models/penguins/encode", json={"inputs": [{**carrying, "beak": 3}]})
+        bad_date = client.post("/v1/models/penguins/encode", json={"inputs": [{**PENGUIN, "observed": 2008}]})
+        schema = client.get("/openapi.json").json()["paths"]["/v1/models/{name}/encode"]["post"]["requestBody"]["content"]["application/json"]
+    taken = np.array([[0, 1, 0, 41.5, 0, 3900.0, 0, 1, 0, 0, 2008, 2031, 185, 0]], np.float32)
+    np.testing.assert_allclose(answer["outputs"], version.encode(taken), rtol=1e-5, atol=1e-5)
+    assert answer["imputed"] == [[]]
+    assert unknown.status_code == 422 and unknown.json()["detail"] == (
+        "row 0: unknown column(s) ['beak']; the columns are ['island', 'bill_length_mm', 'body_mass_g', 'sex', 'year', 'observed'] "
+        "(and, ignored, ['rowid', 'species', 'Name', 'comment'])")
+    assert bad_date.status_code == 422 and bad_date.json()["detail"] == "row 0, column 'observed': expected a date as ISO text (YYYY-MM-DD), got 2008"
+    # The document admits what the server takes: each column may be left out or null, the ignored columns are properties.
+    forms = [form["items"] for form in schema["schema"]["properties"]["inputs"].get("anyOf", [])] or [schema["schema"]["properties"]["inputs"]["items"]]
+    objects = next(form for form in forms if form["type"] == "object")
+    assert objects["required"] == [] and set(objects["properties"]) == {*PENGUIN, "rowid", "species", "Name", "comment"}
+    assert objects["properties"]["sex"] == {"enum": ["female", "male", *MISSING_TEXTS, None]}
+    assert objects["properties"]["bill_length_mm"]["anyOf"][1] == {"enum": [*MISSING_TEXTS, None]}

@@ -159,3 +159,17 @@ def test_a_config_that_says_lmbda_trains_with_it_as_distortion_weight(tmp_path):
     path.write_text(path.read_text() + "distortion_weight = 0.03\n")
     with pytest.raises(ValueError, match=r"^model\.lmbda is the old name of model\.distortion_weight; give one of them, not both$"):
         load_run_config(path)
+
+
+@pytest.mark.parametrize("text,value", [
+    ("data.categorical=island,sex", ["island", "sex"]), ("data.categorical=[island,sex]", ["island", "sex"]),
+    ("data.categorical=[island, 'sex']", ["island", "sex"]), ('data.categorical=["a,b"]', ["a,b"]), ("data.categorical=[]", []),
+    ("data.categorical=", []), ("model.hidden=64,32", [64, 32]), ("model.hidden=[64, 32]", [64, 32]),
+])
+def test_set_reads_lists_as_a_shell_user_types_them(text, value):
+    from aeserve.training.config import load_run_config
+
+    config = load_run_config(None, ["data.source=table", "data.path=a,b.csv", text], name="t")
+    section, key = text.split("=")[0].split(".")
+    assert list(getattr(config.data, key)) == value if section == "data" else config.model[key] == value
+    assert config.data.path == "a,b.csv"  # a string key keeps its commas

@@ -130,3 +130,54 @@ def test_an_image_folder_gets_the_conv_model(tmp_path, capsys, monkeypatch):
                  "--set", "train.report=false"]) == 0
     run = Registry("r").manifest("photos", 1)["training"]["run_config"]
     assert run["data"]["source"] == "images" and run["model"]["kind"] == "conv" and run["train"]["patience"] == 20
+
+
+def test_a_penguins_like_table_trains_with_no_config_and_its_printed_recipe_is_a_config(tmp_path, capsys, monkeypatch):
+    import tomllib
+
+    from tests.training.data.test_tables import write_penguins
+
+    monkeypatch.chdir(tmp_path)
+    data = write_penguins(tmp_path / "penguins.csv")
+    assert main(["train", "--data", str(data), "--label", "species", "--registry", "r", "--set", "train.epochs=3",
+                 "--set", "train.report=false"]) == 0
+    err = capsys.readouterr().err
+    manifest = Registry("r").manifest("penguins", 1)
+    run = manifest["training"]["run_config"]
+    assert {key: run["data"][key] for key in ("exclude", "categorical", "dates", "missing")} == {
+        "exclude": ["rowid", "Name", "comment"], "categorical": ["island", "sex"], "dates": ["observed"], "missing": "median"}
+    inferred = manifest["training"]["inferred"]
+    assert inferred["missing"] == "median" and inferred["empty_fields"] == {"bill_length_mm": 7, "body_mass_g": 5, "sex": 11, "observed": 3}
+    assert [f["name"] for f in manifest["features"]] == ["island", "bill_length_mm", "body_mass_g", "sex", "year", "observed"]
+    assert manifest["input_shape"] == [14]
+    assert "note: column 'comment' left out: free text: 120 different texts in 120 filled fields" in err
+    assert "note: empty or NA fields (bill_length_mm 7, body_mass_g 5, sex 11, observed 3): filled" in err
+    printed = err.split("trains it again):\n", 1)[1].split("\nnote:", 1)[0]
+    assert tomllib.loads(printed) == run  # the printed recipe is the run config, as TOML
+    (tmp_path / "again.toml").write_text(printed)
+    assert main(["train", str(tmp_path / "again.toml"), "--registry", "r", "--quiet"]) == 0
+    again = Registry("r").manifest("penguins", 2)
+    assert again["features"] == manifest["features"] and "inferred" not in again["training"]  # a config: nothing inferred
+    assert again["metrics"]["test_sq_err"] == pytest.approx(manifest["metrics"]["test_sq_err"], rel=1e-5)
+
+
+@pytest.mark.parametrize("categorical", ["island,sex", "[island,sex]", "[island, 'sex']", '["island","sex"]'])
+def test_set_takes_a_list_as_a_shell_user_types_it_and_the_columns_it_names_win(tmp_path, capsys, monkeypatch, categorical):
+    from tests.training.data.test_tables import write_penguins
+
+    monkeypatch.chdir(tmp_path)
+    data = write_penguins(tmp_path / "penguins.csv")
+    assert main(["train", "--data", str(data), "--label", "species", "--registry", "r", "--quiet", "--set", f"data.categorical={categorical}",
+                 "--set", "data.exclude=Name,year", "--set", "train.epochs=1", "--set", "train.report=false"]) == 0
+    run = Registry("r").manifest("penguins", 1)["training"]["run_config"]
+    assert run["data"]["categorical"] == ["island", "sex"] and run["data"]["exclude"] == ["Name", "year", "rowid", "comment"]
+
+
+def test_set_missing_error_keeps_the_strict_error(tmp_path, capsys, monkeypatch):
+    from tests.training.data.test_tables import write_penguins
+
+    monkeypatch.chdir(tmp_path)
+    data = write_penguins(tmp_path / "penguins.csv")
+    assert main(["train", "--data", str(data), "--label", "species", "--registry", "r", "--quiet", "--set", "data.missing=error"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {data}: line 5, column 'bill_length_mm': the field is empty or NA; "
+                                               "set data.missing = 'drop' or 'median'")

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from aeserve.models.checkpoint import WEIGHTS
+from aeserve.models.columns import date_parts
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.data.config import DataConfig
@@ -317,3 +318,131 @@ def test_csv_text_that_is_not_utf8_names_the_line_and_field(tmp_path):
     (tmp_path / "bytes.csv").write_bytes(b"1,2\n3,4\xff\n")
     with pytest.raises(DataError, match=r"bytes.csv: line 2, field 2: the text b'4\\xff' is not UTF-8; save the file as UTF-8$"):
         load_dataset(csv_source(tmp_path / "bytes.csv"))
+
+
+PENGUIN_COLUMNS = ["rowid", "species", "island", "bill_length_mm", "body_mass_g", "sex", "year", "observed", "Name", "comment"]
+
+
+def penguins_rows(n: int = 120, seed: int = 0) -> list[list[str]]:
+    """A table like palmerpenguins, as text fields: a row number, the label, two text columns with few values, numbers
+    with empty and NA fields, a year, a date, a name per row and a comment of free text."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        year = int(rng.choice([2007, 2008, 2009]))
+        rows.append([str(i + 1), str(rng.choice(["Adelie", "Gentoo", "Chinstrap"])), str(rng.choice(["Biscoe", "Dream", "Torgersen"])),
+                     str(round(float(rng.normal(44, 5)), 1)), str(round(float(rng.normal(4200, 800)))), str(rng.choice(["male", "female"])),
+                     str(year), f"{year}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}", f"bird-{i:04d}",
+                     f'"seen near the {["north", "south", "east"][i % 3]} shore at dawn, {i} minutes in"'])
+        if i % 17 == 3:
+            rows[-1][3] = ""
+        if i % 23 == 5:
+            rows[-1][4] = "NA"
+        if i % 11 == 7:
+            rows[-1][5] = "NA"
+        if i % 40 == 9:
+            rows[-1][7] = ""
+    return rows
+
+
+def write_penguins(path, n: int = 120):
+    path.write_text("\n".join(",".join(row) for row in [PENGUIN_COLUMNS, *penguins_rows(n)]) + "\n")
+    return path
+
+
+def penguin_column(name: str, rows: list[list[str]]) -> list[str]:
+    return [row[PENGUIN_COLUMNS.index(name)] for row in rows]
+
+
+def test_the_column_kinds_of_a_table_are_inferred_with_the_reasons_for_what_is_left_out(tmp_path):
+    from aeserve.training.data.tables import infer_columns
+
+    keys, record = infer_columns(DataConfig(source="table", path=str(write_penguins(tmp_path / "penguins.csv")), label="species"))
+    assert keys == {"exclude": ["rowid", "Name", "comment"], "categorical": ["island", "sex"], "dates": ["observed"]}
+    assert record == {
+        "categorical": ["island", "sex"], "dates": ["observed"],
+        "excluded": {"rowid": "identifier-like: whole numbers counting up by one, row after row, to 120",
+                     "Name": "identifier-like: each of its 120 filled fields is a different text; list it in data.categorical to one-hot it anyway",
+                     "comment": "free text: 120 different texts in 120 filled fields, most of several words; list it in data.categorical "
+                                "to one-hot it anyway"},
+        "empty_fields": {"bill_length_mm": 7, "body_mass_g": 5, "sex": 11, "observed": 3}}
+    # Columns the config names are read as it says; only the others are inferred.
+    keys, record = infer_columns(DataConfig(source="table", path=str(tmp_path / "penguins.csv"), label="species", exclude=("island",),
+                                            categorical=("Name",), columns=("island", "sex", "Name", "comment", "year")))
+    assert keys == {"exclude": ["island", "comment"], "categorical": ["Name", "sex"], "dates": [], "columns": ["island", "sex", "Name", "year"]}
+    assert list(record["excluded"]) == ["comment"]
+
+
+def test_parquet_dates_and_booleans_are_inferred_by_their_types(tmp_path):
+    import datetime
+
+    from aeserve.training.data.tables import infer_columns
+
+    days = [datetime.date(2007, 1, 1) + datetime.timedelta(days=37 * i) for i in range(30)]
+    pq.write_table(pa.table({"when": days, "stamp": [datetime.datetime(2020, 5, 17, 13, i) for i in range(30)],
+                             "ok": [i % 3 == 0 for i in range(30)], "size": [float(i % 7) for i in range(30)]}), tmp_path / "t.parquet")
+    keys, _ = infer_columns(DataConfig(source="table", path=str(tmp_path / "t.parquet")))
+    assert keys == {"exclude": [], "categorical": ["ok"], "dates": ["when", "stamp"]}
+    dataset = load_dataset(DataConfig(source="table", path=str(tmp_path / "t.parquet"), test_fraction=0.0, **keys))
+    rows = dataset.train_x[np.lexsort((dataset.train_x[:, 1], dataset.train_x[:, 0]))]  # by year, then day
+    assert dataset.features[:2] == [{"name": "when", "type": "date"}, {"name": "stamp", "type": "date"}]
+    np.testing.assert_array_equal(rows[:3, :4], [[2007, 1, 2020, 138], [2007, 38, 2020, 138], [2007, 75, 2020, 138]])
+
+
+def test_missing_fields_filled_with_the_median_get_an_indicator_and_a_category_its_own_slot(tmp_path):
+    path = write_penguins(tmp_path / "penguins.csv")
+    data = DataConfig(source="table", path=str(path), label="species", exclude=("rowid", "Name", "comment"),
+                      categorical=("island", "sex"), dates=("observed",), missing="median")
+    dataset = load_dataset(data)
+    rows = penguins_rows()
+    bill = np.array([float(v) if v else np.nan for v in penguin_column("bill_length_mm", rows)])
+    observed = [date_parts(v) for v in penguin_column("observed", rows) if v]
+    islands = penguin_column("island", rows)
+    assert dataset.features == [
+        {"name": "island", "type": "category", "categories": ["Biscoe", "Dream", "Torgersen"], "fill": max(sorted(set(islands)), key=islands.count)},
+        {"name": "bill_length_mm", "type": "number", "fill": float(np.median(bill[~np.isnan(bill)])), "indicator": True},
+        {"name": "body_mass_g", "type": "number", "fill": dataset.features[2]["fill"], "indicator": True},
+        {"name": "sex", "type": "category", "categories": ["female", "male"], "indicator": True},
+        {"name": "year", "type": "number", "fill": 2008.0},
+        {"name": "observed", "type": "date", "fill": [float(np.median([y for y, _ in observed])), float(np.median([d for _, d in observed]))],
+         "indicator": True}]
+    x = np.concatenate([dataset.train_x, dataset.test_x])
+    assert x.shape == (120, 3 + 2 + 2 + 3 + 1 + 3)  # no row dropped: the label is never empty
+    assert x[:, 4].sum() == 7 and x[:, 9].sum() == 11 and x[:, 13].sum() == 3  # the indicators and the sex's missing slot
+    assert (x[:, 7:10].sum(axis=1) == 1).all()  # female, male or missing: one of the three
+    np.testing.assert_array_equal(x[x[:, 4] == 1, 3], np.float32(dataset.features[1]["fill"]))
+    np.testing.assert_array_equal(x[x[:, 13] == 1, 11:13], np.float32([dataset.features[5]["fill"]] * 3))
+    assert "dropped_rows" not in dataset.facts and dataset.facts["table_columns"] == PENGUIN_COLUMNS
+
+
+def test_rows_with_an_empty_label_are_counted_where_they_are_dropped(tmp_path):
+    rows = penguins_rows(40)
+    rows[5][1] = rows[9][1] = ""
+    (tmp_path / "p.csv").write_text("\n".join(",".join(row) for row in [PENGUIN_COLUMNS, *rows]) + "\n")
+    base = {"source": "table", "path": str(tmp_path / "p.csv"), "label": "species", "exclude": ("rowid", "Name", "comment", "observed"),
+            "categorical": ("island", "sex")}
+    assert load_dataset(DataConfig(**base, missing="median")).facts["dropped_rows"] == {"rows": 2, "why": "an empty or NA label ('species')"}
+    dropped = load_dataset(DataConfig(**base, missing="drop"))
+    assert dropped.facts["dropped_rows"]["rows"] == 40 - len(dropped.train_x) - len(dropped.test_x) > 2
+
+
+def test_a_date_column_reads_iso_dates_and_names_a_field_that_is_not_one(tmp_path):
+    (tmp_path / "d.csv").write_text("Year,mpg\n1970-01-01,18\n1971-03-01T08:30:00Z,15\n1972-12-31 23:59,16\n1973-02-30,17\n")
+    data = {"source": "table", "path": str(tmp_path / "d.csv"), "dates": ("Year",), "test_fraction": 0.0}
+    with pytest.raises(DataError, match=r"d.csv: line 5, column 'Year': '1973-02-30' is not a date \(YYYY-MM-DD, as data.dates reads\)"):
+        load_dataset(DataConfig(**data))
+    (tmp_path / "d.csv").write_text("Year,mpg\n1970-01-01,18\n1971-03-01T08:30:00Z,15\n1972-12-31 23:59,16\n")
+    x = load_dataset(DataConfig(**data)).train_x
+    np.testing.assert_array_equal(x[np.argsort(x[:, 0])], [[1970, 1, 18], [1971, 60, 15], [1972, 366, 16]])
+    with pytest.raises(ValueError, match="data.dates and data.categorical both name 'Year'"):
+        DataConfig(**data, categorical=("Year",))
+
+
+def test_a_config_that_says_missing_error_keeps_its_strict_error(tmp_path):
+    path = write_penguins(tmp_path / "penguins.csv")
+    data = DataConfig(source="table", path=str(path), label="species", exclude=("rowid", "Name", "comment"), categorical=("island", "sex"),
+                      dates=("observed",), missing="error")
+    with pytest.raises(DataError, match=r"penguins.csv: line 5, column 'bill_length_mm': the field is empty or NA; set data.missing = 'drop' or 'median'"):
+        load_dataset(data)
+    with pytest.raises(DataError, match=r"penguins.csv: line 2, column 'island': 'Dream' is not a number; list the column in data.categorical"):
+        load_dataset(DataConfig(source="table", path=str(path), label="species", missing="median", exclude=("rowid", "Name", "comment")))
