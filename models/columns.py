@@ -21,7 +21,7 @@ from typing import Any
 MISSING_TEXTS = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "N/A", "NA", "NULL", "NaN",
                  "n/a", "nan", "null")
 # A date as ISO 8601 writes it, with or without a time of day (which is read and left out: a date is its day).
-DATE_PATTERN = r"^(\d{4})-(\d{2})-(\d{2})(?:[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[Zz]|[+-]\d{2}:?\d{2})?)?$"
+DATE_PATTERN = r"^(\d{4})-(\d{2})-(\d{2})(?:[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[Zz]|[+-]\d{2}:?\d{2}(?::\d{2}(?:\.\d+)?)?)?)?$"
 DATE_PARTS = ("year", "day_of_year")
 _DATE = re.compile(DATE_PATTERN)
 
