@@ -216,3 +216,18 @@ def test_object_rows_may_carry_the_label_and_the_left_out_columns_and_a_date_not
     assert objects["required"] == [] and set(objects["properties"]) == {*PENGUIN, "rowid", "species", "Name", "comment"}
     assert objects["properties"]["sex"] == {"enum": ["female", "male", *MISSING_TEXTS, None]}
     assert objects["properties"]["bill_length_mm"]["anyOf"][1] == {"enum": [*MISSING_TEXTS, None]}
+
+
+def test_a_version_published_before_fields_were_filled_refuses_them_and_still_ignores_its_label_and_excluded_columns():
+    from aeserve.service.errors import Invalid
+    from aeserve.service.tables import TableRows
+
+    manifest = {"features": [{"name": "small", "type": "number"}, {"name": "colour", "type": "category", "categories": ["blue", "red"]}],
+                "training": {"data": {"label": "is_big", "exclude": ["id"], "missing": "median"}}}
+    table = TableRows.of(manifest)
+    x, objects, imputed = table.encode([{"small": 0.5, "colour": "red", "is_big": 1, "id": 7}], 10)
+    assert x.tolist() == [[0.5, 0.0, 1.0]] and objects and imputed == [[]]
+    with pytest.raises(Invalid, match=r"^row 0, column 'small': the value is missing \('NA'\); this version holds no value to fill it "
+                                      r"with \(published before served rows were filled\): send a finite number$"):
+        table.encode([["NA", "red"]], 10)
+    assert table.decode(np.array([[0.25, 0.2, 0.7]]), objects=False) == [[0.25, "red"]]
