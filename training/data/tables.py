@@ -361,6 +361,8 @@ class _Profile:
         self.text = False  # some filled field is not a number
         self.dates = True  # every filled field is an ISO date (or the column's type is a date)
         self.distinct: set[str] = set()  # up to MAX_TRACKED of its texts
+        self.pending: list = []  # while its fields are numbers: each batch's distinct texts (pyarrow arrays)
+        self.tracked = 0  # how many texts pending holds; MAX_TRACKED: too many to count
         self.counting = True  # integers counting up by one, row after row, with no empty field: a row number
         self.last: float | None = None
 
@@ -376,16 +378,25 @@ class _Profile:
         present = texts.drop_null()
         if not len(present):
             return
-        if len(self.distinct) <= MAX_TRACKED:
-            self.distinct.update(pc.unique(present).to_pylist())
-        if self.dates:
-            self.dates = bool(pc.all(pc.match_substring_regex(present, DATE_PATTERN)).as_py())
         if not self.text:
             numbers = _text_numbers(present)
-            if numbers is None:
-                self.text = True
-            else:
+            if numbers is not None:  # numbers so far: their texts are kept as arrow arrays, made Python texts only if a later batch is text
+                self.dates = False
                 self.numbers(numbers)
+                if self.tracked < MAX_TRACKED:
+                    self.pending.append(pc.unique(present))
+                    self.tracked += len(self.pending[-1])
+                return
+            self.text = True
+            for values in self.pending:
+                self.distinct.update(values.to_pylist())
+            self.pending = []
+        if self.dates:
+            self.dates = bool(pc.all(pc.match_substring_regex(present, DATE_PATTERN)).as_py())
+        if len(self.distinct) <= MAX_TRACKED:
+            self.distinct.update(pc.unique(present).to_pylist())
+        else:
+            self.tracked = MAX_TRACKED
 
     def kind(self, name: str) -> tuple[str, str | None]:
         """("number" | "category" | "date" | "exclude", why it is left out)."""
@@ -400,7 +411,7 @@ class _Profile:
             if self.counting and not self.empty and filled > 2:
                 return "exclude", f"identifier-like: whole numbers counting up by one, row after row, to {self.last:g}"
             return "number", None
-        distinct = len(self.distinct)
+        distinct = MAX_TRACKED + 1 if self.tracked >= MAX_TRACKED else len(self.distinct)
         if distinct <= MAX_CATEGORIES and distinct <= max(2, filled // 2):
             return "category", None
         many = f"more than {MAX_TRACKED:,}" if distinct > MAX_TRACKED else f"{distinct:,}"

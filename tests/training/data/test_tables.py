@@ -446,3 +446,15 @@ def test_a_config_that_says_missing_error_keeps_its_strict_error(tmp_path):
         load_dataset(data)
     with pytest.raises(DataError, match=r"penguins.csv: line 2, column 'island': 'Dream' is not a number; list the column in data.categorical"):
         load_dataset(DataConfig(source="table", path=str(path), label="species", missing="median", exclude=("rowid", "Name", "comment")))
+
+
+def test_a_column_of_numbers_that_turns_to_text_in_a_later_block_counts_every_distinct_value(tmp_path, monkeypatch):
+    from aeserve.training.data.tables import infer_columns
+
+    monkeypatch.setattr("aeserve.training.data.tables.CSV_BLOCK_BYTES", 64)  # a few rows a block
+    lines = ["grade,size"] + [f"{i % 3},{i * 0.5}" for i in range(60)] + ["unknown,1.5", "unknown,2.5"]
+    (tmp_path / "g.csv").write_text("\n".join(lines) + "\n")
+    keys, _ = infer_columns(DataConfig(source="table", path=str(tmp_path / "g.csv")))
+    assert keys == {"exclude": [], "categorical": ["grade"], "dates": []}
+    dataset = load_dataset(DataConfig(source="table", path=str(tmp_path / "g.csv"), missing="median", **keys))
+    assert dataset.features[0] == {"name": "grade", "type": "category", "categories": ["0", "1", "2", "unknown"], "fill": "0"}
