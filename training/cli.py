@@ -217,9 +217,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = manifest["metrics"]
     print(f"published {config.name}:{version} in {registry.location}  test_sq_err {m['test_sq_err']:.4g}  "
           f"test_mse {m['test_mse']:.4g}  pca_sq_err {m['pca_sq_err']:.4g}  ({manifest['training']['seconds']:.1f} s)")
-    rows = m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS)
+    anomaly = manifest.get("anomaly", {})
+    rows = anomaly.get("held_out_rows", m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS))
     if rows < MIN_PERCENTILE_ROWS:
-        print(f"note: the anomaly percentiles rest on {rows} held-out rows (validation and test), fewer than {MIN_PERCENTILE_ROWS:,}", file=sys.stderr)
+        print(f"note: the anomaly percentiles rest on {rows} rows ({anomaly.get('held_out', 'validation and test rows')}), "
+              f"fewer than {MIN_PERCENTILE_ROWS:,}", file=sys.stderr)
     return 0
 
 
