@@ -60,21 +60,20 @@ class PercentileCollector:
     """
 
     def __init__(self) -> None:
-        self._series: dict[tuple[str, str], list] = {}  # (model, version) -> [count, sum, per-bucket counts (+Inf last)]
+        self._series: dict[tuple[str, str], list] = {}  # (model, version) -> [sum, per-bucket counts (+Inf last)]
 
     def observe(self, model: str, version: str, percentiles: np.ndarray) -> None:
         series = self._series.get((model, version))
         if series is None:
-            series = self._series[model, version] = [0, 0.0, np.zeros(len(PERCENTILE_BUCKETS) + 1, np.int64)]
-        series[0] += len(percentiles)
-        series[1] += float(np.sum(percentiles, dtype=np.float64))
-        series[2] += np.bincount(np.searchsorted(PERCENTILE_BUCKETS, percentiles, side="left"), minlength=len(PERCENTILE_BUCKETS) + 1)
+            series = self._series[model, version] = [0.0, np.zeros(len(PERCENTILE_BUCKETS) + 1, np.int64)]
+        series[0] += float(np.sum(percentiles, dtype=np.float64))
+        series[1] += np.bincount(np.searchsorted(PERCENTILE_BUCKETS, percentiles, side="left"), minlength=len(PERCENTILE_BUCKETS) + 1)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily("aeserve_percentiles", "anomaly percentiles served (0-100; near 100: unlike the held-out rows), "
                                        "by model and version", labels=["model", "version"])
         bounds = [str(float(b)) for b in PERCENTILE_BUCKETS] + ["+Inf"]
-        for labels, (count, total, buckets) in list(self._series.items()):
+        for labels, (total, buckets) in list(self._series.items()):
             family.add_metric(list(labels), list(zip(bounds, map(int, np.cumsum(buckets)), strict=True)), total)
         yield family
 

@@ -10,6 +10,7 @@ scores place a row among rows the scoring model never saw, as a score served lat
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -29,9 +30,21 @@ Rows = torch.Tensor | ModelRows
 TrainFold = Callable[[torch.Tensor, int], Autoencoder]
 
 
+# Codes with fewer distinct rows than this share of the training rows (quantized codes, kind rd) make neighbour
+# distances tie, most of them at 0: such versions score by the error, and the manifest says why.
+MIN_DISTINCT_CODES = 0.5
+
+
 def fit_neighbors(params: AnomalyParams, training_codes: np.ndarray, seed: int) -> Neighbors | None:
     """The reference set from training codes (n, code_dim), or None where the score is the error."""
     return Neighbors.fit(training_codes, params.k, params.reference_rows, seed) if params.score == "neighbors" else None
+
+
+def score_for(params: AnomalyParams, training_codes: np.ndarray) -> tuple[AnomalyParams, str | None]:
+    """The settings to score with, and why they differ from ``params`` (None when they do not)."""
+    if params.score == "neighbors" and len(np.unique(training_codes, axis=0)) < MIN_DISTINCT_CODES * len(training_codes):
+        return dataclasses.replace(params, score="error"), "the codes take few distinct values, so neighbour distances would tie"
+    return params, None
 
 
 def scores_of(model: Autoencoder, neighbors: Neighbors | None, rows: Rows) -> np.ndarray:
@@ -65,10 +78,14 @@ def fit_anomaly(model: Autoencoder, params: AnomalyParams, training_codes: np.nd
     (validation, test); ``all_rows``: every row, cross-fitted when there are at most ``params.cross_fit_rows`` of them
     and ``train_fold`` is given (None: no cross-fit, for data-parallel runs).
     """
+    params, why = score_for(params, training_codes)
     neighbors = fit_neighbors(params, training_codes, seed)
     n_rows = sum(len(rows) for rows in all_rows)
     if train_fold is not None and 0 < n_rows <= params.cross_fit_rows:
-        scores = cross_fitted_scores(params, torch.cat([rows.tensor() if isinstance(rows, ModelRows) else rows for rows in all_rows]),
+        # The fold models' reference sets as big as the version's: a k-th neighbour's distance shrinks as the reference
+        # grows denser, so scores against references of other sizes would not be comparable.
+        folds = params if neighbors is None else dataclasses.replace(params, reference_rows=len(neighbors.reference))
+        scores = cross_fitted_scores(folds, torch.cat([rows.tensor() if isinstance(rows, ModelRows) else rows for rows in all_rows]),
                                      train_fold, seed, progress)
         how = f"{params.folds}-fold cross-fit over {n_rows} rows"
     else:
@@ -78,5 +95,5 @@ def fit_anomaly(model: Autoencoder, params: AnomalyParams, training_codes: np.nd
     if neighbors is not None:
         section.update({"k": neighbors.k, "space": "standardized codes", "reference_rows": len(neighbors.reference),
                         "tensors": [*neighbors.tensors()]})
-    section.update({"held_out_rows": int(len(scores)), "held_out": how})
+    section.update({"held_out_rows": int(len(scores)), "held_out": how, **({"why": why} if why else {})})
     return neighbors, section, {"score_quantiles": error_quantiles(scores), "score_quantiles_rows": int(len(scores))}

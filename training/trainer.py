@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aeserve.models.checkpoint import weights_bytes
 from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.base import Autoencoder
+from aeserve.models.checkpoint import weights_bytes
 from aeserve.models.kinds import build_model
 from aeserve.models.outputs import INT8_SCALE_QUANTILE, CodeQuantization
 from aeserve.models.projector import build_projector, projector_manifest

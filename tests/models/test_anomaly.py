@@ -70,8 +70,7 @@ def test_a_training_rows_duplicate_scores_low_and_an_outlier_high(registry):
 
 
 def test_held_out_scores_are_the_validation_and_test_rows_against_training_codes(registry):
-    config = digits_run("digits", "pca")
-    config = dataclasses.replace(config, anomaly=dataclasses.replace(config.anomaly, cross_fit_rows=0, reference_rows=100))
+    config = digits_run("digits", "pca", anomaly={"cross_fit_rows": 0, "reference_rows": 100})
     train(config, registry, progress=False)
     version, manifest = registry.load("digits"), registry.manifest("digits")
     data = load_dataset(config.data)
@@ -102,7 +101,7 @@ def test_each_cross_fitted_row_is_scored_by_a_model_that_did_not_train_on_it():
 
 
 def test_small_data_gets_percentiles_over_every_row_and_error_scores_when_asked(registry):
-    config = digits_run("small", "mlp")
+    config = digits_run("small", "mlp", anomaly={})  # the defaults: 580 rows are cross-fitted
     data = load_dataset(config.data)
     train(config, registry, progress=False)
     anomaly = registry.manifest("small")["anomaly"]
