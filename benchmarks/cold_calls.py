@@ -48,7 +48,7 @@ def main() -> None:
     GraphExport([version.folder]).collect([version], lambda _, exported: graphs.update(exported))
     if not graphs:
         raise SystemExit("the ONNX export failed; see the log")
-    onnx = OnnxVersion(graphs, version.preprocessing, version.quantiles)
+    onnx = OnnxVersion(graphs, version.preprocessing, version.anomaly)
     encode = OPERATIONS["encode"].call
     gaps = (0.0, 0.0005, 0.003)
     print(f"model {args.model}:{version.version}, encode on ONNX Runtime (one thread), CPU microseconds per call "

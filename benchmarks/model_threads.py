@@ -41,7 +41,7 @@ def onnx_version(version: ModelVersion) -> OnnxVersion:
     GraphExport([version.folder]).collect([version], lambda _, exported: graphs.update(exported))
     if not graphs:
         raise SystemExit("the ONNX export failed; see the log")
-    return OnnxVersion(graphs, version.preprocessing, version.quantiles)
+    return OnnxVersion(graphs, version.preprocessing, version.anomaly)
 
 
 def main() -> None:

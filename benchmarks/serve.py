@@ -224,7 +224,7 @@ def main() -> None:
     small_engine = None
     if args.device == "cpu":  # as the server runs small batches: on ONNX Runtime, when the graphs export
         graphs, _, refused = export_checked(version.folder)
-        small_engine = None if refused else OnnxVersion(graphs, version.preprocessing, version.quantiles)
+        small_engine = None if refused else OnnxVersion(graphs, version.preprocessing, version.anomaly)
     serve_args = args.serve_args.split()
     engine_process = "--no-engine-process" not in serve_args and "torch" not in serve_args
     # The in-process side of (b): the call the server makes for a big batch (torch, every core, in blocks).

@@ -6,6 +6,9 @@ the engine process, which imports neither torch nor the web stack), so every eng
 A call takes rows of data (``"inputs"``, (n, *input_shape) raw) or of codes (``"codes"``, (n, code_dim)) and asks
 for any of the outputs below; each model graph runs at most once per call, however many outputs need it.
 
+Anomaly scores and their percentiles come from ``models/anomaly.py`` (the codes' distance to a reference set of
+training codes, or the error), here too, so every engine scores rows the same way.
+
 Compact codes (``CodeQuantization``) are made from the float codes after the call, with constants fitted once on the
 training codes and stored with the version, so every engine gives them the same way too.
 """
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
+
+from aeserve.models.anomaly import AnomalyScore
 
 Takes = Literal["inputs", "codes"]
 
@@ -33,7 +38,8 @@ OUTPUTS: dict[str, Output] = {o.name: o for o in (
     Output("code", "codes (n, code_dim)", lambda v: (v.code_dim,)),
     Output("reconstruction", "data in its own units (n, *input_shape)", lambda v: tuple(v.input_shape), mirrors_input=True),
     Output("error", "summed squared error per row, in the model's [0, 1] space (n,)", lambda v: ()),
-    Output("percentile", "where each error falls among the held-out errors, 0-100 (n,)", lambda v: ()),
+    Output("score", "the version's anomaly score per row, higher meaning more unusual (n,): models/anomaly.py", lambda v: ()),
+    Output("percentile", "where each score falls among the held-out rows' scores, 0-100 (n,)", lambda v: ()),
     Output("coordinates", "2-D map coordinates (n, 2)", lambda v: (2,)),
     Output("feature_error", "squared error of each value, in the model's scaled space (n, input_dim)", lambda v: (v.preprocessing.input_dim,),
            by_default=False),
@@ -131,30 +137,31 @@ class Graphs(Protocol):
     def squared_errors(self, x_hat: Any, x: Any) -> Any: ...  # (n, input_dim) twice -> (n, input_dim)
 
 
-# Percentile points kept above the largest held-out error, so that larger errors there still rank higher.
+# Percentile points kept above the largest held-out score, so that larger scores there still rank higher.
 BEYOND_HELD_OUT = 0.1
 
 
-def percentiles(quantiles: np.ndarray, errors: np.ndarray) -> np.ndarray:
-    """Where each error (n,) falls among the held-out errors, given as evenly spaced ``quantiles`` (k,); (n,) float32.
+def percentiles(quantiles: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Where each score (n,) falls among the held-out scores, given as evenly spaced ``quantiles`` (k,); (n,) float32.
 
-    Up to the largest held-out error m = quantiles[-1]: linear between the quantiles, scaled to 0 .. 99.9.
-    Beyond it, where no held-out row says how rare an error is, a rank that stays below 100:
-    100 - 0.1 / (1 + log10(e / m)), so 99.95 is ten times m, 99.967 a hundred times, 99.975 a thousand times.
-    In float32 this keeps errors 0.5 % apart strictly ordered up to a million times m.
+    Up to the largest held-out score m = quantiles[-1]: linear between the quantiles, scaled to 0 .. 99.9.
+    Beyond it, where no held-out row says how rare a score is, a rank that stays below 100:
+    100 - 0.1 / (1 + log10(s / m)), so 99.95 is ten times m, 99.967 a hundred times, 99.975 a thousand times.
+    In float32 this keeps scores 0.5 % apart strictly ordered up to a million times m.
     """
     quantiles = np.asarray(quantiles, dtype=np.float64)
-    errors = np.asarray(errors, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
     grid = np.linspace(0.0, 100.0 - BEYOND_HELD_OUT, len(quantiles))
-    inside = np.interp(errors, quantiles, grid)
+    inside = np.interp(scores, quantiles, grid)
     largest = max(float(quantiles[-1]), np.finfo(np.float64).tiny)
     with np.errstate(divide="ignore", invalid="ignore"):
-        beyond = 100.0 - BEYOND_HELD_OUT / (1.0 + np.log10(np.maximum(errors, largest) / largest))
-    return np.where(errors > quantiles[-1], beyond, inside).astype(np.float32)
+        beyond = 100.0 - BEYOND_HELD_OUT / (1.0 + np.log10(np.maximum(scores, largest) / largest))
+    return np.where(scores > quantiles[-1], beyond, inside).astype(np.float32)
 
 
-def compute(graphs: Graphs, quantiles: np.ndarray, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The outputs ``call`` asks for, in its order, for ``rows`` (float32); each graph runs at most once."""
+def compute(graphs: Graphs, anomaly: AnomalyScore, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The outputs ``call`` asks for, in its order, for ``rows`` (float32); each graph runs at most once. Scores and
+    percentiles are ``anomaly``'s (models/anomaly.py)."""
     wanted = set(call.outputs)
     answer: dict[str, np.ndarray] = {}
     if call.takes == "codes":
@@ -162,19 +169,21 @@ def compute(graphs: Graphs, quantiles: np.ndarray, call: Call, rows: np.ndarray)
         return tuple(answer[name] for name in call.outputs)
     x = graphs.to_model(rows)
     code = graphs.encode(x)
-    if "code" in wanted:
+    scored = bool(wanted & {"score", "percentile"})
+    if "code" in wanted or (scored and not anomaly.needs_error):
         answer["code"] = graphs.numpy(code)
-    if wanted & {"reconstruction", "error", "percentile", "feature_error"}:
+    if wanted & {"reconstruction", "error", "feature_error"} or (scored and anomaly.needs_error):
         x_hat = graphs.decode(code)
         if "reconstruction" in wanted:
             answer["reconstruction"] = graphs.from_model(x_hat)
         if "feature_error" in wanted:  # each value's error, and the row's as their sum: the differences squared once
             answer["feature_error"] = graphs.numpy(graphs.squared_errors(x_hat, x))
-            errors = answer["feature_error"].sum(axis=1)
+            answer["error"] = answer["feature_error"].sum(axis=1)
         else:
-            errors = graphs.numpy(graphs.squared_error(x_hat, x))
-        answer["error"] = errors
-        answer["percentile"] = percentiles(quantiles, errors)
+            answer["error"] = graphs.numpy(graphs.squared_error(x_hat, x))
+    if scored:
+        answer["score"] = anomaly.scores(answer.get("code"), answer.get("error"))
+        answer["percentile"] = percentiles(anomaly.quantiles, answer["score"])
     if "coordinates" in wanted:
         answer["coordinates"] = graphs.numpy(graphs.project(code))
     return tuple(answer[name] for name in call.outputs)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.base import Autoencoder
 from aeserve.models.entropy import RangeCoder
 from aeserve.models.outputs import Call, CodeQuantization, compute
@@ -85,7 +86,7 @@ class ModelVersion:
     model: Autoencoder
     projector: torch.nn.Module  # codes (n, code_dim) -> map coordinates (n, 2)
     preprocessing: Preprocessing
-    quantiles: np.ndarray  # (N_QUANTILES,) float64, held-out summed squared errors
+    anomaly: AnomalyScore  # what scores rows, and the held-out scores' quantiles (models/anomaly.py)
     device: torch.device
     folder: Path | None = None  # the version folder it was loaded from
     code_quantization: CodeQuantization | None = None  # fitted at publish; None for a version published before compact codes
@@ -117,7 +118,7 @@ class ModelVersion:
     @torch.inference_mode()
     def run(self, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         """The outputs ``call`` asks for (models/outputs.py), in one pass of the model over ``rows``."""
-        return compute(self._graphs, self.quantiles, call, rows)
+        return compute(self._graphs, self.anomaly, call, rows)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, code_dim)."""
@@ -131,10 +132,14 @@ class ModelVersion:
         """(n, *input_shape) raw -> (reconstructions (n, *input_shape) raw, errors (n,), percentiles (n,)).
 
         Errors are summed squared errors in model space (inputs scaled to [0, 1]),
-        the same measure as ``metrics.test_sq_err``; percentiles place them among
-        the held-out errors, 0-100.
+        the same measure as ``metrics.test_sq_err``; percentiles place the rows' anomaly scores among
+        the held-out rows' scores, 0-100.
         """
         return self.run(RECONSTRUCT, x)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """(n, *input_shape) raw -> (n,) the version's anomaly scores (models/anomaly.py)."""
+        return self.run(SCORE, x)[0]
 
     def project(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) raw -> (n, 2) map coordinates."""
@@ -143,3 +148,4 @@ class ModelVersion:
 
 ENCODE, DECODE = Call("inputs", ("code",)), Call("codes", ("reconstruction",))
 RECONSTRUCT, PROJECT = Call("inputs", ("reconstruction", "error", "percentile")), Call("inputs", ("coordinates",))
+SCORE = Call("inputs", ("score",))

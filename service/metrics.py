@@ -4,13 +4,19 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+from aeserve.models.outputs import Call
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 REQUEST_LABELS = ["model", "version", "op", "status"]
+# Served percentiles: the tail in fine steps, where a drift into the unusual shows first.
+PERCENTILE_BUCKETS = (10, 25, 50, 75, 90, 95, 99, 99.9)
 
 
 class RequestCollector:
@@ -46,11 +52,39 @@ class RequestCollector:
         yield latency
 
 
+class PercentileCollector:
+    """``aeserve_percentiles``: a histogram of the percentiles served (reconstruct, v1 and v2), by model and version.
+
+    Each model call adds its rows at once (``numpy.searchsorted`` into the buckets), on the event loop, its only
+    writer: an operator watches the share of traffic in the top buckets move when the data drifts.
+    """
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str], list] = {}  # (model, version) -> [sum, per-bucket counts (+Inf last)]
+
+    def observe(self, model: str, version: str, percentiles: np.ndarray) -> None:
+        series = self._series.get((model, version))
+        if series is None:
+            series = self._series[model, version] = [0.0, np.zeros(len(PERCENTILE_BUCKETS) + 1, np.int64)]
+        series[0] += float(np.sum(percentiles, dtype=np.float64))
+        series[1] += np.bincount(np.searchsorted(PERCENTILE_BUCKETS, percentiles, side="left"), minlength=len(PERCENTILE_BUCKETS) + 1)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily("aeserve_percentiles", "anomaly percentiles served (0-100; near 100: unlike the held-out rows), "
+                                       "by model and version", labels=["model", "version"])
+        bounds = [str(float(b)) for b in PERCENTILE_BUCKETS] + ["+Inf"]
+        for labels, (total, buckets) in list(self._series.items()):
+            family.add_metric(list(labels), list(zip(bounds, map(int, np.cumsum(buckets)), strict=True)), total)
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = RequestCollector()
         self.registry.register(self.requests)
+        self.percentiles = PercentileCollector()
+        self.registry.register(self.percentiles)
         self.batch_rows = Histogram("aeserve_batch_rows", "rows per model call", buckets=BATCH_BUCKETS, registry=self.registry)
         self.model_seconds = Histogram("aeserve_model_call_seconds", "seconds per model call, from the event loop handing the rows over "
                                        "to the outputs coming back (the rest of a request's time is HTTP, parsing and queueing)",
@@ -81,9 +115,12 @@ class Metrics:
             }
         return self._remote
 
-    def observe_batch(self, rows: int, seconds: float) -> None:
-        self.batch_rows.observe(rows)
+    def observe_batch(self, version: Any, call: Call, outputs: tuple[np.ndarray, ...], seconds: float) -> None:
+        """One model call of ``version`` (a ModelVersion): its rows and seconds, and the percentiles it served."""
+        self.batch_rows.observe(len(outputs[0]))
         self.model_seconds.observe(seconds)
+        if "percentile" in call.outputs:
+            self.percentiles.observe(version.name, str(version.version), outputs[call.outputs.index("percentile")])
 
     def observe_request(self, model: str, version: str, op: str, status: int, seconds: float) -> None:
         self.requests.observe((model, version, op, str(status)), seconds)

@@ -45,8 +45,8 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("encode", "Inputs -> codes (n, code_dim).", Call("inputs", ("code",))),
     Operation("decode", "Codes -> inputs (n, *input_shape).", Call("codes", ("reconstruction",))),
-    Operation("reconstruct", "Inputs -> reconstructions, with summed squared errors and their held-out percentiles.",
-              Call("inputs", ("reconstruction", "error", "percentile")), ("outputs", "errors", "percentiles"),
+    Operation("reconstruct", "Inputs -> reconstructions, with summed squared errors, anomaly scores and the scores' held-out percentiles.",
+              Call("inputs", ("reconstruction", "error", "score", "percentile")), ("outputs", "errors", "scores", "percentiles"),
               {"feature_error": "feature_errors"}),
     Operation("project", "Inputs -> 2-D map coordinates (n, 2).", Call("inputs", ("coordinates",))),
     Operation("compress", "Inputs -> one compressed byte string per row (base64 in JSON): the quantized code, entropy-coded, "

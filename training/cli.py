@@ -223,9 +223,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     dropped = manifest["training"].get("dropped_rows")
     if dropped:
         print(f"note: {dropped['rows']} row(s) left out of training, for {dropped['why']}", file=sys.stderr)
-    rows = m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS)
+    anomaly = manifest.get("anomaly", {})
+    rows = anomaly.get("held_out_rows", m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS))
     if rows < MIN_PERCENTILE_ROWS:
-        print(f"note: the anomaly percentiles rest on {rows} held-out rows (validation and test), fewer than {MIN_PERCENTILE_ROWS:,}", file=sys.stderr)
+        print(f"note: the anomaly percentiles rest on {rows} rows ({anomaly.get('held_out', 'validation and test rows')}), "
+              f"fewer than {MIN_PERCENTILE_ROWS:,}", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from annotated_types import Ge
+
 from aeserve.models.config import Config, Count, NonNegative, Positive, Seed, Size
 from aeserve.models.kinds import MODEL_KINDS
 from aeserve.models.projector import PROJECTOR_KINDS
@@ -39,6 +41,24 @@ class TrainParams(Config):
 
 
 @dataclass(frozen=True)
+class AnomalyParams(Config):
+    """How the version scores rows as anomalies (models/anomaly.py; the measurements behind the defaults:
+    docs/benchmarks.md, "Anomaly scores")."""
+
+    section = "anomaly"
+
+    # "neighbors": mean distance to the k nearest training codes (standardized); "error": the reconstruction error.
+    score: Literal["neighbors", "error"] = "neighbors"
+    k: Size = 5
+    # The reference set: a seeded sample of this many training rows' codes (all when there are fewer).
+    reference_rows: Size = 2000
+    # Data of at most this many rows (training and test together) gets its percentiles from a cross-fit over every row
+    # (0: never): each row scored by a model trained on the other folds.
+    cross_fit_rows: Count = 5000
+    folds: Annotated[int, Ge(2)] = 5
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     data: DataConfig
@@ -47,6 +67,7 @@ class RunConfig:
     train: TrainParams
     projector_kind: str = "pca"
     projector: dict[str, Any] = field(default_factory=dict)
+    anomaly: AnomalyParams = field(default_factory=AnomalyParams)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +76,7 @@ class RunConfig:
             "model": {"kind": self.model_kind, **self.model},
             "train": dataclasses.asdict(self.train),
             "projector": {"kind": self.projector_kind, **self.projector},
+            "anomaly": dataclasses.asdict(self.anomaly),
         }
 
 
@@ -114,9 +136,9 @@ def _section(values: dict[str, Any], key: str) -> dict[str, Any]:
 
 def build_run_config(values: dict[str, Any]) -> RunConfig:
     """Validate a config dict (as read from TOML). Errors name the bad key or value and what is allowed."""
-    unknown = sorted(set(values) - {"name", "data", "model", "train", "projector"})
+    unknown = sorted(set(values) - {"name", "data", "model", "train", "projector", "anomaly"})
     if unknown:
-        raise ValueError(f"unknown top-level key(s) {unknown}; allowed: ['data', 'model', 'name', 'projector', 'train']")
+        raise ValueError(f"unknown top-level key(s) {unknown}; allowed: ['anomaly', 'data', 'model', 'name', 'projector', 'train']")
     model = _section(values, "model")
     kind = _kind(model, "model")
     model = MODEL_KINDS[kind].config_class.current_keys(model)  # a renamed key is kept, and recorded, by its current name
@@ -139,6 +161,7 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
         train=TrainParams.from_dict(_section(values, "train")),
         projector_kind=projector_kind,
         projector=projector,
+        anomaly=AnomalyParams.from_dict(_section(values, "anomaly")),
     )
 
 

@@ -38,6 +38,13 @@ def map_metric_rows(test_rows: int, sampled: bool) -> int:
 
 
 @torch.inference_mode()
+def encode_all(model: Autoencoder, x: torch.Tensor | ModelRows) -> torch.Tensor:
+    """Codes (n, code_dim) of inputs (n, input_dim) in model space, in chunks."""
+    chunks = [model.encode(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.code_dim)
+
+
+@torch.inference_mode()
 def reconstruction_errors(model: Autoencoder, x: torch.Tensor | ModelRows) -> np.ndarray:
     """Summed squared error per example: x (n, input_dim) float32 in model space -> (n,) float64, EVAL_BATCH rows at a time."""
     model.eval()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -13,18 +15,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from aeserve.models.anomaly import AnomalyScore
+from aeserve.models.base import Autoencoder
 from aeserve.models.checkpoint import weights_bytes
 from aeserve.models.kinds import build_model
 from aeserve.models.outputs import INT8_SCALE_QUANTILE, CodeQuantization
 from aeserve.models.projector import build_projector, projector_manifest
 from aeserve.models.registry import Registry
 from aeserve.models.version import ModelVersion
+from aeserve.training.anomaly import fit_anomaly
 from aeserve.training.config import RunConfig
 from aeserve.training.data.dataset import DataError, Dataset
 from aeserve.training.data.rows import ModelRows
 from aeserve.training.data.sources import load_dataset
 from aeserve.training.distributed import current_world, loss_step
-from aeserve.training.evaluate import EVAL_BATCH, bounded_sample, held_out_metrics, map_metric_rows, map_metrics, reconstruction_errors
+from aeserve.training.evaluate import (
+    EVAL_BATCH,
+    bounded_sample,
+    encode_all,
+    held_out_metrics,
+    map_metric_rows,
+    map_metrics,
+    reconstruction_errors,
+)
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from aeserve.training.state import LATEST, TrainingState, run_fingerprint, run_state_folder
 
@@ -140,16 +153,20 @@ def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def encode_all(model: torch.nn.Module, x: torch.Tensor | ModelRows) -> torch.Tensor:
-    """Codes (n, code_dim) of inputs (n, input_dim) in model space, in chunks."""
-    chunks = [model.encode(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.code_dim)
-
-
-@torch.inference_mode()
 def project_codes(projector: torch.nn.Module, codes: torch.Tensor) -> np.ndarray:
     """Map coordinates (n, 2), numpy, of codes (n, code_dim), in chunks."""
     return torch.cat([projector(codes[i:i + EVAL_BATCH]) for i in range(0, len(codes), EVAL_BATCH)]).numpy()
+
+
+def train_fold(published: Autoencoder, config: RunConfig, epochs: int, rows: torch.Tensor, seed: int) -> Autoencoder:
+    """A model of ``published``'s kind and config, prepared and trained on ``rows`` (n, input_dim) alone with the run's
+    recipe for ``epochs`` epochs (no validation rows, no early stopping): a cross-fit's fold model."""
+    torch.manual_seed(seed)
+    model = build_model(published.kind, published.config_dict(), published.input_shape)
+    model.prepare(rows)
+    fold = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs, patience=0, seed=seed))
+    fit(model, rows, rows[:0], fold, progress=False)
+    return model
 
 
 def fit_projector(code_dim: int, training_codes: torch.Tensor, config: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -242,6 +259,13 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     projector, projector_facts = fit_projector(model.code_dim, training_codes, config)
     # Compact codes' constants (int8 scale, binary threshold), fitted on the same training codes.
     code_quantization = CodeQuantization.fit(training_codes.numpy())
+    # The anomaly score's reference set, from the same training codes, and the out-of-sample scores its percentiles rest on.
+    epochs_kept = min(history, key=lambda r: r["val_sq_err"])["epoch"] if config.train.patience and history and "val_sq_err" in history[0] \
+        else config.train.epochs
+    neighbors, anomaly, score_metrics = fit_anomaly(
+        model, config.anomaly, training_codes.numpy(), [x_val, x_test], [x_all, x_test],
+        functools.partial(train_fold, model, config, epochs_kept) if world.size == 1 else None, config.train.seed, progress)
+    metrics.update(score_metrics)
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
     train_labels = dataset.train_y[sample_index] if sampled and dataset.train_y is not None else dataset.train_y
     map_points = map_metric_rows(len(x_test), sampled)
@@ -280,12 +304,13 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
             "world_size": world.size,
         },
         "metrics": metrics,
+        "anomaly": anomaly,
     }
     manifest["map_sample"] = MAP_SAMPLE
     # The version's other files are made before publishing, which only writes them: concurrent publishers never wait on
     # plotting, and a report that fails costs the report alone.
-    version = ModelVersion({"name": config.name, **manifest}, model, projector, preprocessing, np.asarray(metrics["error_quantiles"]),
-                           torch.device("cpu"), code_quantization=code_quantization)
+    version = ModelVersion({"name": config.name, **manifest}, model, projector, preprocessing,
+                           AnomalyScore(np.asarray(metrics["score_quantiles"]), neighbors), torch.device("cpu"), code_quantization=code_quantization)
     files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
     if config.train.report:
         try:
@@ -294,7 +319,7 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
         except Exception as e:  # matplotlib's many error types among them
             manifest["report_error"] = f"{type(e).__name__}: {e}"
             log.warning("%s: the report failed, so the version is published without it: %s", config.name, manifest["report_error"])
-    number = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization), extra_files=files)
+    number = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization, neighbors), extra_files=files)
     if state is not None:
         state.remove()
     return number

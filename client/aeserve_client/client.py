@@ -144,7 +144,7 @@ class Client:
         return self._call("decode", name, codes, version)
 
     def reconstruct(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
-        """x (n, ...) -> reconstructions (n, *input_shape), with errors (n,) and percentiles (n,), float32."""
+        """x (n, ...) -> reconstructions (n, *input_shape), with errors (n,), anomaly scores (n,) and their percentiles (n,), float32."""
         return self._call("reconstruct", name, x, version)
 
     def project(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:

@@ -28,7 +28,8 @@ class Result:
     model: str
     version: str
     errors: np.ndarray | None = None  # reconstruct only: (n,) summed squared errors
-    percentiles: np.ndarray | None = None  # reconstruct only: (n,) 0-100 among held-out errors
+    percentiles: np.ndarray | None = None  # reconstruct only: (n,) where each score falls among the held-out rows' scores, 0-100
+    scores: np.ndarray | None = None  # reconstruct only: (n,) the version's anomaly score per row (its errors, for a version without one)
 
 
 def path(name: str, op: str, version: str | int | None) -> str:
@@ -80,7 +81,7 @@ async def async_pieces(body: NpyBody) -> AsyncIterator[bytes | memoryview]:
 
 def npy_request(op: str, array: np.ndarray) -> tuple[NpyBody, dict[str, str]]:
     """The body and headers of one operation on ``array`` (n, ...)."""
-    # reconstruct answers errors and percentiles too, which only the JSON answer carries; compress answers streams (JSON).
+    # reconstruct answers errors, scores and percentiles too, which only the JSON answer carries; compress answers streams (JSON).
     accept = "application/json" if op in ("reconstruct", "compress") else NPY
     body = NpyBody(array)
     return body, {"Content-Type": NPY, "Accept": accept, "Content-Length": str(len(body))}
@@ -156,7 +157,7 @@ def result(response: httpx.Response, first_row: int = 0) -> Result:
     if response.headers.get("content-type", "").startswith(NPY):
         return Result(np.load(io.BytesIO(response.content), allow_pickle=False), model, version)
     body = response.json()
-    optional = {k: np.asarray(body[k], dtype=np.float32) for k in ("errors", "percentiles") if k in body}
+    optional = {k: np.asarray(body[k], dtype=np.float32) for k in ("errors", "percentiles", "scores") if k in body}
     outputs = body["outputs"]
     if outputs and isinstance(outputs[0], str):  # compress: one base64 stream per row
         return Result([base64.b64decode(s) for s in outputs], body["model"], body["version"])
@@ -181,4 +182,4 @@ def join(parts: list[Result]) -> Result:
         outputs = [row for part in parts for row in part.outputs]
     else:
         outputs = np.concatenate([part.outputs for part in parts])
-    return Result(outputs, first.model, first.version, joined("errors"), joined("percentiles"))
+    return Result(outputs, first.model, first.version, joined("errors"), joined("percentiles"), joined("scores"))

@@ -3,7 +3,7 @@
 What Triton, KServe and MLServer clients speak. The input tensor is ``input``
 (shape [n, *input_shape] or [n, prod(input_shape)]) or ``code`` ([n,
 code_dim], to decode); the requested outputs (``models/outputs.py``: ``code``,
-``reconstruction``, ``error``, ``percentile``, ``coordinates``) are one call
+``reconstruction``, ``error``, ``score``, ``percentile``, ``coordinates``) are one call
 of the pipeline, so the encoder runs once however many are asked for. Errors
 answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422 (``service/api/errors.py``). The request parameter ``codes`` (``int8`` or
 ``binary``) answers the ``code`` output as INT8, or as UINT8 packed bits, followed by one more output tensor that reads

@@ -31,12 +31,12 @@ Run = Callable[[Any, Any, np.ndarray], Awaitable[Outputs]]  # (version, call, ro
 
 class Batcher:
     def __init__(self, run: Run, max_batch_rows: int, max_wait_s: float, max_queue: int,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[Any, Any, Outputs, float], None] | None = None) -> None:
         self.run = run
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self.on_batch = on_batch or (lambda rows, seconds: None)  # each model call's rows and seconds, on the loop
+        self.on_batch = on_batch or (lambda version, call, outputs, seconds: None)  # each model call's outputs and seconds, on the loop
         self._queues: dict[tuple[int, Any], asyncio.Queue[_Pending]] = {}
         self._workers: dict[tuple[int, Any], asyncio.Task] = {}
         self.pending = 0  # requests queued or running, over all workers
@@ -67,10 +67,10 @@ class Batcher:
             self.pending -= 1
 
     async def _run(self, version: Any, call: Any, rows: np.ndarray) -> Outputs:
-        """One model call of ``rows``; once it succeeds, ``on_batch`` gets its rows and seconds."""
+        """One model call of ``rows``; once it succeeds, ``on_batch`` gets its version, call, outputs and seconds."""
         began = time.perf_counter()
         outputs = await self.run(version, call, rows)
-        self.on_batch(len(rows), time.perf_counter() - began)
+        self.on_batch(version, call, outputs, time.perf_counter() - began)
         return outputs
 
     async def _collect(self, queue: asyncio.Queue[_Pending]) -> list[_Pending]:

@@ -20,7 +20,8 @@ reads the next, so answers come in the order of the requests:
 
 - request: ``REQUEST`` (request type, packed call, slot, rows, payload bytes),
   then the payload: for LOAD, a JSON description (graph sizes, preprocessing,
-  held-out error quantiles) and the graphs' ONNX bytes; for CALL, the rows as
+  the anomaly score: held-out quantiles, and k and shapes of a reference set)
+  and the graphs' ONNX bytes, then a reference set's arrays as float32; for CALL, the rows as
   float32. The packed call (``pack_call``) is a ``Call`` in 64 bits: bit 0 for
   rows of codes, then each wanted output as its index in ``OUTPUTS`` plus one,
   in as many bits as the largest such number needs.
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from aeserve.models.anomaly import AnomalyScore, Neighbors
 from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.models.preprocessing import Preprocessing
 from aeserve.service.runtime.onnx import OnnxVersion, graphs_serve
@@ -145,10 +147,14 @@ class EngineProcess:
         if not self.up:
             raise EngineProcessError("the engine process is not running")
         slot, self._slots = self._slots, self._slots + 1
+        neighbors = version.anomaly.neighbors
+        arrays = {} if neighbors is None else {name: np.ascontiguousarray(array, np.float32) for name, array in neighbors.tensors().items()}
         description = json.dumps({"graphs": [[name, len(data)] for name, data in graphs.items()],
                                   "preprocessing": version.preprocessing.to_wire(),
-                                  "quantiles": version.quantiles.tolist()}).encode()
-        parts = [struct.pack("<I", len(description)), description, *graphs.values()]
+                                  "quantiles": version.anomaly.quantiles.tolist(),
+                                  "neighbors": None if neighbors is None else {"k": neighbors.k, "arrays": [
+                                      [name, list(array.shape)] for name, array in arrays.items()]}}).encode()
+        parts = [struct.pack("<I", len(description)), description, *graphs.values(), *(array.tobytes() for array in arrays.values())]
         await self._channel.send(LOAD, 0, slot, 0, parts, lambda answer: None)
         self._versions[id(version)] = LoadedVersion(version, slot, frozenset(graphs))
 
@@ -287,7 +293,15 @@ def _load(payload: memoryview) -> OnnxVersion:
     for name, length in description["graphs"]:
         graphs[name] = bytes(payload[start:start + length])
         start += length
-    loaded = OnnxVersion(graphs, Preprocessing.from_dict(description["preprocessing"]), np.asarray(description["quantiles"], dtype=np.float64))
+    neighbors = None
+    if description["neighbors"] is not None:
+        arrays = {}
+        for name, shape in description["neighbors"]["arrays"]:
+            arrays[name] = np.frombuffer(payload, np.float32, math.prod(shape), start).reshape(shape).copy()
+            start += 4 * math.prod(shape)
+        neighbors = Neighbors.from_tensors(arrays, description["neighbors"]["k"])
+    anomaly = AnomalyScore(np.asarray(description["quantiles"], dtype=np.float64), neighbors)
+    loaded = OnnxVersion(graphs, Preprocessing.from_dict(description["preprocessing"]), anomaly)
     del graphs
     loaded.warm()
     return loaded

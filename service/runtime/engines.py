@@ -121,7 +121,7 @@ class OnnxThreads:
         from aeserve.service.runtime.onnx import OnnxVersion
 
         try:
-            engine = OnnxVersion(graphs, version.preprocessing, version.quantiles)
+            engine = OnnxVersion(graphs, version.preprocessing, version.anomaly)
             engine.warm()
         except Exception as e:  # onnxruntime's own error types
             log.warning("small batches of %s:%s stay on torch: %s: %s", version.name, version.version, type(e).__name__, e)

@@ -135,7 +135,7 @@ def export_checked(folder: Path) -> tuple[dict[str, bytes], dict[str, str], str 
     if "encode" not in graphs or "decode" not in graphs:
         return graphs, failed, f"the encoder or decoder did not export: {failed}"
     try:
-        why = mismatch(version, OnnxVersion(graphs, version.preprocessing, version.quantiles))
+        why = mismatch(version, OnnxVersion(graphs, version.preprocessing, version.anomaly))
     except Exception as e:  # onnxruntime's own error types
         why = f"{type(e).__name__}: {e}"
     return graphs, failed, why

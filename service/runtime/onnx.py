@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.outputs import Call, NumpyGraphs, compute
 from aeserve.models.preprocessing import Preprocessing
 
@@ -21,7 +22,7 @@ class OnnxVersion:
     """ONNX Runtime sessions for a version's graphs (``encode``, ``decode``, maybe ``project``), one thread each:
     small batches gain nothing from more."""
 
-    def __init__(self, graphs: dict[str, bytes], preprocessing: Preprocessing, quantiles: np.ndarray) -> None:
+    def __init__(self, graphs: dict[str, bytes], preprocessing: Preprocessing, anomaly: AnomalyScore) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -32,7 +33,7 @@ class OnnxVersion:
                           for name, graph in graphs.items()}
         self._inputs = {name: session.get_inputs()[0].name for name, session in self._sessions.items()}
         self.preprocessing = preprocessing
-        self.quantiles = quantiles
+        self.anomaly = anomaly
         self._graphs = NumpyGraphs(preprocessing, self.graph)
 
     def has(self, graph: str) -> bool:
@@ -47,9 +48,9 @@ class OnnxVersion:
         return graphs_serve(self._sessions, call)
 
     def run(self, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-        return compute(self._graphs, self.quantiles, call, rows)
+        return compute(self._graphs, self.anomaly, call, rows)
 
     def warm(self) -> None:
         """Run every session once: the first run of each costs milliseconds."""
         x = np.zeros((1, *self.preprocessing.input_shape), np.float32)
-        self.run(Call("inputs", ("code", "error", "coordinates") if self.has("project") else ("code", "error")), x)
+        self.run(Call("inputs", ("code", "error", "score", "coordinates") if self.has("project") else ("code", "error", "score")), x)

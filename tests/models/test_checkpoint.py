@@ -23,7 +23,9 @@ def test_a_version_loads_as_it_was_published(published):
     version = load(published)
     assert (version.name, version.version, version.code_dim, version.input_shape) == ("digits", 1, 4, (8, 8))
     assert version.folder == published.version_dir("digits", 1)
-    np.testing.assert_array_equal(version.quantiles, published.manifest("digits")["metrics"]["error_quantiles"])
+    manifest = published.manifest("digits")
+    np.testing.assert_array_equal(version.anomaly.quantiles, manifest["metrics"]["score_quantiles"])
+    assert version.anomaly.neighbors.reference.shape == (manifest["anomaly"]["reference_rows"], 4) and version.anomaly.neighbors.k == 5
 
 
 def test_sha256_mismatch_is_refused(published):

@@ -53,10 +53,13 @@ def test_a_manifest_without_the_row_count_still_loads_and_answers(registry):
     del manifest["metrics"]["error_quantiles_rows"]
     (folder / MANIFEST).write_text(json.dumps(manifest))
     version = registry.load("old")
-    flat_images = np.zeros((3, 8, 8), np.float32) + np.array([0.0, 8.0, 16.0], np.float32)[:, None, None]
-    _, errors, got = version.reconstruct(flat_images)
-    np.testing.assert_array_equal(got, percentiles(np.asarray(manifest["metrics"]["error_quantiles"]), errors))
+    # Checkerboards far brighter than any digit (pixels 0..16): codes far from every training code.
+    board = np.indices((8, 8)).sum(axis=0) % 2
+    far_images = (board * np.array([400.0, 800.0, 1600.0], np.float32)[:, None, None]).astype(np.float32)
+    _, errors, got = version.reconstruct(far_images)
+    scores = version.scores(far_images)
+    np.testing.assert_array_equal(got, percentiles(np.asarray(manifest["metrics"]["score_quantiles"]), scores))
     assert got.dtype == np.float32 and got.shape == (3,)
-    # Unlike any digit: all three lie beyond every held-out error, and are told apart instead of tying at 100.
+    # Unlike any digit: all three lie beyond every held-out score, and are told apart instead of tying at 100.
     assert np.all(got > 99.9) and np.all(got < 100) and len(set(got.tolist())) == 3
-    assert np.array_equal(np.argsort(got), np.argsort(errors))
+    assert np.array_equal(np.argsort(got), np.argsort(scores))

@@ -61,7 +61,7 @@ def test_onnx_runtime_and_the_exported_models_scale_each_feature_as_torch_does(t
     version = table_registry.load("rows")
     graphs, _, refused = export_checked(version.folder)
     assert refused is None
-    engine, x = OnnxVersion(graphs, version.preprocessing, version.quantiles), rows(6)
+    engine, x = OnnxVersion(graphs, version.preprocessing, version.anomaly), rows(6)
     for got, want in zip(engine.run(EVERYTHING, x), version.run(EVERYTHING, x), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
     assert main(["export", "rows:1", "--format", "onnx", "--out", str(tmp_path), "--registry", str(table_registry.root)]) == 0

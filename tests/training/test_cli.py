@@ -63,10 +63,14 @@ def test_summary_and_models_print_significant_digits_and_count_the_held_out_rows
     captured = capsys.readouterr()
     assert f"test_sq_err {m['test_sq_err']:.4g}  test_mse {m['test_mse']:.4g}  pca_sq_err {m['pca_sq_err']:.4g}" in captured.out
     assert float(captured.out.split("test_sq_err ")[1].split()[0]) == pytest.approx(m["test_sq_err"], rel=1e-3)
-    assert captured.err.strip() == "note: the anomaly percentiles rest on 341 held-out rows (validation and test), fewer than 1,000"
+    assert captured.err.strip() == ""  # 1,797 digits: percentiles cross-fitted over every one of them
+    assert Registry(reg).manifest("digits-pca8")["anomaly"]["held_out"] == "5-fold cross-fit over 1797 rows"
     assert main(["models", "--registry", reg]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert [float(v) for v in row[4:6]] == pytest.approx([m["test_sq_err"], m["pca_sq_err"]], rel=1e-3)
+    assert main(["train", "configs/digits-pca8.toml", "--registry", reg, "--quiet", "--state-dir", str(tmp_path / "state"),
+                 "--set", "anomaly.cross_fit_rows=0", "--set", "train.report=false"]) == 0
+    assert capsys.readouterr().err.strip() == "note: the anomaly percentiles rest on 341 rows (validation and test rows), fewer than 1,000"
 
 
 def test_eval_says_it_cannot_re_measure_when_the_data_rows_changed_shape(tmp_path, capsys):

@@ -215,7 +215,7 @@ def test_unknown_or_repeated_option(api, query, message):
 def test_option_on_other_calls(api):
     response = api.post("/v1/models/digits-mlp/reconstruct?codes=int8", json={"inputs": IMAGES.tolist()})
     assert (response.status_code, response.json()) == (
-        422, {"detail": "codes=int8 applies to the codes that encode answers; this call answers reconstruction, error, percentile"})
+        422, {"detail": "codes=int8 applies to the codes that encode answers; this call answers reconstruction, error, score, percentile"})
     assert api.post("/v1/models/digits-mlp/reconstruct?codes=float&other=1", json={"inputs": IMAGES.tolist()}).status_code == 200
     for parameters, status, message in (({"codes": "int4"}, 400, "codes must be one of float, int8, binary; got 'int4'"),
                                         ({"codes": 8}, 400, "codes must be one of float, int8, binary; got 8")):

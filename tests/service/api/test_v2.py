@@ -34,7 +34,7 @@ def test_health_and_metadata(client, trained_registry):
     metadata = client.get_model_metadata("digits-mlp")
     assert metadata["versions"] == ["1"]
     assert {t["name"]: t["shape"] for t in metadata["inputs"]} == {"input": [-1, 8, 8], "code": [-1, 4]}
-    assert [t["name"] for t in metadata["outputs"]] == ["code", "reconstruction", "error", "percentile", "coordinates", "feature_error"]
+    assert [t["name"] for t in metadata["outputs"]] == ["code", "reconstruction", "error", "score", "percentile", "coordinates", "feature_error"]
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
@@ -43,12 +43,13 @@ def test_infer_matches_the_model(client, trained_registry, binary):
     request = httpclient.InferInput("input", list(IMAGES.shape), "FP32")
     request.set_data_from_numpy(IMAGES, binary_data=binary)
     outputs = [httpclient.InferRequestedOutput(name, binary_data=binary)
-               for name in ("code", "reconstruction", "error", "percentile", "coordinates", "feature_error")]
+               for name in ("code", "reconstruction", "error", "score", "percentile", "coordinates", "feature_error")]
     result = client.infer("digits-mlp", [request], outputs=outputs, model_version="1")
     recon, errors, percentiles = version.reconstruct(IMAGES)
     np.testing.assert_allclose(result.as_numpy("code"), version.encode(IMAGES), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result.as_numpy("reconstruction"), recon, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(result.as_numpy("error"), errors, rtol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("score"), version.scores(IMAGES), rtol=1e-5)
     np.testing.assert_allclose(result.as_numpy("percentile"), percentiles, atol=1e-3)
     np.testing.assert_allclose(result.as_numpy("coordinates"), version.project(IMAGES), rtol=1e-5, atol=1e-5)
     scaled = version.preprocessing.to_model
@@ -83,7 +84,7 @@ def test_errors_use_the_protocols_error_body(client, live):
                           json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1.0] * 64}],
                                 "outputs": [{"name": "logits"}]})
     assert response.status_code == 400
-    allowed = "['code', 'reconstruction', 'error', 'percentile', 'coordinates', 'feature_error', 'stream']"
+    allowed = "['code', 'reconstruction', 'error', 'score', 'percentile', 'coordinates', 'feature_error', 'stream']"
     assert response.json() == {"error": f"unknown output(s) ['logits']; allowed: {allowed}"}
     response = httpx.post(f"{live.url}/v2/models/digits-mlp/infer", content=b"{", headers={"Inference-Header-Content-Length": "9"})
     assert response.status_code == 400 and "must be a byte count within the body" in response.json()["error"]

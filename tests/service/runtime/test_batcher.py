@@ -42,7 +42,7 @@ def submit(batcher: Batcher, rows: np.ndarray):
 async def test_concurrent_requests_are_batched_and_split():
     model, batches, seconds = Doubler(), [], []
     batcher = batcher_of(model, max_batch_rows=64, max_wait_s=0, max_queue=100,
-                      on_batch=lambda rows, took: (batches.append(rows), seconds.append(took)))
+                      on_batch=lambda version, call, outputs, took: (batches.append(len(outputs[0])), seconds.append(took)))
     model.gate.clear()  # the first call holds; the others queue behind it
     first = asyncio.create_task(submit(batcher, np.full((1, 3), 100.0, np.float32)))
     await asyncio.sleep(0.05)

@@ -43,9 +43,10 @@ def test_calls_cross_the_socket_as_they_are():
 
 
 def test_a_new_output_widens_the_packed_call_instead_of_wrapping_into_the_next(monkeypatch):
-    names = [*OUTPUTS, "seventh", "eighth"]  # index 7 plus one is 8: four bits, where six outputs take three
+    assert len(OUTPUTS) == 7
+    names = [*OUTPUTS, "eighth"]  # index 7 plus one is 8: four bits, where seven outputs take three
     monkeypatch.setattr(engine_process, "OUTPUT_NAMES", names)
-    calls = [Call("inputs", ("eighth", "code", "seventh")), Call("inputs", tuple(names))]
+    calls = [Call("inputs", ("eighth", "code", "score")), Call("inputs", tuple(names))]
     assert [unpack_call(pack_call(call)) for call in calls] == calls
     assert pack_call(Call("inputs", ("eighth",))) == 8 << 1
 
@@ -64,7 +65,7 @@ async def test_every_call_answers_as_the_in_process_engine(exported, process):
         await process.load(version, graphs)
     assert process.versions() == len(exported)
     for kind, (version, graphs) in exported.items():
-        engine = OnnxVersion(graphs, version.preprocessing, version.quantiles)  # same graphs, same ONNX Runtime, one thread
+        engine = OnnxVersion(graphs, version.preprocessing, version.anomaly)  # same graphs, same ONNX Runtime, one thread
         for n in (1, 5):
             x = rows(n)
             codes = version.encode(x)

@@ -30,7 +30,7 @@ def rows(n: int, seed: int = 0) -> np.ndarray:
 def on_onnx(onnx_exported, name: str) -> tuple:
     versions, graphs = onnx_exported
     version = versions[name]
-    return version, OnnxVersion(graphs[name], version.preprocessing, version.quantiles)
+    return version, OnnxVersion(graphs[name], version.preprocessing, version.anomaly)
 
 
 def onnx_engines(version, graphs) -> Engines:
