@@ -76,7 +76,8 @@ def test_table_averages_classes_within_a_data_set_then_data_sets_and_checks_the_
     assert datasets["digits"] == {"aeserve": pytest.approx(0.90), "errors": pytest.approx(0.90), "IsolationForest": pytest.approx(0.90)}
     assert means == {"aeserve": pytest.approx(0.915), "errors": pytest.approx(0.915), "IsolationForest": pytest.approx(0.93)}
     assert "| digits | digits-0, digits-1 | 4 | 1 + 2 | **0.900** | **0.900** | **0.900** |" in text  # ties all bold
-    assert text.splitlines()[0].startswith("| data set | normal (trained on) | train rows | scored: normal + anomalous | aeserve score: `errors` | aeserve `errors` |")
+    assert text.splitlines()[0] == ("| data set | normal (trained on) | train rows | scored: normal + anomalous | aeserve score: `errors` | "
+                                    "aeserve `errors` | IsolationForest |")
     assert text.splitlines()[-1] == "| **mean of the 2 data sets** | | | | 0.915 | 0.915 | **0.930** |"
     assert floors("errors", means, datasets) == [
         "floor: aeserve `errors` mean ROC-AUC 0.915 >= IsolationForest's 0.930: FAILS",
