@@ -275,7 +275,7 @@ def floors(field: str, means: dict[str, float], datasets: dict[str, dict[str, fl
 def trained_line(m: Measured) -> str:
     metrics, training = m.manifest["metrics"], m.manifest["training"]
     model = training["run_config"]["model"]
-    shape = "-".join(str(v) for v in [*model.get("hidden", []), model.get("code_dim", "?")])
+    shape = "-".join(str(v) for v in [int(np.prod(m.task.train_x.shape[1:])), *model.get("hidden", []), model.get("code_dim", "?")])
     anomaly = json.dumps(m.manifest["anomaly"]) if "anomaly" in m.manifest else "(none)"
     return (f"| {m.task.name} | {model['kind']} {shape} | {len(training['history'])} / {training.get('best_epoch')} | "
             f"{metrics['test_sq_err']:.4g} / {metrics['pca_sq_err']:.4g} | {m.train_seconds:.1f} | {anomaly} |")
