@@ -1,14 +1,31 @@
-"""Anomaly scores: benign rows in, malignant rows out, scored through the HTTP API against scikit-learn baselines.
+"""Anomaly scores on four public one-class tasks, scored through the HTTP API against five baselines in the same run.
 
-    .venv/bin/python -m benchmarks.anomaly
+    .venv/bin/python -m benchmarks.anomaly [--classes N] [--seed S]
 
-scikit-learn's breast-cancer table (569 rows, 30 features, 357 benign, 212 malignant) is written as a CSV with a
-header and a `diagnosis` column. A seeded part of the benign rows is held out; the rest go to `benign.csv`, and
-`aeserve train --data benign.csv --label diagnosis` (no config: the table recipe) trains on them into a temporary
-registry. `aeserve serve` then scores the held-out benign rows and every malignant row through `reconstruct` (object
-rows keyed by column name), and the ROC-AUC of `errors` and of `percentiles` (malignant = positive) is reported
-beside IsolationForest, standardized PCA reconstruction error and LocalOutlierFactor (novelty=True), all fitted on
-the same benign training rows. Prints one markdown table with the machine and the command.
+Each task trains on normal rows only and scores held-out normal rows (negatives) and anomalous rows (positives):
+
+- breast cancer (scikit-learn): benign normal, malignant anomalous. A seeded 70 % of the 357 benign rows train; the
+  other 107 and all 212 malignant rows are scored. Written as a CSV with a ``diagnosis`` column (``--label``).
+- wine (scikit-learn, 178 rows, 13 features, cultivars of 59 / 71 / 48 rows): one cultivar normal, the other two
+  anomalous; the same 70 / 30 split of the normal rows. A CSV with a ``cultivar`` column (``--label``).
+- digits (scikit-learn, 1,797 8x8 images, about 180 per digit): one digit normal, the other nine anomalous; the same
+  70 / 30 split. An .npy array (n, 8, 8), pixels 0-16.
+- Fashion-MNIST (the IDX files in /usr/share/datasets/fashion-mnist): one class normal. 2,000 images of it drawn
+  (seeded) from the training split train; its 1,000 test-split images and 1,000 drawn from the other nine classes'
+  test images are scored. An .npy array (n, 28, 28), pixels 0-255.
+
+``--classes N`` makes each of the first N classes of wine, digits and Fashion-MNIST the normal one in turn (N = 1:
+cultivar 0, digit 0, T-shirt/top) and reports each data set's mean ROC-AUC over them.
+
+aeserve: ``aeserve train --data FILE`` with no config into a temporary registry, then one ``aeserve serve`` on
+loopback; every task's rows go through ``reconstruct`` with the Python client. aeserve's score is ``scores`` where the
+answer carries it, else ``errors`` (the table says which); ``errors`` is shown beside it either way.
+
+Baselines (scikit-learn, pyod), fitted on the same training rows, all on features standardized with the training rows'
+mean and standard deviation (per pixel for images): IsolationForest (200 trees), LocalOutlierFactor (novelty, 20
+neighbours), PCA residual Q (the squared distance to the subspace of the fewest components that explain 90 % of the
+training variance), kNN (mean distance to the 5 nearest training rows), and pyod's AutoEncoder at its defaults
+(skipped, and said so, when pyod is not installed). Prints Markdown tables, the floors of issue 26 and the machine.
 """
 from __future__ import annotations
 
@@ -20,114 +37,288 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
-from sklearn.datasets import load_breast_cancer
+from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
-from sklearn.neighbors import LocalOutlierFactor
+from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
+from aeserve.training.data.builtin import load_fashion_mnist
+from aeserve.training.data.config import DataConfig
+from aeserve_client import Client
 from benchmarks.loadgen import served
 
 ROOT = Path(__file__).resolve().parent.parent
 AESERVE = str(Path(sys.executable).parent / "aeserve")
-PCA_CODES = (2, 4, 6, 8, 10, 12)
+HOLDOUT = 0.3  # the share of a scikit-learn table's normal rows held out for scoring
+FMNIST_TRAIN, FMNIST_NORMAL_SCORED, FMNIST_ANOMALIES_SCORED = 2000, 1000, 1000
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+PCA_VARIANCE = 0.90
+KNN_K = 5
+FLOOR_BREAST_CANCER = 0.955
 
 
-def write_csv(path: Path, names: list[str], x: np.ndarray, diagnosis: list[str]) -> None:
-    lines = [",".join(['"' + n + '"' for n in names] + ["diagnosis"])]
-    lines += [",".join([repr(float(v)) for v in row] + [d]) for row, d in zip(x, diagnosis, strict=True)]
+@dataclass
+class Task:
+    """One one-class task: a model trains on ``train_x`` (normal rows only) and scores ``score_x``.
+
+    train_x (n_train, *row_shape) and score_x (n_score, *row_shape) float64; score_y (n_score,) int, 1 = anomalous.
+    ``columns`` names a table's features (written as a CSV with a label column); None writes an .npy array.
+    """
+
+    name: str  # the registry name, e.g. "digits-0"
+    dataset: str
+    normal: str
+    anomalous: str
+    train_x: np.ndarray
+    score_x: np.ndarray
+    score_y: np.ndarray
+    columns: list[str] | None = None
+    label: str | None = None
+
+
+def one_class_split(x: np.ndarray, normal: np.ndarray, seed: int, holdout: float = HOLDOUT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train on a seeded (1 - holdout) of the ``normal`` rows; score the rest of them and every other row.
+
+    x (n, ...), normal (n,) bool -> train_x, score_x (held-out normal rows first, then the anomalies), score_y (1 = anomalous).
+    """
+    order = np.random.default_rng(seed).permutation(np.flatnonzero(normal))
+    n_held = int(round(len(order) * holdout))
+    held, fit = np.sort(order[:n_held]), np.sort(order[n_held:])
+    score = np.concatenate([held, np.flatnonzero(~normal)])
+    return x[fit], x[score], (~normal[score]).astype(int)
+
+
+def breast_cancer(seed: int) -> Task:
+    bunch = load_breast_cancer()
+    train_x, score_x, score_y = one_class_split(bunch.data, bunch.target == 1, seed)  # target 1 = benign
+    return Task("breast-cancer", "breast cancer", "benign", "malignant", train_x, score_x, score_y, list(bunch.feature_names), "diagnosis")
+
+
+def wine(seed: int, cultivar: int) -> Task:
+    bunch = load_wine()
+    train_x, score_x, score_y = one_class_split(bunch.data, bunch.target == cultivar, seed)
+    return Task(f"wine-{cultivar}", "wine", f"cultivar {cultivar}", "the other two cultivars", train_x, score_x, score_y,
+                list(bunch.feature_names), "cultivar")
+
+
+def digits(seed: int, digit: int) -> Task:
+    bunch = load_digits()
+    train_x, score_x, score_y = one_class_split(bunch.images, bunch.target == digit, seed)
+    return Task(f"digits-{digit}", "digits", f"digit {digit}", "the other nine digits", train_x, score_x, score_y)
+
+
+def fashion_mnist(seed: int, normal_class: int) -> Task:
+    data = load_fashion_mnist(DataConfig(source="fashion-mnist"))
+    rng = np.random.default_rng(seed)
+    fit = np.sort(rng.choice(np.flatnonzero(data.train_y == normal_class), FMNIST_TRAIN, replace=False))
+    test_y = data.test_y
+    held = np.sort(rng.choice(np.flatnonzero(test_y == normal_class), FMNIST_NORMAL_SCORED, replace=False))
+    others = np.sort(rng.choice(np.flatnonzero(test_y != normal_class), FMNIST_ANOMALIES_SCORED, replace=False))
+    score = np.concatenate([held, others])
+    return Task(f"fashion-mnist-{normal_class}", "Fashion-MNIST", FMNIST_CLASSES[normal_class], "the other nine classes",
+                data.train_x[fit].astype(np.float64), data.test_x[score].astype(np.float64),
+                (test_y[score] != normal_class).astype(int))
+
+
+def tasks(seed: int, classes: int) -> list[Task]:
+    """Breast cancer, then each of the first ``classes`` classes of wine, digits and Fashion-MNIST as the normal one."""
+    made = [breast_cancer(seed)]
+    for builder, n_classes in ((wine, 3), (digits, 10), (fashion_mnist, 10)):
+        made += [builder(seed, c) for c in range(min(classes, n_classes))]
+    return made
+
+
+def write_data(task: Task, folder: Path) -> tuple[Path, list[str]]:
+    """The training file as a new user would have it, and the ``aeserve train`` arguments that name it."""
+    if task.columns is None:
+        path = folder / f"{task.name}.npy"
+        np.save(path, task.train_x.astype(np.float32))
+        return path, []
+    path = folder / f"{task.name}.csv"
+    lines = [",".join([f'"{c}"' for c in task.columns] + [task.label])]
+    lines += [",".join([repr(float(v)) for v in row] + [task.normal.replace(" ", "-")]) for row in task.train_x]
     path.write_text("\n".join(lines) + "\n")
+    return path, ["--label", task.label]
 
 
-def baselines(x_train: np.ndarray, x_score: np.ndarray, y_score: np.ndarray, seed: int) -> list[tuple[str, float]]:
-    """ROC-AUC of each scikit-learn baseline fitted on the benign training rows ``x_train`` (n, 30)."""
-    scaler = StandardScaler().fit(x_train)
-    train, score = scaler.transform(x_train), scaler.transform(x_score)
-    rows = [("IsolationForest (200 trees)", roc_auc_score(y_score, -IsolationForest(n_estimators=200, random_state=seed).fit(train).score_samples(score)))]
-    pca, fits = {}, {}
-    for k in PCA_CODES:
-        fits[k] = fitted = PCA(n_components=k, random_state=seed).fit(train)
-        errors = ((score - fitted.inverse_transform(fitted.transform(score))) ** 2).sum(axis=1)
-        pca[k] = roc_auc_score(y_score, errors)
-    best = max(pca, key=pca.get)
-    rows += [("PCA(4) reconstruction error, standardized", pca[4]),
-             (f"PCA best k of {list(PCA_CODES)} (k={best}, chosen on the anomaly labels)", pca[best])]
-    lof = LocalOutlierFactor(n_neighbors=20, novelty=True).fit(train)
-    rows.append(("LocalOutlierFactor (novelty, 20 neighbours)", roc_auc_score(y_score, -lof.score_samples(score))))
-    # Two reconstruction-error detectors that cannot extrapolate along the benign rows' main directions, shown to
-    # explain the gap, not as baselines: PCA(4) with its codes clipped to the range the training rows reach, and no
-    # code at all (k = 0: every row reconstructed as the benign mean, so the error is the squared standardized norm).
-    codes = fits[4].transform(train)
-    clipped = fits[4].inverse_transform(np.clip(fits[4].transform(score), codes.min(axis=0), codes.max(axis=0)))
-    rows += [("PCA(4), codes clipped to the training range (explanatory)", roc_auc_score(y_score, ((score - clipped) ** 2).sum(axis=1))),
-             ("distance to the benign mean, k = 0 (explanatory)", roc_auc_score(y_score, (score**2).sum(axis=1)))]
-    return rows
+# --- baselines -------------------------------------------------------------------
+
+
+def pca_residual(train: np.ndarray, score: np.ndarray, seed: int) -> np.ndarray:
+    """Q: squared distance of each score row to the span of the fewest components explaining PCA_VARIANCE of train."""
+    pca = PCA(n_components=PCA_VARIANCE, svd_solver="full", random_state=seed).fit(train)
+    return ((score - pca.inverse_transform(pca.transform(score))) ** 2).sum(axis=1)
+
+
+def knn_distance(train: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Mean Euclidean distance of each score row to its KNN_K nearest training rows."""
+    distances, _ = NearestNeighbors(n_neighbors=KNN_K).fit(train).kneighbors(score)
+    return distances.mean(axis=1)
+
+
+def pyod_autoencoder() -> Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None:
+    """pyod's AutoEncoder at its defaults (on CPU, quiet), or None when pyod is not installed."""
+    try:
+        from pyod.models.auto_encoder import AutoEncoder
+    except ImportError:
+        return None
+
+    def scores(train: np.ndarray, score: np.ndarray, seed: int) -> np.ndarray:
+        torch.manual_seed(seed)
+        return AutoEncoder(random_state=seed, device="cpu", verbose=0).fit(train).decision_function(score)
+    return scores
+
+
+BASELINES: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
+    "IsolationForest": lambda train, score, seed: -IsolationForest(n_estimators=200, random_state=seed).fit(train).score_samples(score),
+    "LOF": lambda train, score, seed: -LocalOutlierFactor(n_neighbors=20, novelty=True).fit(train).score_samples(score),
+    "PCA Q": pca_residual,
+    "kNN": lambda train, score, seed: knn_distance(train, score),
+}
+
+
+def baselines(task: Task, seed: int, autoencoder: Callable | None) -> dict[str, float]:
+    """ROC-AUC of each baseline on ``task``, every one fitted on the standardized training rows."""
+    train, score = task.train_x.reshape(len(task.train_x), -1), task.score_x.reshape(len(task.score_x), -1)
+    scaler = StandardScaler().fit(train)
+    train, score = scaler.transform(train), scaler.transform(score)
+    methods = dict(BASELINES, **({"pyod AutoEncoder": autoencoder} if autoencoder else {}))
+    return {name: roc_auc_score(task.score_y, method(train, score, seed)) for name, method in methods.items()}
+
+
+# --- aeserve ---------------------------------------------------------------------
+
+
+def train(task: Task, folder: Path, registry: Path, seed: int) -> tuple[dict, float]:
+    """``aeserve train --data FILE`` with no config; the published manifest and the training's wall seconds."""
+    path, extra = write_data(task, folder)
+    command = [AESERVE, "train", "--data", str(path), *extra, "--name", task.name, "--registry", str(registry), "--quiet", "--seed", str(seed)]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    return json.loads((registry / task.name / "1" / "manifest.json").read_text()), seconds
+
+
+def served_scores(client: Client, task: Task) -> dict[str, np.ndarray]:
+    """``reconstruct`` over HTTP on the task's score rows: ``errors``, and ``scores`` where the answer has them."""
+    result = client.reconstruct(task.name, task.score_x.astype(np.float32))
+    answers = {"errors": np.asarray(result.errors)}
+    if getattr(result, "scores", None) is not None:
+        answers["scores"] = np.asarray(result.scores)
+    return answers
+
+
+# --- the report --------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    task: Task
+    aeserve: dict[str, float]  # ROC-AUC of each field the answer carried
+    baselines: dict[str, float]
+    manifest: dict
+    train_seconds: float
+
+
+def by_dataset(measured: list[Measured], field: str, methods: list[str]) -> dict[str, dict[str, float]]:
+    """Each data set's ROC-AUC per column (aeserve's field, ``errors``, each baseline), averaged over its normal classes."""
+    columns: dict[str, dict[str, list[float]]] = {}
+    for m in measured:
+        values = {"aeserve": m.aeserve[field], "errors": m.aeserve["errors"], **m.baselines}
+        for column in ["aeserve", "errors", *methods]:
+            columns.setdefault(m.task.dataset, {}).setdefault(column, []).append(values[column])
+    return {dataset: {column: float(np.mean(v)) for column, v in cols.items()} for dataset, cols in columns.items()}
+
+
+def sizes(tasks_of_a_dataset: list[Task], size: Callable[[Task], int]) -> str:
+    """One size of a data set's tasks: one number, or each distinct one (classes differ in size) joined by '/'."""
+    return "/".join(str(n) for n in sorted({size(t) for t in tasks_of_a_dataset}))
+
+
+def table(measured: list[Measured], field: str, methods: list[str]) -> tuple[str, dict[str, float], dict[str, dict[str, float]]]:
+    """The Markdown table of ROC-AUC per data set and its mean row; also the means and per-data-set figures."""
+    datasets = by_dataset(measured, field, methods)
+    columns = ["aeserve", "errors", *methods]
+    means = {c: float(np.mean([d[c] for d in datasets.values()])) for c in columns}
+    header = ["data set", "normal (trained on)", "train rows", "scored: normal + anomalous", f"aeserve score: `{field}`", "aeserve `errors`", *methods]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for dataset, figures in datasets.items():
+        mine = [m.task for m in measured if m.task.dataset == dataset]
+        normal = ", ".join(t.normal for t in mine)
+        best = max(figures.values())
+        cells = [f"**{figures[c]:.3f}**" if figures[c] == best else f"{figures[c]:.3f}" for c in columns]
+        lines.append(f"| {dataset} | {normal} | {sizes(mine, lambda t: len(t.train_x))} | {sizes(mine, lambda t: int((t.score_y == 0).sum()))} + "
+                     f"{sizes(mine, lambda t: int(t.score_y.sum()))} | " + " | ".join(cells) + " |")
+    best = max(means.values())
+    cells = [f"**{means[c]:.3f}**" if means[c] == best else f"{means[c]:.3f}" for c in columns]
+    lines.append(f"| **mean of the {len(datasets)} data sets** | | | | " + " | ".join(cells) + " |")
+    return "\n".join(lines), means, datasets
+
+
+def floors(field: str, means: dict[str, float], datasets: dict[str, dict[str, float]]) -> list[str]:
+    """The floors of issue 26, each with whether it holds."""
+    verdict = {True: "holds", False: "FAILS"}
+    mean, forest = means["aeserve"], means["IsolationForest"]
+    cancer = datasets["breast cancer"]["aeserve"]
+    return [f"floor: aeserve `{field}` mean ROC-AUC {mean:.3f} >= IsolationForest's {forest:.3f}: {verdict[mean >= forest]}",
+            f"floor: aeserve `{field}` ROC-AUC on breast cancer {cancer:.3f} >= {FLOOR_BREAST_CANCER}: {verdict[cancer >= FLOOR_BREAST_CANCER]}"]
+
+
+def trained_line(m: Measured) -> str:
+    metrics, training = m.manifest["metrics"], m.manifest["training"]
+    model = training["run_config"]["model"]
+    shape = "-".join(str(v) for v in [int(np.prod(m.task.train_x.shape[1:])), *model.get("hidden", []), model.get("code_dim", "?")])
+    anomaly = json.dumps(m.manifest["anomaly"]) if "anomaly" in m.manifest else "(none)"
+    return (f"| {m.task.name} | {model['kind']} {shape} | {len(training['history'])} / {training.get('best_epoch')} | "
+            f"{metrics['test_sq_err']:.4g} / {metrics['pca_sq_err']:.4g} | {m.train_seconds:.1f} | {anomaly} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--holdout", type=float, default=0.3, help="fraction of the benign rows held out for scoring")
-    parser.add_argument("--seed", type=int, default=0, help="the benign hold-out split, the baselines' and the training's seed")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="passed to aeserve train (tries of the recipe)")
-    parser.add_argument("--rows", choices=["objects", "arrays"], default="objects", help="how the rows are sent to reconstruct")
+    parser.add_argument("--classes", type=int, default=1, help="how many classes of wine, digits and Fashion-MNIST take a turn as the normal one")
+    parser.add_argument("--seed", type=int, default=0, help="the splits', the baselines' and the training's seed")
     args = parser.parse_args()
 
-    bunch = load_breast_cancer()
-    names, x, malignant = list(bunch.feature_names), bunch.data, bunch.target == 0
-    benign_rows = np.flatnonzero(~malignant)
-    order = np.random.default_rng(args.seed).permutation(benign_rows)
-    n_held = int(round(len(order) * args.holdout))
-    held, fit_rows = np.sort(order[:n_held]), np.sort(order[n_held:])
-    score_rows = np.concatenate([held, np.flatnonzero(malignant)])
-    y_score = malignant[score_rows].astype(int)
-
+    started = time.perf_counter()
+    autoencoder = pyod_autoencoder()
+    methods = [*BASELINES, *(["pyod AutoEncoder"] if autoencoder else [])]
+    work = tasks(args.seed, args.classes)
+    measured: list[Measured] = []
     with tempfile.TemporaryDirectory() as tmp:
-        csv, registry = Path(tmp) / "benign.csv", Path(tmp) / "registry"
-        write_csv(csv, names, x[fit_rows], ["benign"] * len(fit_rows))
-        command = [AESERVE, "train", "--data", str(csv), "--label", "diagnosis", "--registry", str(registry), "--quiet",
-                   "--seed", str(args.seed), *[f"--set={o}" for o in args.overrides]]
-        started = time.perf_counter()
-        subprocess.run(command, cwd=ROOT, check=True)
-        train_seconds = time.perf_counter() - started
-        manifest = json.loads((registry / "benign" / "1" / "manifest.json").read_text())
+        folder, registry = Path(tmp), Path(tmp) / "registry"
+        trained = [train(task, folder, registry, args.seed) for task in work]
+        with served(registry) as base, Client(base, timeout=120) as client:
+            answers = [served_scores(client, task) for task in work]
+    for task, (manifest, seconds), answer in zip(work, trained, answers, strict=True):
+        aeserve = {field: roc_auc_score(task.score_y, values) for field, values in answer.items()}
+        measured.append(Measured(task, aeserve, baselines(task, args.seed, autoencoder), manifest, seconds))
+    field = "scores" if all("scores" in m.aeserve for m in measured) else "errors"
 
-        with served(registry) as base:
-            rows = x[score_rows]
-            inputs = [dict(zip(names, map(float, row), strict=True)) for row in rows] if args.rows == "objects" else rows.tolist()
-            answer = httpx.post(f"{base}/v1/models/benign/reconstruct", json={"inputs": inputs}, timeout=60)
-            answer.raise_for_status()
-            body = answer.json()
-
-    errors, percentiles = np.asarray(body["errors"]), np.asarray(body["percentiles"])
-    training, metrics = manifest["training"], manifest["metrics"]
-    run_model = training["run_config"]["model"]
-    history = training["history"]
-    best_val = min(r["val_sq_err"] for r in history)
-    results = [("aeserve `errors` (HTTP reconstruct)", roc_auc_score(y_score, errors)),
-               ("aeserve `percentiles` (HTTP reconstruct)", roc_auc_score(y_score, percentiles))]
-    results += baselines(x[fit_rows], x[score_rows], y_score, args.seed)
+    text, means, datasets = table(measured, field, methods)
+    print(f"\nROC-AUC, anomalous = positive; aeserve's score is `{field}`"
+          + ("" if field == "scores" else " (the answers carry no `scores`)") + "; bold: the best in its row\n")
+    print(text)
+    print()
+    print("\n".join(floors(field, means, datasets)))
+    if autoencoder is None:
+        print("pyod is not installed: its AutoEncoder was skipped (pip install pyod)")
+    print("\n| version | model | epochs run / kept | test_sq_err / pca_sq_err | training (s) | manifest `anomaly` |\n|---|---|---|---|---|---|")
+    print("\n".join(trained_line(m) for m in measured))
 
     shown = " ".join(["python -m benchmarks.anomaly", *sys.argv[1:]])
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor())
-    print(f"\nbreast cancer: {len(fit_rows)} benign training rows (aeserve holds out its own validation and test rows among them), "
-          f"scored: {len(held)} held-out benign + {int(malignant.sum())} malignant rows, sent as {args.rows}\n")
-    print("| method | ROC-AUC |\n|---|---|")
-    for label, auc in results:
-        print(f"| {label} | {auc:.4f} |")
-    run_train = {k: training["run_config"]["train"][k] for k in ("epochs", "patience", "batch_size", "lr", "weight_decay")}
-    print(f"\naeserve recipe: model {json.dumps(run_model)}, train {json.dumps(run_train)}")
-    print(f"  epochs run {len(history)}, best epoch {training.get('best_epoch')}, best val_sq_err {best_val:.4f} ({training['n_val']} rows), "
-          f"test_sq_err {metrics['test_sq_err']:.4f} (PCA {metrics['pca_sq_err']:.4f}), percentile rows {metrics.get('error_quantiles_rows')}, "
-          f"training {train_seconds:.1f} s")
+    pyod_version = f", pyod {__import__('pyod').__version__}" if autoencoder else ""
     print(f"\nmachine: {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
-          f"scikit-learn {__import__('sklearn').__version__}")
+          f"scikit-learn {__import__('sklearn').__version__}{pyod_version}; the whole run {time.perf_counter() - started:.0f} s")
     print(f"command: `.venv/bin/{shown}`")
 
 
