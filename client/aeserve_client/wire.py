@@ -31,8 +31,9 @@ class Result:
     percentiles: np.ndarray | None = None  # reconstruct only: (n,) 0-100 among held-out errors
 
 
-def path(name: str, op: str, version: str | int | None) -> str:
-    return f"/v1/models/{name}/{op}" if version is None else f"/v1/models/{name}/versions/{version}/{op}"
+def path(name: str, op: str, version: str | int | None, code_version: int | None = None) -> str:
+    route = f"/v1/models/{name}/{op}" if version is None else f"/v1/models/{name}/versions/{version}/{op}"
+    return route if code_version is None else f"{route}?code_version={int(code_version)}"
 
 
 def _wire_dtype(dtype: np.dtype) -> np.dtype:
