@@ -257,3 +257,14 @@ def test_since_version_keeps_a_stores_subset_of_ids_and_refuses_ids_the_data_lac
     assert capsys.readouterr().err == (f"error: {short}: 51 of the store's 150 ids are not in the data (ids 'k099', 'k100', 'k101' ...); "
                                        f"re-encode from the data the store was made from\n")
     assert pq.read_table(old).equals(table)  # the store is untouched
+
+
+def test_a_value_beyond_float32_is_named_by_line_and_column(table_version, tmp_path, capsys):
+    registry, csv_path, _ = table_version
+    bad = tmp_path / "bad.csv"
+    lines = csv_path.read_text().splitlines()
+    fields = lines[5].split(",")
+    lines[5] = ",".join([fields[0], fields[1], "1e300", fields[3]])
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(["encode", "rows", "--data", str(bad), "--out", str(tmp_path / "c.parquet"), "--registry", str(registry.root)]) == 2
+    assert capsys.readouterr().err == f"error: {bad}: line 6, column 'large': the value is not finite as float32\n"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aeserve.models.images import size_and_channels
 from aeserve.models.version import ModelVersion
@@ -73,20 +74,23 @@ class TableColumns:
                 raise DataError(f"{place(int(np.argmax(nulls)))}: the field is empty or NA; every feature column needs a value")
             if name in self.categories:
                 known = self.categories[name]
-                texts = column.cast(pa.string()).to_pylist()
-                index = {text: i for i, text in enumerate(known)}
-                for row, text in enumerate(texts):
-                    if text not in index:
-                        raise DataError(f"{place(row)}: unknown category {text!r}; this version knows {known}")
-                    out[row, start + index[text]] = 1.0
+                texts = column.cast(pa.string())
+                index = pc.index_in(texts, value_set=pa.array(known, pa.string()))
+                unknown = index.is_null().to_numpy(zero_copy_only=False)
+                if unknown.any():
+                    row = int(np.argmax(unknown))
+                    raise DataError(f"{place(row)}: unknown category {texts[row].as_py()!r}; this version knows {known}")
+                out[np.arange(n), start + index.to_numpy(zero_copy_only=False)] = 1.0
             else:
                 values = table.numbers(first, name, column, "this version takes numbers there") if table else _numbers(column, place)
                 with np.errstate(over="ignore"):
-                    bad = ~np.isfinite(values.astype(np.float32))
-                if bad.any():
-                    raise DataError(f"{place(int(np.argmax(bad)))}: {values[np.argmax(bad)]!r} is not finite as float32")
-                out[:, start] = values
+                    out[:, start] = values
             start += width
+        finite = np.isfinite(out)  # once for the block; a value beyond float32's range became infinite above
+        if not finite.all():
+            row, at = np.unravel_index(int(np.argmax(~finite)), out.shape)
+            name = self.names[int(np.searchsorted(np.cumsum(self.widths), at, side="right"))]
+            raise DataError(f"{_place(table, first, name, where, int(row))}: the value is not finite as float32")
         return out
 
 

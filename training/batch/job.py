@@ -1,7 +1,7 @@
 """``aeserve encode``: the offline batch job, on this machine.
 
-Source blocks are read (and images decoded) by a reader thread while the model runs on the block before, and each
-block's columns go out as one Parquet row group: what is held is a few blocks, whatever the source's size. Progress
+Source blocks are read (and images decoded) by a reader thread while the model runs on the block before and a writer
+thread writes the block before that; each block's columns go out as one Parquet row group: what is held is a few blocks, whatever the source's size. Progress
 goes to stderr: a bar on a terminal, else one line every few seconds and one at the end.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -117,19 +118,29 @@ def encode_to_parquet(encoder: Encoder, data: str, out: str, id_column: str | No
     bar = Progress(f"encode {version.name}:{version.version}", total, progress)
     writer = CodesWriter(out, file_schema, overwrite)
     start = time.monotonic()
+    # Three stages at once: the reader thread reads block k + 1 while the model runs on block k and a writer thread
+    # writes block k - 1 (pyarrow and torch let go of the GIL, so they overlap on the cores).
+    writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aeserve-encode-writer")
+    pending: Future | None = None
     try:
         for block in ahead(_kept(source, block_rows(version), keep)):
             answer = encoder.columns(block.rows)
-            writer.write({source.id_name: block.ids, **answer})
+            if pending is not None:
+                pending.result()
+            pending = writing.submit(writer.write, {source.id_name: block.ids, **answer})
             bar.update(len(block.rows))
+        if pending is not None:
+            pending.result()
         if keep is not None and writer.rows != len(keep):
             raise DataError(f"{data}: {len(keep) - writer.rows} of the store's {len(keep)} ids are not in the data (ids "
                             f"{_absent(keep, out, source.id_name, data, version)}); re-encode from the data the store was made from")
         writer.commit()
     except BaseException:
+        writing.shutdown(wait=True)  # a write in flight ends before its file goes
         writer.abort()
         raise
     finally:
+        writing.shutdown(wait=True)
         bar.close()
     seconds = time.monotonic() - start
     if progress and bar.bar is None:

@@ -133,7 +133,9 @@ class CodesWriter:
             self.fs, self.final = None, final
             self.temporary = final.with_name(f".{final.name}.tmp-{tag}")
             self._file = open(self.temporary, "wb")
-        self._writer = pq.ParquetWriter(self._file, schema)
+        # No dictionaries (codes and keys repeat seldom, and building one costs ten times the write) and statistics on
+        # the id alone (what a reader filters by).
+        self._writer = pq.ParquetWriter(self._file, schema, use_dictionary=False, write_statistics=[schema.names[0]])
         self.rows = 0
 
     def write(self, columns: dict[str, np.ndarray | pa.Array]) -> None:
