@@ -139,10 +139,10 @@ class ArraySource(Source):
 
     def blocks(self, size: int) -> Iterator[Block]:
         for start, chunk in zip(range(0, len(self.x), size), chunks(self.x, size), strict=True):
-            rows = np.asarray(chunk)
-            if rows.dtype.kind == "f":
-                with np.errstate(over="ignore"):
-                    bad = ~np.isfinite(rows.reshape(len(rows), -1).astype(np.float32)).all(axis=1)
+            with np.errstate(over="ignore"):  # made float32 here, in the reader thread: the model's thread only scales
+                rows = np.asarray(chunk, dtype=np.float32)
+            if self.x.dtype.kind == "f":
+                bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)  # a float64 beyond float32's range is infinite now
                 if bad.any():
                     raise DataError(f"{self.where}: row {start + int(np.argmax(bad))} holds NaN, infinite values or values beyond float32's range")
             yield Block(pa.array(np.arange(start, start + len(rows), dtype=np.int64)), rows)
@@ -219,11 +219,11 @@ class ImageSource(Source):
         for pixels in self.images.batches(pieces):
             held.append(pixels)
             if sum(len(p) for p in held) >= size:
-                rows = np.concatenate(held)
+                rows = np.concatenate(held).astype(np.float32)
                 yield Block(pa.array(files[done:done + len(rows)], pa.string()), rows)
                 done, held = done + len(rows), []
         if held:
-            rows = np.concatenate(held)
+            rows = np.concatenate(held).astype(np.float32)
             yield Block(pa.array(files[done:done + len(rows)], pa.string()), rows)
 
 
