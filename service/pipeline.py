@@ -47,11 +47,11 @@ VERSION_NUMBER = re.compile(r"[1-9][0-9]*")
 
 
 def code_version(value: object) -> int | None:
-    """A request's ``code_version`` as sent (a version number, or its digits as text), checked; None when absent."""
+    """A request's ``code_version`` as sent (a version number, or its digits as text), checked; None when absent (or null)."""
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 1 and float(value).is_integer():
+        return int(value)  # JSON's 3.0 is the integer 3, as JSON Schema reads it
     if isinstance(value, str) and VERSION_NUMBER.fullmatch(value):
         return int(value)
     raise Invalid(f"code_version must be a version number (1, 2, 3, ...); got {value!r}")

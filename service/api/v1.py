@@ -52,7 +52,7 @@ STREAMS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "string", "c
                                                             "pattern": "^[A-Za-z0-9+/]*={0,2}$"},
                   "description": "one compressed stream per row, base64: a 7-byte header (format, model, version), then the coded code"}
 # code_version: what made the codes sent, as encode's answer names it; codes of another version are refused (409).
-CODE_VERSION_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[1-9][0-9]*$"}]}
+CODE_VERSION_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[1-9][0-9]*$"}, {"type": "null"}]}
 CODE_VERSION_TEXT = "the version that made the codes, as encode answered it; codes of another version are refused (409)"
 CONFLICT = (409, "codes of another version than code_version")
 STATUSES = ((400, "malformed body"), (401, "missing or wrong API key"), (404, "unknown model, version or operation"),
@@ -87,12 +87,12 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
     table = TableRows.of(version.manifest)
     call, keys = operation.for_version(table is not None)
-    if sent_as == JSON:  # code_version may also be a field of the JSON body
-        code_version = _same_code_version(code_version, pipeline.code_version(json_field(body, "code_version")))
-    if code_version is not None:
-        if not takes_codes(operation):
-            raise Invalid(f"code_version applies to operations that take codes (decode); {op} takes "
-                          f"{'compressed streams, which name their version' if operation.takes_streams else 'inputs'}")
+    # code_version may be in the query string, in the JSON body, or both: each given must be the version's.
+    given = [v for v in (code_version, pipeline.code_version(json_field(body, "code_version")) if sent_as == JSON else None) if v is not None]
+    if given and not takes_codes(operation):
+        raise Invalid(f"code_version applies to operations that take codes (decode); {op} takes "
+                      f"{'compressed streams, which name their version' if operation.takes_streams else 'inputs'}")
+    for code_version in given:
         pipeline.check_code_version(version, code_version)
     objects = False
     if operation.uses_streams:
@@ -143,12 +143,6 @@ def query_options(query: bytes) -> tuple[str, int | None]:
     if code_version is not None and len(code_version) > 1:
         raise Invalid(f"give code_version once; got {code_version}")
     return pipeline.code_form(codes[0]) if codes else "float", pipeline.code_version(code_version[0]) if code_version else None
-
-
-def _same_code_version(in_query: int | None, in_body: int | None) -> int | None:
-    if in_query is not None and in_body is not None and in_query != in_body:
-        raise Invalid(f"code_version is {in_query} in the query string and {in_body} in the body; give it once")
-    return in_body if in_query is None else in_query
 
 
 def takes_codes(operation: Operation) -> bool:

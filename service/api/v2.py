@@ -71,7 +71,7 @@ INFER_BODY = {"requestBody": {"required": True, "description": (
             "description": "the code output as FP32, INT8 (then the answer adds the tensor code_scale: code ~ code_scale * q) or "
                            "UINT8 packed bits (code > code_threshold, 8 per byte, first dimension in the first byte's high bit; "
                            "the answer adds code_threshold); INT8 and UINT8 for versions published with them"},
-            "code_version": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[1-9][0-9]*$"}],
+            "code_version": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[1-9][0-9]*$"}, {"type": "null"}],
                              "description": "with the input 'code': the version that made the codes; codes of another version "
                                             "are refused (409)"}}}}}}}}}
 

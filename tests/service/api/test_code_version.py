@@ -37,12 +37,13 @@ def test_codes_of_another_version_are_refused_with_409_naming_both(two_versions)
     for url, body in (("/v1/models/digits-mlp/decode?code_version=1", {"inputs": CODES.tolist()}),
                       ("/v1/models/digits-mlp/decode", {"inputs": CODES.tolist(), "code_version": 1}),
                       ("/v1/models/digits-mlp/decode", {"inputs": CODES.tolist(), "code_version": "1"}),
+                      ("/v1/models/digits-mlp/decode?code_version=2", {"inputs": CODES.tolist(), "code_version": "1"}),  # each given counts
                       ("/v1/models/digits-mlp/versions/latest/decode?code_version=1", {"inputs": CODES.tolist()})):
         response = api.post(url, json=body)
         assert (response.status_code, response.json()) == (409, {"detail": REFUSED})
     refused = api.post("/v1/models/digits-mlp/decode?code_version=1", content=npy(CODES), headers={"Content-Type": "application/x-npy"})
     assert (refused.status_code, refused.json()) == (409, {"detail": REFUSED})
-    same = api.post("/v1/models/digits-mlp/decode?code_version=2", json={"inputs": CODES.tolist(), "code_version": 2})
+    same = api.post("/v1/models/digits-mlp/decode?code_version=2", json={"inputs": CODES.tolist(), "code_version": 2.0})
     assert same.status_code == 200 and same.json()["outputs"] == plain and same.json()["version"] == "2"
     older = api.post("/v1/models/digits-mlp/versions/1/decode?code_version=1", json={"inputs": CODES.tolist()})
     assert older.status_code == 200 and older.json()["version"] == "1" and older.json()["outputs"] != plain
@@ -52,9 +53,8 @@ def test_codes_of_another_version_are_refused_with_409_naming_both(two_versions)
     ("code_version=0", None, "code_version must be a version number (1, 2, 3, ...); got '0'"),
     ("code_version=latest", None, "code_version must be a version number (1, 2, 3, ...); got 'latest'"),
     ("code_version=1&code_version=2", None, "give code_version once; got ['1', '2']"),
-    ("", 1.0, "code_version must be a version number (1, 2, 3, ...); got 1.0"),
+    ("", 1.5, "code_version must be a version number (1, 2, 3, ...); got 1.5"),
     ("", True, "code_version must be a version number (1, 2, 3, ...); got True"),
-    ("code_version=2", 1, "code_version is 2 in the query string and 1 in the body; give it once"),
 ])
 def test_a_code_version_that_is_not_a_version_number_is_422(two_versions, query, body, message):
     document = {"inputs": CODES.tolist(), **({"code_version": body} if body is not None else {})}
@@ -87,7 +87,7 @@ def test_the_openapi_document_admits_code_version_and_lists_409(two_versions):
     (parameter,) = [p for p in route["post"]["parameters"] if p["name"] == "code_version"]
     assert parameter["in"] == "query" and parameter["schema"] == {"type": "integer", "minimum": 1}
     body = route["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
-    assert body["code_version"]["anyOf"] == [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[1-9][0-9]*$"}]
+    assert body["code_version"]["anyOf"] == [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[1-9][0-9]*$"}, {"type": "null"}]
     assert "409" in route["post"]["responses"]
     encode = document["paths"].get("/v1/models/digits-mlp/encode") or document["paths"]["/v1/models/{name}/encode"]
     assert "409" not in encode["post"]["responses"] and "code_version" not in str(encode["post"]["parameters"])
