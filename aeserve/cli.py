@@ -1,4 +1,4 @@
-"""The ``aeserve`` console script: train | eval | models | alias (offline) and serve (HTTP)."""
+"""The ``aeserve`` console script: train | eval | models | alias | encode (offline) and serve (HTTP)."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +7,14 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from aeserve.service.cli import add_commands as add_service_commands
+    from aeserve.training.batch.job import add_command as add_encode_command
+    from aeserve.training.cli import REGISTRY_HELP
     from aeserve.training.cli import add_commands as add_training_commands
 
     parser = argparse.ArgumentParser(prog="aeserve", description="Train autoencoders offline and serve them over HTTP.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_training_commands(sub)
+    add_encode_command(sub, REGISTRY_HELP)
     add_service_commands(sub)
     return parser
 

@@ -227,6 +227,15 @@ def parse_json_inputs(body: Body) -> Any:
     return document["inputs"]
 
 
+def json_field(body: Body, key: str) -> Any:
+    """A top-level field of a JSON body other than ``inputs`` (None when absent); the body is parsed once more only
+    when the key's name occurs in it."""
+    if f'"{key}"'.encode() not in body:
+        return None
+    document = _parse_json(body)
+    return document.get(key) if isinstance(document, dict) else None
+
+
 def parse_streams(body: Body) -> list[bytes]:
     """``{"inputs": ["<base64>", ...]}`` -> the byte strings; Invalid naming the row that is not base64."""
     inputs = parse_json_inputs(body)

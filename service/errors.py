@@ -28,6 +28,10 @@ class NotFound(ServiceError):
     """No model, version, operation or file by that name."""
 
 
+class Conflict(ServiceError):
+    """The request holds what another version made: codes of another version (``code_version``) than the one asked."""
+
+
 class Unauthenticated(ServiceError):
     """The API key is missing or wrong."""
 

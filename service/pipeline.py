@@ -8,13 +8,15 @@ after it, so requests in any form batch together.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from aeserve.models.outputs import CODE_FORMS, Call
 from aeserve.models.streams import StreamError, StreamFormat
 from aeserve.models.version import ModelVersion
 from aeserve.service.codec import check_finite_outputs, validate_rows
-from aeserve.service.errors import Invalid
+from aeserve.service.errors import Conflict, Invalid
 from aeserve.service.runtime.batcher import Batcher
 
 # Input values are taken within a million times the training data's range (codes: within a million), where every
@@ -39,6 +41,28 @@ def code_form(value: object) -> str:
     if value not in CODE_FORMS:
         raise Invalid(f"codes must be one of {', '.join(CODE_FORMS)}; got {value!r}")
     return value
+
+
+VERSION_NUMBER = re.compile(r"[1-9][0-9]*")
+
+
+def code_version(value: object) -> int | None:
+    """A request's ``code_version`` as sent (a version number, or its digits as text), checked; None when absent (or null)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 1 and float(value).is_integer():
+        return int(value)  # JSON's 3.0 is the integer 3, as JSON Schema reads it
+    if isinstance(value, str) and VERSION_NUMBER.fullmatch(value):
+        return int(value)
+    raise Invalid(f"code_version must be a version number (1, 2, 3, ...); got {value!r}")
+
+
+def check_code_version(version: ModelVersion, code_version: int | None) -> None:
+    """Conflict when codes made by version ``code_version`` are sent to another version of the same name: each
+    version's codes mean something else, and decoding them with another would answer without a word of warning."""
+    if code_version is not None and code_version != version.version:
+        raise Conflict(f"the codes are of {version.name} version {code_version}, this is version {version.version}: their codes differ; "
+                       f"decode them with version {code_version}, or encode the data again with version {version.version}")
 
 
 def check_codes(version: ModelVersion, call: Call, codes: str) -> None:

@@ -8,7 +8,7 @@ Needs httpx and numpy only (no torch)::
         result.outputs, result.model, result.version
 """
 from aeserve_client.client import DEFAULT_MAX_ROWS, AsyncClient, Client
-from aeserve_client.errors import AeserveError, InvalidInputError, NotFoundError, OverloadedError, UnauthorizedError
+from aeserve_client.errors import AeserveError, ConflictError, InvalidInputError, NotFoundError, OverloadedError, UnauthorizedError
 from aeserve_client.wire import Result
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "AeserveError",
     "AsyncClient",
     "Client",
+    "ConflictError",
     "InvalidInputError",
     "NotFoundError",
     "OverloadedError",

@@ -79,8 +79,8 @@ def _request(op: str, rows: T) -> tuple[wire.NpyBody | bytes, dict[str, str]]:
     return wire.streams_request(rows) if op == "decompress" else wire.npy_request(op, rows)
 
 
-def _requests(options: _Options, op: str, name: str, array: np.ndarray | list[bytes],
-              version: str | int | None) -> Generator[tuple[str, wire.NpyBody | bytes, dict[str, str]], httpx.Response, Result]:
+def _requests(options: _Options, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None,
+              code_version: int | None = None) -> Generator[tuple[str, wire.NpyBody | bytes, dict[str, str]], httpx.Response, Result]:
     """One call as the requests it takes, for Client and AsyncClient alike: yields (path, body, headers) of each slice
     of rows and is sent its answer; returns the answers joined in order."""
     array = array if op == "decompress" else np.asarray(array)
@@ -88,7 +88,7 @@ def _requests(options: _Options, op: str, name: str, array: np.ndarray | list[by
     while not parts or start < _count(array):
         rows = options.slice(array, start)
         body, headers = _request(op, rows)
-        response = yield wire.path(name, op, version), body, headers
+        response = yield wire.path(name, op, version, code_version), body, headers
         if options.learns_limit(response, rows):
             continue  # the same rows again, in slices of the server's limit
         parts.append(wire.result(response, start))
@@ -126,8 +126,8 @@ class Client:
             _sleep(wait)
             attempt += 1
 
-    def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None) -> Result:
-        requests = _requests(self._options, op, name, array, version)
+    def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None, code_version: int | None = None) -> Result:
+        requests = _requests(self._options, op, name, array, version, code_version)
         path, body, headers = next(requests)
         while True:
             try:
@@ -139,9 +139,10 @@ class Client:
         """x (n, *input_shape) or (n, prod(input_shape)) -> codes (n, code_dim), float32."""
         return self._call("encode", name, x, version)
 
-    def decode(self, name: str, codes: np.ndarray, version: str | int | None = None) -> Result:
-        """codes (n, code_dim) -> data (n, *input_shape), float32."""
-        return self._call("decode", name, codes, version)
+    def decode(self, name: str, codes: np.ndarray, version: str | int | None = None, code_version: int | None = None) -> Result:
+        """codes (n, code_dim) -> data (n, *input_shape), float32. ``code_version``: the version that made the codes (as
+        encode's ``Result.version`` names it); a version other than that refuses them (ConflictError, 409)."""
+        return self._call("decode", name, codes, version, code_version)
 
     def reconstruct(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
         """x (n, ...) -> reconstructions (n, *input_shape), with errors (n,), anomaly scores (n,) and their percentiles (n,), float32."""
@@ -205,8 +206,9 @@ class AsyncClient:
             await _async_sleep(wait)
             attempt += 1
 
-    async def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None) -> Result:
-        requests = _requests(self._options, op, name, array, version)
+    async def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None,
+                    code_version: int | None = None) -> Result:
+        requests = _requests(self._options, op, name, array, version, code_version)
         path, body, headers = next(requests)
         while True:
             try:
@@ -217,8 +219,8 @@ class AsyncClient:
     async def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
         return await self._call("encode", name, x, version)
 
-    async def decode(self, name: str, codes: np.ndarray, version: str | int | None = None) -> Result:
-        return await self._call("decode", name, codes, version)
+    async def decode(self, name: str, codes: np.ndarray, version: str | int | None = None, code_version: int | None = None) -> Result:
+        return await self._call("decode", name, codes, version, code_version)
 
     async def reconstruct(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
         return await self._call("reconstruct", name, x, version)

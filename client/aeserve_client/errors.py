@@ -19,6 +19,10 @@ class InvalidInputError(AeserveError, ValueError):
     """400, 413, 415 or 422: the request was refused as sent (shape, type, a non-finite number, a body over the limit)."""
 
 
+class ConflictError(AeserveError):
+    """409: codes of another version than the one asked (decode's ``code_version``); the detail names both."""
+
+
 class UnauthorizedError(AeserveError):
     """401 or 403: the API key is missing or wrong."""
 
@@ -35,6 +39,7 @@ _BY_STATUS: dict[int, type[AeserveError]] = {
     400: InvalidInputError, 413: InvalidInputError, 415: InvalidInputError, 422: InvalidInputError,
     401: UnauthorizedError, 403: UnauthorizedError,
     404: NotFoundError,
+    409: ConflictError,
     429: OverloadedError, 503: OverloadedError,
 }
 

@@ -32,8 +32,9 @@ class Result:
     scores: np.ndarray | None = None  # reconstruct only: (n,) the version's anomaly score per row (its errors, for a version without one)
 
 
-def path(name: str, op: str, version: str | int | None) -> str:
-    return f"/v1/models/{name}/{op}" if version is None else f"/v1/models/{name}/versions/{version}/{op}"
+def path(name: str, op: str, version: str | int | None, code_version: int | None = None) -> str:
+    route = f"/v1/models/{name}/{op}" if version is None else f"/v1/models/{name}/versions/{version}/{op}"
+    return route if code_version is None else f"{route}?code_version={int(code_version)}"
 
 
 def _wire_dtype(dtype: np.dtype) -> np.dtype:

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from aeserve.service.errors import (
+    Conflict,
     Invalid,
     Malformed,
     NotFound,
@@ -55,6 +56,7 @@ STATUSES: dict[type[ServiceError], tuple[int, int]] = {
     Unauthenticated:  (401, 401),
     NotFound:         (404, 404),
     MethodNotAllowed: (405, 405),
+    Conflict:         (409, 409),
     TooLarge:         (413, 413),
     UnsupportedMedia: (415, 415),
     Invalid:          (422, 400),

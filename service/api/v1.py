@@ -4,7 +4,8 @@
 request FastAPI's routing, dependency solving, Request and Response objects cost more than parsing the body, and the
 model thread waits for the GIL while the event loop spends it. Headers are read once from the scope, the body
 straight from ``receive``, and the answer goes out as two ASGI messages. The routes still appear in the OpenAPI
-document (``operations_openapi``). The query string is read only when there is one: ``?codes=int8|binary`` on encode.
+document (``operations_openapi``). The query string is read only when there is one: ``?codes=int8|binary`` on encode,
+``?code_version=N`` on decode (which may also be the JSON body's field ``code_version``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from aeserve.service.codec import (
     image_rows,
     is_image_version,
     json_bytes,
+    json_field,
     npy_bytes,
     parse_json_inputs,
     parse_rows,
@@ -51,6 +53,10 @@ STREAMS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "string", "c
                                                             "pattern": "^[A-Za-z0-9+/]*={0,2}$"},
                   "description": "one compressed stream per row, base64: a 7-byte header (format, model, version), then the coded code"}
 IMPUTED = "imputed"  # table rows in JSON: per row, the columns filled as in training
+# code_version: what made the codes sent, as encode's answer names it; codes of another version are refused (409).
+CODE_VERSION_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[1-9][0-9]*$"}, {"type": "null"}]}
+CODE_VERSION_TEXT = "the version that made the codes, as encode answered it; codes of another version are refused (409)"
+CONFLICT = (409, "codes of another version than code_version")
 STATUSES = ((400, "malformed body"), (401, "missing or wrong API key"), (404, "unknown model, version or operation"),
             (405, "method not allowed"), (413, "body or row count over the limit"), (415, "unsupported Content-Type"),
             (422, "wrong shape, wrong type or a non-finite number"), (503, "overloaded or still loading"))
@@ -78,11 +84,18 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     settings = state.settings
     check_api_key(settings.api_key, _text(headers.get(b"authorization")))
     version = lookup(state.store, name, ref, context)
-    codes = code_option(scope["query_string"]) if scope.get("query_string") else "float"
+    codes, code_version = query_options(scope["query_string"]) if scope.get("query_string") else ("float", None)
     sent_as = body_format(_text(headers.get(b"content-type")))
     body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
     table = TableRows.of(version.manifest)
     call, keys = operation.for_version(table is not None)
+    # code_version may be in the query string, in the JSON body, or both: each given must be the version's.
+    given = [v for v in (code_version, pipeline.code_version(json_field(body, "code_version")) if sent_as == JSON else None) if v is not None]
+    if given and not takes_codes(operation):
+        raise Invalid(f"code_version applies to operations that take codes (decode); {op} takes "
+                      f"{'compressed streams, which name their version' if operation.takes_streams else 'inputs'}")
+    for code_version in given:
+        pipeline.check_code_version(version, code_version)
     objects, imputed = False, None
     if operation.uses_streams:
         pipeline.streams_of(version, op)  # refused before reading rows, for a version without an entropy model
@@ -124,14 +137,21 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     await send({"type": "http.response.body", "body": content})
 
 
-def code_option(query: bytes) -> str:
-    """The ``codes`` query parameter (float when absent), checked; other parameters are ignored."""
-    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("codes")
-    if values is None:
-        return "float"
-    if len(values) > 1:
-        raise Invalid(f"give codes once, one of {', '.join(CODE_FORMS)}; got {values}")
-    return pipeline.code_form(values[0])
+def query_options(query: bytes) -> tuple[str, int | None]:
+    """The ``codes`` query parameter (float when absent) and ``code_version`` (None when absent), checked; other
+    parameters are ignored."""
+    parameters = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+    codes, code_version = parameters.get("codes"), parameters.get("code_version")
+    if codes is not None and len(codes) > 1:
+        raise Invalid(f"give codes once, one of {', '.join(CODE_FORMS)}; got {codes}")
+    if code_version is not None and len(code_version) > 1:
+        raise Invalid(f"give code_version once; got {code_version}")
+    return pipeline.code_form(codes[0]) if codes else "float", pipeline.code_version(code_version[0]) if code_version else None
+
+
+def takes_codes(operation: Operation) -> bool:
+    """Whether the operation's rows are codes as encode answers them: the operations that take ``code_version``."""
+    return operation.call.takes == "codes" and not operation.takes_streams
 
 
 def _text(value: bytes | None) -> str | None:
@@ -266,7 +286,10 @@ def _post(operation: Operation, versions: list[ModelVersion], max_rows: int) -> 
         shape = pipeline.row_shape(v, operation.call)
         shapes[shape] = min(shapes.get(shape, FLOAT32_MAX), bound)
     inputs = STREAMS_SCHEMA if operation.takes_streams else _inputs_schema(shapes, tables, max_rows)
-    content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}}}}
+    properties: dict[str, Any] = {"inputs": inputs}
+    if takes_codes(operation):
+        properties["code_version"] = {**CODE_VERSION_SCHEMA, "description": CODE_VERSION_TEXT + "; or give it in the query string"}
+    content = {JSON: {"schema": {"type": "object", "required": ["inputs"], "properties": properties}}}
     if operation.call.takes == "inputs" and any(is_image_version(v.manifest) for v in versions):
         content.update({media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES})
         content[MULTIPART] = {"schema": {"type": "object", "properties": {"images": {
@@ -290,11 +313,15 @@ def _post(operation: Operation, versions: list[ModelVersion], max_rows: int) -> 
         answers[NPY] = {}
     responses = {"200": {"description": f"outputs, with X-Model-Name and X-Model-Version headers; Accept: {NPY} answers the first as .npy",
                          "content": answers}}
-    responses.update({str(status): response for status, response in openapi_errors(V1, STATUSES).items()})
+    statuses = STATUSES if not takes_codes(operation) else tuple(sorted((*STATUSES, CONFLICT)))
+    responses.update({str(status): response for status, response in openapi_errors(V1, statuses).items()})
     forms = list(CODE_FORMS) if any(v.code_quantization is not None for v in versions) else ["float"]
     codes = {"name": "codes", "in": "query", "required": False, "schema": {"type": "string", "enum": forms, "default": "float"},
              "description": "the codes' form: float (float32, the model's own), int8 (the answer's scale: code ~ scale * q) or binary "
                             "(bits code > threshold, 8 per byte, first dimension in the first byte's high bit: rows of "
                             "ceil(code_dim / 8) bytes 0-255); int8 and binary are for versions published with them"}
-    return {"tags": ["models"], "summary": operation.summary, "parameters": [codes] if answers_codes else [], "requestBody": body,
+    code_version = {"name": "code_version", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
+                    "description": CODE_VERSION_TEXT + "; or give it as the JSON body's code_version"}
+    parameters = [codes] if answers_codes else [code_version] if takes_codes(operation) else []
+    return {"tags": ["models"], "summary": operation.summary, "parameters": parameters, "requestBody": body,
             "responses": responses}

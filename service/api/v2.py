@@ -7,7 +7,8 @@ code_dim], to decode); the requested outputs (``models/outputs.py``: ``code``,
 of the pipeline, so the encoder runs once however many are asked for. Errors
 answer ``{"error": "..."}``, with 400 for what the v1 routes answer 422 (``service/api/errors.py``). The request parameter ``codes`` (``int8`` or
 ``binary``) answers the ``code`` output as INT8, or as UINT8 packed bits, followed by one more output tensor that reads
-it: ``code_scale`` or ``code_threshold`` (FP32, [code_dim]); the protocol's parameters hold only single values.
+it: ``code_scale`` or ``code_threshold`` (FP32, [code_dim]); the protocol's parameters hold only single values. With
+the input ``code``, the request parameter ``code_version`` names the version that made the codes: another is refused (409).
 An image version also takes the input ``input`` as BYTES ``[n]``: image files, decoded as its training images were.
 Compression is a BYTES tensor: the output ``stream`` compresses ``input`` (one byte string per row), and the input
 ``stream`` is decompressed into ``reconstruction``; with the binary extension each element is a 4-byte little-endian
@@ -39,7 +40,7 @@ from aeserve.service.errors import Invalid, Malformed
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], responses=openapi_errors(V2, (
     (400, "bad request"), (401, "missing or wrong API key"), (404, "unknown model or version"),
-    (413, "body or row count over the limit"), (503, "overloaded or still loading"))))
+    (409, "codes of another version than the parameter code_version"), (413, "body or row count over the limit"), (503, "overloaded or still loading"))))
 health_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])  # no API key, like /health/*
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -69,7 +70,10 @@ INFER_BODY = {"requestBody": {"required": True, "description": (
             "type": "string", "enum": list(CODE_FORMS), "default": "float",
             "description": "the code output as FP32, INT8 (then the answer adds the tensor code_scale: code ~ code_scale * q) or "
                            "UINT8 packed bits (code > code_threshold, 8 per byte, first dimension in the first byte's high bit; "
-                           "the answer adds code_threshold); INT8 and UINT8 for versions published with them"}}}}}}}}}
+                           "the answer adds code_threshold); INT8 and UINT8 for versions published with them"},
+            "code_version": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[1-9][0-9]*$"}, {"type": "null"}],
+                             "description": "with the input 'code': the version that made the codes; codes of another version "
+                                            "are refused (409)"}}}}}}}}}
 
 
 def _json(document: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -329,6 +333,11 @@ async def infer(request: Request, name: str, version_ref: str) -> Response:
     call, requested = _call(input_name, document)
     compress = requested[0]["name"] == STREAM
     codes = pipeline.code_form(_parameters(document).get("codes", "float"))
+    code_version = pipeline.code_version(_parameters(document).get("code_version"))
+    if code_version is not None:
+        if input_name != "code":
+            raise Invalid(f"the code_version parameter applies to the input 'code' (codes to decode); got input {input_name!r}")
+        pipeline.check_code_version(version, code_version)
     if (compress or input_name == STREAM) and codes != "float":
         raise Invalid(f"the codes parameter applies to the 'code' output; got codes={codes} with compressed streams")
     if input_name == STREAM:

@@ -182,6 +182,12 @@ def load_npy(config: DataConfig) -> Dataset:
     """An .npy array (n, ...), memory-mapped: rows are read from the file as training needs them. From a URL the same,
     through range requests (``_array_at``)."""
     where = require_file(config)
+    x = check_finite(where, read_npy(where))
+    return split_off_test(where.name, x, None, config, None, contiguous=True)
+
+
+def read_npy(where: Path | RemoteFile) -> np.ndarray:
+    """The array of an .npy file, unchecked: memory-mapped, or from a URL read as ``_array_at`` reads it."""
     try:
         if isinstance(where, Path):
             x = np.load(where, mmap_mode="r", allow_pickle=False)
@@ -197,8 +203,7 @@ def load_npy(config: DataConfig) -> Dataset:
         raise
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{where}: not a readable .npy array ({e})") from None
-    x = check_finite(where, x)
-    return split_off_test(where.name, x, None, config, None, contiguous=True)
+    return x
 
 
 def _npz_member(where: Path | RemoteFile, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
@@ -258,15 +263,7 @@ def load_npz(config: DataConfig) -> Dataset:
     is split as an .npy is (its last rows held out), a compressed one at random.
     """
     where = require_file(config)
-    try:
-        with opened(where) as source, zipfile.ZipFile(source) as archive:
-            members = [info for info in archive.infolist() if info.filename.endswith(".npy")]
-            arrays = {info.filename[:-4]: _npz_member(where, archive, info) for info in members}
-            stored = {info.filename[:-4]: info.compress_type == zipfile.ZIP_STORED for info in members}
-    except DataError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{where}: not a readable .npz archive ({e})") from None
+    arrays, stored = read_npz(where)
     if "x_train" in arrays:
         train_x = check_finite(where, arrays["x_train"])
         preprocessing = None
@@ -281,3 +278,17 @@ def load_npz(config: DataConfig) -> Dataset:
         raise DataError(f"{where}: expected an array named 'x' or 'x_train', found {sorted(arrays)}")
     x = check_finite(where, arrays["x"])
     return split_off_test(where.name, x, _labels(where, arrays, "y", x, "x"), config, None, contiguous=stored["x"])
+
+
+def read_npz(where: Path | RemoteFile) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+    """(an .npz's members by name, unchecked, as ``_npz_member`` reads them; whether each is stored uncompressed)."""
+    try:
+        with opened(where) as source, zipfile.ZipFile(source) as archive:
+            members = [info for info in archive.infolist() if info.filename.endswith(".npy")]
+            arrays = {info.filename[:-4]: _npz_member(where, archive, info) for info in members}
+            stored = {info.filename[:-4]: info.compress_type == zipfile.ZIP_STORED for info in members}
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{where}: not a readable .npz archive ({e})") from None
+    return arrays, stored

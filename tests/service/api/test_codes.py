@@ -175,9 +175,9 @@ def test_openapi_lists_the_option(api):
             assert codes["schema"] == {"type": "string", "enum": forms, "default": "float"}
             answer = document["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["properties"]
             assert {"scale", "threshold"} <= set(answer)
-    for op in ("decode", "reconstruct", "project"):
+    for op, query in (("decode", ["code_version"]), ("reconstruct", []), ("project", [])):
         route = document["paths"].get(f"/v1/models/digits-mlp/{op}") or document["paths"][f"/v1/models/{{name}}/{op}"]
-        assert [p["name"] for p in route["post"]["parameters"] if p["in"] == "query"] == []
+        assert [p["name"] for p in route["post"]["parameters"] if p["in"] == "query"] == query
     body = document["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["parameters"]["properties"]["codes"]["enum"] == ["float", "int8", "binary"]
 
