@@ -24,7 +24,7 @@ from aeserve.training.data.dataset import DataError
 from aeserve.training.data.rows import ModelRows
 from aeserve.training.data.sources import load_dataset
 from aeserve.training.distributed import process_group_from_env, spawn
-from aeserve.training.evaluate import bounded_sample, linear_probe, map_metric_rows, map_metrics, reconstruction_errors
+from aeserve.training.evaluate import WORSE_THAN_PCA, bounded_sample, linear_probe, map_metric_rows, map_metrics, reconstruction_errors, worse_than_pca
 from aeserve.training.recipes import inferred_notes, recipe_run_config, recipe_toml
 from aeserve.training.report import REPORT_DIR, render_report
 from aeserve.training.trainer import encode_all, project_codes, train
@@ -223,6 +223,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     dropped = manifest["training"].get("dropped_rows")
     if dropped:
         print(f"note: {dropped['rows']} row(s) left out of training, for {dropped['why']}", file=sys.stderr)
+    choice = manifest["training"].get("recipe_choice")
+    if choice:
+        chose = (f"closed-form PCA (kind pca, code size {manifest['code_dim']}) instead of the trained {choice['trained']}"
+                 if choice["chosen"] == "pca" else f"the trained {choice['chosen']}, not closed-form PCA")
+        print(f"recipe chose {chose}: {choice['why']}")
+    if worse_than_pca(m):
+        print(f"WARNING: {config.name}:{version} (kind {manifest['kind']}) is worse than closed-form PCA with the same code size on "
+              f"held-out data: test_sq_err {m['test_sq_err']:.4g} against {m['pca_sq_err']:.4g} "
+              f"({m['test_sq_err'] / m['pca_sq_err']:.2f} ×); train with model.kind = 'pca', or without model.kind "
+              f"(train --data then publishes PCA when it is better on validation)", file=sys.stderr)
     anomaly = manifest.get("anomaly", {})
     rows = anomaly.get("held_out_rows", m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS))
     if rows < MIN_PERCENTILE_ROWS:
@@ -238,7 +248,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not names:
             print(f"no models in {registry.location}")
             return 0
-        print(f"{'name':<24} {'version':>7} {'kind':<8} {'code':>4} {'test_sq_err':>11} {'pca_sq_err':>10}  aliases")
+        print(f"{'name':<24} {'version':>7} {'kind':<8} {'code':>4} {'test_sq_err':>11} {'pca_sq_err':>10} {'vs PCA':>12}  aliases")
+        flagged = 0
         for name in names:
             by_version: dict[int, list[str]] = {}
             for alias, version in registry.aliases(name).items():
@@ -247,10 +258,17 @@ def cmd_models(args: argparse.Namespace) -> int:
                 try:
                     manifest = registry.manifest(name, version)
                     m = manifest["metrics"]
-                    row = f"{manifest['kind']:<8} {manifest['code_dim']:>4} {m['test_sq_err']:>11.4g} {m['pca_sq_err']:>10.4g}"
+                    worse = worse_than_pca(m)  # from the errors, so that versions published before the flag are flagged too
+                    flagged += worse
+                    ratio = f"{m['test_sq_err'] / m['pca_sq_err']:.3g}×" if m["pca_sq_err"] else "-"
+                    row = (f"{manifest['kind']:<8} {manifest['code_dim']:>4} {m['test_sq_err']:>11.4g} {m['pca_sq_err']:>10.4g} "
+                           f"{ratio + (' WORSE' if worse else ''):>12}")
                 except (OSError, ValueError, KeyError, TypeError):
-                    row = f"{'(unreadable manifest)':<37}"
+                    row = f"{'(unreadable manifest)':<50}"
                 print(f"{name:<24} {version:>7} {row}  {','.join(sorted(by_version.get(version, [])))}")
+        if flagged:
+            print(f"WORSE: {flagged} version(s) with more held-out error than closed-form PCA with the same code size "
+                  f"(more than {WORSE_THAN_PCA:g} × its test_sq_err)", file=sys.stderr)
     return 0
 
 

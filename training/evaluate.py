@@ -22,6 +22,16 @@ SAMPLE_ELEMENTS = 2**24
 MAP_METRIC_POINTS, MAP_METRIC_POINTS_SAMPLED = 10_000, 2_000
 
 
+# A version is flagged as worse than closed-form PCA when its held-out error is more than this many times PCA's: a
+# PCA version fitted on the validation rows too (as a config's is) may differ from the baseline by a fraction of this.
+WORSE_THAN_PCA = 1.01
+
+
+def worse_than_pca(metrics: dict[str, Any]) -> bool:
+    """Whether a manifest's ``metrics`` put the version's held-out error above WORSE_THAN_PCA times closed-form PCA's."""
+    return bool(metrics.get("pca_sq_err")) and metrics["test_sq_err"] > WORSE_THAN_PCA * metrics["pca_sq_err"]
+
+
 def bounded_sample(index: np.ndarray, input_dim: int, seed: int) -> np.ndarray:
     """``index`` (n,) itself when its rows fit in WHOLE_ELEMENTS values, else a seeded sample of it in file order."""
     index = np.asarray(index, dtype=np.int64)

@@ -8,9 +8,17 @@ The recipe is a whole config dict (the same keys as a TOML config), sized to the
 
 The MLP's widths follow the number of encoded features d (numbers plus one-hot columns, or values per example):
 ``code_dim = clamp(round(d / 4), 2, 64)`` and one hidden layer of ``clamp(d, 32, 512)`` units (at least
-``2 code_dim``). Training stops early on the validation error (``train.patience``) and keeps the best epoch's
-weights; the batch gives about ten steps per epoch. ``--set`` overrides any key; the manifest records the result in
-``training.run_config``, which, written out as TOML (``recipe_toml``), is a config that trains again.
+``2 code_dim``).
+
+Training is a budget of about STEPS optimiser steps: a batch of about 1/50 of the training rows (16 to 256), as many
+epochs as the budget needs (30 to 200), a one-cycle schedule up to ``lr``, and early stopping on the validation error
+after a quarter of the epochs without a lower one, keeping the best epoch's weights (measured against the earlier
+500-epoch constant-rate schedule in docs/benchmarks.md, "Zero-config recipes").
+
+Closed-form PCA with the same code size is fitted beside the network (``train.pca_fallback``); when it reconstructs
+the validation rows better, the version is PCA, and the manifest says why (``training.recipe_choice``). A ``--set
+model.kind`` turns that off: a kind the user chose is left alone. ``--set`` overrides any key; the manifest records
+the result in ``training.run_config``, which, written out as TOML (``recipe_toml``), is a config that trains again.
 
 A table's columns are inferred from it (``tables.infer_columns``): numbers, dates, categories, and the columns left out
 (identifiers, names, free text) with the reason; ``data.missing`` is "median", so that empty fields are filled in
@@ -35,9 +43,12 @@ from aeserve.training.data.tables import TABLE_SUFFIXES, infer_columns
 ARRAY_SOURCES = {".npy": "npy", ".npz": "npz"}
 MAX_CODE_DIM = 64
 MAX_HIDDEN = 512
-MAX_EPOCHS = 500
-PATIENCE = 20
-STEPS_PER_EPOCH = 10
+STEPS = 4000
+BATCHES_PER_EPOCH = 50
+MIN_BATCH, MAX_BATCH = 16, 256
+MIN_EPOCHS, MAX_EPOCHS = 30, 200
+# One-cycle peak learning rates: the MLP's measured in docs/benchmarks.md ("Zero-config recipes").
+PEAK_LR = {"mlp": 1e-2, "conv": 3e-3}
 
 
 def source_for(path: str) -> str:
@@ -70,10 +81,16 @@ def recipe(data: DataConfig, dataset: Dataset) -> dict[str, Any]:
         model = {"kind": "conv"}
     else:
         model = {"kind": "mlp", "activation": "gelu", **mlp_sizes(features)}
-    n_train = int(len(dataset.train_x) * (1 - data.val_fraction))
-    batch_size = min(256, max(16, n_train // STEPS_PER_EPOCH))
-    train = {"epochs": MAX_EPOCHS, "patience": PATIENCE, "batch_size": batch_size, "lr": 1e-3, "schedule": "constant"}
-    return {"data": dataclasses.asdict(data), "model": model, "train": train}
+    return {"data": dataclasses.asdict(data), "model": model,
+            "train": schedule(int(len(dataset.train_x) * (1 - data.val_fraction)), PEAK_LR[model["kind"]])}
+
+
+def schedule(n_train: int, lr: float) -> dict[str, Any]:
+    """The [train] keys for ``n_train`` training rows (see the module docstring for the rule)."""
+    batch_size = min(MAX_BATCH, max(MIN_BATCH, n_train // BATCHES_PER_EPOCH))
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(STEPS / math.ceil(max(n_train, 1) / batch_size))))
+    return {"epochs": epochs, "patience": max(10, epochs // 4), "batch_size": batch_size, "lr": lr, "schedule": "onecycle",
+            "pca_fallback": True}
 
 
 def recipe_run_config(path: str, label: str | None = None, overrides: list[str] = (), name: str | None = None,
@@ -103,7 +120,10 @@ def recipe_run_config(path: str, label: str | None = None, overrides: list[str] 
         values.update(keys)
     data = DataConfig.from_dict(values)
     dataset = load_dataset(data)
-    config = load_run_config(None, others, name=name or Path(path).stem, seed=seed, values=recipe(data, dataset))
+    values = recipe(data, dataset)
+    if any(parse_override(text)[0] == ["model", "kind"] for text in overrides):
+        values["train"]["pca_fallback"] = False  # a kind the user chose is left alone
+    config = load_run_config(None, others, name=name or Path(path).stem, seed=seed, values=values)
     if config.data != data:
         dataset = load_dataset(config.data)
     if inferred is not None:

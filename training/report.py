@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from aeserve.models.version import ModelVersion
+from aeserve.training.evaluate import WORSE_THAN_PCA, worse_than_pca
 
 REPORT_DIR = "report"
 MAP_POINTS = 5000
@@ -129,6 +130,37 @@ def metrics_table(manifest: dict[str, Any]) -> str:
     return "| metric | value |\n|---|---|\n" + "\n".join(f"| {label} | {value:.5g} |" for label, value in rows if value is not None)
 
 
+def epochs_sentence(training: dict[str, Any]) -> str:
+    """How long training ran: the epochs actually run (early stopping may end a run before ``train.epochs``) and the
+    epoch whose weights were kept."""
+    planned = training.get("epochs", "?")
+    run = training.get("epochs_run", len(training["history"]) if training.get("history") else None)
+    if run is None:
+        return f"{planned} epochs"
+    if not run:
+        return "no gradient epochs (fitted in closed form)"
+    kept = training.get("best_epoch", run)
+    ran = f"{run} epochs" + (f" of up to {planned} (early stopping)" if run != planned else "") + f", keeping the weights of epoch {kept}"
+    choice = training.get("recipe_choice") or {}
+    if choice.get("chosen") == "pca":
+        return f"closed-form PCA, published instead of the {choice['trained']} trained beside it ({ran})"
+    return ran
+
+
+def pca_lines(manifest: dict[str, Any]) -> list[str]:
+    """The recipe's choice between the trained network and closed-form PCA, and a warning for a version worse than PCA."""
+    lines = []
+    choice = manifest.get("training", {}).get("recipe_choice")
+    if choice:
+        published = "closed-form PCA" if choice["chosen"] == "pca" else f"the trained {choice['chosen']}"
+        lines += ["", f"The recipe published {published}: {choice['why']}."]
+    m = manifest["metrics"]
+    if worse_than_pca(m):
+        lines += ["", f"**Warning: worse than closed-form PCA on held-out data** ({m['test_sq_err'] / m['pca_sq_err']:.2f} × its "
+                      f"summed squared error; flagged above {WORSE_THAN_PCA:g} ×)."]
+    return lines
+
+
 def render_report(version: ModelVersion, x_test: np.ndarray, y_test: np.ndarray | None) -> dict[str, bytes]:
     """Files of the report (relative path -> bytes): report.md and its PNG figures.
 
@@ -145,8 +177,9 @@ def render_report(version: ModelVersion, x_test: np.ndarray, y_test: np.ndarray 
         f"# {manifest['name']}" + (f" version {manifest['version']}" if "version" in manifest else ""),
         "",
         f"kind `{manifest['kind']}`, code size {manifest['code_dim']}, input shape {manifest['input_shape']}, "
-        f"trained on {training.get('dataset', '?')} for {training.get('epochs', '?')} epochs in {training.get('seconds', '?')} s "
+        f"trained on {training.get('dataset', '?')}: {epochs_sentence(training)}, in {training.get('seconds', '?')} s "
         f"(seed {training.get('seed', '?')}).",
+        *pca_lines(manifest),
         "",
         "## Metrics on held-out data, against closed-form PCA with the same code size",
         "",

@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,12 +37,18 @@ from aeserve.training.evaluate import (
     held_out_metrics,
     map_metric_rows,
     map_metrics,
+    pca_baseline,
     reconstruction_errors,
+    worse_than_pca,
 )
 from aeserve.training.report import MAP_SAMPLE, REPORT_DIR, map_sample, render_report
 from aeserve.training.state import LATEST, TrainingState, run_fingerprint, run_state_folder
 
 log = logging.getLogger("aeserve.training")
+# A training step smaller than this (batch rows x parameters) runs on one thread: at that size a second thread's
+# hand-offs cost more than it saves, and far more when another process holds the other core (docs/benchmarks.md,
+# "Zero-config recipes").
+ONE_THREAD_STEP = 2**24
 
 
 class BestEpoch(NamedTuple):
@@ -94,44 +101,45 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
     stopping = bool(train.patience and len(x_val))
     best = BestEpoch(history[-1]["val_sq_err"] if history else math.inf, first_epoch - 1, _copy_weights(model) if stopping else {})
     started = time.monotonic()
-    for epoch in range(first_epoch, train.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x_train), generator=shuffle)  # the same order on every rank
-        draws = []
-        for start in range(0, len(x_train), train.batch_size):
-            rows = order[start:start + train.batch_size]
-            if len(rows) < world.size:
-                break  # a last batch too small to give every rank a row
-            draws.append(rows[world.rank::world.size])
-        # The epoch's batches known up front: an image folder decoded lazily decodes them ahead in worker processes.
-        batches = x_train.batches(draws) if isinstance(x_train, ModelRows) else (x_train[rows] for rows in draws)
-        total, seen = 0.0, 0
-        bar = tqdm(batches, total=len(draws), desc=f"epoch {epoch}/{train.epochs}", disable=not bars, leave=False, file=sys.stderr)
-        with contextlib.closing(batches):  # stops a lazy folder's workers even when a step fails
-            for batch in bar:
-                loss = step(batch)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                if scheduler is not None:
-                    scheduler.step()
-                total += loss.item() * len(batch)
-                seen += len(batch)
-                bar.set_postfix(loss=f"{total / seen:.4f}")
-        record = {"epoch": epoch, "train_loss": total / seen}
-        if len(x_val):
-            record["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
-        history.append(record)
-        if state is not None and world.is_main:
-            state.save(epoch, model, optimiser, scheduler, shuffle, history, prepare_facts or {})
-        if progress:
-            print(f"epoch {epoch}/{train.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
-                  + time_left(time.monotonic() - started, epoch - first_epoch + 1, train.epochs - epoch), file=sys.stderr)
-        if stopping:
-            if record["val_sq_err"] < best.val_sq_err:
-                best = BestEpoch(record["val_sq_err"], epoch, _copy_weights(model))
-            elif epoch - best.epoch >= train.patience:
-                break
+    with one_thread_when_small(train.batch_size * sum(p.numel() for p in params)):
+        for epoch in range(first_epoch, train.epochs + 1):
+            model.train()
+            order = torch.randperm(len(x_train), generator=shuffle)  # the same order on every rank
+            draws = []
+            for start in range(0, len(x_train), train.batch_size):
+                rows = order[start:start + train.batch_size]
+                if len(rows) < world.size:
+                    break  # a last batch too small to give every rank a row
+                draws.append(rows[world.rank::world.size])
+            # The epoch's batches known up front: an image folder decoded lazily decodes them ahead in worker processes.
+            batches = x_train.batches(draws) if isinstance(x_train, ModelRows) else (x_train[rows] for rows in draws)
+            total, seen = 0.0, 0
+            bar = tqdm(batches, total=len(draws), desc=f"epoch {epoch}/{train.epochs}", disable=not bars, leave=False, file=sys.stderr)
+            with contextlib.closing(batches):  # stops a lazy folder's workers even when a step fails
+                for batch in bar:
+                    loss = step(batch)
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimiser.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    total += loss.item() * len(batch)
+                    seen += len(batch)
+                    bar.set_postfix(loss=f"{total / seen:.4f}")
+            record = {"epoch": epoch, "train_loss": total / seen}
+            if len(x_val):
+                record["val_sq_err"] = float(reconstruction_errors(model, x_val).mean())
+            history.append(record)
+            if state is not None and world.is_main:
+                state.save(epoch, model, optimiser, scheduler, shuffle, history, prepare_facts or {})
+            if progress:
+                print(f"epoch {epoch}/{train.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
+                      + time_left(time.monotonic() - started, epoch - first_epoch + 1, train.epochs - epoch), file=sys.stderr)
+            if stopping:
+                if record["val_sq_err"] < best.val_sq_err:
+                    best = BestEpoch(record["val_sq_err"], epoch, _copy_weights(model))
+                elif epoch - best.epoch >= train.patience:
+                    break
     if stopping and best.epoch < history[-1]["epoch"]:
         model.load_state_dict(best.weights)
         if progress:
@@ -140,12 +148,38 @@ def fit(model: torch.nn.Module, x_train: torch.Tensor | ModelRows, x_val: torch.
     return history
 
 
+@contextlib.contextmanager
+def one_thread_when_small(step_size: int) -> Iterator[None]:
+    """Run the block on one intra-op thread when a step's size (batch rows x parameters) is under ONE_THREAD_STEP."""
+    threads = torch.get_num_threads()
+    if step_size < ONE_THREAD_STEP:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def time_left(seconds: float, epochs_done: int, epochs_left: int) -> str:
     """'  about 3 min left' from the mean time of the epochs run so far (early stopping may end sooner)."""
     if epochs_left <= 0:
         return ""
     left = seconds / epochs_done * epochs_left
     return f"  about {left:.0f} s left" if left < 90 else f"  about {left / 60:.0f} min left"
+
+
+def prefer_pca(model: Autoencoder, x_train: torch.Tensor | ModelRows, x_val: torch.Tensor | ModelRows) -> tuple[Autoencoder, dict[str, Any]]:
+    """The model to publish: ``model``, or closed-form PCA with its code size fitted on the same training rows when PCA
+    reconstructs the validation rows (n, input_dim, model space) at least as well; with the facts for the manifest's
+    ``training.recipe_choice``. The test rows play no part: they measure the version chosen."""
+    if not len(x_val):
+        return model, {"chosen": model.kind, "why": "no validation rows to compare with closed-form PCA (data.val_fraction is 0)"}
+    pca = pca_baseline(x_train, model.code_dim).eval()
+    errors = {model.kind: float(reconstruction_errors(model, x_val).mean()), "pca": float(reconstruction_errors(pca, x_val).mean())}
+    chosen = pca if errors["pca"] <= errors[model.kind] else model
+    order = "<=" if chosen is pca else ">"
+    return chosen, {"chosen": chosen.kind, "why": f"validation sq err {errors['pca']:.4g} (PCA) {order} {errors[model.kind]:.4g} ({model.kind})",
+                    "val_sq_err": errors, "val_rows": int(len(x_val)), "trained": model.kind}
 
 
 def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -251,7 +285,11 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
         return None
     model.eval()
     prepare_facts = {**prepare_facts, **model.finish()}  # what the trained weights determine (coding tables, say)
+    recipe_choice = None
+    if config.train.pca_fallback:
+        model, recipe_choice = prefer_pca(model, x_train, x_val)
     metrics = held_out_metrics(model, x_train, x_test, x_val)
+    metrics["worse_than_pca"] = worse_than_pca(metrics)
     metrics.update(model.extra_metrics(x_test.subset(bounded_sample(np.arange(len(x_test)), preprocessing.input_dim, config.train.seed)).tensor()))
     # The map: fitted on the training codes and scored against every training row's code, or on the sample's alone.
     codes = encode_all(model, x_all.subset(sample_index) if sampled else x_all)
@@ -262,9 +300,12 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     # The anomaly score's reference set, from the same training codes, and the out-of-sample scores its percentiles rest on.
     epochs_kept = min(history, key=lambda r: r["val_sq_err"])["epoch"] if config.train.patience and history and "val_sq_err" in history[0] \
         else config.train.epochs
+    # A cross-fit's fold models train on (folds - 1) / folds of the rows: too few for the code size, none is made.
+    fold_rows = (len(x_all) + len(x_test)) * (config.anomaly.folds - 1) // config.anomaly.folds
+    cross_fit = world.size == 1 and fold_rows > model.code_dim
     neighbors, anomaly, score_metrics = fit_anomaly(
         model, config.anomaly, training_codes.numpy(), [x_val, x_test], [x_all, x_test],
-        functools.partial(train_fold, model, config, epochs_kept) if world.size == 1 else None, config.train.seed, progress)
+        functools.partial(train_fold, model, config, epochs_kept) if cross_fit else None, config.train.seed, progress)
     metrics.update(score_metrics)
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
     train_labels = dataset.train_y[sample_index] if sampled and dataset.train_y is not None else dataset.train_y
@@ -288,8 +329,10 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
             "data_fingerprint": dataset.fingerprint,
             "data": config.to_dict()["data"],
             "epochs": config.train.epochs,
-            **({"epochs_run": len(history), "best_epoch": min(history, key=lambda r: r["val_sq_err"])["epoch"]}
+            "epochs_run": len(history),
+            **({"best_epoch": min(history, key=lambda r: r["val_sq_err"])["epoch"]}
                if config.train.patience and history and "val_sq_err" in history[0] else {}),
+            **({"recipe_choice": recipe_choice} if recipe_choice else {}),
             "seed": config.train.seed,
             "seconds": round(seconds, 2),
             "n_train": int(len(x_train)),

@@ -11,8 +11,12 @@ def test_train_models_alias_eval(tmp_path, capsys):
     assert main(["train", "configs/digits-mlp8.toml", *quick]) == 0
     assert main(["train", "configs/digits-mlp8.toml", *quick, "--name", "other", "--seed", "3"]) == 0
     assert main(["train", "configs/digits-mlp8.toml", *quick]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "published digits-mlp8:1" in out and "published other:1" in out and "published digits-mlp8:2" in out
+    # A config's kind is left alone; two epochs of an MLP are worse than closed-form PCA, and the summary says so.
+    assert captured.err.count("is worse than closed-form PCA with the same code size on held-out data") == 3
+    assert "WARNING: digits-mlp8:2 (kind mlp) is worse than closed-form PCA" in captured.err
 
     assert main(["alias", "digits-mlp8", "1", "prod", "--registry", reg]) == 0
     assert "digits-mlp8: prod -> 1" in capsys.readouterr().out

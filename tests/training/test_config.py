@@ -30,7 +30,8 @@ MLP = "configs/digits-mlp8.toml"
     (["model.hidden=[128, 0]"], "model.hidden[1] must be >= 1, got 0"),
     (["model.hidden=5"], "model.hidden must be a list, got 5"),
     (["model.code_dim=0", "model.output=tanh"], "model.code_dim must be >= 1, got 0; model.output 'tanh' is not one of ['linear', 'sigmoid']"),
-    (["train.epoch=1"], "unknown key(s) ['train.epoch']; allowed: ['batch_size', 'epochs', 'lr', 'patience', 'report', 'schedule', 'seed', 'weight_decay']"),
+    (["train.epoch=1"], "unknown key(s) ['train.epoch']; allowed: "
+                        "['batch_size', 'epochs', 'lr', 'patience', 'pca_fallback', 'report', 'schedule', 'seed', 'weight_decay']"),
     (["model.layers=[3]"], "unknown key(s) ['model.layers'] for model.kind 'mlp'; allowed: ['activation', 'code_dim', 'hidden', 'output']"),
     (["projector.kind=umap", "projector.min_dist=1"], "projector.min_dist must be >= 0 and < 1, got 1"),
     (["model.kind=cnn"], "model.kind 'cnn' is not one of ['conv', 'linear', 'mlp', 'pca', 'rbm', 'rd', 'vae']"),

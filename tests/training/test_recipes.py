@@ -51,7 +51,9 @@ def test_a_table_trains_without_a_config_and_its_run_config_trains_again(tmp_pat
     assert run["data"]["source"] == "table" and run["data"]["label"] == "y" and run["data"]["exclude"] == ["id"]
     assert run["model"] == {"kind": "mlp", "activation": "gelu", "code_dim": 2, "hidden": [32], "output": "linear"}
     assert manifest["preprocessing"]["scaling"] == "standard" and manifest["input_shape"] == [6]  # id and label left out
-    assert run["train"]["patience"] == 20 and run["train"]["epochs"] == 6 and run["train"]["batch_size"] == 16
+    # 162 training rows: the smallest batch, 11 steps an epoch, so the recipe's 200 epochs (patience 50) before --set.
+    assert run["train"] | {"seed": 0} == {"epochs": 6, "patience": 50, "batch_size": 16, "lr": 0.01, "schedule": "onecycle",
+                                          "pca_fallback": True, "seed": 0, "weight_decay": 0.0, "report": False}
     assert manifest["training"]["epochs_run"] == len(manifest["training"]["history"]) <= 6
 
     toml = tmp_path / "again.toml"
@@ -128,8 +130,56 @@ def test_an_image_folder_gets_the_conv_model(tmp_path, capsys, monkeypatch):
         Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).save(tmp_path / "photos" / "ab"[i % 2] / f"{i}.png")
     assert main(["train", "--data", str(tmp_path / "photos"), "--registry", "r", "--quiet", "--set", "train.epochs=1",
                  "--set", "train.report=false"]) == 0
-    run = Registry("r").manifest("photos", 1)["training"]["run_config"]
-    assert run["data"]["source"] == "images" and run["model"]["kind"] == "conv" and run["train"]["patience"] == 20
+    manifest = Registry("r").manifest("photos", 1)
+    run = manifest["training"]["run_config"]
+    assert run["data"]["source"] == "images" and run["model"]["kind"] == "conv" and run["train"]["patience"] == 50
+    # One epoch of the conv model against closed-form PCA on 49 training images (its code size capped by the rows).
+    assert manifest["kind"] == "pca" and manifest["code_dim"] == 49
+    assert manifest["training"]["recipe_choice"]["chosen"] == "pca" and manifest["training"]["recipe_choice"]["trained"] == "conv"
+
+
+def test_a_table_that_pca_reconstructs_exactly_gets_pca_and_the_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = write_rows(tmp_path / "rows.csv")  # six columns of rank 2: PCA with the recipe's code size 2 is exact
+    assert main(["train", "--data", str(data), "--label", "y", "--registry", "r", "--set", "data.exclude=['id']",
+                 "--set", "train.epochs=3", "--quiet"]) == 0
+    manifest = Registry("r").manifest("rows", 1)
+    choice, m = manifest["training"]["recipe_choice"], manifest["metrics"]
+    assert manifest["kind"] == "pca" and manifest["config"] == {"code_dim": 2} and manifest["training"]["run_config"]["model"]["kind"] == "mlp"
+    assert choice["chosen"] == "pca" and choice["trained"] == "mlp" and choice["val_rows"] == manifest["training"]["n_val"] == 18
+    assert choice["val_sq_err"]["pca"] < 1e-9 < 0.1 < choice["val_sq_err"]["mlp"]  # 3 epochs of the MLP: far from exact
+    assert choice["why"] == f"validation sq err {choice['val_sq_err']['pca']:.4g} (PCA) <= {choice['val_sq_err']['mlp']:.4g} (mlp)"
+    # The PCA published is the baseline itself (fitted on the same training rows): no worse than itself.
+    assert m["test_sq_err"] == m["pca_sq_err"] and m["worse_than_pca"] is False
+    captured = capsys.readouterr()
+    assert f"recipe chose closed-form PCA (kind pca, code size 2) instead of the trained mlp: {choice['why']}\n" in captured.out
+    assert "WARNING" not in captured.err
+    report = (Registry("r").version_dir("rows", 1) / "report" / "report.md").read_text()
+    assert "trained on rows.csv: closed-form PCA, published instead of the mlp trained beside it (3 epochs, keeping the weights of epoch " in report
+    assert f"The recipe published closed-form PCA: {choice['why']}." in report
+
+
+def test_a_kind_set_by_the_user_is_left_alone_and_flagged_when_worse_than_pca(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = write_rows(tmp_path / "rows.csv")
+    assert main(["train", "--data", str(data), "--label", "y", "--registry", "r", "--set", "data.exclude=['id']", "--set", "model.kind=mlp",
+                 "--set", "train.epochs=2", "--set", "train.report=false", "--quiet"]) == 0
+    manifest = Registry("r").manifest("rows", 1)
+    m = manifest["metrics"]
+    assert manifest["kind"] == "mlp" and manifest["training"]["run_config"]["train"]["pca_fallback"] is False
+    assert "recipe_choice" not in manifest["training"]
+    assert m["worse_than_pca"] is True and m["test_sq_err"] > 100 * m["pca_sq_err"]
+    captured = capsys.readouterr()
+    assert "recipe chose" not in captured.out
+    assert (f"WARNING: rows:1 (kind mlp) is worse than closed-form PCA with the same code size on held-out data: test_sq_err "
+            f"{m['test_sq_err']:.4g} against {m['pca_sq_err']:.4g} ({m['test_sq_err'] / m['pca_sq_err']:.2f} ×)") in captured.err
+
+    assert main(["models", "--registry", "r"]) == 0
+    captured = capsys.readouterr()
+    header, row = captured.out.splitlines()
+    assert header.split()[-3:] == ["vs", "PCA", "aliases"]
+    assert row.split()[-3:] == [f"{m['test_sq_err'] / m['pca_sq_err']:.3g}×", "WORSE", "latest"]
+    assert captured.err == "WORSE: 1 version(s) with more held-out error than closed-form PCA with the same code size (more than 1.01 × its test_sq_err)\n"
 
 
 def test_a_penguins_like_table_trains_with_no_config_and_its_printed_recipe_is_a_config(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,7 @@ import numpy as np
 
 from aeserve.cli import main
 from aeserve.training.config import build_run_config
-from aeserve.training.report import reconstructions_figure
+from aeserve.training.report import epochs_sentence, reconstructions_figure
 from aeserve.training.trainer import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,6 +20,19 @@ def test_training_writes_a_report_the_manifest_points_to(trained_registry):
     for figure in ("reconstructions.png", "map.png", "curves.png"):
         assert f"]({figure})" in report
         assert (folder / "report" / figure).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_report_names_the_epochs_run_and_the_epoch_kept(trained_registry):
+    report = (trained_registry.version_dir("digits-mlp", 1) / "report" / "report.md").read_text()
+    assert "trained on digits: 3 epochs, keeping the weights of epoch 3, in " in report
+    report = (trained_registry.version_dir("digits-pca", 1) / "report" / "report.md").read_text()
+    assert "trained on digits: no gradient epochs (fitted in closed form), in " in report
+    # Early stopping ended the run before train.epochs (the case a report once called "500 epochs").
+    assert (epochs_sentence({"epochs": 500, "epochs_run": 425, "best_epoch": 405})
+            == "425 epochs of up to 500 (early stopping), keeping the weights of epoch 405")
+    # Versions published before epochs_run was recorded without early stopping: their history counts the epochs.
+    assert epochs_sentence({"epochs": 4, "history": [{"epoch": e} for e in (1, 2, 3, 4)]}) == "4 epochs, keeping the weights of epoch 4"
+    assert epochs_sentence({"epochs": 4}) == "4 epochs"
 
 
 def test_rbm_report_shows_pretraining(trained_registry):

@@ -62,7 +62,8 @@ def test_overrides_are_typed():
 def test_config_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="train.epochs must be >= 0, got -1"):
         load_run_config("configs/digits-mlp8.toml", ["train.epochs=-1"])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['train.epoch'\]; allowed: \['batch_size', 'epochs', 'lr', 'patience', 'report', 'schedule', "):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['train.epoch'\]; allowed: \['batch_size', 'epochs', 'lr', 'patience', "
+                                         r"'pca_fallback', 'report', 'schedule', "):
         load_run_config("configs/digits-mlp8.toml", ["train.epoch=1"])
     with pytest.raises(ValueError, match="model.kind 'cnn' is not one of"):
         load_run_config("configs/digits-mlp8.toml", ["model.kind=cnn"])

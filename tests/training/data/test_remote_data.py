@@ -219,6 +219,6 @@ def test_train_data_picks_the_image_recipe_for_a_folder_at_a_url(s3, tmp_path, c
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--data", f"{bucket}/photos", "--name", "photos", "--registry", str(tmp_path / "registry"), "--quiet",
                  "--set", "data.image_size=[8, 8]", "--set", "train.epochs=1", "--set", "model.channels=[4]", "--set", "train.report=false"]) == 0
-    assert Registry(tmp_path / "registry").manifest("photos")["kind"] == "conv"
+    assert Registry(tmp_path / "registry").manifest("photos")["training"]["run_config"]["model"]["kind"] == "conv"
     assert main(["train", "--data", f"{bucket}/nothing-here.bin", "--registry", str(tmp_path / "registry")]) == 2
     assert "cannot tell the data's kind from the suffix '.bin'" in capsys.readouterr().err
