@@ -10,10 +10,10 @@ The MLP's widths follow the number of encoded features d (numbers plus one-hot c
 ``code_dim = clamp(round(d / 4), 2, 64)`` and one hidden layer of ``clamp(d, 32, 512)`` units (at least
 ``2 code_dim``).
 
-Training is a budget of about STEPS optimiser steps: a batch of about 1/50 of the training rows (16 to 256), as many
-epochs as the budget needs (30 to 200), a one-cycle schedule up to ``lr``, and early stopping on the validation error
-after a quarter of the epochs without a lower one, keeping the best epoch's weights (measured against the earlier
-500-epoch constant-rate schedule in docs/benchmarks.md, "Zero-config recipes").
+Training is a budget of optimiser steps (STEPS: 6,000 for the MLP): a batch of about 1/50 of the training rows (16
+to 256), as many epochs as the budget needs (30 to 200), a one-cycle schedule up to PEAK_LR, and early stopping on
+the validation error after a quarter of the epochs without a lower one, keeping the best epoch's weights (measured
+against the earlier 500-epoch constant-rate schedule in docs/benchmarks.md, "Zero-config recipes").
 
 Closed-form PCA with the same code size is fitted beside the network (``train.pca_fallback``); when it reconstructs
 the validation rows better, the version is PCA, and the manifest says why (``training.recipe_choice``). A ``--set
@@ -43,11 +43,13 @@ from aeserve.training.data.tables import TABLE_SUFFIXES, infer_columns
 ARRAY_SOURCES = {".npy": "npy", ".npz": "npz"}
 MAX_CODE_DIM = 64
 MAX_HIDDEN = 512
-STEPS = 4000
 BATCHES_PER_EPOCH = 50
 MIN_BATCH, MAX_BATCH = 16, 256
 MIN_EPOCHS, MAX_EPOCHS = 30, 200
-# One-cycle peak learning rates: the MLP's measured in docs/benchmarks.md ("Zero-config recipes").
+# Each kind's step budget and one-cycle peak learning rate: the MLP's measured in docs/benchmarks.md ("Zero-config
+# recipes"); the conv model's steps cost many times more, so its budget stays near what the earlier 500-epoch schedule
+# ran before early stopping on small folders, and the comparison with PCA guards its result.
+STEPS = {"mlp": 6000, "conv": 2000}
 PEAK_LR = {"mlp": 1e-2, "conv": 3e-3}
 
 
@@ -81,15 +83,14 @@ def recipe(data: DataConfig, dataset: Dataset) -> dict[str, Any]:
         model = {"kind": "conv"}
     else:
         model = {"kind": "mlp", "activation": "gelu", **mlp_sizes(features)}
-    return {"data": dataclasses.asdict(data), "model": model,
-            "train": schedule(int(len(dataset.train_x) * (1 - data.val_fraction)), PEAK_LR[model["kind"]])}
+    return {"data": dataclasses.asdict(data), "model": model, "train": schedule(model["kind"], int(len(dataset.train_x) * (1 - data.val_fraction)))}
 
 
-def schedule(n_train: int, lr: float) -> dict[str, Any]:
-    """The [train] keys for ``n_train`` training rows (see the module docstring for the rule)."""
+def schedule(kind: str, n_train: int) -> dict[str, Any]:
+    """The [train] keys of model ``kind`` for ``n_train`` training rows (see the module docstring for the rule)."""
     batch_size = min(MAX_BATCH, max(MIN_BATCH, n_train // BATCHES_PER_EPOCH))
-    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(STEPS / math.ceil(max(n_train, 1) / batch_size))))
-    return {"epochs": epochs, "patience": max(10, epochs // 4), "batch_size": batch_size, "lr": lr, "schedule": "onecycle",
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, round(STEPS[kind] / math.ceil(max(n_train, 1) / batch_size))))
+    return {"epochs": epochs, "patience": max(10, epochs // 4), "batch_size": batch_size, "lr": PEAK_LR[kind], "schedule": "onecycle",
             "pca_fallback": True}
 
 

@@ -143,7 +143,7 @@ def epochs_sentence(training: dict[str, Any]) -> str:
     ran = f"{run} epochs" + (f" of up to {planned} (early stopping)" if run != planned else "") + f", keeping the weights of epoch {kept}"
     choice = training.get("recipe_choice") or {}
     if choice.get("chosen") == "pca":
-        return f"closed-form PCA, published instead of the {choice['trained']} trained beside it ({ran})"
+        return f"closed-form PCA, published instead of the {choice['trained']} trained beside it for {ran}"
     return ran
 
 

@@ -155,7 +155,7 @@ def test_a_table_that_pca_reconstructs_exactly_gets_pca_and_the_reason(tmp_path,
     assert f"recipe chose closed-form PCA (kind pca, code size 2) instead of the trained mlp: {choice['why']}\n" in captured.out
     assert "WARNING" not in captured.err
     report = (Registry("r").version_dir("rows", 1) / "report" / "report.md").read_text()
-    assert "trained on rows.csv: closed-form PCA, published instead of the mlp trained beside it (3 epochs, keeping the weights of epoch " in report
+    assert "trained on rows.csv: closed-form PCA, published instead of the mlp trained beside it for 3 epochs, keeping the weights of epoch " in report
     assert f"The recipe published closed-form PCA: {choice['why']}." in report
 
 
