@@ -138,7 +138,7 @@ def test_each_name_has_its_own_operations_where_the_loaded_versions_take_differe
             for path in (f"/v1/models/{name}/decode", f"/v1/models/{name}/versions/{{version}}/decode"):
                 inputs = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["inputs"]
                 assert (inputs["items"]["minItems"], inputs["items"]["maxItems"]) == (width, width), path
-            (version,) = paths[f"/v1/models/{name}/versions/{{version}}/decode"]["post"]["parameters"]
+            (version,) = [p for p in paths[f"/v1/models/{name}/versions/{{version}}/decode"]["post"]["parameters"] if p["name"] == "version"]
             assert version["schema"]["enum"] == ["1", "latest"]
         digits_rows = paths["/v1/models/digits-pca/encode"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["inputs"]
         assert [form["items"]["maxItems"] for form in digits_rows["anyOf"]] == [64, 8]  # flat or nested, no table rows
