@@ -36,9 +36,10 @@ from typing import Any
 from aeserve.training.config import RunConfig, list_where_taken, load_run_config, parse_override
 from aeserve.training.data.config import DataConfig
 from aeserve.training.data.dataset import DataError, Dataset
+from aeserve.training.data.inference import infer_columns
 from aeserve.training.data.locations import Found, found_at, location
 from aeserve.training.data.sources import SOURCES, load_dataset
-from aeserve.training.data.tables import TABLE_SUFFIXES, infer_columns
+from aeserve.training.data.tables import TABLE_SUFFIXES
 
 ARRAY_SOURCES = {".npy": "npy", ".npz": "npz"}
 MAX_CODE_DIM = 64

@@ -355,7 +355,7 @@ def penguin_column(name: str, rows: list[list[str]]) -> list[str]:
 
 
 def test_the_column_kinds_of_a_table_are_inferred_with_the_reasons_for_what_is_left_out(tmp_path):
-    from aeserve.training.data.tables import infer_columns
+    from aeserve.training.data.inference import infer_columns
 
     keys, record = infer_columns(DataConfig(source="table", path=str(write_penguins(tmp_path / "penguins.csv")), label="species"))
     assert keys == {"exclude": ["rowid", "Name", "comment"], "categorical": ["island", "sex"], "dates": ["observed"]}
@@ -376,7 +376,7 @@ def test_the_column_kinds_of_a_table_are_inferred_with_the_reasons_for_what_is_l
 def test_parquet_dates_and_booleans_are_inferred_by_their_types(tmp_path):
     import datetime
 
-    from aeserve.training.data.tables import infer_columns
+    from aeserve.training.data.inference import infer_columns
 
     days = [datetime.date(2007, 1, 1) + datetime.timedelta(days=37 * i) for i in range(30)]
     pq.write_table(pa.table({"when": days, "stamp": [datetime.datetime(2020, 5, 17, 13, i) for i in range(30)],
@@ -449,7 +449,7 @@ def test_a_config_that_says_missing_error_keeps_its_strict_error(tmp_path):
 
 
 def test_a_column_of_numbers_that_turns_to_text_in_a_later_block_counts_every_distinct_value(tmp_path, monkeypatch):
-    from aeserve.training.data.tables import infer_columns
+    from aeserve.training.data.inference import infer_columns
 
     monkeypatch.setattr("aeserve.training.data.tables.CSV_BLOCK_BYTES", 64)  # a few rows a block
     lines = ["grade,size"] + [f"{i % 3},{i * 0.5}" for i in range(60)] + ["unknown,1.5", "unknown,2.5"]
