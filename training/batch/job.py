@@ -191,7 +191,7 @@ def add_command(sub: argparse._SubParsersAction, registry_help: str) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from aeserve.training.cli import open_checked, reaching, url_or_none
+    from aeserve.training.preflight import open_checked, reaching, url_or_none
 
     name, _, ref = args.target.partition(":")
     extras = tuple(e.strip() for e in args.extras.split(",") if e.strip()) if args.extras else None
