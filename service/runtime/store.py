@@ -25,7 +25,7 @@ from aeserve.service.errors import NotReady
 from aeserve.service.runtime.torch_engine import one_torch_thread
 
 if TYPE_CHECKING:
-    from aeserve.models.remote import Changes, Mirror
+    from aeserve.models.mirror import Changes, Mirror
     from aeserve.service.runtime.engines import Engines
 
 log = logging.getLogger("aeserve.store")
@@ -112,7 +112,7 @@ class ModelStore:
         serving what is copied (clients see no change). What the sync changed in the copy goes to ``_unapplied``."""
         if self.source is None:
             return
-        from aeserve.models.remote import Changes
+        from aeserve.models.mirror import Changes
 
         # Filled as the sync goes, so a sync cut short still tells what it changed; kept until the index shows it.
         changes = self._unapplied = self._unapplied or Changes()

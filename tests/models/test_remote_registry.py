@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from aeserve.models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
+from aeserve.models.mirror import Changes
 from aeserve.models.registry import Registry, RegistryError, open_registry
-from aeserve.models.remote import CLAIM, Changes, ConflictError, ObjectRegistry
+from aeserve.models.remote import CLAIM, ConflictError, ObjectRegistry
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
 
