@@ -120,7 +120,7 @@ class ModelStore:
                     export.close()
                 raise
             self.loaded_once = True
-            if export is not None:
+            if self.engines is not None:  # stored graphs go to the small engine now, exported ones when the export is done
                 self.engines.adopt(export, [v for versions in loaded.values() for v in versions.values()])
             return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
 

@@ -19,7 +19,7 @@ from aeserve.models.registry import Registry
 from aeserve.models.served import NoGraphs, load_served
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
-from tests.conftest import KIND_CONFIGS
+from tests.conftest import KIND_CONFIGS, strip_graphs
 from tests.servers import make_client, serve_process, wait_ready, wait_until
 from tests.training.data.test_images import write_folder
 from tests.training.data.test_tables import write_csv
@@ -31,14 +31,11 @@ EVERY_OUTPUT = ("code", "reconstruction", "error", "score", "percentile", "coord
 
 
 def without_graphs(registry: Registry, name: str, source: Registry, source_name: str) -> None:
-    """A copy of a version as published before graphs were stored: no graphs section, no listed files, no graphs/."""
-    folder = registry.root / name / "1"
-    shutil.copytree(source.version_dir(source_name, 1), folder)
-    shutil.rmtree(folder / "graphs")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    for key in ("graphs", "files"):
-        manifest.pop(key)
-    (folder / MANIFEST).write_text(json.dumps({**manifest, "name": name}))
+    """A copy of a version as published before graphs were stored."""
+    shutil.copytree(source.version_dir(source_name, 1), registry.root / name / "1")
+    strip_graphs(registry, name)
+    manifest = json.loads((registry.version_dir(name, 1) / MANIFEST).read_text())
+    (registry.version_dir(name, 1) / MANIFEST).write_text(json.dumps({**manifest, "name": name}))
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +161,11 @@ def test_a_version_without_graphs_is_refused_without_torch_and_serves_with_it(sl
     assert v2.status_code == 503 and "full install" in v2.json()["error"]
     assert "refused old-mlp:1" in log.read_text() and "this server has no torch to run it" in log.read_text()
     assert full.post("/v1/models/old-mlp/encode", json={"inputs": ROWS.tolist()}).status_code == 200
+
+
+def test_small_calls_run_in_the_engine_process_on_the_stored_graphs(slim):
+    client, _ = slim
+    assert "aeserve_engine_process_versions 9.0" in client.get("/metrics").text  # every version that loaded: 7 kinds, rows, photos
 
 
 def test_a_corrupted_graphs_file_is_refused_on_load_like_corrupted_weights(trained_registry, tmp_path):
