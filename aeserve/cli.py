@@ -1,4 +1,4 @@
-"""The ``aeserve`` console script: train | eval | models | alias | encode (offline) and serve (HTTP).
+"""The ``aeserve`` console script: train | eval | models | alias | encode | index (offline) and serve (HTTP).
 
 ``aeserve serve`` imports neither torch nor the training stack, so that a slim install (the ``serve`` extra: ONNX
 Runtime and numpy) runs it; the offline commands need the full install.
@@ -18,6 +18,7 @@ def build_parser(offline: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     if offline:
         try:
+            from aeserve.training.batch.index import add_command as add_index_command
             from aeserve.training.batch.job import add_command as add_encode_command
             from aeserve.training.cli import REGISTRY_HELP
             from aeserve.training.cli import add_commands as add_training_commands
@@ -26,6 +27,7 @@ def build_parser(offline: bool = True) -> argparse.ArgumentParser:
         else:
             add_training_commands(sub)
             add_encode_command(sub, REGISTRY_HELP)
+            add_index_command(sub, REGISTRY_HELP)
     add_service_commands(sub)
     return parser
 

@@ -10,6 +10,14 @@ scale * q, L2 on q itself (an int8 index that ignores the scale), Hamming on bin
 integers and tie often, so ties are broken at random (seeded): the figure is the expected precision of an index that
 does not look beyond the bits.
 
+With --neighbors, the nearest-neighbour index instead (``aeserve index``, models/index.py): the 60,000 training images
+encoded as ``aeserve encode`` stores them (float, int8, binary) and indexed as ``aeserve index`` indexes them (HNSW and
+exact), queried with the 10,000 test images' float codes as ``neighbors`` searches with inputs: recall@10 against exact
+search in numpy (a found item counts when it lies no farther than the exact 10th nearest, so Hamming ties count
+once), and queries per second, one query a call and 10,000 in one call:
+
+    .venv/bin/python -m benchmarks.codes --neighbors --registry /tmp/reg-index --model fmnist-pca30 --work /tmp/codes-bench
+
 With --scale-quantiles, the float codes of the 60,000 training images (also through the API) give int8 scales by
 other rules (the q quantile of |code| / 127; 1 is the largest |code|), each scored the same way on the test codes, with
 how far scale * q lies from the float codes: what chose the quantile stored with versions (models/outputs.py
@@ -18,6 +26,7 @@ INT8_SCALE_QUANTILE).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import platform
 import sys
@@ -26,6 +35,7 @@ from collections.abc import Callable
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from benchmarks.serve import start, stop
@@ -96,6 +106,80 @@ def scale_quantile_rows(train_codes: np.ndarray, test_codes: np.ndarray, labels:
     return rows
 
 
+def exact_tenth(form: str, store: np.ndarray, queries: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """Each query's exact K-th smallest distance to the store (float: L2 to the codes; int8: to scale * q; binary:
+    Hamming between packed bits), in chunks of CHUNK queries."""
+    tenth = []
+    if form != "binary":
+        points = store.astype(np.float64) * (scale if form == "int8" else 1)
+        norms = (points * points).sum(axis=1)
+    for start_row in range(0, len(queries), CHUNK // 2):
+        q = queries[start_row:start_row + CHUNK // 2]
+        if form == "binary":
+            d = POPCOUNT[q[:, None, :] ^ store[None, :, :]].sum(axis=2, dtype=np.int64).astype(np.float64)
+        else:
+            q = q.astype(np.float64)
+            d = np.sqrt(np.maximum((q * q).sum(axis=1)[:, None] + norms[None, :] - 2 * q @ points.T, 0))
+        tenth.append(np.partition(d, K - 1, axis=1)[:, K - 1])
+    return np.concatenate(tenth)
+
+
+def neighbors_rows(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import faiss
+
+    from aeserve.models.index import CodeIndex
+    from aeserve.models.registry import Registry
+    from aeserve.training.batch.encoder import Encoder
+    from aeserve.training.batch.index import build_index
+    from aeserve.training.batch.job import encode_to_parquet
+    from aeserve.training.data.config import DataConfig
+    from aeserve.training.data.sources import load_dataset
+
+    data = load_dataset(DataConfig(source="fashion-mnist", path=args.data))
+    registry = Registry(args.registry)
+    version = registry.load(args.model, args.version)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "train.npy", np.asarray(data.train_x))
+    queries = version.encode(np.asarray(data.test_x, dtype=np.float32))  # what neighbors computes for inputs
+    quantization = version.code_quantization
+    print(f"machine: {platform.processor() or platform.machine()}, {faiss.omp_get_max_threads()} faiss threads, faiss {faiss.__version__}; "
+          f"store {len(data.train_x):,} training images, {len(queries):,} test queries, {args.model}:{version.version} (code_dim {version.code_dim})\n")
+    print(f"| codes | index | ef_search | build (s) | index (MB) | recall@{K} | queries/s, one a call | queries/s, {len(queries):,} in one call |")
+    print("|---|---|---|---|---|---|---|---|")
+    for form in ("float", "int8", "binary"):
+        codes_file = work / f"{form}.parquet"
+        if not codes_file.exists():
+            encode_to_parquet(Encoder(loaded=version, codes=form), str(work / "train.npy"), str(codes_file), progress=False)
+        table = pq.read_table(codes_file, columns=["code"]).column(0).combine_chunks()
+        store = (np.frombuffer(table.buffers()[1], np.uint8).reshape(len(table), -1) if form == "binary"
+                 else table.flatten().to_numpy().reshape(len(table), -1))
+        query_form = quantization.binary(queries) if form == "binary" else queries
+        tenth = exact_tenth(form, store, query_form, quantization.scale.astype(np.float64))
+        for structure in ("hnsw", "flat"):
+            out = work / f"{form}-{structure}.index"
+            started = time.perf_counter()
+            build_index(str(codes_file), str(out), version.manifest, structure, overwrite=True)
+            build = time.perf_counter() - started
+            size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+            index = CodeIndex(out)
+            for ef in (args.ef_search if structure == "hnsw" else [None]):
+                if ef is not None:
+                    index.info = dataclasses.replace(index.info, hnsw={**index.info.hnsw, "ef_search": ef})
+                started = time.perf_counter()
+                _, distances = index.search(queries, "float", K)
+                batch_qps = len(queries) / (time.perf_counter() - started)
+                recall = float((distances <= tenth[:, None] * (1 + 1e-5) + 1e-4).sum()) / (len(queries) * K)
+                single = queries[:args.single]
+                started = time.perf_counter()
+                for row in range(len(single)):
+                    index.search(single[row:row + 1], "float", K)
+                single_qps = len(single) / (time.perf_counter() - started)
+                print(f"| {form} | {structure} | {ef or '-'} | {build:.1f} | {size:.1f} | {recall:.4f} | {single_qps:,.0f} | {batch_qps:,.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", default="registry", help="served by a server this starts (unless --url)")
@@ -104,9 +188,16 @@ def main() -> None:
     parser.add_argument("--url", help="a running aeserve server instead of starting one")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="the Fashion-MNIST IDX files")
+    parser.add_argument("--neighbors", action="store_true", help="benchmark the nearest-neighbour index instead (in-process, no server)")
+    parser.add_argument("--work", default="/tmp/aeserve-codes-bench", help="--neighbors: where the codes files and indexes are written")
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128], help="--neighbors: HNSW candidate lists to try")
+    parser.add_argument("--single", type=int, default=2000, help="--neighbors: queries timed one a call")
     parser.add_argument("--scale-quantiles", type=float, nargs="*", default=[],
                         help="also score int8 codes with scales from these quantiles of the training codes' |code|")
     args = parser.parse_args()
+    if args.neighbors:
+        neighbors_rows(args)
+        return
 
     from aeserve.training.data.config import DataConfig
     from aeserve.training.data.sources import load_dataset

@@ -35,6 +35,7 @@ from aeserve.service.api.errors import (
 from aeserve.service.api.v1 import operation_target, operations_openapi, serve_operation
 from aeserve.service.auth import require_api_key
 from aeserve.service.errors import Overloaded, ServiceError
+from aeserve.service.indexes import Indexes
 from aeserve.service.metrics import Metrics
 from aeserve.service.runtime.batcher import Batcher
 from aeserve.service.runtime.engines import Engines
@@ -211,6 +212,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.batcher = Batcher(engines.run, settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_queue,
                                 on_batch=metrics.observe_batch)
     app.state.access_log = AccessLog() if settings.access_log else None
+    app.state.indexes = Indexes(settings.index)  # IndexFileError (a ValueError) names a bad --index
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
@@ -236,5 +238,9 @@ def _openapi_with_operations(app: FastAPI) -> dict:
     if app.openapi_schema is None or app.state.openapi_key != key:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         schema["paths"].update(operations_openapi(store, app.state.settings.max_rows))
+        if app.state.indexes:
+            from aeserve.service.api.neighbors import neighbors_openapi
+
+            schema["paths"].update(neighbors_openapi(store, app.state.indexes, app.state.settings.max_rows))
         app.openapi_schema, app.state.openapi_key = schema, key
     return app.openapi_schema

@@ -41,6 +41,7 @@ def settings_from_args(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from aeserve.models.index import IndexFileError
     from aeserve.service.app import create_app
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -49,7 +50,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # requests; by default a waiting thread asks for it only after 5 ms. At 0.5 ms a batch of single-row requests
     # spends less time waiting than computing (docs/serving.md).
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except IndexFileError as e:  # a bad --index: one line, as a bad flag gets
+        print(f"aeserve serve: error: {e}", file=sys.stderr)
+        return 2
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -22,6 +22,9 @@ class Operation:
     # byte string per row; one that takes streams decodes byte strings into the call's codes.
     answers_streams: bool = False
     takes_streams: bool = False
+    # Searches the version's index of stored codes (service/indexes.py) with the codes of its rows, or with codes sent
+    # (service/api/neighbors.py): answers ids and distances, not the call's outputs.
+    searches: bool = False
 
     def __post_init__(self) -> None:
         self.call.check()
@@ -54,4 +57,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               Call("inputs", ("code",)), answers_streams=True),
     Operation("decompress", "Compressed byte strings (base64 in JSON), as compress made them -> inputs (n, *input_shape). "
               "A stream made by another version, or damaged, is refused (422).", Call("codes", ("reconstruction",)), takes_streams=True),
+    Operation("neighbors", "Inputs (encoded by the version), or codes in the index's form with code_version -> the ids and distances of "
+              "the k nearest stored items (k: default 10), from the index the server was given for the version (--index NAME=PATH).",
+              Call("inputs", ("code",)), ("ids",), searches=True),
 )}

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from aeserve.models.storage import DEFAULT_REGISTRY
 
@@ -25,6 +25,10 @@ class Settings(BaseSettings):
         default=True, description="with the onnx engine: run small batches in a child process that the event loop feeds (no shared GIL)")
     api_key: str | None = Field(default=None, description="when set, every route but /health/* needs 'Authorization: Bearer KEY'")
     models: str = Field(default="", description="comma-separated model names to serve (empty: all)")
+    # NoDecode: the environment variable is NAME=PATH items separated by commas, not a JSON list.
+    index: Annotated[list[str], NoDecode] = Field(
+        default=[], description="NAME=PATH: the index folder aeserve index wrote for a version of NAME, answering its neighbors "
+                                          "(repeatable; the variable: comma-separated)")
 
     max_body_bytes: int = Field(default=64 * 2**20, gt=0, description="request bodies above this size get 413")
     max_rows: int = Field(default=65_536, gt=0, description="most rows in one request")
@@ -42,6 +46,15 @@ class Settings(BaseSettings):
     @classmethod
     def _path_as_text(cls, value: object) -> object:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _index_items(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [item.strip() for text in value if isinstance(text, str) for item in text.split(",") if item.strip()]
+        return value
 
     @property
     def model_names(self) -> list[str]:

@@ -9,7 +9,7 @@ Needs httpx and numpy only (no torch)::
 """
 from aeserve_client.client import DEFAULT_MAX_ROWS, AsyncClient, Client
 from aeserve_client.errors import AeserveError, ConflictError, InvalidInputError, NotFoundError, OverloadedError, UnauthorizedError
-from aeserve_client.wire import Result
+from aeserve_client.wire import Neighbors, Result
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "Client",
     "ConflictError",
     "InvalidInputError",
+    "Neighbors",
     "NotFoundError",
     "OverloadedError",
     "Result",

@@ -1,4 +1,5 @@
-"""Blocking and asyncio clients with the same calls: encode, decode, reconstruct, project, models, manifest, ready.
+"""Blocking and asyncio clients with the same calls: encode, decode, reconstruct, project, compress, decompress, neighbors,
+models, manifest, ready.
 
 Both retry an answer of 503 or 429 (the server is overloaded) a bounded number of times, waiting what its
 ``Retry-After`` says, and split an array of more rows than the server takes in one request into several requests,
@@ -16,7 +17,7 @@ import httpx
 import numpy as np
 
 from aeserve_client import wire
-from aeserve_client.wire import Result
+from aeserve_client.wire import Neighbors, Result
 
 T = TypeVar("T", np.ndarray, Sequence[bytes])
 
@@ -161,6 +162,14 @@ class Client:
         version = version if version is not None else wire.stream_version(streams[0]) if streams else None
         return self._call("decompress", name, streams, version)
 
+    def neighbors(self, name: str, x: np.ndarray | None = None, *, codes: np.ndarray | None = None, k: int = 10,
+                  version: str | int | None = None, code_version: int | None = None) -> Neighbors:
+        """The k stored items nearest each row, from the server's index of the version's codes (``--index``): rows ``x``
+        (n, ...) the version encodes, or ``codes`` (n, width) in the index's form with the version that made them
+        (``code_version``: another version refuses them, ConflictError). Sent in one request."""
+        body, headers, query = wire.neighbors_request(x, codes, k, code_version)
+        return wire.neighbors_result(self._send("POST", wire.path(name, "neighbors", version) + query, content=body, headers=headers))
+
     def models(self) -> list[dict]:
         response = self._send("GET", "/v1/models")
         wire.check(response)
@@ -234,6 +243,11 @@ class AsyncClient:
     async def decompress(self, name: str, streams: list[bytes], version: str | int | None = None) -> Result:
         version = version if version is not None else wire.stream_version(streams[0]) if streams else None
         return await self._call("decompress", name, streams, version)
+
+    async def neighbors(self, name: str, x: np.ndarray | None = None, *, codes: np.ndarray | None = None, k: int = 10,
+                        version: str | int | None = None, code_version: int | None = None) -> Neighbors:
+        body, headers, query = wire.neighbors_request(x, codes, k, code_version)
+        return wire.neighbors_result(await self._send("POST", wire.path(name, "neighbors", version) + query, body, headers))
 
     async def models(self) -> list[dict]:
         response = await self._send("GET", "/v1/models")

@@ -32,6 +32,17 @@ class Result:
     scores: np.ndarray | None = None  # reconstruct only: (n,) the version's anomaly score per row (its errors, for a version without one)
 
 
+@dataclass
+class Neighbors:
+    """The stored items nearest each row sent, nearest first, from the server's index of the version's codes."""
+
+    ids: list  # per row, k ids as the codes file holds them (numbers, or texts)
+    distances: np.ndarray  # (n, k) float32: Euclidean for float and int8 codes, differing bits for binary codes
+    model: str
+    version: str
+    metric: str  # l2 | hamming
+
+
 def path(name: str, op: str, version: str | int | None, code_version: int | None = None) -> str:
     route = f"/v1/models/{name}/{op}" if version is None else f"/v1/models/{name}/versions/{version}/{op}"
     return route if code_version is None else f"{route}?code_version={int(code_version)}"
@@ -135,6 +146,27 @@ def max_rows(value: str | None) -> int | None:
 
 
 ROW = re.compile(r"^row (\d+)\b")  # how a refusal that names a row starts
+
+
+def neighbors_request(inputs: np.ndarray | None, codes: np.ndarray | None, k: int,
+                      code_version: int | None) -> tuple[NpyBody | bytes, dict[str, str], str]:
+    """The body, headers and query string of a neighbors request: inputs as .npy, or codes (in the index's form) in JSON."""
+    if (inputs is None) == (codes is None):
+        raise ValueError("give inputs (rows the version encodes) or codes (in the index's form), not both")
+    if inputs is not None:
+        if code_version is not None:
+            raise ValueError("code_version goes with codes; inputs are encoded by the version asked")
+        body = NpyBody(inputs)
+        return body, {"Content-Type": NPY, "Accept": "application/json", "Content-Length": str(len(body))}, f"?k={int(k)}"
+    document = {"codes": np.asarray(codes).tolist(), "k": int(k), "code_version": None if code_version is None else int(code_version)}
+    return json.dumps(document).encode(), {"Content-Type": "application/json"}, ""
+
+
+def neighbors_result(response: httpx.Response) -> Neighbors:
+    check(response)
+    body = response.json()
+    return Neighbors(body["ids"], np.asarray(body["distances"], dtype=np.float32).reshape(len(body["ids"]), -1), body["model"],
+                     body["version"], body["metric"])
 
 
 def check(response: httpx.Response, first_row: int = 0) -> None:

@@ -86,6 +86,11 @@ async def serve_operation(state: State, scope: Scope, receive: Receive, send: Se
     settings = state.settings
     check_api_key(settings.api_key, _text(headers.get(b"authorization")))
     version = lookup(state.store, name, ref, context)
+    if operation.searches:
+        from aeserve.service.api.neighbors import serve_neighbors  # which imports this module
+
+        await serve_neighbors(state, scope, receive, send, version, headers)
+        return
     codes, code_version = query_options(scope["query_string"]) if scope.get("query_string") else ("float", None)
     sent_as = body_format(_text(headers.get(b"content-type")))
     body = await read_body(receive, _text(headers.get(b"content-length")), settings.max_body_bytes)
@@ -242,14 +247,16 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
     names = store.names() if store.loaded_once else []  # the names a request uses: the registry's folders
     paths: dict[str, dict] = {}
     for op, operation in OPERATIONS.items():
+        if operation.searches:  # documented where the server has an index (service/api/neighbors.py)
+            continue
         reached: dict[tuple[str, str], dict[str, Any]] = {}  # (name, version or alias) -> the operation there
         for name in names:
             for ref in _refs(store, name):
                 version = store.get(name, ref)
                 if not operation.uses_streams or version.streams is not None:  # compress, decompress: versions of kind rd
-                    reached[name, ref] = _post(operation, [version], max_rows)
+                    reached[name, ref] = operation_post(operation, [version], max_rows)
         if not names and not operation.uses_streams:  # nothing loaded yet: rows of numbers, any name
-            post = _post(operation, [], max_rows)
+            post = operation_post(operation, [], max_rows)
             paths[f"/v1/models/{{name}}/{op}"] = _at(post, [_name_parameter(None)], f"{op}_latest")
             paths[f"/v1/models/{{name}}/versions/{{version}}/{op}"] = _at(post, [_name_parameter(None), _version_parameter(None)],
                                                                            f"{op}_versioned")
@@ -275,7 +282,7 @@ def operations_openapi(store: ModelStore, max_rows: int) -> dict[str, dict]:
     return paths
 
 
-def _post(operation: Operation, versions: list[ModelVersion], max_rows: int) -> dict[str, Any]:
+def operation_post(operation: Operation, versions: list[ModelVersion], max_rows: int) -> dict[str, Any]:
     """The OpenAPI operation for ``versions`` (none: nothing is loaded), without its path parameters."""
     answers_codes = "code" in operation.call.outputs and not operation.uses_streams
     shapes: dict[tuple[int, ...], float] = {}
