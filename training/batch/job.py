@@ -11,7 +11,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -106,9 +106,10 @@ class Progress:
 
 
 def encode_to_parquet(encoder: Encoder, data: str, out: str, id_column: str | None = None, overwrite: bool = False,
-                      progress: bool = True, keep: pa.Array | None = None) -> Result:
+                      progress: bool = True, keep: pa.Array | None = None, answers: Answers | None = None) -> Result:
     """Encode every row of ``data`` with ``encoder`` into the codes file ``out``; with ``keep`` (ids), only the rows
-    whose id is among them, each of which must be found."""
+    whose id is among them, each of which must be found. ``answers`` runs the model on the blocks elsewhere (on Ray
+    actors: ``ray_engine.py``), in order; by default ``encoder`` runs them here."""
     version = encoder.version
     source = open_source(data, version, id_column)
     columns = [COLUMNS[name] for name in encoder.call.outputs[1:]]
@@ -123,8 +124,7 @@ def encode_to_parquet(encoder: Encoder, data: str, out: str, id_column: str | No
     writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aeserve-encode-writer")
     pending: Future | None = None
     try:
-        for block in ahead(_kept(source, block_rows(version), keep)):
-            answer = encoder.columns(block.rows)
+        for block, answer in (answers or here(encoder))(ahead(_kept(source, block_rows(version), keep))):
             if pending is not None:
                 pending.result()
             pending = writing.submit(writer.write, {source.id_name: block.ids, **answer})
@@ -146,6 +146,15 @@ def encode_to_parquet(encoder: Encoder, data: str, out: str, id_column: str | No
     if progress and bar.bar is None:
         print(f"{bar.what}: {bar.line()}", file=sys.stderr, flush=True)
     return Result(writer.rows, seconds, meta)
+
+
+# Blocks -> (block, its columns) in order: where the model runs.
+Answers = Callable[[Iterator[Block]], Iterator[tuple[Block, dict]]]
+
+
+def here(encoder: Encoder) -> Answers:
+    """The model on this machine, block after block (torch uses every core on each)."""
+    return lambda blocks: ((block, encoder.columns(block.rows)) for block in blocks)
 
 
 def _kept(source: Source, size: int, keep: pa.Array | None) -> Iterator[Block]:
@@ -181,7 +190,8 @@ def add_command(sub: argparse._SubParsersAction, registry_help: str) -> None:
                    help="the codes' form: float32 (default), or int8 or binary with the version's stored quantization")
     p.add_argument("--with", dest="extras", default=None, metavar="reconstruct,project",
                    help="also write: reconstruct (errors, scores, percentiles), project (2-D coordinates)")
-    p.add_argument("--engine", choices=["local"], default="local", help="where the job runs: this machine")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="where the model runs: this machine (default), or "
+                   "actors on a Ray cluster, $RAY_ADDRESS's or a local one (pip install 'aeserve[ray]'); reading and writing stay here")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     p.add_argument("--since-version", type=int, metavar="N", help="re-encode the store at --out, written by version N or earlier of "
                    "NAME, with NAME[:VERSION]: the same ids, id column, codes form and --with unless given; replaces it when done")
@@ -221,8 +231,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if not data:
         raise ValueError("aeserve encode needs --data PATH_OR_URL")
     encoder = Encoder(loaded=loaded, codes=codes or "float", extras=tuple(extras or ()))
+    answers = None
+    if args.engine == "ray":
+        from aeserve.training.batch.ray_engine import RayActors
+
+        answers = RayActors(registry.location, loaded, encoder.codes, encoder.extras).answers
     with reaching(url_or_none(data), url_or_none(args.out)):
-        result = encode_to_parquet(encoder, data, args.out, id_column, overwrite, not args.quiet, keep)
+        result = encode_to_parquet(encoder, data, args.out, id_column, overwrite, not args.quiet, keep, answers)
     what = f" (re-encoded from version {store['version']})" if args.since_version is not None else ""
     print(f"wrote {result.rows:,} codes of {loaded.name}:{loaded.version} to {args.out}{what} in {result.seconds:.1f} s "
           f"({result.rows / max(result.seconds, 1e-9):,.0f} rows/s)")

@@ -1,14 +1,13 @@
 """ModelRows: rows of a raw array in the model's space, scaled batch by batch as training and evaluation draw them."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from aeserve.models.preprocessing import Preprocessing
-from aeserve.training.data.dataset import FAULT_AROUND_BYTES, RELEASE_BYTES, release_pages
+from aeserve.training.data.dataset import RELEASE_BYTES, FileRows, release_pages
 from aeserve.training.data.images import ImageFiles
 
 
@@ -24,6 +23,7 @@ class ModelRows:
         self.raw, self.preprocessing = raw, preprocessing
         self.index = None if index is None else np.asarray(index, dtype=np.int64)
         self._read = 0
+        self._file: FileRows | bool | None = None  # how rows are gathered, found at the first gather
 
     def __len__(self) -> int:
         return len(self.raw) if self.index is None else len(self.index)
@@ -59,22 +59,11 @@ class ModelRows:
             yield torch.from_numpy(self.preprocessing.to_model(raw))
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
-        """raw[rows] in blocks, so that a memory-mapped file's touched pages stay bounded even for a large sample.
-
-        A gathered row maps more than its own bytes: the kernel maps the cached pages around a faulting page too
-        (fault-around, 64 KB by default), so each row counts as at least FAULT_AROUND_BYTES.
-        """
-        row_bytes = max(math.prod(self.raw.shape[1:]) * self.raw.dtype.itemsize, FAULT_AROUND_BYTES)
-        block = max(1, RELEASE_BYTES // row_bytes)
-        if len(rows) <= block:
-            raw = self.raw[rows]
-            self._touched(len(rows) * row_bytes)
-            return raw
-        raw = np.empty((len(rows), *self.raw.shape[1:]), dtype=self.raw.dtype)
-        for start in range(0, len(rows), block):
-            raw[start:start + block] = self.raw[rows[start:start + block]]
-            self._touched(len(rows[start:start + block]) * row_bytes)
-        return raw
+        """raw[rows]: from a memory-mapped file by pread (``FileRows``: the mapping's pages would fill the resident
+        set), else by indexing."""
+        if self._file is None:
+            self._file = FileRows.of(self.raw) or False
+        return self._file[rows] if self._file else self.raw[rows]
 
     def _touched(self, nbytes: int) -> None:
         """Count bytes read; past RELEASE_BYTES a memory-mapped file's pages leave the resident set."""

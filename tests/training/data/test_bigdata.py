@@ -10,7 +10,7 @@ from aeserve.models.registry import Registry
 from aeserve.training import evaluate
 from aeserve.training.config import build_run_config
 from aeserve.training.data.config import DataConfig
-from aeserve.training.data.dataset import DataError, Dataset
+from aeserve.training.data.dataset import DataError, Dataset, FileRows
 from aeserve.training.data.rows import ModelRows
 from aeserve.training.data.scaling import fit_scaling
 from aeserve.training.data.sources import load_dataset
@@ -194,3 +194,26 @@ def test_eval_of_a_version_beyond_the_bound_reads_batches_and_samples(big, tmp_p
     stored = float(next(line for line in out.splitlines() if "test_sq_err (stored)" in line).split()[-1])
     measured = float(next(line for line in out.splitlines() if "test_sq_err (re-measured)" in line).split()[-1])
     assert measured == pytest.approx(stored, rel=1e-6)
+
+
+def test_rows_drawn_at_random_from_a_memory_map_are_read_by_pread_and_equal_the_maps_rows(big):
+    folder, x = big
+    for name in ("x.npy", "x.npz"):  # an .npz member lies at an offset in its archive
+        dataset = load_dataset(DataConfig(source=name.split(".")[1], path=str(folder / name)))
+        rows = ModelRows(dataset.train_x, Preprocessing((FEATURES,))).subset(np.arange(5, 15_000))  # a view, then a subset
+        draw = np.array([14_994, 0, 7, 7, 10_000, 3])
+        np.testing.assert_array_equal(rows[torch.from_numpy(draw)].numpy(), np.asarray(dataset.train_x)[draw + 5])
+        assert isinstance(rows._file, FileRows)  # read through the file, not the mapping
+    assert FileRows.of(np.load(folder / "x.npy", mmap_mode="r")[:, ::2]) is None  # a column slice: rows not whole in the file
+    assert FileRows.of(x) is None  # an array in memory
+
+
+def test_a_truncated_file_is_named_when_a_row_cannot_be_read(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.ones((100, 4), np.float32))
+    mapped = np.load(path, mmap_mode="r")
+    reader = FileRows.of(mapped)
+    with open(path, "r+b") as f:
+        f.truncate(128 + 50 * 16)  # the header, then 50 of the 100 rows
+    with pytest.raises(DataError, match=r"x.npy: row 70 could not be read whole"):
+        reader[np.array([1, 70])]
