@@ -5,13 +5,17 @@ through that version. Knows no protocol: errors are ``service/errors.py``'s.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from aeserve.models.index import MAX_K, CodeIndex, IndexFileError
-from aeserve.models.version import ModelVersion
 from aeserve.service.codec import validate_rows
 from aeserve.service.errors import Conflict, Invalid, NotFound
 from aeserve.service.pipeline import VALUE_RANGE
+
+if TYPE_CHECKING:  # the slim server has no torch; ModelVersion is only named here
+    from aeserve.models.version import ModelVersion
 
 DEFAULT_K = 10
 INT_RANGES = {"int8": (-127, 127), "binary": (0, 255)}  # the values of a stored code, as encode?codes=FORM answers them

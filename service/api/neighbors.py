@@ -7,7 +7,7 @@ answer is JSON: per row, the ids of the nearest stored items, nearest first, and
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -16,7 +16,6 @@ from starlette.datastructures import State
 from starlette.types import Receive, Send
 
 from aeserve.models.index import MAX_K, METRICS
-from aeserve.models.version import ModelVersion
 from aeserve.service import pipeline
 from aeserve.service.api import v1
 from aeserve.service.api.errors import V1, openapi_errors
@@ -26,6 +25,9 @@ from aeserve.service.indexes import DEFAULT_K, Indexes, neighbor_count, sent_cod
 from aeserve.service.operations import OPERATIONS
 from aeserve.service.runtime.store import ModelStore
 from aeserve.service.tables import TableRows
+
+if TYPE_CHECKING:  # the slim server has no torch; ModelVersion is only named here
+    from aeserve.models.version import ModelVersion
 
 NEIGHBORS = "neighbors"
 STATUSES = ((400, "malformed body"), (401, "missing or wrong API key"), (404, "unknown model or version, or no index of its codes"),

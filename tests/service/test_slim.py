@@ -4,6 +4,7 @@ on the full install; a corrupted graphs file is refused like corrupted weights."
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import httpx
 import numpy as np
 import pytest
+from sklearn.datasets import load_digits
 
 from aeserve.models.checkpoint import MANIFEST, CheckpointError, load_version
 from aeserve.models.registry import Registry
@@ -21,8 +23,10 @@ from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
 from tests.conftest import KIND_CONFIGS, strip_graphs
 from tests.servers import make_client, serve_process, wait_ready, wait_until
+from tests.service.api.test_neighbors import indexed  # noqa: F401  (a fixture)
 from tests.training.data.test_images import write_folder
 from tests.training.data.test_tables import write_csv
+from tests.training.test_index import NAME, stored  # noqa: F401  (stored: a fixture)
 
 # What a slim install lacks: importing any of these in the server fails, as it would there.
 BLOCKED = ("torch", "sklearn", "matplotlib", "openTSNE", "onnxscript", "onnx", "pyarrow", "scipy")
@@ -56,15 +60,14 @@ def registry(trained_registry, tmp_path_factory) -> Registry:
     return registry
 
 
-@pytest.fixture(scope="module")
-def slim(registry, tmp_path_factory):
-    """``aeserve serve`` where torch and the training stack cannot be imported, and its log."""
-    blocker = tmp_path_factory.mktemp("blocker")
-    (blocker / "sitecustomize.py").write_text(f"import sys\nfor name in {BLOCKED!r}:\n    sys.modules[name] = None\n")
-    log = blocker / "serve.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]), "AESERVE_ENGINE": "onnx"}
+@contextlib.contextmanager
+def slim_server(registry: Registry, folder, *flags: str):
+    """``aeserve serve`` where torch and the training stack cannot be imported: (a client of it, its log)."""
+    (folder / "sitecustomize.py").write_text(f"import sys\nfor name in {BLOCKED!r}:\n    sys.modules[name] = None\n")
+    log = folder / "serve.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]), "AESERVE_ENGINE": "onnx"}
     with open(log, "wb") as stderr:
-        process, url = serve_process("--registry", str(registry.root), "--poll-seconds", "0", "--no-access-log", env=env, stderr=stderr)
+        process, url = serve_process("--registry", str(registry.root), "--poll-seconds", "0", "--no-access-log", *flags, env=env, stderr=stderr)
     try:
         wait_until(lambda: httpx.get(f"{url}/health/ready").status_code == 200 or process.poll() is not None, 60, "the slim server's readiness")
         assert process.poll() is None, log.read_text()[-3000:]
@@ -73,6 +76,12 @@ def slim(registry, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def slim(registry, tmp_path_factory):
+    with slim_server(registry, tmp_path_factory.mktemp("blocker")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +210,13 @@ def test_serve_imports_no_torch(registry, tmp_path):
     done = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_neighbors_on_the_slim_server_answer_as_on_torch(indexed, tmp_path):  # noqa: F811
+    registry, files, indexes = indexed
+    rows = load_digits().images[:4].reshape(4, -1).tolist()
+    with slim_server(registry, tmp_path, "--index", f"{NAME}={indexes['int8']}") as server, \
+            make_client(registry, index=[f"{NAME}={indexes['int8']}"]) as torch_client:
+        wait_ready(torch_client.get)
+        answer = both(server, torch_client, "POST", f"/v1/models/{NAME}/versions/1/neighbors", json={"inputs": rows, "k": 3})
+        assert answer["codes"] == "int8" and len(answer["ids"]) == 4 and all(len(ids) == 3 for ids in answer["ids"])
