@@ -13,36 +13,26 @@ scores are its errors.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from aeserve.models.anomaly import AnomalyScore, Neighbors
+from aeserve.models.anomaly import Neighbors
 from aeserve.models.base import Autoencoder
+from aeserve.models.files import MANIFEST, WEIGHTS, CheckpointError, fitted_state, read_folder, scoring, sha256_bytes, state_shapes
 from aeserve.models.kinds import build_model
 from aeserve.models.outputs import CodeQuantization
 from aeserve.models.preprocessing import Preprocessing
 from aeserve.models.projector import build_projector
 from aeserve.models.version import ModelVersion
 
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
+__all__ = ["MANIFEST", "WEIGHTS", "N_QUANTILES", "CheckpointError", "sha256_bytes", "weights_bytes", "error_quantiles", "load_version"]
+
 # Held-out errors are stored as these many evenly spaced quantiles (0, 0.1, ..., 100 percent).
 N_QUANTILES = 1001
-
-
-class CheckpointError(ValueError):
-    """A version folder that cannot be loaded; the message names the file and the problem."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def weights_bytes(model: Autoencoder, projector: torch.nn.Module, preprocessing: Preprocessing | None = None,
@@ -65,71 +55,30 @@ def error_quantiles(errors: np.ndarray) -> list[float]:
     return [float(q) for q in np.quantile(np.asarray(errors, dtype=np.float64), np.linspace(0, 1, N_QUANTILES))]
 
 
-def _regular_file(path: Path) -> Path:
-    """``path``, a file of the version folder itself: not a link leading elsewhere, nor a pipe or device to block on."""
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise CheckpointError(f"{path}: not a regular file (a link, a folder or a device); a version's files are its own")
-    return path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(_regular_file(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file is missing") from None
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
-        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
-
-
 def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersion:
     """Load and verify one version folder. Raises CheckpointError naming the file and the problem."""
     folder = Path(folder)
-    manifest = _read_json(folder / MANIFEST)
-    weights_path = _regular_file(folder / WEIGHTS)
-    try:
-        data = weights_path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{weights_path}: file is missing") from None
-    expected = manifest.get("sha256")
-    actual = sha256_bytes(data)
-    if actual != expected:
-        raise CheckpointError(f"{weights_path}: sha256 {actual} does not match the manifest's {expected}; the file was changed or corrupted")
+    manifest, data, files = read_folder(folder)
+    weights_path = folder / WEIGHTS
     try:
         input_shape = tuple(int(s) for s in manifest["preprocessing"]["input_shape"])
-        per_feature = bool(manifest["preprocessing"].get("per_feature"))
         # Build on the meta device first: absurd sizes in a manifest cost nothing until checked against the file.
         with torch.device("meta"):
             skeleton = build_model(manifest["kind"], manifest["config"], input_shape)
             projector_spec = manifest.get("projector", {"kind": "pca"})
             skeleton_projector = build_projector(projector_spec["kind"], skeleton.code_dim, projector_spec.get("config"))
-        anomaly = manifest.get("anomaly")  # absent: published before anomaly scores, whose scores are the errors
-        quantiles_key = "error_quantiles" if anomaly is None else "score_quantiles"
-        quantiles = np.asarray(manifest["metrics"][quantiles_key], dtype=np.float64)
-        neighbors_k = int(anomaly["k"]) if anomaly is not None and anomaly["score"] == "neighbors" else None
-        reference_rows = int(anomaly["reference_rows"]) if neighbors_k is not None else 0
+        scores = scoring(manifest, folder)
     except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{folder / MANIFEST}: invalid manifest ({type(e).__name__}: {e})") from None
-    if quantiles.ndim != 1 or len(quantiles) < 2 or not np.all(np.isfinite(quantiles)) or np.any(np.diff(quantiles) < 0):
-        raise CheckpointError(f"{folder / MANIFEST}: metrics.{quantiles_key} must be a non-decreasing list of finite numbers")
-    if neighbors_k is not None and (neighbors_k < 1 or reference_rows < 1):
-        raise CheckpointError(f"{folder / MANIFEST}: anomaly.k and anomaly.reference_rows must be at least 1")
     try:
         tensors = load_safetensors_bytes(data)  # parses the header and copies raw tensor bytes: no code runs
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({e})") from None
     expected_shapes = {f"model.{k}": v.shape for k, v in skeleton.state_dict().items()}
     expected_shapes.update({f"projector.{k}": v.shape for k, v in skeleton_projector.state_dict().items()})
-    if per_feature:
-        expected_shapes.update({f"preprocessing.{name}": torch.Size([skeleton.input_dim]) for name in ("offset", "scale")})
-    quantized = "code_quantization" in manifest
-    if quantized:
-        expected_shapes.update({f"code_quantization.{name}": torch.Size([skeleton.code_dim]) for name in CodeQuantization.TENSORS})
-    if neighbors_k is not None:
-        expected_shapes.update({"anomaly.reference": torch.Size([reference_rows, skeleton.code_dim]),
-                                "anomaly.mean": torch.Size([skeleton.code_dim]), "anomaly.scale": torch.Size([skeleton.code_dim])})
+    expected_shapes.update({k: torch.Size(v) for k, v in state_shapes(manifest, scores, skeleton.input_dim, skeleton.code_dim).items()})
     got_shapes = {k: v.shape for k, v in tensors.items()}
     if got_shapes != expected_shapes:
         # In the order expected: the model's tensors first, then the projector's, preprocessing's and the codes' constants.
@@ -139,18 +88,7 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
         raise CheckpointError(f"{weights_path}: tensors do not match the manifest's model (missing {missing}, unexpected {extra}, wrong shape {wrong})")
     if any(t.dtype != torch.float32 for t in tensors.values()):
         raise CheckpointError(f"{weights_path}: every tensor must be float32")
-    code_quantization = CodeQuantization.from_tensors({k: v.numpy() for k, v in tensors.items()}) if quantized else None
-    if code_quantization is not None and not (np.isfinite(code_quantization.scale).all() and (code_quantization.scale > 0).all()
-                                              and np.isfinite(code_quantization.threshold).all()):
-        raise CheckpointError(f"{weights_path}: code_quantization.scale must be finite and positive, code_quantization.threshold finite")
-    neighbors = Neighbors.from_tensors({k: v.numpy() for k, v in tensors.items()}, neighbors_k) if neighbors_k is not None else None
-    if neighbors is not None and not (np.isfinite(neighbors.reference).all() and np.isfinite(neighbors.mean).all()
-                                      and np.isfinite(neighbors.scale).all() and (neighbors.scale > 0).all()):
-        raise CheckpointError(f"{weights_path}: anomaly.reference and anomaly.mean must be finite, anomaly.scale finite and positive")
-    try:
-        preprocessing = Preprocessing.from_dict(manifest["preprocessing"], {k: v.numpy() for k, v in tensors.items() if k.startswith("preprocessing.")})
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / MANIFEST}: invalid preprocessing ({type(e).__name__}: {e})") from None
+    preprocessing, anomaly, code_quantization = fitted_state(manifest, scores, {k: v.numpy() for k, v in tensors.items()}, folder)
 
     contradictions = [f"{key} {manifest.get(key)!r} but the model config gives {want!r}"
                       for key, want in (("input_shape", list(preprocessing.input_shape)), ("code_dim", skeleton.code_dim))
@@ -165,4 +103,4 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     device = torch.device(device)
     model.to(device).eval()
     projector.to(device).eval()
-    return ModelVersion(manifest, model, projector, preprocessing, AnomalyScore(quantiles, neighbors), device, folder, code_quantization)
+    return ModelVersion(manifest, model, projector, preprocessing, anomaly, device, folder, code_quantization, files)

@@ -6,7 +6,7 @@ learned cumulative distribution per latent channel, made monotone by softplus we
 uniform noise as the stand-in for rounding; the rate is ``-log2`` of the probability mass the density gives each
 latent's unit interval.
 
-The coder is constriction's range coder (``constriction.stream.queue``): exact, fast, and it needs only numpy. The
+The coder (models/streams.py, torch-free) is constriction's range coder (``constriction.stream.queue``): exact, fast, and it needs only numpy. The
 probability tables it codes with are computed from the trained density once, at publishing, and stored with the
 version, so a stream decodes with exactly the tables it was encoded with, whatever engine runs the networks.
 """
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Latents are coded as integers in [-RADIUS, RADIUS]; encoders clamp to it (at the rates trained here no latent comes
-# near: their densities put less than 1e-9 of mass beyond |y| = 40).
-RADIUS = 63
+from aeserve.models.streams import RADIUS, RangeCoder
+
+__all__ = ["GDN", "FactorizedPrior", "bits", "RADIUS", "RangeCoder", "PMF_FLOOR"]
+
 # The smallest probability a table entry gets before the coder's own floor: keeps every symbol codable.
 PMF_FLOOR = 1e-9
 
@@ -95,31 +95,3 @@ class FactorizedPrior(nn.Module):
 def bits(likelihood: torch.Tensor) -> torch.Tensor:
     """Per-example information content in bits: (n, ...) likelihoods -> (n,)."""
     return -torch.log2(likelihood).flatten(1).sum(dim=1)
-
-
-class RangeCoder:
-    """Integer latents <-> bytes with constriction's range coder, over a version's stored tables.
-
-    ``channel_of`` gives, for each position of a flattened code, the channel whose table codes it.
-    """
-
-    def __init__(self, pmf: np.ndarray, channel_of: np.ndarray) -> None:
-        import constriction
-
-        self._constriction = constriction
-        self.probabilities = np.ascontiguousarray(pmf[channel_of], dtype=np.float64)  # (code_dim, 2 * RADIUS + 1)
-        self.family = constriction.stream.model.Categorical(perfect=False)
-
-    def encode(self, code: np.ndarray) -> bytes:
-        """One code (code_dim,) of integers in [-RADIUS, RADIUS] -> its bytes."""
-        encoder = self._constriction.stream.queue.RangeEncoder()
-        encoder.encode((code.astype(np.int64) + RADIUS).astype(np.int32), self.family, self.probabilities)
-        return encoder.get_compressed().tobytes()
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """Bytes -> one code (code_dim,) as float32 integers. Raises ValueError when the bytes cannot be a stream."""
-        if len(data) % 4:
-            raise ValueError(f"a stream's payload is whole 32-bit words; this one has {len(data)} bytes")
-        decoder = self._constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype=np.uint32).copy())
-        symbols = decoder.decode(self.family, self.probabilities)
-        return (symbols.astype(np.float32) - RADIUS)

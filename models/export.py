@@ -6,8 +6,10 @@ Two uses, one exporter:
   folded in. ``encoder.onnx``: input ``input`` float32 (n, *input_shape) in the data's own units -> output ``code``
   (n, code_dim); ``decoder.onnx``: input ``code`` float32 (n, code_dim) -> output ``output`` (n, *input_shape) in the
   data's units. The batch dimension is dynamic; outputs match the service's encode and decode.
-- ``export_graphs`` gives the service's ONNX Runtime engine the model-space graphs ``encode`` (x -> codes),
-  ``decode`` (codes -> x) and ``project`` (codes -> map coordinates), which ``models/outputs.py`` combines.
+- ``export_graphs`` gives ONNX Runtime the model-space graphs ``encode`` (x -> codes), ``decode`` (codes -> x) and
+  ``project`` (codes -> map coordinates), which ``models/outputs.py`` combines; ``check_graphs`` runs them against
+  torch. Publishing stores the graphs that pass with the version (``graphs_for_serving``; the format is in
+  models/served.py), and a server exports those of a version published without them.
 """
 from __future__ import annotations
 
@@ -15,14 +17,20 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from aeserve.models.served import CODING, coding_bytes, graph_file, onnx_session
 from aeserve.models.version import ModelVersion
 
 OPSET = 18
 GRAPHS = ("encode", "decode", "project")
+# float32 kernels differ between torch and ONNX Runtime; a check fails beyond this, relative to the outputs' scale.
+TOLERANCE = 1e-3
+CHECK_ROWS = (1, 3)
 
 
 def _onnx_program(module: nn.Module, examples: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str]):
@@ -117,3 +125,58 @@ def export_graphs(version: ModelVersion) -> tuple[dict[str, bytes], dict[str, st
         graphs = {name: extractor.extract_model(["z" if name != "encode" else "x"], [name]) for name in names}
         return {name: graph.SerializeToString() for name, graph in graphs.items()}, failed
     return {}, failed
+
+
+def check_graphs(version: ModelVersion, graphs: dict[str, bytes]) -> str | None:
+    """Why ``graphs`` cannot stand in for torch on ``version``, or None: each graph on ONNX Runtime against torch on 1
+    and 3 sample rows in the training data's range."""
+    try:
+        sessions = {name: onnx_session(graph, threads=1) for name, graph in graphs.items()}
+    except Exception as e:  # onnxruntime's own error types
+        return f"the graphs do not load on ONNX Runtime: {type(e).__name__}: {e}"
+    rng = np.random.default_rng(0)
+    pre = version.preprocessing
+    for n in CHECK_ROWS:
+        x = (pre.offset + rng.random((n, pre.input_dim)) / pre.scale).astype(np.float32)
+        with torch.inference_mode():
+            x_model = torch.from_numpy(pre.to_model(x))
+            codes = version.model.encode(x_model)
+            expected = {"encode": codes, "decode": version.model.decode(codes), "project": version.projector(codes)}
+            inputs = {"encode": x_model.numpy(), "decode": codes.numpy(), "project": codes.numpy()}
+        for graph, session in sessions.items():
+            try:
+                got = session.run(None, {session.get_inputs()[0].name: inputs[graph]})[0]
+            except Exception as e:  # onnxruntime's own error types
+                return f"{graph} failed on {n} row(s): {type(e).__name__}: {e}"
+            want = expected[graph].numpy()
+            if got.shape != want.shape:
+                return f"{graph} gave shape {got.shape} for {n} row(s), torch {want.shape}"
+            scale = max(1.0, float(np.abs(want).max()))
+            if not np.allclose(got, want, rtol=TOLERANCE, atol=TOLERANCE * scale):
+                return f"{graph} differs from torch by up to {float(np.abs(got - want).max()):.3g} on {n} row(s)"
+    return None
+
+
+def graphs_for_serving(version: ModelVersion) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """(files for the version folder, the manifest's ``graphs`` section) for a CPU ModelVersion about to be published.
+
+    Graphs that do not export, or differ from torch, are not stored: the section then says why, and only a server
+    with torch serves the version.
+    """
+    try:
+        graphs, failed = export_graphs(version)
+        why = check_graphs(version, graphs) if {"encode", "decode"} <= set(graphs) else f"the encoder or decoder did not export: {failed}"
+    except Exception as e:  # the exporter's and ONNX's many error types: the version publishes all the same
+        graphs, failed, why = {}, {}, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+    if why is not None:
+        return {}, {"error": why}
+    files = {graph_file(name): graph for name, graph in graphs.items()}
+    section: dict[str, Any] = {"opset": OPSET, "files": {name: graph_file(name) for name in graphs},
+                               "checked": f"against torch on {' and '.join(map(str, CHECK_ROWS))} rows, within {TOLERANCE:g} of the outputs' scale"}
+    if failed:
+        section["not_exported"] = failed
+    tables = version.model.coding_tables()
+    if tables is not None:
+        files[CODING] = coding_bytes(*tables)
+        section["coding"] = CODING
+    return files, section

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aeserve.models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
+from aeserve.models.files import MANIFEST, WEIGHTS, sha256_bytes
 from aeserve.models.registry import Registry, RegistryError
 from aeserve.models.remote import CLAIM
 

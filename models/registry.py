@@ -16,14 +16,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from filelock import FileLock
 
-from aeserve.models.checkpoint import MANIFEST, WEIGHTS, CheckpointError, load_version, sha256_bytes
+from aeserve.models.files import MANIFEST, WEIGHTS, CheckpointError, listing, sha256_bytes
 from aeserve.models.storage import install_hint, is_url, local_path, registry_location
-from aeserve.models.version import ModelVersion
+
+if TYPE_CHECKING:
+    import torch
+
+    from aeserve.models.version import ModelVersion
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ALIAS_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -153,6 +156,8 @@ class Registry:
         return json.loads((self.version_dir(name, self.resolve(name, ref)) / MANIFEST).read_text())
 
     def load(self, name: str, ref: str | int = "latest", device: str | torch.device = "cpu") -> ModelVersion:
+        from aeserve.models.checkpoint import load_version  # torch: a slim server never calls this
+
         number = self.resolve(name, ref)
         version = load_version(self.version_dir(name, number), device)
         if version.manifest.get("version") != number:  # a folder copied by hand would answer as another version
@@ -186,7 +191,7 @@ class Registry:
         """
         with self._locked(name) as folder:
             version = (self.versions(name) or [0])[-1] + 1
-            self._install(folder, version, version_files(finished_manifest(name, version, manifest, weights), weights, extra_files))
+            self._install(folder, version, version_files(finished_manifest(name, version, manifest, weights, extra_files), weights, extra_files))
             self._write_aliases(folder, self.aliases(name))
         return version
 
@@ -300,13 +305,16 @@ def check_alias_update(alias: str, version: int | str) -> None:
         raise RegistryError(f"version must be a number, got {version!r}")
 
 
-def finished_manifest(name: str, version: int, manifest: dict[str, Any], weights: bytes) -> dict[str, Any]:
-    """The manifest as published: name and version first, then the trainer's keys, the weights' sha256 and the time."""
+def finished_manifest(name: str, version: int, manifest: dict[str, Any], weights: bytes,
+                      extra_files: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """The manifest as published: name and version first, then the trainer's keys, the weights' sha256, the other
+    files' sha256 (``files``, verified on load like the weights) and the time."""
     return {
         "name": name,
         "version": version,
-        **{k: v for k, v in manifest.items() if k not in ("name", "version")},
+        **{k: v for k, v in manifest.items() if k not in ("name", "version", "files")},
         "sha256": sha256_bytes(weights),
+        **({"files": listing(extra_files)} if extra_files else {}),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 

@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from aeserve.models.checkpoint import MANIFEST
+from aeserve.models.files import MANIFEST
 from aeserve.models.registry import (
     ALIASES,
     NAME_PATTERN,
@@ -46,10 +44,12 @@ from aeserve.models.registry import (
     valid_aliases,
     version_files,
 )
-from aeserve.models.version import ModelVersion
 
 if TYPE_CHECKING:
+    import torch
+
     from aeserve.models.mirror import Mirror
+    from aeserve.models.version import ModelVersion
 
 log = logging.getLogger("aeserve.registry")
 
@@ -255,7 +255,7 @@ class ObjectRegistry:
                 version += 1
         else:
             raise RegistryError(f"could not claim a version number of {name!r} in {self.location} after {CLAIM_TRIES} tries")
-        files = version_files(finished_manifest(name, version, manifest, weights), weights, extra_files)
+        files = version_files(finished_manifest(name, version, manifest, weights, extra_files), weights, extra_files)
         for relative, data in files.items():  # the manifest comes last
             self._create(self._key(name, version, relative), data)
         self._listing = None

@@ -19,9 +19,10 @@ import hashlib
 
 import numpy as np
 
-from aeserve.models.entropy import RangeCoder
-
 MAGIC = 0xA1
+# Latents are coded as integers in [-RADIUS, RADIUS]; encoders clamp to it (at the rates trained here no latent comes
+# near: their densities put less than 1e-9 of mass beyond |y| = 40).
+RADIUS = 63
 
 
 class StreamError(ValueError):
@@ -85,3 +86,31 @@ class StreamFormat:
             if not byte & 0x80:
                 return version
         raise StreamError(f"{where}: the stream's header is damaged (its version number does not end)")
+
+
+class RangeCoder:
+    """Integer latents <-> bytes with constriction's range coder, over a version's stored tables.
+
+    ``channel_of`` gives, for each position of a flattened code, the channel whose table codes it.
+    """
+
+    def __init__(self, pmf: np.ndarray, channel_of: np.ndarray) -> None:
+        import constriction
+
+        self._constriction = constriction
+        self.probabilities = np.ascontiguousarray(pmf[channel_of], dtype=np.float64)  # (code_dim, 2 * RADIUS + 1)
+        self.family = constriction.stream.model.Categorical(perfect=False)
+
+    def encode(self, code: np.ndarray) -> bytes:
+        """One code (code_dim,) of integers in [-RADIUS, RADIUS] -> its bytes."""
+        encoder = self._constriction.stream.queue.RangeEncoder()
+        encoder.encode((code.astype(np.int64) + RADIUS).astype(np.int32), self.family, self.probabilities)
+        return encoder.get_compressed().tobytes()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Bytes -> one code (code_dim,) as float32 integers. Raises ValueError when the bytes cannot be a stream."""
+        if len(data) % 4:
+            raise ValueError(f"a stream's payload is whole 32-bit words; this one has {len(data)} bytes")
+        decoder = self._constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype=np.uint32).copy())
+        symbols = decoder.decode(self.family, self.probabilities)
+        return (symbols.astype(np.float32) - RADIUS)

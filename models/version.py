@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,10 @@ import torch
 
 from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.base import Autoencoder
-from aeserve.models.entropy import RangeCoder
-from aeserve.models.outputs import Call, CodeQuantization, compute
+from aeserve.models.outputs import OUTPUTS, Call, CodeQuantization, compute
 from aeserve.models.preprocessing import Preprocessing
-from aeserve.models.streams import StreamFormat
+from aeserve.models.served import stored_graphs
+from aeserve.models.streams import RangeCoder, StreamFormat
 
 
 class TorchGraphs:
@@ -90,6 +90,7 @@ class ModelVersion:
     device: torch.device
     folder: Path | None = None  # the version folder it was loaded from
     code_quantization: CodeQuantization | None = None  # fitted at publish; None for a version published before compact codes
+    files: dict[str, bytes] = field(default_factory=dict)  # the folder's other files, as the manifest lists them, verified
 
     def __post_init__(self) -> None:
         self._graphs = TorchGraphs(self)
@@ -114,6 +115,15 @@ class ModelVersion:
     @property
     def code_dim(self) -> int:
         return self.model.code_dim
+
+    @property
+    def graphs(self) -> dict[str, bytes]:
+        """The ONNX graphs stored with the version (models/served.py), verified on load; {} for one without them."""
+        return stored_graphs(self.manifest, self.files)
+
+    def warm(self) -> None:
+        """Run every graph once so the first request pays no one-off costs."""
+        self.decode(self.run(Call("inputs", tuple(OUTPUTS)), np.zeros((1, *self.input_shape), np.float32))[0])
 
     @torch.inference_mode()
     def run(self, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -52,6 +52,11 @@ class UnsupportedMedia(ServiceError):
     """A body of a media type the call does not take."""
 
 
+class NeedsFullInstall(ServiceError):
+    """What the request needs cannot run on this server: a version without stored graphs, or map coordinates without a
+    projector graph, where torch is not installed. Sending it again will not help; the full install or a re-publish will."""
+
+
 class Unavailable(ServiceError):
     """The request was refused before any work, and may succeed later: send it again after ``retry_after`` seconds."""
 

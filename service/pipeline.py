@@ -9,15 +9,18 @@ after it, so requests in any form batch together.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aeserve.models.outputs import CODE_FORMS, Call
 from aeserve.models.streams import StreamError, StreamFormat
-from aeserve.models.version import ModelVersion
 from aeserve.service.codec import check_finite_outputs, validate_rows
 from aeserve.service.errors import Conflict, Invalid
 from aeserve.service.runtime.batcher import Batcher
+
+if TYPE_CHECKING:
+    from aeserve.models.version import ModelVersion
 
 # Input values are taken within a million times the training data's range (codes: within a million), where every
 # kind answers finite outputs; the OpenAPI document states the same bound.

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         return [m.strip() for m in self.models.split(",") if m.strip()]
 
     def resolved_device(self) -> str:
+        from aeserve.models.served import torch_installed
+
+        if not torch_installed():  # the slim install: ONNX Runtime on the CPU
+            if self.device == "cuda":
+                raise ValueError("--device cuda needs torch, which is not installed here; install aeserve with torch, or use --device cpu")
+            return "cpu"
         import torch
 
         if self.device == "auto":

@@ -128,4 +128,19 @@ def tamper_version(registry: Registry, name: str, weights: bytes | None = None, 
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
+def strip_graphs(registry: Registry, name: str, number: int = 1) -> None:
+    """Make a version look published before graphs were stored: no graphs section, no listed files, no graphs/."""
+    import json
+    import shutil
+
+    from aeserve.models.checkpoint import MANIFEST
+
+    folder = registry.version_dir(name, number)
+    shutil.rmtree(folder / "graphs")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for key in ("graphs", "files"):
+        manifest.pop(key)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
 from tests.s3 import s3_bucket, s3_server  # noqa: E402,F401  (fixtures: an S3 API server on loopback)

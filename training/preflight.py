@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aeserve.models.checkpoint import CheckpointError
+from aeserve.models.files import CheckpointError
 from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name, open_registry
 from aeserve.models.storage import is_url
 from aeserve.training.data.dataset import DataError

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.base import Autoencoder
 from aeserve.models.checkpoint import weights_bytes
+from aeserve.models.export import graphs_for_serving
 from aeserve.models.kinds import build_model
 from aeserve.models.outputs import INT8_SCALE_QUANTILE, CodeQuantization
 from aeserve.models.projector import build_projector, projector_manifest
@@ -355,6 +356,12 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     version = ModelVersion({"name": config.name, **manifest}, model, projector, preprocessing,
                            AnomalyScore(np.asarray(metrics["score_quantiles"]), neighbors), torch.device("cpu"), code_quantization=code_quantization)
     files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
+    # The ONNX graphs a server without torch runs (models/served.py), checked against torch; without them the version
+    # still publishes, and the manifest says why.
+    graph_files, manifest["graphs"] = graphs_for_serving(version)
+    files.update(graph_files)
+    if "error" in manifest["graphs"]:
+        log.warning("%s: no ONNX graphs stored, so only a server with torch serves this version: %s", config.name, manifest["graphs"]["error"])
     if config.train.report:
         try:
             files.update(render_report(version, dataset.test_x, dataset.test_y))

@@ -18,6 +18,7 @@ from aeserve.service.errors import (
     Conflict,
     Invalid,
     Malformed,
+    NeedsFullInstall,
     NotFound,
     NotReady,
     Overloaded,
@@ -60,6 +61,7 @@ STATUSES: dict[type[ServiceError], tuple[int, int]] = {
     TooLarge:         (413, 413),
     UnsupportedMedia: (415, 415),
     Invalid:          (422, 400),
+    NeedsFullInstall: (503, 503),
     NotReady:         (503, 503),
     Overloaded:       (503, 503),
 }

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from aeserve.models.registry import NotFoundError
-from aeserve.models.version import ModelVersion
 from aeserve.service.api.errors import V1, openapi_errors
 from aeserve.service.codec import JSON, json_bytes
 from aeserve.service.errors import NotFound, NotReady
 from aeserve.service.runtime.store import ModelStore, valid_name
+
+if TYPE_CHECKING:
+    from aeserve.models.version import ModelVersion
 
 router = APIRouter(prefix="/v1", tags=["models"], responses=openapi_errors(V1, (
     (401, "missing or wrong API key"), (404, "unknown model or version"), (503, "models still loading"))))

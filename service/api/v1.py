@@ -10,7 +10,7 @@ document (``operations_openapi``). The query string is read only when there is o
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -22,7 +22,6 @@ from aeserve.models.columns import MISSING_TEXTS, accepts_missing
 from aeserve.models.images import IMAGE_MEDIA_TYPES
 from aeserve.models.npy import FLOAT32_MAX
 from aeserve.models.outputs import CODE_FORMS, OUTPUTS
-from aeserve.models.version import ModelVersion
 from aeserve.service import pipeline
 from aeserve.service.api.errors import V1, MethodNotAllowed, openapi_errors
 from aeserve.service.api.models import lookup
@@ -47,6 +46,9 @@ from aeserve.service.errors import Invalid, NotFound, UnsupportedMedia
 from aeserve.service.operations import OPERATIONS, Operation
 from aeserve.service.runtime.store import ModelStore
 from aeserve.service.tables import TableRows
+
+if TYPE_CHECKING:
+    from aeserve.models.version import ModelVersion
 
 # Compressed streams in JSON: one base64 string per row (standard alphabet, padded).
 STREAMS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "string", "contentEncoding": "base64",

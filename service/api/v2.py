@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -30,13 +30,15 @@ from starlette.responses import Response
 import aeserve
 from aeserve.models.outputs import CODE_FORMS, FROM_CODES, OUTPUTS, Call
 from aeserve.models.registry import is_number
-from aeserve.models.version import ModelVersion
 from aeserve.service import pipeline
 from aeserve.service.api.errors import V2, openapi_errors
 from aeserve.service.api.health import readiness
 from aeserve.service.api.models import request_lookup
 from aeserve.service.codec import decode_images, is_image_version, read_body
 from aeserve.service.errors import Invalid, Malformed
+
+if TYPE_CHECKING:
+    from aeserve.models.version import ModelVersion
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], responses=openapi_errors(V2, (
     (400, "bad request"), (401, "missing or wrong API key"), (404, "unknown model or version"),

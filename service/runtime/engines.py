@@ -11,8 +11,12 @@ A deployment chooses its engine (``Settings.engine``, ``Settings.device``):
   the engine process (``engine_process.py``), which the event loop feeds directly and which shares no GIL with it,
   or with ``engine_process`` off on the server's model threads (``OnnxThreads``).
 
-Graphs for ONNX Runtime are exported and checked in a child process (``export.py``) when new versions load; until
-then, and for a version whose graphs do not export or match torch, torch serves every call.
+Graphs for ONNX Runtime come stored with a version (models/served.py), or for one published without them are
+exported and checked in a child process (``export.py``) when it loads; until then, and for a version whose graphs do
+not export or match torch, torch serves every call.
+
+Without torch (the slim install) every version is a ``ServedVersion``: small calls run as above, and the others on
+its own ONNX Runtime sessions with every core, on the model threads, in blocks.
 """
 from __future__ import annotations
 
@@ -22,21 +26,33 @@ import threading
 import time
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
 from aeserve.models.outputs import Call
-from aeserve.models.version import ModelVersion
+from aeserve.models.served import FULL_INSTALL, lists_graphs, torch_installed
+from aeserve.service.errors import NeedsFullInstall
 from aeserve.service.runtime.engine_process import EngineProcess
 from aeserve.service.runtime.export import GraphExport
-from aeserve.service.runtime.torch_engine import TorchEngine, one_torch_thread
+
+if TYPE_CHECKING:
+    from aeserve.models.version import ModelVersion
 
 log = logging.getLogger("aeserve.engines")
 Outputs = tuple[np.ndarray, ...]
 
 SMALL_BATCH_ROWS = 128  # calls of fewer rows go to ONNX Runtime where a version has its graphs
 RESTART_S = (5.0, 600.0)  # the first wait before a dead engine process is replaced, and the longest
+BLOCK_ROWS = 1024  # big calls on a version's own ONNX Runtime sessions run in blocks of this many rows, as on torch
+
+
+def run_served(version: Any, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A big call of a ``ServedVersion`` on its sessions with every core, in blocks that bound its memory."""
+    if len(rows) <= BLOCK_ROWS:
+        return version.run(call, rows)
+    parts = [version.run(call, rows[start:start + BLOCK_ROWS]) for start in range(0, len(rows), BLOCK_ROWS)]
+    return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
 
 
 class ModelThreads:
@@ -146,7 +162,15 @@ class Engines:
     def __init__(self, device: str, engine: str = "onnx", engine_process: bool = True, threads: int = 1) -> None:
         self.device = device
         self.threads = ModelThreads(threads)
-        self.torch = TorchEngine()
+        self.torch = None
+        if torch_installed():
+            from aeserve.service.runtime.torch_engine import TorchEngine
+
+            self.torch = TorchEngine()
+        elif engine == "torch" or device != "cpu":
+            raise ValueError(f"--engine {engine} --device {device} needs torch, which is not installed here (a slim install serves "
+                             "with --engine onnx on the CPU); install aeserve with torch for it")
+        self.big = self.torch.run if self.torch is not None else run_served
         self.process = EngineProcess() if engine == "onnx" and device == "cpu" and engine_process else None
         self.small: SmallEngine | None = self.process
         if engine == "onnx" and device == "cpu" and not engine_process:
@@ -166,8 +190,10 @@ class Engines:
         self._keeper = asyncio.create_task(self._keep_process(self.process))
 
     def export(self, folders: list) -> GraphExport | None:
-        """Start exporting the graphs of new version folders (before they load, so the child works meanwhile)."""
-        if self.small is None or not folders:
+        """Start exporting the graphs of new version folders that have none stored (before they load, so the child works
+        meanwhile). Without torch there is no exporter: such versions are refused when they load."""
+        folders = [folder for folder in folders if not lists_graphs(folder)]
+        if self.small is None or not folders or self.torch is None:
             return None
         try:
             return GraphExport(folders)
@@ -176,9 +202,14 @@ class Engines:
             return None
 
     def adopt(self, export: GraphExport | None, versions: list[ModelVersion]) -> None:
-        """Hand the exported graphs of loaded ``versions`` to the small engine (on the refresh thread)."""
-        if export is not None and self.small is not None:
-            export.collect(versions, self.small.take)
+        """Hand the stored or exported graphs of loaded ``versions`` to the small engine (on the refresh thread)."""
+        if self.small is None:
+            return
+        for version in versions:
+            if version.graphs:
+                self.small.take(version, version.graphs)
+        if export is not None:
+            export.collect([v for v in versions if not v.graphs], self.small.take)
 
     async def run(self, version: ModelVersion, call: Call, rows: np.ndarray) -> Outputs:
         """``call`` on ``rows``: the one place that decides where a call runs."""
@@ -187,8 +218,12 @@ class Engines:
             try:
                 return await small.run(version, call, rows)
             except Exception as e:  # the engine failed this call, or is gone: torch runs it instead
-                log.warning("a call of %d rows failed on ONNX Runtime (%s); running it on torch", len(rows), e)
-        return await self.threads.run(self.torch.run, version, call, rows)
+                log.warning("a call of %d rows failed on ONNX Runtime (%s); running it on %s", len(rows), e,
+                            "torch" if self.torch is not None else "the version's own sessions")
+        if self.torch is None and not version.serves(call):
+            raise NeedsFullInstall(f"version {version.name}:{version.version} has no ONNX graph for map coordinates (its projector, "
+                                   f"{version.manifest.get('projector', {}).get('kind')}, does not export); {FULL_INSTALL}")
+        return await self.threads.run(self.big, version, call, rows)
 
     def onnx_versions(self) -> int:
         return self.small.versions() if self.small is not None else 0
@@ -223,8 +258,14 @@ class Engines:
                 await asyncio.to_thread(self._export_again, versions)
 
     def _export_again(self, versions: list[ModelVersion]) -> None:
+        unstored = [v.folder for v in versions if not v.graphs]
+        if not unstored or self.torch is None:
+            self.adopt(None, versions)
+            return
+        from aeserve.service.runtime.torch_engine import one_torch_thread
+
         with one_torch_thread():  # nothing here needs more, and a second OpenMP team would slow the model threads
-            self.adopt(GraphExport([v.folder for v in versions]), versions)
+            self.adopt(GraphExport(unstored), versions)
 
     async def close(self) -> None:
         if self._keeper is not None:

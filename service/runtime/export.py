@@ -22,16 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
     from aeserve.models.version import ModelVersion
-    from aeserve.service.runtime.onnx import OnnxVersion
 
 log = logging.getLogger("aeserve.onnx")
 
-# float32 kernels differ between torch and ONNX Runtime; a check fails beyond this, relative to the outputs' scale.
-TOLERANCE = 1e-3
 EXPORT_TIMEOUT_S = 600.0
 
 
@@ -92,40 +87,10 @@ class GraphExport:
         return graphs
 
 
-def mismatch(version: ModelVersion, engine: OnnxVersion) -> str | None:
-    """Why ``engine`` cannot stand in for torch on ``version``, or None: each graph against torch on 1 and 3 sample rows."""
-    import torch
-
-    rng = np.random.default_rng(0)
-    pre = version.preprocessing
-    for n in (1, 3):
-        x = (pre.offset + rng.random((n, pre.input_dim)) / pre.scale).astype(np.float32)  # the training data's range
-        with torch.inference_mode():
-            x_model = torch.from_numpy(pre.to_model(x))
-            codes = version.model.encode(x_model)
-            expected = {"encode": codes, "decode": version.model.decode(codes), "project": version.projector(codes)}
-            inputs = {"encode": x_model.numpy(), "decode": codes.numpy(), "project": codes.numpy()}
-        for graph, want in expected.items():
-            if not engine.has(graph):
-                continue
-            try:
-                got = engine.graph(graph, inputs[graph])
-            except Exception as e:  # onnxruntime's own error types
-                return f"{graph} failed on {n} row(s): {type(e).__name__}: {e}"
-            want = want.numpy()
-            if got.shape != want.shape:
-                return f"{graph} gave shape {got.shape} for {n} row(s), torch {want.shape}"
-            scale = max(1.0, float(np.abs(want).max()))
-            if not np.allclose(got, want, rtol=TOLERANCE, atol=TOLERANCE * scale):
-                return f"{graph} differs from torch by up to {float(np.abs(got - want).max()):.3g} on {n} row(s)"
-    return None
-
-
 def export_checked(folder: Path) -> tuple[dict[str, bytes], dict[str, str], str | None]:
     """(graphs, graph -> why it did not export, why the graphs cannot be used or None) for one version folder."""
     from aeserve.models.checkpoint import load_version
-    from aeserve.models.export import export_graphs
-    from aeserve.service.runtime.onnx import OnnxVersion
+    from aeserve.models.export import check_graphs, export_graphs
 
     try:
         version = load_version(folder, "cpu")
@@ -134,11 +99,7 @@ def export_checked(folder: Path) -> tuple[dict[str, bytes], dict[str, str], str 
     graphs, failed = export_graphs(version)
     if "encode" not in graphs or "decode" not in graphs:
         return graphs, failed, f"the encoder or decoder did not export: {failed}"
-    try:
-        why = mismatch(version, OnnxVersion(graphs, version.preprocessing, version.anomaly))
-    except Exception as e:  # onnxruntime's own error types
-        why = f"{type(e).__name__}: {e}"
-    return graphs, failed, why
+    return graphs, failed, check_graphs(version, graphs)
 
 
 def _exit_with_parent(out: Path, parent: int, every_s: float = 0.5) -> None:

@@ -4,18 +4,14 @@ Imports numpy and ONNX Runtime, never torch: the engine process runs this same c
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
 from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.outputs import Call, NumpyGraphs, compute
 from aeserve.models.preprocessing import Preprocessing
+from aeserve.models.served import graphs_serve, onnx_session
 
-
-def graphs_serve(graphs: Iterable[str], call: Call) -> bool:
-    """Whether graphs of these names run all of ``call``: map coordinates need the projector's, which may not export."""
-    return "coordinates" not in call.outputs or "project" in graphs
+__all__ = ["OnnxVersion", "graphs_serve"]
 
 
 class OnnxVersion:
@@ -23,14 +19,7 @@ class OnnxVersion:
     small batches gain nothing from more."""
 
     def __init__(self, graphs: dict[str, bytes], preprocessing: Preprocessing, anomaly: AnomalyScore) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only
-        self._sessions = {name: ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-                          for name, graph in graphs.items()}
+        self._sessions = {name: onnx_session(graph, threads=1) for name, graph in graphs.items()}
         self._inputs = {name: session.get_inputs()[0].name for name, session in self._sessions.items()}
         self.preprocessing = preprocessing
         self.anomaly = anomaly

@@ -15,17 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from aeserve.models.checkpoint import CheckpointError
-from aeserve.models.outputs import OUTPUTS, Call
+from aeserve.models.files import MANIFEST, CheckpointError
 from aeserve.models.registry import NotFoundError, Registry, RegistryError, check_name, is_number
-from aeserve.models.version import ModelVersion
-from aeserve.service.errors import NotReady
-from aeserve.service.runtime.torch_engine import one_torch_thread
+from aeserve.models.served import NoGraphs, load_served, torch_installed
+from aeserve.service.errors import NeedsFullInstall, NotReady
 
 if TYPE_CHECKING:
     from aeserve.models.mirror import Changes, Mirror
+    from aeserve.models.version import ModelVersion
     from aeserve.service.runtime.engines import Engines
 
 log = logging.getLogger("aeserve.store")
@@ -52,6 +49,7 @@ class ModelStore:
     _unapplied: Changes | None = None  # what syncs changed in the local copy that the index does not show yet
     _index: dict[str, ModelEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it was refused
+    needs_torch: dict[str, dict[int, str]] = field(default_factory=dict)  # name -> {version: why}, without torch: no graphs stored
     loaded_once: bool = False
     generation: int = 0  # counts the index's swaps
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -64,17 +62,36 @@ class ModelStore:
         if not self.loaded_once:
             raise NotReady("models are still loading; retry shortly", retry_after=1)
         if name not in index:
+            self._refuse_unservable(name, "latest")
             raise NotFoundError(f"unknown model {name!r}; available: {sorted(index)}")
         return index[name]
 
     def get(self, name: str, ref: str = "latest") -> ModelVersion:
-        """A loaded version by number or alias. Raises NotFoundError naming what exists."""
+        """A loaded version by number or alias. Raises NotFoundError naming what exists, NeedsFullInstall for a version
+        this server cannot run."""
         entry = self.entry(name)
         version = int(ref) if is_number(ref) else entry.aliases.get(ref)
         if version not in entry.versions:
+            self._refuse_unservable(name, ref)
             raise NotFoundError(
                 f"model {name!r} has no loaded version or alias {ref!r}; versions: {sorted(entry.versions)}, aliases: {sorted(entry.aliases)}")
         return entry.versions[version]
+
+    def _refuse_unservable(self, name: str, ref: str) -> None:
+        """NeedsFullInstall when ``ref`` names a version of ``name`` that loaded without its graphs and without torch."""
+        unservable = self.needs_torch.get(name)
+        if not unservable:
+            return
+        number: int | None = None
+        if is_number(ref):
+            number = int(ref)
+        elif ref == "latest":
+            number = max(unservable)
+        else:
+            with contextlib.suppress(OSError, RegistryError, ValueError):
+                number = self.registry.aliases(name).get(ref)
+        if number in unservable:
+            raise NeedsFullInstall(unservable[number])
 
     def refresh(self) -> list[str]:
         """Load versions published since the last refresh; returns 'name:version' of those added.
@@ -85,7 +102,7 @@ class ModelStore:
         seconds later. A call picks its engine when it starts, so either way it
         finishes on the path it began on.
         """
-        with self._lock, one_torch_thread():
+        with self._lock, _loading_threads():
             self._sync()
             kept = self._kept()
             names = [n for n in self.registry.names() if not self.only or n in self.only]
@@ -103,7 +120,7 @@ class ModelStore:
                     export.close()
                 raise
             self.loaded_once = True
-            if export is not None:
+            if self.engines is not None:  # stored graphs go to the small engine now, exported ones when the export is done
                 self.engines.adopt(export, [v for versions in loaded.values() for v in versions.values()])
             return [f"{name}:{v}" for name, versions in loaded.items() for v in versions]
 
@@ -179,12 +196,27 @@ class ModelStore:
             for number in numbers:
                 key = f"{name}:{number}"
                 try:
-                    loaded.setdefault(name, {})[number] = warmed(self.registry.load(name, number, self.device))
+                    loaded.setdefault(name, {})[number] = warmed(self._load_version(name, number))
                     log.info("loaded %s", key)
+                except NoGraphs as e:
+                    self.failed[key] = str(e)
+                    self.needs_torch.setdefault(name, {})[number] = f"{key} cannot be served here: {e}"
+                    log.error("refused %s: %s", key, e)
                 except (CheckpointError, RegistryError, NotFoundError, OSError, ValueError, KeyError, TypeError) as e:
                     self.failed[key] = str(e)
                     log.error("refused %s: %s", key, e)
         return loaded
+
+    def _load_version(self, name: str, number: int) -> ModelVersion:
+        """One version: on torch where it is installed, else from its stored graphs (a ``ServedVersion``)."""
+        if torch_installed():
+            return self.registry.load(name, number, self.device)
+        folder = self.registry.version_dir(name, number)
+        version = load_served(folder)
+        if version.manifest.get("version") != number:  # a folder copied by hand would answer as another version
+            raise CheckpointError(f"{folder / MANIFEST}: the manifest is of version {version.manifest.get('version')!r}, but it sits in "
+                                  f"{name}/{number}; a version keeps the number it was published as")
+        return version
 
     def loaded(self) -> list[tuple[str, int]]:
         return [(name, v) for name, entry in sorted(self._index.items()) for v in sorted(entry.versions)]
@@ -192,8 +224,17 @@ class ModelStore:
 
 def warmed(version: ModelVersion) -> ModelVersion:
     """Run every graph once so the first request pays no one-off costs."""
-    version.decode(version.run(Call("inputs", tuple(OUTPUTS)), np.zeros((1, *version.input_shape), np.float32))[0])
+    version.warm()
     return version
+
+
+def _loading_threads() -> contextlib.AbstractContextManager:
+    """Torch runs loading and warm-up on one thread (torch_engine.one_torch_thread); without torch there is nothing to set."""
+    if not torch_installed():
+        return contextlib.nullcontext()
+    from aeserve.service.runtime.torch_engine import one_torch_thread
+
+    return one_torch_thread()
 
 
 def valid_name(name: str) -> bool:

@@ -24,10 +24,17 @@ def test_layout_versions_and_latest(published):
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["1", "2", "aliases.json"]
     assert json.loads((folder / "aliases.json").read_text()) == {"latest": "2"}
     for version in ("1", "2"):
-        assert sorted(p.name for p in (folder / version).iterdir()) == [MANIFEST, "map", "report", WEIGHTS]
+        assert sorted(p.name for p in (folder / version).iterdir()) == ["graphs", MANIFEST, "map", "report", WEIGHTS]
     manifest = published.manifest("digits", 2)
     assert manifest["version"] == 2 and manifest["name"] == "digits"
     assert manifest["sha256"] == sha256_bytes((folder / "2" / WEIGHTS).read_bytes())
+    # Every other file is listed with its sha256 and size; the graphs are named in the graphs section.
+    others = sorted(str(p.relative_to(folder / "2")) for p in (folder / "2").rglob("*") if p.is_file() and p.name not in (MANIFEST, WEIGHTS))
+    assert sorted(manifest["files"]) == others and "graphs/encode.onnx" in others
+    for relative, entry in manifest["files"].items():
+        data = (folder / "2" / relative).read_bytes()
+        assert entry == {"sha256": sha256_bytes(data), "bytes": len(data)}
+    assert manifest["graphs"]["files"] == {name: f"graphs/{name}.onnx" for name in ("encode", "decode", "project")}
     for key in ("kind", "config", "input_shape", "code_dim", "preprocessing", "created_at", "training", "metrics"):
         assert key in manifest
     for key in ("dataset", "data_fingerprint", "epochs", "seed", "seconds"):

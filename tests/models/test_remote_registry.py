@@ -17,6 +17,8 @@ from aeserve.models.checkpoint import MANIFEST, WEIGHTS, sha256_bytes
 from aeserve.models.mirror import Changes
 from aeserve.models.registry import Registry, RegistryError, open_registry
 from aeserve.models.remote import CLAIM, ConflictError, ObjectRegistry
+from aeserve.models.served import load_served
+from aeserve.models.version import ENCODE
 from aeserve.training.trainer import train
 from tests.conftest import digits_run
 
@@ -266,6 +268,13 @@ def test_train_publishes_to_object_storage_and_loads_back(s3_registry, tmp_path)
     assert (tmp_path / "cache" / "sha256" / loaded.manifest["sha256"]).is_file()
     x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
     assert loaded.encode(x).shape == (3, 4)
+    # The stored graphs travel with the version: in the store, listed with their sha256, and in the server's local copy.
+    listed = loaded.manifest["files"]
+    assert {"graphs/encode.onnx", "graphs/decode.onnx", "graphs/project.onnx"} <= set(listed)
+    for relative, entry in listed.items():
+        assert sha256_bytes(s3_registry.fs.cat_file(f"{s3_registry.root}/digits/1/{relative}")) == entry["sha256"]
+    served = load_served(s3_registry.mirror().local.version_dir("digits", 1))
+    np.testing.assert_allclose(served.run(ENCODE, x)[0], loaded.encode(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_copy_polling_while_versions_are_published_sees_each_whole(s3_registry):

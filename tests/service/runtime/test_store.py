@@ -15,7 +15,7 @@ from aeserve.service.runtime import engines as engines_module
 from aeserve.service.runtime.engines import Engines
 from aeserve.service.runtime.store import ModelStore
 from aeserve.training.trainer import train
-from tests.conftest import digits_run, tamper_version
+from tests.conftest import digits_run, strip_graphs, tamper_version
 
 IMAGES = (np.random.default_rng(5).random((3, 8, 8)) * 16).astype(np.float32)
 
@@ -86,6 +86,7 @@ def test_new_versions_serve_before_their_engine_arrives(service_registry, monkey
             self.versions = [f"{v.name}:{v.version}" for v in versions]
 
     monkeypatch.setattr(engines_module, "GraphExport", RecordingExport)
+    strip_graphs(service_registry, "digits-mlp")  # published before graphs were stored: the server exports them
     store = ModelStore(service_registry, engines=Engines("cpu", "onnx", engine_process=False), only=["digits-mlp"])
     assert store.refresh() == ["digits-mlp:1"]
     (export,) = exports
@@ -93,6 +94,17 @@ def test_new_versions_serve_before_their_engine_arrives(service_registry, monkey
     assert export.serving == {"digits-mlp": [1]}  # published before the engine was attached
     assert export.versions == ["digits-mlp:1"]
     assert store.refresh() == [] and len(exports) == 1  # nothing new: no export
+
+
+def test_stored_graphs_go_to_the_small_engine_without_an_export(service_registry, monkeypatch):
+    exports, taken = [], []
+    monkeypatch.setattr(engines_module, "GraphExport", lambda folders: exports.append(folders))
+    engines = Engines("cpu", "onnx", engine_process=False)
+    monkeypatch.setattr(engines.small, "take", lambda version, graphs: taken.append((version.name, sorted(graphs), graphs["encode"][:4])))
+    store = ModelStore(service_registry, engines=engines, only=["digits-mlp"])
+    assert store.refresh() == ["digits-mlp:1"]
+    encode = (service_registry.version_dir("digits-mlp", 1) / "graphs" / "encode.onnx").read_bytes()
+    assert exports == [] and taken == [("digits-mlp", ["decode", "encode", "project"], encode[:4])]
 
 
 def test_a_refresh_runs_torch_on_its_own_thread_alone(service_registry, monkeypatch):
@@ -130,6 +142,7 @@ def test_a_refresh_that_fails_after_loading_stops_its_export(service_registry, m
     def unreadable(name):
         raise PermissionError(f"aliases.json of {name}: permission denied")
     monkeypatch.setattr(engines_module, "GraphExport", RecordingExport)
+    strip_graphs(service_registry, "digits-mlp")
     store = ModelStore(service_registry, engines=Engines("cpu", "onnx", engine_process=False), only=["digits-mlp"])
     monkeypatch.setattr(store.registry, "aliases", unreadable)
     with pytest.raises(PermissionError, match="aliases.json of digits-mlp"):
