@@ -47,7 +47,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     python3 /tmp/build/requirements.py /tmp/build/pyproject.toml serve s3 gcs > /tmp/build/requirements.txt \
  && pip install -r /tmp/build/requirements.txt
 COPY --from=source /src /usr/src/aeserve
-RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps /usr/src/aeserve
+RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps /usr/src/aeserve && pip uninstall -q -y pip setuptools
 
 FROM runtime AS serve
 COPY --from=build-serve /opt/venv /opt/venv
