@@ -140,7 +140,7 @@ class Columns:
                     index = np.where(gaps, filled, index)
                 block[np.arange(n), index] = 1.0
                 continue
-            column = np.asarray(column, np.float64).reshape(n, -1)
+            column = np.asarray(column).reshape(n, -1)
             parts = column.shape[1]
             if gaps is not None and "fill" in feature:
                 column = np.where(gaps[:, None], np.atleast_1d(np.asarray(feature["fill"], np.float64)), column)
