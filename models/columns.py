@@ -13,8 +13,11 @@ A column's entry in the manifest's ``features`` (``{"name", "type", ...}``) says
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import date, timedelta
 from typing import Any
+
+import numpy as np
 
 # The texts a CSV field reads as missing in training (pyarrow's defaults, given to it explicitly), and that serving
 # reads as missing too, besides JSON null and a left-out key.
@@ -59,3 +62,90 @@ def width(feature: dict[str, Any]) -> int:
 def accepts_missing(feature: dict[str, Any]) -> bool:
     """Whether a missing field of this column is filled (or is a category of its own) rather than refused."""
     return "fill" in feature or bool(feature.get("indicator"))
+
+
+def date_values(texts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts (n,) -> ((n, 2) float64 year and day of the year, NaN where a text is None; (n,) bool, True where a value
+    is not a date as ISO text, a text or not). Each distinct text is parsed once."""
+    out = np.full((len(texts), len(DATE_PARTS)), np.nan)
+    bad = np.zeros(len(texts), bool)
+    read: dict[str, tuple[int, int] | None] = {}
+    for row, text in enumerate(texts):
+        if text is None:
+            continue
+        if type(text) is not str:
+            bad[row] = True
+            continue
+        if text not in read:
+            read[text] = date_parts(text)
+        parts = read[text]
+        if parts is None:
+            bad[row] = True
+        else:
+            out[row] = parts
+    return out, bad
+
+
+class MissingRefused(ValueError):
+    """A missing field of a column that fills none (``accepts_missing`` is false): ``row`` 0-based, ``name`` the column."""
+
+    def __init__(self, row: int, name: str) -> None:
+        super().__init__(f"row {row}, column {name!r}: a missing field, and the column fills none")
+        self.row, self.name = row, name
+
+
+class Columns:
+    """A version's named columns (the manifest's ``features``) -> raw rows as the model takes them: where each column's
+    values sit in a row (``slices``, ``width``), and ``encode``, the one mapping of read values to those rows that
+    training, the server and ``aeserve encode`` share. Reading a column (a file's text, a request's JSON, an Arrow
+    array) and naming where a value is wrong stay with each reader."""
+
+    def __init__(self, features: list[dict[str, Any]]) -> None:
+        self.features = features
+        self.names = [f["name"] for f in features]
+        self.widths = [width(f) for f in features]
+        self.slices, start = [], 0
+        for w in self.widths:
+            self.slices.append(slice(start, start + w))
+            start += w
+        self.width = start
+
+    def refused(self, column: int, missing: np.ndarray | None) -> int | None:
+        """The first row whose field of column ``column`` (its place in ``features``) is missing, where that column
+        fills none; None if there is none."""
+        if missing is None or accepts_missing(self.features[column]) or not missing.any():
+            return None
+        return int(np.argmax(missing))
+
+    def encode(self, values: Sequence[np.ndarray], missing: Sequence[np.ndarray | None], dtype: type = np.float32) -> np.ndarray:
+        """Read values, one array per column, -> (n, width) ``dtype``.
+
+        ``values[j]``: a number column's (n,) float64, a date's (n, 2) float64 year and day of the year, a category's
+        (n,) integer index into its ``categories`` (anything where missing); ``missing[j]``: (n,) bool, True where the
+        field is missing (None: none is). A missing field takes the column's ``fill`` (a category's missing one its
+        ``indicator`` slot, when it has one), and its ``indicator`` value is 1; a column that fills none raises
+        MissingRefused. Other values are written as they are (a float64 beyond float32's range becomes infinite)."""
+        n = len(values[0]) if len(values) else 0
+        out = np.zeros((n, self.width), dtype)
+        for j, (feature, where, column, gaps) in enumerate(zip(self.features, self.slices, values, missing, strict=True)):
+            row = self.refused(j, gaps)
+            if row is not None:
+                raise MissingRefused(row, feature["name"])
+            gaps = gaps if gaps is not None and gaps.any() else None
+            block = out[:, where]
+            if feature["type"] == "category":
+                index = np.asarray(column, np.int64)
+                if gaps is not None:  # missing is a category of its own where the column has an indicator
+                    filled = len(feature["categories"]) if feature.get("indicator") else feature["categories"].index(feature["fill"])
+                    index = np.where(gaps, filled, index)
+                block[np.arange(n), index] = 1.0
+                continue
+            column = np.asarray(column).reshape(n, -1)
+            parts = column.shape[1]
+            if gaps is not None and "fill" in feature:
+                column = np.where(gaps[:, None], np.atleast_1d(np.asarray(feature["fill"], np.float64)), column)
+            with np.errstate(over="ignore"):
+                block[:, :parts] = column
+            if feature.get("indicator") and gaps is not None:
+                block[:, parts] = gaps
+        return out

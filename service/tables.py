@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from aeserve.models.columns import accepts_missing, date_parts, date_text, is_missing, width
+from aeserve.models.columns import Columns, accepts_missing, date_text, date_values, is_missing
 from aeserve.service.errors import Invalid, TooManyRows
 
 LEFT_OUT = object()  # an object row's value for a column whose key it does not carry
@@ -32,20 +32,26 @@ def _finite(value: int | float) -> bool:
         return False
 
 
+def _index(categories: list, value: Any) -> int:
+    """A value's place among ``categories`` by equality (a JSON value that is not text), or -1."""
+    try:
+        return categories.index(value)
+    except ValueError:
+        return -1
+
+
 class TableRows:
     def __init__(self, features: list[dict[str, Any]], ignored: list[str] = (), missing: str = "error") -> None:
         """``features`` as the manifest lists them; ``ignored``: the table's other columns, which object rows may carry;
         ``missing``: the version's data.missing, named where a missing field is refused."""
         self.features = features
-        self.names = [f["name"] for f in features]
+        self.columns = Columns(features)
+        self.names, self.slices, self.width = self.columns.names, self.columns.slices, self.columns.width
         self.categories = {f["name"]: list(f["categories"]) for f in features if f["type"] == "category"}
+        self.index = {name: {text: k for k, text in enumerate(known)} for name, known in self.categories.items()}
         self.ignored = [name for name in dict.fromkeys(ignored) if name not in self.names]
         self.missing = missing
-        self.slices, start = [], 0
-        for feature in features:
-            self.slices.append(slice(start, start + width(feature)))
-            start += width(feature)
-        self.width = start
+        self.keys = set(self.names)
 
     @classmethod
     def of(cls, manifest: dict[str, Any]) -> TableRows | None:
@@ -59,76 +65,114 @@ class TableRows:
 
     def encode(self, rows: Any, max_rows: int) -> tuple[np.ndarray, bool, list[list[str]]]:
         """JSON rows -> ((n, width) float64 as the model takes them, checked in this precision; whether they were
-        objects; per row the columns whose missing value was filled)."""
+        objects; per row the columns whose missing value was filled). Read column by column; the error named is the
+        first bad field in row order, then column order, as a row-by-row reading would find it."""
         if not isinstance(rows, list) or not rows:
             raise Invalid("inputs must be a non-empty list of rows")
         if len(rows) > max_rows:
             raise TooManyRows(len(rows), max_rows)
         objects = isinstance(rows[0], dict)
-        out = np.zeros((len(rows), self.width), np.float64)
-        imputed = []
-        for i, row in enumerate(rows):
-            filled = []
-            for feature, where, value in zip(self.features, self.slices, self._values(i, row, objects), strict=True):
-                name, categories = feature["name"], self.categories.get(feature["name"])
-                if value is LEFT_OUT or (is_missing(value) and not (categories is not None and value in categories)):
-                    self._fill(i, feature, value, out[i, where])
-                    filled.append(name)
-                elif categories is not None:
-                    if value not in categories:
-                        raise Invalid(f"row {i}, column {name!r}: unknown category {reprlib.repr(value)}; known: {categories}")
-                    out[i, where.start + categories.index(value)] = 1.0
-                elif feature["type"] == "date":
-                    parts = date_parts(value) if isinstance(value, str) else None
-                    if parts is None:
-                        raise Invalid(f"row {i}, column {name!r}: expected a date as ISO text (YYYY-MM-DD), got {reprlib.repr(value)}")
-                    out[i, where.start:where.start + 2] = parts
-                else:
-                    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
-                        raise Invalid(f"row {i}, column {name!r}: expected a finite number, got {reprlib.repr(value)}")
-                    out[i, where.start] = value
-            imputed.append(filled)
-        return out, objects, imputed
-
-    def _fill(self, i: int, feature: dict[str, Any], value: Any, values: np.ndarray) -> None:
-        """Write a missing field's values into ``values`` (the row's slice), as training filled it, or refuse it."""
-        if not accepts_missing(feature):
-            send = {"number": "a finite number", "date": "a date as ISO text (YYYY-MM-DD)"}.get(feature["type"]) or f"one of {feature['categories']}"
-            why = (f"this version was trained with data.missing = {self.missing!r}, so it fills no missing field" if self.missing != "median"
-                   else "this version holds no value to fill it with (published before served rows were filled)")
-            got = "left out" if value is LEFT_OUT else f"missing ({reprlib.repr(value)})"
-            raise Invalid(f"row {i}, column {feature['name']!r}: the value is {got}; {why}: send {send}")
-        if feature["type"] == "category":
-            if feature.get("indicator"):
-                values[-1] = 1.0  # missing is a category of its own
-            else:
-                values[feature["categories"].index(feature["fill"])] = 1.0
-            return
-        fill = np.atleast_1d(feature["fill"])
-        values[:len(fill)] = fill
-        if feature.get("indicator"):
-            values[-1] = 1.0
-
-    def _values(self, i: int, row: Any, objects: bool) -> list[Any]:
+        shaped, problem = self._shaped(rows, objects)
         if objects:
-            if not isinstance(row, dict):
-                raise Invalid(f"row {i}: expected an object keyed by column name, as row 0 is")
-            missing = [f["name"] for f in self.features if f["name"] not in row and not accepts_missing(f)]
-            extra = [k for k in row if k not in self.names and k not in self.ignored]
-            if missing or extra:
-                problems = []
-                if missing:
-                    problems.append(f"column(s) {missing} missing (this version was trained with data.missing = {self.missing!r}: "
-                                    f"send {'them' if len(missing) > 1 else 'it'})")
-                if extra:
-                    problems.append(f"unknown column(s) {extra}")
-                raise Invalid(f"row {i}: " + "; ".join(problems) + f"; the columns are {self.names}"
-                              + (f" (and, ignored, {self.ignored})" if self.ignored else ""))
-            return [row.get(n, LEFT_OUT) for n in self.names]
-        if not isinstance(row, list) or len(row) != len(self.names):
-            got = f"{len(row)} values" if isinstance(row, list) else type(row).__name__
-            raise Invalid(f"row {i}: expected {len(self.names)} values in the column order {self.names}, got {got}")
-        return row
+            raw = [[row.get(name, LEFT_OUT) for row in rows[:shaped]] for name in self.names]
+        else:
+            raw = [list(column) for column in zip(*rows[:shaped], strict=True)] or [[] for _ in self.names]
+        values, missing, first = [], [], None  # first: (row, column, message) of the first bad field
+        for j, (feature, column) in enumerate(zip(self.features, raw, strict=True)):
+            read, gaps, bad = self._read(feature, column)
+            refused = self.columns.refused(j, gaps)
+            if refused is not None and (bad is None or refused < bad[0]):
+                bad = refused, self._refusal(feature, column[refused])
+            if bad is not None and (first is None or bad[0] < first[0]):
+                first = bad[0], j, bad[1]
+            values.append(read)
+            missing.append(gaps)
+        if first is not None:
+            raise Invalid(f"row {first[0]}, column {self.names[first[1]]!r}: {first[2]}")
+        if problem is not None:
+            raise Invalid(problem)
+        out = self.columns.encode(values, missing, np.float64)
+        gaps = [(j, m) for j, m in enumerate(missing) if m is not None and m.any()]
+        if not gaps:
+            return out, objects, [[] for _ in rows]
+        filled = np.stack([m for _, m in gaps], axis=1)
+        names = [self.names[j] for j, _ in gaps]
+        return out, objects, [[names[k] for k in np.flatnonzero(row)] for row in filled]
+
+    def _read(self, feature: dict[str, Any], column: list[Any]) -> tuple[np.ndarray, np.ndarray | None, tuple[int, str] | None]:
+        """A column's JSON values -> (its values as ``Columns.encode`` takes them, (n,) bool where missing or None,
+        (row, what is wrong) of its first bad value or None)."""
+        n = len(column)
+        if feature["type"] == "category":
+            lookup, known = self.index[feature["name"]], self.categories[feature["name"]]
+            index = np.fromiter((lookup.get(v, -1) if type(v) is str else _index(known, v) for v in column), np.int64, n)
+            unread = np.flatnonzero(index < 0)
+            if not len(unread):
+                return index, None, None
+            gaps = np.zeros(n, bool)
+            for i in unread:
+                value = column[i]
+                if not (value is LEFT_OUT or is_missing(value)):
+                    return index, gaps, (int(i), f"unknown category {reprlib.repr(value)}; known: {known}")
+                gaps[i] = True
+            return index, gaps, None
+        if feature["type"] == "date":
+            parts, bad = date_values([None if v is LEFT_OUT else v for v in column])
+            gaps = np.isnan(parts[:, 0]) & ~bad
+            for i in np.flatnonzero(bad):
+                value = column[i]
+                if not is_missing(value):
+                    return parts, gaps, (int(i), f"expected a date as ISO text (YYYY-MM-DD), got {reprlib.repr(value)}")
+                gaps[i], bad[i] = True, False
+            return parts, gaps, None
+        if all(type(v) is float or type(v) is int for v in column):
+            try:
+                numbers = np.array(column, np.float64)
+            except OverflowError:  # an integer beyond float64's range: named below
+                numbers = None
+            if numbers is not None and np.isfinite(numbers).all():
+                return numbers, None, None
+        numbers, gaps = np.full(n, np.nan), np.zeros(n, bool)
+        for i, value in enumerate(column):
+            if value is LEFT_OUT or is_missing(value):
+                gaps[i] = True
+            elif isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+                return numbers, gaps, (i, f"expected a finite number, got {reprlib.repr(value)}")
+            else:
+                numbers[i] = value
+        return numbers, gaps, None
+
+    def _refusal(self, feature: dict[str, Any], value: Any) -> str:
+        """Why a missing field of a column that fills none is refused, and what to send."""
+        send = {"number": "a finite number", "date": "a date as ISO text (YYYY-MM-DD)"}.get(feature["type"]) or f"one of {feature['categories']}"
+        why = (f"this version was trained with data.missing = {self.missing!r}, so it fills no missing field" if self.missing != "median"
+               else "this version holds no value to fill it with (published before served rows were filled)")
+        got = "left out" if value is LEFT_OUT else f"missing ({reprlib.repr(value)})"
+        return f"the value is {got}; {why}: send {send}"
+
+    def _shaped(self, rows: list, objects: bool) -> tuple[int, str | None]:
+        """How many leading rows have the rows' form, and what is wrong with the next one (None if all have it)."""
+        for i, row in enumerate(rows):
+            if objects:
+                if not isinstance(row, dict):
+                    return i, f"row {i}: expected an object keyed by column name, as row 0 is"
+                if row.keys() == self.keys:
+                    continue
+                missing = [f["name"] for f in self.features if f["name"] not in row and not accepts_missing(f)]
+                extra = [k for k in row if k not in self.names and k not in self.ignored]
+                if missing or extra:
+                    problems = []
+                    if missing:
+                        problems.append(f"column(s) {missing} missing (this version was trained with data.missing = {self.missing!r}: "
+                                        f"send {'them' if len(missing) > 1 else 'it'})")
+                    if extra:
+                        problems.append(f"unknown column(s) {extra}")
+                    return i, (f"row {i}: " + "; ".join(problems) + f"; the columns are {self.names}"
+                               + (f" (and, ignored, {self.ignored})" if self.ignored else ""))
+            elif not isinstance(row, list) or len(row) != len(self.names):
+                got = f"{len(row)} values" if isinstance(row, list) else type(row).__name__
+                return i, f"row {i}: expected {len(self.names)} values in the column order {self.names}, got {got}"
+        return len(rows), None
 
     def decode(self, x: np.ndarray, objects: bool) -> list:
         """(n, width) values in the data's units -> rows of the same form as the request's."""

@@ -231,3 +231,24 @@ def test_a_version_published_before_fields_were_filled_refuses_them_and_still_ig
                                       r"with \(published before served rows were filled\): send a finite number$"):
         table.encode([["NA", "red"]], 10)
     assert table.decode(np.array([[0.25, 0.2, 0.7]]), objects=False) == [[0.25, "red"]]
+
+
+def test_object_rows_name_the_first_bad_field_in_row_order_then_column_order():
+    from aeserve.service.errors import Invalid
+    from aeserve.service.tables import TableRows
+
+    table = TableRows([{"name": "a", "type": "number"}, {"name": "b", "type": "category", "categories": ["x"]}])
+    rows = [{"a": 1.0, "b": "x"}, {"a": 2.0, "b": "y"}, {"a": "z", "b": "x"}, "not a row"]
+    with pytest.raises(Invalid, match=r"^row 1, column 'b': unknown category 'y'; known: \['x'\]$"):
+        table.encode(rows, 10)
+    rows[1]["b"] = "x"
+    with pytest.raises(Invalid, match=r"^row 2, column 'a': expected a finite number, got 'z'$"):
+        table.encode(rows, 10)
+    rows[2]["a"] = 10**400  # an integer JSON may send, beyond float64
+    with pytest.raises(Invalid, match=r"^row 2, column 'a': expected a finite number, got 1000"):
+        table.encode(rows, 10)
+    rows[2]["a"] = 3
+    with pytest.raises(Invalid, match=r"^row 3: expected an object keyed by column name, as row 0 is$"):
+        table.encode(rows, 10)
+    out, objects, imputed = table.encode(rows[:3], 10)
+    assert out.dtype == np.float64 and out.tolist() == [[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]] and objects and imputed == [[], [], []]

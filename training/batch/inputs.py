@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aeserve.models.columns import DATE_PARTS, accepts_missing, date_parts, width
+from aeserve.models.columns import Columns, date_values
 from aeserve.models.images import size_and_channels
 from aeserve.models.version import ModelVersion
 from aeserve.training.data.arrays import read_npy, read_npz
@@ -55,9 +55,8 @@ class TableColumns:
 
     def __init__(self, features: list[dict[str, Any]]) -> None:
         self.features = features
-        self.names = [f["name"] for f in features]
-        self.widths = [width(f) for f in features]
-        self.width = sum(self.widths)
+        self.columns = Columns(features)
+        self.names, self.widths, self.width = self.columns.names, self.columns.widths, self.columns.width
 
     def missing(self, names: list[str]) -> list[str]:
         return [name for name in self.names if name not in names]
@@ -66,46 +65,33 @@ class TableColumns:
         """(n, width) float32 from ``columns`` (name -> values), rows ``first``.. of ``table`` when they come from one
         (its errors then name the line); a DataError names the row and column of a refused, non-finite or unknown value."""
         n = len(next(iter(columns.values()))) if columns else 0
-        out = np.zeros((n, self.width), np.float32)
-        start = 0
-        for feature, width_ in zip(self.features, self.widths, strict=True):
+        values, missing = [], []
+        for j, feature in enumerate(self.features):
             name = feature["name"]
             column = columns[name]
             column = column if isinstance(column, pa.Array | pa.ChunkedArray) else pa.array(column)
             place = partial(_place, table, first, name, where)
             nulls = column.is_null().to_numpy(zero_copy_only=False)
-            if nulls.any() and not accepts_missing(feature):
-                raise DataError(f"{place(int(np.argmax(nulls)))}: the field is empty or NA; this version fills no missing "
+            refused = self.columns.refused(j, nulls)
+            if refused is not None:
+                raise DataError(f"{place(refused)}: the field is empty or NA; this version fills no missing "
                                 f"field of {name!r} (it was trained without one there)")
-            block = out[:, start:start + width_]
             if feature["type"] == "category":
                 known = list(feature["categories"])
                 texts = column.cast(pa.string())
                 index = pc.index_in(texts, value_set=pa.array(known, pa.string())).to_numpy(zero_copy_only=False)
-                unknown = np.isnan(index) & ~nulls if index.dtype.kind == "f" else np.zeros(n, bool)
+                index = np.nan_to_num(index, nan=-1).astype(np.int64)  # float with NaN where a text is null or unknown
+                unknown = (index < 0) & ~nulls
                 if unknown.any():
                     row = int(np.argmax(unknown))
                     raise DataError(f"{place(row)}: unknown category {texts[row].as_py()!r}; this version knows {known}")
-                if "fill" in feature:
-                    index = np.where(nulls, known.index(feature["fill"]), index)
-                present = ~np.isnan(index.astype(np.float64))
-                block[np.flatnonzero(present), index[present].astype(np.int64)] = 1.0
-                if feature.get("indicator"):
-                    block[nulls, -1] = 1.0
+                values.append(index)
+            elif feature["type"] == "date":
+                values.append(table.dates(first, name, column) if table else _dates(column, place))
             else:
-                if feature["type"] == "date":
-                    values = table.dates(first, name, column) if table else _dates(column, place)
-                else:
-                    values = table.numbers(first, name, column, "this version takes numbers there") if table else _numbers(column, place)
-                values = values.reshape(n, -1)
-                parts = values.shape[1]
-                if "fill" in feature:
-                    values = np.where(nulls[:, None], np.atleast_1d(feature["fill"]), values)
-                with np.errstate(over="ignore"):
-                    block[:, :parts] = values
-                if feature.get("indicator"):
-                    block[:, parts] = nulls
-            start += width_
+                values.append(table.numbers(first, name, column, "this version takes numbers there") if table else _numbers(column, place))
+            missing.append(nulls)
+        out = self.columns.encode(values, missing) if self.features else np.zeros((n, 0), np.float32)
         finite = np.isfinite(out)  # once for the block; a value beyond float32's range became infinite above
         if not finite.all():
             row, at = np.unravel_index(int(np.argmax(~finite)), out.shape)
@@ -125,14 +111,11 @@ def _dates(column: pa.Array, place) -> np.ndarray:
     if pa.types.is_date(column.type) or pa.types.is_timestamp(column.type):
         return np.stack([pc.year(column).to_numpy(zero_copy_only=False).astype(np.float64),
                          pc.day_of_year(column).to_numpy(zero_copy_only=False).astype(np.float64)], axis=1)
-    out = np.full((len(column), len(DATE_PARTS)), np.nan)
-    for row, text in enumerate(column.cast(pa.string()).to_pylist()):
-        if text is None:
-            continue
-        parts = date_parts(text)
-        if parts is None:
-            raise DataError(f"{place(row)}: {text!r} is not a date (YYYY-MM-DD)")
-        out[row] = parts
+    texts = column.cast(pa.string()).to_pylist()
+    out, bad = date_values(texts)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{place(row)}: {texts[row]!r} is not a date (YYYY-MM-DD)")
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from aeserve.models.columns import DATE_PARTS, MISSING_TEXTS, date_parts, width
+from aeserve.models.columns import MISSING_TEXTS, Columns, date_values
 from aeserve.models.npy import FLOAT32_MAX
 from aeserve.training.data.arrays import beyond_float32, check_finite
 from aeserve.training.data.config import DataConfig
@@ -207,17 +207,12 @@ class Table:
         """A date column of a batch whose first row is ``first`` as (rows, 2) float64, each row's year and day of the
         year (NaN where the field is missing). Text is read as ISO 8601 dates (``1970-01-01``, a time of day left out);
         a field that is not one is an error naming its line."""
-        out = np.full((len(column), len(DATE_PARTS)), np.nan)
-        read: dict[str, tuple[int, int] | None] = {}  # each distinct text parsed once
-        for row, text in enumerate(self.texts(name, column).to_pylist()):
-            if text is None:
-                continue
-            if text not in read:
-                read[text] = date_parts(text)
-            if read[text] is None:
-                raise DataError(f"{self.field(first + row, name)}: {text!r} is not a date (YYYY-MM-DD, as data.dates reads); "
-                                f"leave the column out of data.dates to read it otherwise")
-            out[row] = read[text]
+        texts = self.texts(name, column).to_pylist()
+        out, bad = date_values(texts)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(f"{self.field(first + row, name)}: {texts[row]!r} is not a date (YYYY-MM-DD, as data.dates reads); "
+                            f"leave the column out of data.dates to read it otherwise")
         return out
 
 
@@ -288,16 +283,14 @@ def load_table(config: DataConfig) -> Dataset:
         rank = np.fromiter((position[text] for text in numbers), np.int64, len(numbers))  # in the order numbers were given
         order = np.concatenate(seen)
         sorted_codes[name] = (categories, np.where(order >= 0, rank[np.maximum(order, 0)] if len(rank) else -1, -1))
-    described, columns = [], {}
+    described, read, gaps = [], [], []
     for name in features:
-        feature, columns[name] = _column(name, config, sorted_codes.get(name), values.get(name))
+        feature, column, missing = _feature(name, config, sorted_codes.get(name), values.pop(name, None))
         described.append(feature)
-    x = np.zeros((kept, sum(map(width, described))), np.float32)
-    start = 0
-    for feature in described:
-        block = columns.pop(feature["name"])
-        x[:, start:start + block.shape[1]] = block
-        start += block.shape[1]
+        read.append(column)
+        gaps.append(missing)
+    x = Columns(described).encode(read, gaps)
+    del read
     y = sorted_codes[config.label][1] if config.label else None
     dataset = split_off_test(path.name, x, y, config, None)
     dataset.features = described
@@ -308,9 +301,10 @@ def load_table(config: DataConfig) -> Dataset:
     return dataset
 
 
-def _column(name: str, config: DataConfig, coded: tuple[list[str], np.ndarray] | None, parts: list[np.ndarray] | None
-            ) -> tuple[dict[str, Any], np.ndarray]:
-    """A feature column's entry in the manifest and its values as the model takes them, (rows, width) float32.
+def _feature(name: str, config: DataConfig, coded: tuple[list[str], np.ndarray] | None, parts: list[np.ndarray] | None
+             ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+    """A feature column's entry in the manifest, fitted here, and its values and missing fields as ``Columns.encode``
+    takes them (which maps them, as the server and aeserve encode map theirs, by that entry).
 
     With ``missing = "median"`` every column gets a ``fill``, except a category with empty fields, whose missing rows
     are a category of their own (its ``indicator`` slot); a number or a date with empty fields gets an indicator too.
@@ -320,28 +314,23 @@ def _column(name: str, config: DataConfig, coded: tuple[list[str], np.ndarray] |
         categories, index = coded
         gaps = index < 0
         feature = {"name": name, "type": "category", "categories": categories}
-        block = np.zeros((len(index), len(categories) + bool(gaps.any())), np.float32)
-        block[np.flatnonzero(~gaps), index[~gaps]] = 1.0
         if gaps.any():
-            block[gaps, -1] = 1.0
             feature["indicator"] = True
         elif fill:  # the most common category; the first in sorted order among equals
             feature["fill"] = categories[int(np.argmax(np.bincount(index, minlength=len(categories))))]
-        return feature, block
+        return feature, index, gaps
     column = np.concatenate(parts)
     column = column.reshape(len(column), -1)  # a number's one value, a date's two
     feature = {"name": name, "type": "date" if name in config.dates else "number"}
     if not fill:
-        return feature, column.astype(np.float32)
+        return feature, column, None
     gaps = np.isnan(column[:, 0])
     present = column[~gaps]
     medians = [float(np.median(part)) if len(part) else 0.0 for part in present.T]
-    column = np.where(gaps[:, None], medians, column)
     feature["fill"] = medians if feature["type"] == "date" else medians[0]
     if gaps.any():
         feature["indicator"] = True
-        column = np.concatenate([column, gaps[:, None]], axis=1)
-    return feature, column.astype(np.float32)
+    return feature, column, gaps
 
 
 def load_csv(config: DataConfig) -> Dataset:
