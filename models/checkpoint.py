@@ -6,8 +6,9 @@ A version is rebuilt from its folder alone: the manifest names the kind, the
 config, the preprocessing and the held-out error distribution; the weights
 file holds the model's tensors under ``model.`` and the projector's under
 ``projector.``; a version published with compact codes also holds their constants under ``code_quantization.``
-(its manifest's ``code_quantization`` says so), and one whose anomaly score is a neighbour distance its reference set
-under ``anomaly.`` (its manifest's ``anomaly`` says so; models/anomaly.py). Percentiles come from
+(its manifest's ``code_quantization`` says so), and one whose anomaly score has fitted state (the combined score's
+code and residual statistics, or a neighbour score's reference set) holds it under ``anomaly.`` (its manifest's
+``anomaly`` says which; models/anomaly.py). Percentiles come from
 ``metrics.score_quantiles``, or for a version published before anomaly scores from ``metrics.error_quantiles``: its
 scores are its errors.
 """
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from aeserve.models.anomaly import AnomalyScore, Neighbors
+from aeserve.models.anomaly import AnomalyScore, from_manifest, tensor_shapes
 from aeserve.models.base import Autoencoder
 from aeserve.models.kinds import build_model
 from aeserve.models.outputs import CodeQuantization
@@ -46,17 +47,17 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def weights_bytes(model: Autoencoder, projector: torch.nn.Module, preprocessing: Preprocessing | None = None,
-                  code_quantization: CodeQuantization | None = None, neighbors: Neighbors | None = None) -> bytes:
+                  code_quantization: CodeQuantization | None = None, anomaly: AnomalyScore | None = None) -> bytes:
     """Serialise model and projector tensors, per-feature preprocessing vectors, the compact codes' constants and the
-    anomaly score's reference set (contiguous float32 on CPU), to safetensors bytes."""
+    anomaly score's fitted arrays (contiguous float32 on CPU), to safetensors bytes."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
     if preprocessing is not None:
         tensors.update({k: torch.from_numpy(v) for k, v in preprocessing.tensors().items()})
     if code_quantization is not None:
         tensors.update({k: torch.from_numpy(v) for k, v in code_quantization.tensors().items()})
-    if neighbors is not None:
-        tensors.update({k: torch.from_numpy(v) for k, v in neighbors.tensors().items()})
+    if anomaly is not None:
+        tensors.update({k: torch.from_numpy(v) for k, v in anomaly.tensors().items()})
     return save_safetensors_bytes({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
 
 
@@ -105,17 +106,17 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
             skeleton = build_model(manifest["kind"], manifest["config"], input_shape)
             projector_spec = manifest.get("projector", {"kind": "pca"})
             skeleton_projector = build_projector(projector_spec["kind"], skeleton.code_dim, projector_spec.get("config"))
-        anomaly = manifest.get("anomaly")  # absent: published before anomaly scores, whose scores are the errors
-        quantiles_key = "error_quantiles" if anomaly is None else "score_quantiles"
+        anomaly_section = manifest.get("anomaly")  # absent: published before anomaly scores, whose scores are the errors
+        quantiles_key = "error_quantiles" if anomaly_section is None else "score_quantiles"
         quantiles = np.asarray(manifest["metrics"][quantiles_key], dtype=np.float64)
-        neighbors_k = int(anomaly["k"]) if anomaly is not None and anomaly["score"] == "neighbors" else None
-        reference_rows = int(anomaly["reference_rows"]) if neighbors_k is not None else 0
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / MANIFEST}: invalid manifest ({type(e).__name__}: {e})") from None
     if quantiles.ndim != 1 or len(quantiles) < 2 or not np.all(np.isfinite(quantiles)) or np.any(np.diff(quantiles) < 0):
         raise CheckpointError(f"{folder / MANIFEST}: metrics.{quantiles_key} must be a non-decreasing list of finite numbers")
-    if neighbors_k is not None and (neighbors_k < 1 or reference_rows < 1):
-        raise CheckpointError(f"{folder / MANIFEST}: anomaly.k and anomaly.reference_rows must be at least 1")
+    try:
+        anomaly_shapes = tensor_shapes(anomaly_section, skeleton.code_dim, skeleton.input_dim)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / MANIFEST}: invalid anomaly section ({type(e).__name__}: {e})") from None
     try:
         tensors = load_safetensors_bytes(data)  # parses the header and copies raw tensor bytes: no code runs
     except Exception as e:  # safetensors raises its own error types for malformed headers
@@ -127,9 +128,7 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     quantized = "code_quantization" in manifest
     if quantized:
         expected_shapes.update({f"code_quantization.{name}": torch.Size([skeleton.code_dim]) for name in CodeQuantization.TENSORS})
-    if neighbors_k is not None:
-        expected_shapes.update({"anomaly.reference": torch.Size([reference_rows, skeleton.code_dim]),
-                                "anomaly.mean": torch.Size([skeleton.code_dim]), "anomaly.scale": torch.Size([skeleton.code_dim])})
+    expected_shapes.update({name: torch.Size(shape) for name, shape in anomaly_shapes.items()})
     got_shapes = {k: v.shape for k, v in tensors.items()}
     if got_shapes != expected_shapes:
         # In the order expected: the model's tensors first, then the projector's, preprocessing's and the codes' constants.
@@ -143,10 +142,10 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     if code_quantization is not None and not (np.isfinite(code_quantization.scale).all() and (code_quantization.scale > 0).all()
                                               and np.isfinite(code_quantization.threshold).all()):
         raise CheckpointError(f"{weights_path}: code_quantization.scale must be finite and positive, code_quantization.threshold finite")
-    neighbors = Neighbors.from_tensors({k: v.numpy() for k, v in tensors.items()}, neighbors_k) if neighbors_k is not None else None
-    if neighbors is not None and not (np.isfinite(neighbors.reference).all() and np.isfinite(neighbors.mean).all()
-                                      and np.isfinite(neighbors.scale).all() and (neighbors.scale > 0).all()):
-        raise CheckpointError(f"{weights_path}: anomaly.reference and anomaly.mean must be finite, anomaly.scale finite and positive")
+    try:
+        anomaly = from_manifest(anomaly_section, quantiles, {k: v.numpy() for k, v in tensors.items() if k.startswith("anomaly.")})
+    except ValueError as e:
+        raise CheckpointError(f"{weights_path}: {e}") from None
     try:
         preprocessing = Preprocessing.from_dict(manifest["preprocessing"], {k: v.numpy() for k, v in tensors.items() if k.startswith("preprocessing.")})
     except (KeyError, TypeError, ValueError) as e:
@@ -165,4 +164,4 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
     device = torch.device(device)
     model.to(device).eval()
     projector.to(device).eval()
-    return ModelVersion(manifest, model, projector, preprocessing, AnomalyScore(quantiles, neighbors), device, folder, code_quantization)
+    return ModelVersion(manifest, model, projector, preprocessing, anomaly, device, folder, code_quantization)
