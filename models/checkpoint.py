@@ -6,8 +6,9 @@ A version is rebuilt from its folder alone: the manifest names the kind, the
 config, the preprocessing and the held-out error distribution; the weights
 file holds the model's tensors under ``model.`` and the projector's under
 ``projector.``; a version published with compact codes also holds their constants under ``code_quantization.``
-(its manifest's ``code_quantization`` says so), and one whose anomaly score is a neighbour distance its reference set
-under ``anomaly.`` (its manifest's ``anomaly`` says so; models/anomaly.py). Percentiles come from
+(its manifest's ``code_quantization`` says so), and one whose anomaly score has fitted state (the combined score's
+code and residual statistics, or a neighbour score's reference set) holds it under ``anomaly.`` (its manifest's
+``anomaly`` says which; models/anomaly.py). Percentiles come from
 ``metrics.score_quantiles``, or for a version published before anomaly scores from ``metrics.error_quantiles``: its
 scores are its errors.
 """
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from aeserve.models.anomaly import Neighbors
+from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.base import Autoencoder
 from aeserve.models.files import MANIFEST, WEIGHTS, CheckpointError, fitted_state, read_folder, scoring, sha256_bytes, state_shapes
 from aeserve.models.kinds import build_model
@@ -36,17 +37,17 @@ N_QUANTILES = 1001
 
 
 def weights_bytes(model: Autoencoder, projector: torch.nn.Module, preprocessing: Preprocessing | None = None,
-                  code_quantization: CodeQuantization | None = None, neighbors: Neighbors | None = None) -> bytes:
+                  code_quantization: CodeQuantization | None = None, anomaly: AnomalyScore | None = None) -> bytes:
     """Serialise model and projector tensors, per-feature preprocessing vectors, the compact codes' constants and the
-    anomaly score's reference set (contiguous float32 on CPU), to safetensors bytes."""
+    anomaly score's fitted arrays (contiguous float32 on CPU), to safetensors bytes."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
     if preprocessing is not None:
         tensors.update({k: torch.from_numpy(v) for k, v in preprocessing.tensors().items()})
     if code_quantization is not None:
         tensors.update({k: torch.from_numpy(v) for k, v in code_quantization.tensors().items()})
-    if neighbors is not None:
-        tensors.update({k: torch.from_numpy(v) for k, v in neighbors.tensors().items()})
+    if anomaly is not None:
+        tensors.update({k: torch.from_numpy(v) for k, v in anomaly.tensors().items()})
     return save_safetensors_bytes({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
 
 
@@ -78,7 +79,7 @@ def load_version(folder: Path, device: str | torch.device = "cpu") -> ModelVersi
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({e})") from None
     expected_shapes = {f"model.{k}": v.shape for k, v in skeleton.state_dict().items()}
     expected_shapes.update({f"projector.{k}": v.shape for k, v in skeleton_projector.state_dict().items()})
-    expected_shapes.update({k: torch.Size(v) for k, v in state_shapes(manifest, scores, skeleton.input_dim, skeleton.code_dim).items()})
+    expected_shapes.update({k: torch.Size(v) for k, v in state_shapes(manifest, scores, skeleton.input_dim, skeleton.code_dim, folder).items()})
     got_shapes = {k: v.shape for k, v in tensors.items()}
     if got_shapes != expected_shapes:
         # In the order expected: the model's tensors first, then the projector's, preprocessing's and the codes' constants.

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from aeserve.models.anomaly import AnomalyScore, Neighbors
+from aeserve.models.anomaly import AnomalyScore, from_manifest, tensor_shapes
 from aeserve.models.outputs import CodeQuantization
 from aeserve.models.preprocessing import Preprocessing
 
@@ -83,11 +83,10 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], bytes, dict[str, bytes]]:
 
 @dataclass(frozen=True)
 class Scoring:
-    """What the manifest says about the anomaly score: its held-out quantiles and the reference set's size."""
+    """The manifest's anomaly section (None: published before anomaly scores) and its held-out quantiles."""
 
     quantiles: np.ndarray
-    neighbors_k: int | None
-    reference_rows: int
+    section: dict[str, Any] | None
 
 
 def scoring(manifest: dict[str, Any], folder: Path) -> Scoring:
@@ -96,24 +95,23 @@ def scoring(manifest: dict[str, Any], folder: Path) -> Scoring:
     anomaly = manifest.get("anomaly")  # absent: published before anomaly scores, whose scores are the errors
     quantiles_key = "error_quantiles" if anomaly is None else "score_quantiles"
     quantiles = np.asarray(manifest["metrics"][quantiles_key], dtype=np.float64)
-    neighbors_k = int(anomaly["k"]) if anomaly is not None and anomaly["score"] == "neighbors" else None
-    reference_rows = int(anomaly["reference_rows"]) if neighbors_k is not None else 0
     if quantiles.ndim != 1 or len(quantiles) < 2 or not np.all(np.isfinite(quantiles)) or np.any(np.diff(quantiles) < 0):
         raise CheckpointError(f"{folder / MANIFEST}: metrics.{quantiles_key} must be a non-decreasing list of finite numbers")
-    if neighbors_k is not None and (neighbors_k < 1 or reference_rows < 1):
-        raise CheckpointError(f"{folder / MANIFEST}: anomaly.k and anomaly.reference_rows must be at least 1")
-    return Scoring(quantiles, neighbors_k, reference_rows)
+    return Scoring(quantiles, anomaly)
 
 
-def state_shapes(manifest: dict[str, Any], scores: Scoring, input_dim: int, code_dim: int) -> dict[str, tuple[int, ...]]:
-    """The weights file's tensors besides the model's and the projector's: name -> shape."""
+def state_shapes(manifest: dict[str, Any], scores: Scoring, input_dim: int, code_dim: int, folder: Path | None = None) -> dict[str, tuple[int, ...]]:
+    """The weights file's tensors besides the model's and the projector's: name -> shape; CheckpointError naming an
+    anomaly section that is not valid."""
     shapes: dict[str, tuple[int, ...]] = {}
     if manifest["preprocessing"].get("per_feature"):
         shapes.update({f"preprocessing.{name}": (input_dim,) for name in ("offset", "scale")})
     if "code_quantization" in manifest:
         shapes.update({f"code_quantization.{name}": (code_dim,) for name in CodeQuantization.TENSORS})
-    if scores.neighbors_k is not None:
-        shapes.update({"anomaly.reference": (scores.reference_rows, code_dim), "anomaly.mean": (code_dim,), "anomaly.scale": (code_dim,)})
+    try:
+        shapes.update(tensor_shapes(scores.section, code_dim, input_dim))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{(folder or Path('.')) / MANIFEST}: invalid anomaly section ({type(e).__name__}: {e})") from None
     return shapes
 
 
@@ -126,12 +124,12 @@ def fitted_state(manifest: dict[str, Any], scores: Scoring, tensors: dict[str, n
     if code_quantization is not None and not (np.isfinite(code_quantization.scale).all() and (code_quantization.scale > 0).all()
                                               and np.isfinite(code_quantization.threshold).all()):
         raise CheckpointError(f"{weights_path}: code_quantization.scale must be finite and positive, code_quantization.threshold finite")
-    neighbors = Neighbors.from_tensors(tensors, scores.neighbors_k) if scores.neighbors_k is not None else None
-    if neighbors is not None and not (np.isfinite(neighbors.reference).all() and np.isfinite(neighbors.mean).all()
-                                      and np.isfinite(neighbors.scale).all() and (neighbors.scale > 0).all()):
-        raise CheckpointError(f"{weights_path}: anomaly.reference and anomaly.mean must be finite, anomaly.scale finite and positive")
+    try:
+        anomaly = from_manifest(scores.section, scores.quantiles, {k: v for k, v in tensors.items() if k.startswith("anomaly.")})
+    except ValueError as e:
+        raise CheckpointError(f"{weights_path}: {e}") from None
     try:
         preprocessing = Preprocessing.from_dict(manifest["preprocessing"], {k: v for k, v in tensors.items() if k.startswith("preprocessing.")})
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / MANIFEST}: invalid preprocessing ({type(e).__name__}: {e})") from None
-    return preprocessing, AnomalyScore(scores.quantiles, neighbors), code_quantization
+    return preprocessing, anomaly, code_quantization

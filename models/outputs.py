@@ -6,14 +6,15 @@ the engine process, which imports neither torch nor the web stack), so every eng
 A call takes rows of data (``"inputs"``, (n, *input_shape) raw) or of codes (``"codes"``, (n, code_dim)) and asks
 for any of the outputs below; each model graph runs at most once per call, however many outputs need it.
 
-Anomaly scores and their percentiles come from ``models/anomaly.py`` (the codes' distance to a reference set of
-training codes, or the error), here too, so every engine scores rows the same way.
+Anomaly scores and their percentiles come from ``models/anomaly.py`` (from the codes and the residual, the codes
+alone or the error, as the version's score needs), here too, so every engine scores rows the same way.
 
 Compact codes (``CodeQuantization``) are made from the float codes after the call, with constants fitted once on the
 training codes and stored with the version, so every engine gives them the same way too.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
@@ -141,6 +142,14 @@ class Graphs(Protocol):
 BEYOND_HELD_OUT = 0.1
 
 
+@functools.lru_cache(maxsize=8)
+def _percentile_grid(n: int) -> np.ndarray:
+    """The percentiles of ``n`` evenly spaced quantiles, 0 .. 99.9 (read-only: shared by every call)."""
+    grid = np.linspace(0.0, 100.0 - BEYOND_HELD_OUT, n)
+    grid.flags.writeable = False
+    return grid
+
+
 def percentiles(quantiles: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Where each score (n,) falls among the held-out scores, given as evenly spaced ``quantiles`` (k,); (n,) float32.
 
@@ -151,12 +160,12 @@ def percentiles(quantiles: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """
     quantiles = np.asarray(quantiles, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
-    grid = np.linspace(0.0, 100.0 - BEYOND_HELD_OUT, len(quantiles))
-    inside = np.interp(scores, quantiles, grid)
-    largest = max(float(quantiles[-1]), np.finfo(np.float64).tiny)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        beyond = 100.0 - BEYOND_HELD_OUT / (1.0 + np.log10(np.maximum(scores, largest) / largest))
-    return np.where(scores > quantiles[-1], beyond, inside).astype(np.float32)
+    ranks = np.interp(scores, quantiles, _percentile_grid(len(quantiles)))
+    beyond = scores > quantiles[-1]
+    if beyond.any():  # the logarithm only where there are such rows: most calls have none
+        largest = max(float(quantiles[-1]), np.finfo(np.float64).tiny)
+        ranks[beyond] = 100.0 - BEYOND_HELD_OUT / (1.0 + np.log10(np.maximum(scores[beyond], largest) / largest))
+    return ranks.astype(np.float32)
 
 
 def compute(graphs: Graphs, anomaly: AnomalyScore, call: Call, rows: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -169,20 +178,20 @@ def compute(graphs: Graphs, anomaly: AnomalyScore, call: Call, rows: np.ndarray)
         return tuple(answer[name] for name in call.outputs)
     x = graphs.to_model(rows)
     code = graphs.encode(x)
-    scored = bool(wanted & {"score", "percentile"})
-    if "code" in wanted or (scored and not anomaly.needs_error):
+    needs = anomaly.needs if wanted & {"score", "percentile"} else None  # what the score is computed from
+    if "code" in wanted or needs in ("code", "feature_error"):
         answer["code"] = graphs.numpy(code)
-    if wanted & {"reconstruction", "error", "feature_error"} or (scored and anomaly.needs_error):
+    if wanted & {"reconstruction", "error", "feature_error"} or needs in ("error", "feature_error"):
         x_hat = graphs.decode(code)
         if "reconstruction" in wanted:
             answer["reconstruction"] = graphs.from_model(x_hat)
-        if "feature_error" in wanted:  # each value's error, and the row's as their sum: the differences squared once
+        if "feature_error" in wanted or needs == "feature_error":  # each value's error, and the row's as their sum
             answer["feature_error"] = graphs.numpy(graphs.squared_errors(x_hat, x))
             answer["error"] = answer["feature_error"].sum(axis=1)
         else:
             answer["error"] = graphs.numpy(graphs.squared_error(x_hat, x))
-    if scored:
-        answer["score"] = anomaly.scores(answer.get("code"), answer.get("error"))
+    if needs is not None:
+        answer["score"] = anomaly.scores(answer.get("code"), answer.get("error"), answer.get("feature_error"))
         answer["percentile"] = percentiles(anomaly.quantiles, answer["score"])
     if "coordinates" in wanted:
         answer["coordinates"] = graphs.numpy(graphs.project(code))

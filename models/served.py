@@ -181,7 +181,7 @@ def load_served(folder: Path) -> ServedVersion:
         tensors = load_safetensors_bytes(weights)
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"{folder / WEIGHTS}: not a valid safetensors file ({e})") from None
-    expected = state_shapes(manifest, scores, input_dim, code_dim)
+    expected = state_shapes(manifest, scores, input_dim, code_dim, folder)
     wrong = [k for k, shape in expected.items() if k not in tensors or tensors[k].shape != shape or tensors[k].dtype != np.float32]
     if wrong:
         raise CheckpointError(f"{folder / WEIGHTS}: tensors missing, of the wrong shape or not float32: {wrong}")

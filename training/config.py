@@ -50,15 +50,20 @@ class AnomalyParams(Config):
 
     section = "anomaly"
 
+    # "combined": the code's Hotelling T2 and the residual weighted per feature, each relative to the training rows;
     # "neighbors": mean distance to the k nearest training codes (standardized); "error": the reconstruction error.
-    score: Literal["neighbors", "error"] = "neighbors"
+    score: Literal["combined", "neighbors", "error"] = "combined"
+    # The neighbour score's k and reference set: a seeded sample of this many training rows' codes (all when fewer).
     k: Size = 5
-    # The reference set: a seeded sample of this many training rows' codes (all when there are fewer).
     reference_rows: Size = 2000
     # Data of at most this many rows (training and test together) gets its percentiles from a cross-fit over every row
     # (0: never): each row scored by a model trained on the other folds.
     cross_fit_rows: Count = 5000
     folds: Annotated[int, Ge(2)] = 5
+    # The optimiser steps all fold models may take together, as a multiple of the steps the published model took to
+    # its kept epoch (0: no bound, each fold model as many as it): each trains for its share. Why half: docs/benchmarks.md,
+    # "Anomaly scores: the cross-fit's cost and calibration".
+    cross_fit_steps: NonNegative = 0.5
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.base import Autoencoder
 from aeserve.models.checkpoint import weights_bytes
 from aeserve.models.export import graphs_for_serving
@@ -193,7 +192,7 @@ def project_codes(projector: torch.nn.Module, codes: torch.Tensor) -> np.ndarray
     return torch.cat([projector(codes[i:i + EVAL_BATCH]) for i in range(0, len(codes), EVAL_BATCH)]).numpy()
 
 
-def train_fold(published: Autoencoder, config: RunConfig, epochs: int, rows: torch.Tensor, seed: int) -> Autoencoder:
+def train_fold(published: Autoencoder, config: RunConfig, rows: torch.Tensor, epochs: int, seed: int) -> Autoencoder:
     """A model of ``published``'s kind and config, prepared and trained on ``rows`` (n, input_dim) alone with the run's
     recipe for ``epochs`` epochs (no validation rows, no early stopping): a cross-fit's fold model."""
     torch.manual_seed(seed)
@@ -298,15 +297,17 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     projector, projector_facts = fit_projector(model.code_dim, training_codes, config)
     # Compact codes' constants (int8 scale, binary threshold), fitted on the same training codes.
     code_quantization = CodeQuantization.fit(training_codes.numpy())
-    # The anomaly score's reference set, from the same training codes, and the out-of-sample scores its percentiles rest on.
+    # The anomaly score, fitted on the same training rows, and the out-of-sample scores its percentiles rest on.
     epochs_kept = min(history, key=lambda r: r["val_sq_err"])["epoch"] if config.train.patience and history and "val_sq_err" in history[0] \
         else config.train.epochs
+    steps_kept = epochs_kept * math.ceil(len(x_train) / config.train.batch_size)
     # A cross-fit's fold models train on (folds - 1) / folds of the rows: too few for the code size, none is made.
     fold_rows = (len(x_all) + len(x_test)) * (config.anomaly.folds - 1) // config.anomaly.folds
-    cross_fit = world.size == 1 and fold_rows > model.code_dim
-    neighbors, anomaly, score_metrics = fit_anomaly(
-        model, config.anomaly, training_codes.numpy(), [x_val, x_test], [x_all, x_test],
-        functools.partial(train_fold, model, config, epochs_kept) if cross_fit else None, config.train.seed, progress)
+    cross_fit = world.size == 1 and fold_rows > model.code_dim and not sampled
+    anomaly_score, anomaly, score_metrics = fit_anomaly(
+        model, config.anomaly, x_all.subset(sample_index) if sampled else x_train, [x_val, x_test],
+        functools.partial(train_fold, model, config) if cross_fit else None, (epochs_kept, steps_kept, config.train.batch_size),
+        config.train.seed, progress)
     metrics.update(score_metrics)
     train_coords, test_coords = project_codes(projector, codes), project_codes(projector, encode_all(model, x_test))
     train_labels = dataset.train_y[sample_index] if sampled and dataset.train_y is not None else dataset.train_y
@@ -354,7 +355,7 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
     # The version's other files are made before publishing, which only writes them: concurrent publishers never wait on
     # plotting, and a report that fails costs the report alone.
     version = ModelVersion({"name": config.name, **manifest}, model, projector, preprocessing,
-                           AnomalyScore(np.asarray(metrics["score_quantiles"]), neighbors), torch.device("cpu"), code_quantization=code_quantization)
+                           anomaly_score, torch.device("cpu"), code_quantization=code_quantization)
     files = {MAP_SAMPLE: map_sample(version, dataset.test_x, dataset.test_y)}
     # The ONNX graphs a server without torch runs (models/served.py), checked against torch; without them the version
     # still publishes, and the manifest says why.
@@ -369,7 +370,7 @@ def _train_and_publish(config: RunConfig, registry: Registry, progress: bool, da
         except Exception as e:  # matplotlib's many error types among them
             manifest["report_error"] = f"{type(e).__name__}: {e}"
             log.warning("%s: the report failed, so the version is published without it: %s", config.name, manifest["report_error"])
-    number = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization, neighbors), extra_files=files)
+    number = registry.publish(config.name, manifest, weights_bytes(model, projector, preprocessing, code_quantization, anomaly_score), extra_files=files)
     if state is not None:
         state.remove()
     return number

@@ -20,8 +20,8 @@ reads the next, so answers come in the order of the requests:
 
 - request: ``REQUEST`` (request type, packed call, slot, rows, payload bytes),
   then the payload: for LOAD, a JSON description (graph sizes, preprocessing,
-  the anomaly score: held-out quantiles, and k and shapes of a reference set)
-  and the graphs' ONNX bytes, then a reference set's arrays as float32; for CALL, the rows as
+  the anomaly score: held-out quantiles, its manifest section and the shapes of its fitted arrays)
+  and the graphs' ONNX bytes, then the anomaly score's arrays as float32; for CALL, the rows as
   float32. The packed call (``pack_call``) is a ``Call`` in 64 bits: bit 0 for
   rows of codes, then each wanted output as its index in ``OUTPUTS`` plus one,
   in as many bits as the largest such number needs.
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from aeserve.models.anomaly import AnomalyScore, Neighbors
+from aeserve.models.anomaly import from_manifest
 from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.models.preprocessing import Preprocessing
 from aeserve.service.runtime.onnx import OnnxVersion, graphs_serve
@@ -147,13 +147,12 @@ class EngineProcess:
         if not self.up:
             raise EngineProcessError("the engine process is not running")
         slot, self._slots = self._slots, self._slots + 1
-        neighbors = version.anomaly.neighbors
-        arrays = {} if neighbors is None else {name: np.ascontiguousarray(array, np.float32) for name, array in neighbors.tensors().items()}
+        arrays = {name: np.ascontiguousarray(array, np.float32) for name, array in version.anomaly.tensors().items()}
         description = json.dumps({"graphs": [[name, len(data)] for name, data in graphs.items()],
                                   "preprocessing": version.preprocessing.to_wire(),
                                   "quantiles": version.anomaly.quantiles.tolist(),
-                                  "neighbors": None if neighbors is None else {"k": neighbors.k, "arrays": [
-                                      [name, list(array.shape)] for name, array in arrays.items()]}}).encode()
+                                  "anomaly": version.anomaly.section(),
+                                  "arrays": [[name, list(array.shape)] for name, array in arrays.items()]}).encode()
         parts = [struct.pack("<I", len(description)), description, *graphs.values(), *(array.tobytes() for array in arrays.values())]
         await self._channel.send(LOAD, 0, slot, 0, parts, lambda answer: None)
         self._versions[id(version)] = LoadedVersion(version, slot, frozenset(graphs))
@@ -293,14 +292,11 @@ def _load(payload: memoryview) -> OnnxVersion:
     for name, length in description["graphs"]:
         graphs[name] = bytes(payload[start:start + length])
         start += length
-    neighbors = None
-    if description["neighbors"] is not None:
-        arrays = {}
-        for name, shape in description["neighbors"]["arrays"]:
-            arrays[name] = np.frombuffer(payload, np.float32, math.prod(shape), start).reshape(shape).copy()
-            start += 4 * math.prod(shape)
-        neighbors = Neighbors.from_tensors(arrays, description["neighbors"]["k"])
-    anomaly = AnomalyScore(np.asarray(description["quantiles"], dtype=np.float64), neighbors)
+    arrays = {}
+    for name, shape in description["arrays"]:
+        arrays[name] = np.frombuffer(payload, np.float32, math.prod(shape), start).reshape(shape).copy()
+        start += 4 * math.prod(shape)
+    anomaly = from_manifest(description["anomaly"], description["quantiles"], arrays)
     loaded = OnnxVersion(graphs, Preprocessing.from_dict(description["preprocessing"]), anomaly)
     del graphs
     loaded.warm()

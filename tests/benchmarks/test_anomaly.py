@@ -6,7 +6,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer, load_digits
 
 from aeserve.training.data.builtin import FASHION_MNIST_DIR
-from benchmarks.anomaly import Measured, Task, breast_cancer, digits, fashion_mnist, floors, one_class_split, table, wine
+from benchmarks.anomaly import Measured, Task, breast_cancer, digits, fashion_mnist, floors, one_class_split, table, trained_line, wine
 
 
 def rows_in(rows: np.ndarray, pool: np.ndarray) -> np.ndarray:
@@ -80,8 +80,8 @@ def test_table_averages_classes_within_a_data_set_then_data_sets_and_checks_the_
                                     "aeserve `errors` | IsolationForest |")
     assert text.splitlines()[-1] == "| **mean of the 2 data sets** | | | | 0.915 | 0.915 | **0.930** |"
     assert floors("errors", means, datasets) == [
-        "floor: aeserve `errors` mean ROC-AUC 0.915 >= IsolationForest's 0.930: FAILS",
-        "floor: aeserve `errors` ROC-AUC on breast cancer 0.930 >= 0.955: FAILS"]
+        "floor: aeserve `errors` mean ROC-AUC 0.9150 >= IsolationForest's 0.9300: FAILS",
+        "floor: aeserve `errors` ROC-AUC on breast cancer 0.9300 >= 0.955: FAILS"]
 
 
 def test_table_uses_scores_when_served():
@@ -89,5 +89,17 @@ def test_table_uses_scores_when_served():
     text, means, datasets = table(runs, "scores", ["IsolationForest"])
     assert "aeserve score: `scores` | aeserve `errors` |" in text and means["aeserve"] == pytest.approx(0.97)
     assert floors("scores", means, datasets) == [
-        "floor: aeserve `scores` mean ROC-AUC 0.970 >= IsolationForest's 0.960: holds",
-        "floor: aeserve `scores` ROC-AUC on breast cancer 0.970 >= 0.955: holds"]
+        "floor: aeserve `scores` mean ROC-AUC 0.9700 >= IsolationForest's 0.9600: holds",
+        "floor: aeserve `scores` ROC-AUC on breast cancer 0.9700 >= 0.955: holds"]
+
+
+def test_a_trained_line_names_the_published_kind_and_how_the_percentiles_were_obtained():
+    run = measured("wine-0", "wine", 0.99, 0.99, scores=1.0)
+    run.task.train_x = np.zeros((41, 13))
+    run.manifest = {"kind": "pca", "config": {"code_dim": 3}, "code_dim": 3,
+                    "metrics": {"test_sq_err": 5.8254, "pca_sq_err": 5.8254},
+                    "training": {"history": [{}] * 123, "best_epoch": 73, "run_config": {"model": {"kind": "mlp", "hidden": [32]}}},
+                    "anomaly": {"score": "combined", "held_out": "5-fold cross-fit over 41 rows",
+                                "cross_fit": {"fold_epochs": 14, "published_epochs": 73, "scale": 0.8292, "scale_rows": 7}}}
+    assert trained_line(run) == ("| wine-0 | pca 13-3 | 123 / 73 | 5.825 / 5.825 | 1.0 | combined | 5-fold cross-fit over 41 rows "
+                                 "(fold models 14 epochs against 73, scale 0.829) |")

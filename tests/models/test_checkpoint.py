@@ -25,7 +25,9 @@ def test_a_version_loads_as_it_was_published(published):
     assert version.folder == published.version_dir("digits", 1)
     manifest = published.manifest("digits")
     np.testing.assert_array_equal(version.anomaly.quantiles, manifest["metrics"]["score_quantiles"])
-    assert version.anomaly.neighbors.reference.shape == (manifest["anomaly"]["reference_rows"], 4) and version.anomaly.neighbors.k == 5
+    combined = version.anomaly.method
+    assert manifest["anomaly"]["score"] == "combined" and version.anomaly.needs == "feature_error"
+    assert (combined.code_mean.shape, combined.code_whiten.shape, combined.residual_weight.shape) == ((4,), (4, 4), (64,))
 
 
 def test_sha256_mismatch_is_refused(published):

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
 
+from aeserve.models.anomaly import AnomalyScore, Combined, Neighbors
 from aeserve.models.outputs import OUTPUTS, Call
 from aeserve.service.operations import OPERATIONS
 from aeserve.service.runtime import engine_process
@@ -77,6 +79,23 @@ async def test_every_call_answers_as_the_in_process_engine(exported, process):
                 for g, e in zip(got, expected, strict=True):
                     assert g.shape == e.shape and g.dtype == e.dtype, (kind, call)
                     np.testing.assert_array_equal(g, e, err_msg=f"{kind} {call} on {n} rows")
+
+
+@slow
+async def test_each_kind_of_score_crosses_to_the_child_with_its_arrays(exported, process):
+    version, graphs = exported["mlp"]
+    codes = version.encode(rows(50, seed=1))
+    by = {"combined": version.anomaly, "neighbors": AnomalyScore(version.anomaly.quantiles, Neighbors.fit(codes, k=3, reference_rows=40, seed=0)),
+          "error": AnomalyScore(version.anomaly.quantiles, None)}
+    assert isinstance(by["combined"].method, Combined)
+    scored = Call("inputs", ("score", "percentile"))
+    for score, anomaly in by.items():
+        variant = dataclasses.replace(version, anomaly=anomaly)
+        await process.load(variant, graphs)
+        got, expected = await process.run(variant, scored, rows(5)), OnnxVersion(graphs, version.preprocessing, anomaly).run(scored, rows(5))
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g, e, err_msg=score)
+    np.testing.assert_allclose(got[0], version.run(Call("inputs", ("error",)), rows(5))[0], rtol=1e-4)  # the error score is the error
 
 
 @slow
