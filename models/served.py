@@ -94,8 +94,27 @@ def graphs_serve(graphs: Any, call: Call) -> bool:
     return "coordinates" not in call.outputs or "project" in graphs
 
 
+class VersionFacts:
+    """What a loaded version says of itself from its manifest and preprocessing, on torch or served from its graphs."""
+
+    manifest: dict[str, Any]
+    preprocessing: Preprocessing
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.preprocessing.input_shape
+
+
 @dataclass
-class ServedVersion:
+class ServedVersion(VersionFacts):
     """A loaded version on ONNX Runtime, with every core. All methods take and return numpy float32 arrays, shaped as
     ``ModelVersion``'s."""
 
@@ -114,18 +133,6 @@ class ServedVersion:
         self._inputs = {name: session.get_inputs()[0].name for name, session in self._sessions.items()}
         self._graphs = NumpyGraphs(self.preprocessing, self.graph)
         self.streams = None if self.coding is None else StreamFormat(self.name, self.version, RangeCoder(*self.coding))
-
-    @property
-    def name(self) -> str:
-        return self.manifest["name"]
-
-    @property
-    def version(self) -> int:
-        return int(self.manifest["version"])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.preprocessing.input_shape
 
     @property
     def code_dim(self) -> int:

@@ -17,7 +17,7 @@ from aeserve.models.anomaly import AnomalyScore
 from aeserve.models.base import Autoencoder
 from aeserve.models.outputs import OUTPUTS, Call, CodeQuantization, compute
 from aeserve.models.preprocessing import Preprocessing
-from aeserve.models.served import stored_graphs
+from aeserve.models.served import VersionFacts, stored_graphs
 from aeserve.models.streams import RangeCoder, StreamFormat
 
 
@@ -76,7 +76,7 @@ class TorchGraphs:
 
 
 @dataclass
-class ModelVersion:
+class ModelVersion(VersionFacts):
     """A loaded version, on torch. All methods take and return numpy float32 arrays.
 
     Raw inputs are (n, *input_shape) or (n, input_dim); codes are (n, code_dim).
@@ -99,18 +99,6 @@ class ModelVersion:
         # published (the trainer's, making its report), whose streams would have no version number to carry.
         published = "version" in self.manifest
         self.streams = None if tables is None or not published else StreamFormat(self.name, self.version, RangeCoder(*tables))
-
-    @property
-    def name(self) -> str:
-        return self.manifest["name"]
-
-    @property
-    def version(self) -> int:
-        return int(self.manifest["version"])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.preprocessing.input_shape
 
     @property
     def code_dim(self) -> int:
