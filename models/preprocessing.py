@@ -76,9 +76,10 @@ class Preprocessing:
 
     def to_model(self, x: np.ndarray) -> np.ndarray:
         """(n, *input_shape) or (n, input_dim) raw values -> (n, input_dim) float32 in model space."""
-        x = np.asarray(x, dtype=np.float32).reshape(len(x), self.input_dim)
-        if not self.per_feature and self.offset == 0:
-            return x * np.float32(self.scale)  # one pass instead of two over what may be a large batch
+        x = np.asarray(x).reshape(len(x), self.input_dim)
+        if not self.per_feature and self.offset == 0:  # one pass over what may be a large batch, made float32 in it
+            return np.multiply(x, np.float32(self.scale), dtype=np.float32)
+        x = np.asarray(x, dtype=np.float32)
         return (x - self._f32(self.offset)) * self._f32(self.scale)
 
     def from_model(self, x: np.ndarray) -> np.ndarray:

@@ -73,6 +73,18 @@ def test_an_npy_encodes_to_the_versions_own_codes_with_row_numbers_and_metadata(
     assert json.loads(table.schema.metadata[b"aeserve"])["sha256"] == version.manifest["sha256"]
 
 
+def test_an_integer_npy_gives_the_codes_of_the_same_values_as_floats(reg, digits_npy, tmp_path):
+    """Integer rows (pixels) reach the model as they are and are made float32 by its scaling: the same codes."""
+    path, x = digits_npy
+    as_bytes = tmp_path / "digits-uint8.npy"
+    np.save(as_bytes, x.astype(np.uint8))
+    assert encode(reg, "digits-mlp", "--data", str(as_bytes), "--out", str(tmp_path / "uint8.parquet")) == 0
+    assert encode(reg, "digits-mlp", "--data", path, "--out", str(tmp_path / "float.parquet")) == 0
+    codes = column(pq.read_table(tmp_path / "uint8.parquet"), "code")
+    np.testing.assert_array_equal(codes, column(pq.read_table(tmp_path / "float.parquet"), "code"))
+    np.testing.assert_array_equal(codes, reg.load("digits-mlp").encode(x))
+
+
 def test_int8_and_binary_codes_equal_the_servers(reg, digits_npy, tmp_path):
     path, x = digits_npy
     assert encode(reg, "digits-mlp", "--data", path, "--out", str(tmp_path / "int8.parquet"), "--codes", "int8") == 0

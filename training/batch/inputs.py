@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from aeserve.models.columns import Columns, date_values
 from aeserve.models.images import size_and_channels
 from aeserve.models.version import ModelVersion
+from aeserve.training.batch.output import numbers_array
 from aeserve.training.data.arrays import read_npy, read_npz
 from aeserve.training.data.dataset import DataError, chunks
 from aeserve.training.data.images import IMAGE_BATCH, ImageFiles, _image_files, _ImageReader
@@ -159,13 +160,17 @@ class ArraySource(Source):
 
     def blocks(self, size: int) -> Iterator[Block]:
         for start, chunk in zip(range(0, len(self.x), size), chunks(self.x, size), strict=True):
-            with np.errstate(over="ignore"):  # made float32 here, in the reader thread: the model's thread only scales
+            if self.x.dtype.kind != "f":
+                # Integers (pixels, mostly) as they are: the model's scaling makes them float32 in its one pass over
+                # them. A copy in this thread takes the block off the file's pages without competing with the model.
+                yield Block(numbers_array(np.arange(start, start + len(chunk), dtype=np.int64)), np.array(chunk))
+                continue
+            with np.errstate(over="ignore"):
                 rows = np.asarray(chunk, dtype=np.float32)
-            if self.x.dtype.kind == "f":
-                bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)  # a float64 beyond float32's range is infinite now
-                if bad.any():
-                    raise DataError(f"{self.where}: row {start + int(np.argmax(bad))} holds NaN, infinite values or values beyond float32's range")
-            yield Block(pa.array(np.arange(start, start + len(rows), dtype=np.int64)), rows)
+            bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)  # a float64 beyond float32's range is infinite now
+            if bad.any():
+                raise DataError(f"{self.where}: row {start + int(np.argmax(bad))} holds NaN, infinite values or values beyond float32's range")
+            yield Block(numbers_array(np.arange(start, start + len(rows), dtype=np.int64)), rows)
 
 
 class TableSource(Source):
@@ -204,7 +209,7 @@ class TableSource(Source):
                 part = batch.slice(start, size)
                 rows = self.columns.rows({name: part.column(name) for name in self.columns.names}, self.table, first + start)
                 if self.id_column is None:
-                    ids = pa.array(np.arange(first + start, first + start + part.num_rows, dtype=np.int64))
+                    ids = numbers_array(np.arange(first + start, first + start + part.num_rows, dtype=np.int64))
                 else:
                     ids = part.column(self.id_column)
                     ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids

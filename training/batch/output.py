@@ -49,14 +49,24 @@ def metadata(version: ModelVersion, codes: str, id_name: str, extras: tuple[str,
     return meta
 
 
+def numbers_array(values: np.ndarray, kind: pa.DataType | None = None) -> pa.Array:
+    """A 1-D numpy array of numbers as an Arrow array of ``kind`` (default: its own type), on its buffer without a copy.
+
+    Not ``pa.array``: its first call imports pandas where pandas is installed (about 0.15 s, in the reader thread while
+    the model waits for its first block), and this needs nothing of it."""
+    kind = kind or pa.from_numpy_dtype(values.dtype)
+    values = np.ascontiguousarray(values, dtype=kind.to_pandas_dtype())
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
+
+
 def arrow_column(name: str, values: np.ndarray, field: pa.Field) -> pa.Array:
     """Values (n, ...) from ``Encoder.columns`` as the field's Arrow type, without a copy where the layout allows."""
     if pa.types.is_fixed_size_binary(field.type):
         return pa.FixedSizeBinaryArray.from_buffers(field.type, len(values), [None, pa.py_buffer(np.ascontiguousarray(values))])
     if pa.types.is_fixed_size_list(field.type):
         flat = np.ascontiguousarray(values).reshape(-1)
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=field.type.value_type), field.type.list_size)
-    return pa.array(np.asarray(values, dtype=np.float32))
+        return pa.FixedSizeListArray.from_arrays(numbers_array(flat, field.type.value_type), field.type.list_size)
+    return numbers_array(np.asarray(values, dtype=np.float32))
 
 
 def read_metadata(path: str) -> dict[str, Any]:
