@@ -12,9 +12,9 @@ from aeserve.models.kinds import build_model
 from aeserve.models.registry import Registry
 from aeserve.training.config import build_run_config
 from aeserve.training.data.dataset import DataError
-from aeserve.training.evaluate import reconstruction_errors
+from aeserve.training.evaluate import pca_baseline, reconstruction_errors
 from aeserve.training.recipes import mlp_sizes, source_for
-from aeserve.training.trainer import fit
+from aeserve.training.trainer import NETWORK_MARGIN, fit, prefer_pca
 
 
 def write_rows(path, n=200, seed=0):
@@ -118,6 +118,41 @@ def test_early_stopping_keeps_the_best_epochs_weights():
     assert len(history) == min(40, best + 1 + 3)  # stopped `patience` epochs after the best, or at the end
     assert float(reconstruction_errors(model, x_val).mean()) == pytest.approx(val[best], rel=1e-6)
     assert json.dumps(history)  # the history stays JSON for the manifest
+
+
+class ScaledResidual(torch.nn.Module):
+    """A stand-in network: closed-form PCA's reconstruction with each validation row's residual scaled so that its
+    squared error is ``factors[i]`` times PCA's."""
+
+    kind, code_dim = "mlp", 2
+
+    def __init__(self, pca, factors):
+        super().__init__()
+        self.pca, self.shrink = pca, torch.tensor(np.sqrt(factors), dtype=torch.float32)[:, None]
+
+    def forward(self, x):
+        x_hat = self.pca(x)
+        return x - self.shrink * (x - x_hat)
+
+
+@pytest.mark.parametrize("factors, chosen", [
+    # Better on every row by 2 %: the rows agree, far beyond 2 standard errors.
+    (np.full(40, 0.98), "mlp"),
+    # Lower on the mean (0.94 of PCA's error here) but worse on half the rows: the rows cannot tell, PCA stays.
+    (np.tile([0.5, 1.3], 20), "pca"),
+])
+def test_the_network_is_published_only_when_the_validation_rows_show_it_better(factors, chosen):
+    torch.manual_seed(0)
+    x = torch.randn(240, 2) @ torch.randn(2, 6) + 0.3 * torch.randn(240, 6)
+    x_train, x_val = x[:200], x[200:]
+    network = ScaledResidual(pca_baseline(x_train, 2).eval(), factors)
+    published, choice = prefer_pca(network, x_train, x_val)
+    assert choice["chosen"] == chosen and published.kind == chosen and choice["val_rows"] == 40
+    assert choice["val_sq_err"]["mlp"] < choice["val_sq_err"]["pca"]  # lower on the mean either way
+    if chosen == "pca":
+        assert choice["margin"] < NETWORK_MARGIN and f"under the {NETWORK_MARGIN:g} asked of a network" in choice["why"]
+    else:
+        assert choice["margin"] >= NETWORK_MARGIN and published is network
 
 
 def test_an_image_folder_gets_the_conv_model(tmp_path, capsys, monkeypatch):
