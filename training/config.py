@@ -36,8 +36,9 @@ class TrainParams(Config):
     patience: Count = 0
     # "onecycle": warm up then anneal (fast convergence on a fixed budget); "constant": plain Adam.
     schedule: Literal["onecycle", "constant"] = "onecycle"
-    # Fit closed-form PCA with the same code size beside the model, and publish it instead when it reconstructs the
-    # validation rows better (train --data's recipes; a config's model is left alone unless it says so).
+    # Fit closed-form PCA with the same code size beside the model, and publish it instead unless the model reconstructs
+    # the validation rows clearly better (trainer.prefer_pca; train --data's recipes; a config's model is left alone
+    # unless it says so).
     pca_fallback: bool = False
     # Write report/ (Markdown + PNG figures) into the version folder.
     report: bool = True

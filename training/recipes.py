@@ -15,8 +15,9 @@ to 256), as many epochs as the budget needs (30 to 200), a one-cycle schedule up
 the validation error after a quarter of the epochs without a lower one, keeping the best epoch's weights (measured
 against the earlier 500-epoch constant-rate schedule in docs/benchmarks.md, "Zero-config recipes").
 
-Closed-form PCA with the same code size is fitted beside the network (``train.pca_fallback``); when it reconstructs
-the validation rows better, the version is PCA, and the manifest says why (``training.recipe_choice``). A ``--set
+Closed-form PCA with the same code size is fitted beside the network (``train.pca_fallback``); unless the network
+reconstructs the validation rows clearly better (by ``trainer.NETWORK_MARGIN`` standard errors), the version is PCA,
+and the manifest says why (``training.recipe_choice``). A ``--set
 model.kind`` turns that off: a kind the user chose is left alone. ``--set`` overrides any key; the manifest records
 the result in ``training.run_config``, which, written out as TOML (``recipe_toml``), is a config that trains again.
 

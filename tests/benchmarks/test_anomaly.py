@@ -102,4 +102,7 @@ def test_a_trained_line_names_the_published_kind_and_how_the_percentiles_were_ob
                     "anomaly": {"score": "combined", "held_out": "5-fold cross-fit over 41 rows",
                                 "cross_fit": {"fold_epochs": 14, "published_epochs": 73, "scale": 0.8292, "scale_rows": 7}}}
     assert trained_line(run) == ("| wine-0 | pca 13-3 | 123 / 73 | 5.825 / 5.825 | 1.0 | combined | 5-fold cross-fit over 41 rows "
+                                 "(fold models closed-form PCA, scale 0.829) |")  # a PCA version's fold models train no epochs
+    run.manifest.update(kind="mlp", config={"code_dim": 3, "hidden": [32]})
+    assert trained_line(run) == ("| wine-0 | mlp 13-32-3 | 123 / 73 | 5.825 / 5.825 | 1.0 | combined | 5-fold cross-fit over 41 rows "
                                  "(fold models 14 epochs against 73, scale 0.829) |")
