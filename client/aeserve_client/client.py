@@ -80,22 +80,48 @@ def _request(op: str, rows: T) -> tuple[wire.NpyBody | bytes, dict[str, str]]:
     return wire.streams_request(rows) if op == "decompress" else wire.npy_request(op, rows)
 
 
-def _requests(options: _Options, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None,
-              code_version: int | None = None) -> Generator[tuple[str, wire.NpyBody | bytes, dict[str, str]], httpx.Response, Result]:
+Requests = Generator[tuple[str, wire.NpyBody | bytes, dict[str, str]], httpx.Response, list]
+
+
+def _in_slices(options: _Options, array: T, request: Callable[[T, str | int | None], tuple[str, wire.NpyBody | bytes, dict[str, str]]],
+               answer: Callable[[httpx.Response, int], Result | Neighbors], version: str | int | None) -> Requests:
     """One call as the requests it takes, for Client and AsyncClient alike: yields (path, body, headers) of each slice
-    of rows and is sent its answer; returns the answers joined in order."""
-    array = array if op == "decompress" else np.asarray(array)
+    of ``array`` (``request(rows, version)``) and is sent its answer; returns the answers (``answer(response, first
+    row)``) in order. The other slices go to the version that answered the first."""
     parts, start = [], 0
     while not parts or start < _count(array):
         rows = options.slice(array, start)
-        body, headers = _request(op, rows)
-        response = yield wire.path(name, op, version, code_version), body, headers
+        response = yield request(rows, version)
         if options.learns_limit(response, rows):
             continue  # the same rows again, in slices of the server's limit
-        parts.append(wire.result(response, start))
-        version = parts[-1].version or version  # the other slices go to the version that answered the first
+        parts.append(answer(response, start))
+        version = parts[-1].version or version
         start += _count(rows)
+    return parts
+
+
+def _requests(options: _Options, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None,
+              code_version: int | None = None) -> Generator[tuple[str, wire.NpyBody | bytes, dict[str, str]], httpx.Response, Result]:
+    """``op`` on ``array`` as the requests it takes (``_in_slices``); returns the answers joined."""
+    def request(rows, version):
+        return wire.path(name, op, version, code_version), *_request(op, rows)
+
+    parts = yield from _in_slices(options, array if op == "decompress" else np.asarray(array), request, wire.result, version)
     return wire.join(parts)
+
+
+def _neighbor_requests(options: _Options, name: str, x: np.ndarray | None, codes: np.ndarray | None, k: int, version: str | int | None,
+                       code_version: int | None) -> Generator[tuple[str, wire.NpyBody | bytes, dict[str, str]], httpx.Response, Neighbors]:
+    """A neighbors call on rows ``x`` or on ``codes`` as the requests it takes (``_in_slices``); returns the answers joined."""
+    if (x is None) == (codes is None):
+        raise ValueError("give inputs (rows the version encodes) or codes (in the index's form), not both")
+
+    def request(rows, version):
+        body, headers, query = wire.neighbors_request(rows if x is not None else None, rows if codes is not None else None, k, code_version)
+        return wire.path(name, "neighbors", version) + query, body, headers
+
+    parts = yield from _in_slices(options, np.asarray(x if x is not None else codes), request, wire.neighbors_result, version)
+    return wire.join_neighbors(parts)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -166,9 +192,15 @@ class Client:
                   version: str | int | None = None, code_version: int | None = None) -> Neighbors:
         """The k stored items nearest each row, from the server's index of the version's codes (``--index``): rows ``x``
         (n, ...) the version encodes, or ``codes`` (n, width) in the index's form with the version that made them
-        (``code_version``: another version refuses them, ConflictError). Sent in one request."""
-        body, headers, query = wire.neighbors_request(x, codes, k, code_version)
-        return wire.neighbors_result(self._send("POST", wire.path(name, "neighbors", version) + query, content=body, headers=headers))
+        (``code_version``: another version refuses them, ConflictError). More than max_rows rows go out as several
+        requests, all to the version that answered the first."""
+        requests = _neighbor_requests(self._options, name, x, codes, k, version, code_version)
+        path, body, headers = next(requests)
+        while True:
+            try:
+                path, body, headers = requests.send(self._send("POST", path, content=body, headers=headers))
+            except StopIteration as done:
+                return done.value
 
     def models(self) -> list[dict]:
         response = self._send("GET", "/v1/models")
@@ -246,8 +278,13 @@ class AsyncClient:
 
     async def neighbors(self, name: str, x: np.ndarray | None = None, *, codes: np.ndarray | None = None, k: int = 10,
                         version: str | int | None = None, code_version: int | None = None) -> Neighbors:
-        body, headers, query = wire.neighbors_request(x, codes, k, code_version)
-        return wire.neighbors_result(await self._send("POST", wire.path(name, "neighbors", version) + query, body, headers))
+        requests = _neighbor_requests(self._options, name, x, codes, k, version, code_version)
+        path, body, headers = next(requests)
+        while True:
+            try:
+                path, body, headers = requests.send(await self._send("POST", path, body, headers))
+            except StopIteration as done:
+                return done.value
 
     async def models(self) -> list[dict]:
         response = await self._send("GET", "/v1/models")

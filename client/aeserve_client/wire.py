@@ -162,11 +162,19 @@ def neighbors_request(inputs: np.ndarray | None, codes: np.ndarray | None, k: in
     return json.dumps(document).encode(), {"Content-Type": "application/json"}, ""
 
 
-def neighbors_result(response: httpx.Response) -> Neighbors:
-    check(response)
+def neighbors_result(response: httpx.Response, first_row: int = 0) -> Neighbors:
+    check(response, first_row)
     body = response.json()
     return Neighbors(body["ids"], np.asarray(body["distances"], dtype=np.float32).reshape(len(body["ids"]), -1), body["model"],
                      body["version"], body["metric"])
+
+
+def join_neighbors(parts: list[Neighbors]) -> Neighbors:
+    """The answers to the slices of one neighbors call, as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return Neighbors([ids for part in parts for ids in part.ids], np.concatenate([part.distances for part in parts]), parts[0].model,
+                     parts[0].version, parts[0].metric)
 
 
 def check(response: httpx.Response, first_row: int = 0) -> None:

@@ -125,3 +125,17 @@ def test_the_python_client_asks_for_neighbours(indexed):
     assert (found.model, found.version, found.metric) == (NAME, "1", "l2") and found.distances.shape == (3, K)
     assert found.ids == np.argsort(truth, axis=1)[:, :K].tolist()
     assert [row[0] for row in by_codes.ids] == [0, 1, 2] and np.allclose(by_codes.distances[:, 0], 0, atol=1e-5)
+
+
+def test_the_client_splits_neighbours_over_max_rows_and_joins_them_in_order(indexed):
+    _, files, _ = indexed
+    images = load_digits().images[:7].astype(np.float32)
+    codes = stored_codes(files["float"])[:7]
+    with serving(indexed, "float") as http:
+        wait_ready(http.get)
+        with Client(base_url="http://testserver", transport=http._transport) as whole, \
+                Client(base_url="http://testserver", transport=http._transport, max_rows=3) as sliced:
+            for asked in (dict(x=images), dict(codes=codes, code_version=1)):
+                one, three = whole.neighbors(NAME, k=K, version=1, **asked), sliced.neighbors(NAME, k=K, version=1, **asked)
+                assert three.ids == one.ids and len(three.ids) == 7 and three.version == "1"
+                np.testing.assert_allclose(three.distances, one.distances, atol=1e-5)  # a slice of 1 row: other BLAS kernels
