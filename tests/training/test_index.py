@@ -12,6 +12,7 @@ from aeserve.cli import main
 from aeserve.models import index as code_index
 from aeserve.models.index import CodeIndex
 from aeserve.models.registry import Registry
+from aeserve.training.batch.index import EXACT_ROWS, structure_for
 from aeserve.training.config import build_run_config
 from aeserve.training.trainer import train
 
@@ -61,7 +62,7 @@ def exact(form: str, stored: np.ndarray, queries: np.ndarray, scale: np.ndarray 
 def test_an_index_finds_what_exact_search_finds(stored, form, structure, tmp_path, capsys):
     registry, _, files, _ = stored
     out = tmp_path / f"{form}.index"
-    flags = ["--exact"] if structure == "flat" else []
+    flags = ["--exact"] if structure == "flat" else ["--approximate"]
     assert index_command(registry, f"{NAME}:1", "--codes", str(files[form]), "--out", str(out), *flags) == 0
     metric = "hamming" if form == "binary" else "l2"
     assert capsys.readouterr().out.startswith(f"indexed {ROWS} {form} codes of {NAME}:1 ({metric}, {structure}) into {out} in ")
@@ -88,6 +89,18 @@ def test_an_index_finds_what_exact_search_finds(stored, form, structure, tmp_pat
     else:
         truth = np.sqrt(((floats[:, None, :].astype(np.float64) - codes.astype(np.float64)[None] * (scale if form == "int8" else 1)) ** 2).sum(axis=2))
     np.testing.assert_allclose(distances, np.sort(truth, axis=1)[:, :K], rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_flag_small_stores_and_binary_codes_get_exact_search_and_large_float_stores_hnsw(stored, tmp_path, capsys):
+    registry, _, files, _ = stored
+    for form in ("float", "binary"):
+        assert index_command(registry, f"{NAME}:1", "--codes", str(files[form]), "--out", str(tmp_path / form)) == 0
+        assert json.loads((tmp_path / form / "index.json").read_text())["structure"] == "flat"  # ROWS codes: few
+    assert [structure_for(rows, form) for rows, form in [(EXACT_ROWS, "float"), (EXACT_ROWS + 1, "float"), (EXACT_ROWS + 1, "int8"),
+                                                         (10**7, "binary")]] == ["flat", "hnsw", "hnsw", "flat"]
+    with pytest.raises(SystemExit):
+        index_command(registry, f"{NAME}:1", "--codes", str(files["float"]), "--out", str(tmp_path / "both"), "--exact", "--approximate")
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_int8_codes_are_stored_as_the_versions_own_quantization(stored, tmp_path):

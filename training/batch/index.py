@@ -22,6 +22,15 @@ from aeserve.training.batch.output import _open, read_metadata
 from aeserve.training.data.dataset import DataError
 
 READ_ROWS = 65_536  # codes read and added at a time
+# Without --exact or --approximate: exact search for binary codes (Hamming over packed bits is as fast as HNSW) and for
+# stores of at most EXACT_ROWS codes (a query then compares them all in about 0.1 ms); HNSW above. Measured in
+# docs/benchmarks.md, "Nearest neighbours".
+EXACT_ROWS = 10_000
+
+
+def structure_for(rows: int, codes: str) -> str:
+    """The index structure ``aeserve index`` builds by default for ``rows`` codes of form ``codes``."""
+    return "flat" if codes == "binary" or rows <= EXACT_ROWS else "hnsw"
 
 
 def check_codes(path: str, meta: dict, manifest: dict) -> None:
@@ -61,8 +70,9 @@ def id_values(path: str, ids: pa.Array) -> tuple[str, np.ndarray | list[str]]:
     return "text", ids.cast(pa.string()).to_pylist()
 
 
-def build_index(codes: str, out: str, manifest: dict, structure: str = "hnsw", overwrite: bool = False) -> code_index.IndexInfo:
-    """Index the codes file ``codes`` (written by the version ``manifest`` describes) into the folder ``out``."""
+def build_index(codes: str, out: str, manifest: dict, structure: str = "auto", overwrite: bool = False) -> code_index.IndexInfo:
+    """Index the codes file ``codes`` (written by the version ``manifest`` describes) into the folder ``out``, as
+    ``structure`` (hnsw, flat, or auto: ``structure_for``)."""
     if is_url(out):
         raise ValueError(f"--out {out}: the index is a local folder (the server reads it from disk); build it beside a local copy of the codes")
     if not overwrite and Path(out).exists():
@@ -71,9 +81,11 @@ def build_index(codes: str, out: str, manifest: dict, structure: str = "hnsw", o
     check_codes(codes, meta, manifest)
     with _open(codes, "rb") as f:
         parquet = pq.ParquetFile(f)
+        rows = parquet.metadata.num_rows
         info = code_index.IndexInfo(
             model=meta["model"], version=meta["version"], code_dim=meta["code_dim"], codes=meta["codes"], sha256=meta["sha256"],
-            rows=parquet.metadata.num_rows, structure=structure, id_column=meta["id"], source=codes, scale=meta.get("scale"),
+            rows=rows, structure=structure_for(rows, meta["codes"]) if structure == "auto" else structure, id_column=meta["id"], source=codes,
+            scale=meta.get("scale"),
             threshold=meta.get("threshold"), library=code_index.library_version())
         if info.codes == "int8" and info.scale is None or info.codes == "binary" and info.threshold is None:
             raise DataError(f"{codes}: {info.codes} codes without their {'scale' if info.codes == 'int8' else 'threshold'} in the metadata")
@@ -93,7 +105,11 @@ def add_command(sub: argparse._SubParsersAction, registry_help: str) -> None:
     p.add_argument("target", metavar="NAME[:VERSION]", help="the version that wrote the codes")
     p.add_argument("--codes", required=True, metavar="CODES.parquet", help="the codes file (a path or a URL)")
     p.add_argument("--out", required=True, metavar="PATH", help="the index folder to write (local)")
-    p.add_argument("--exact", action="store_true", help="exact search over every code (default: an HNSW graph, approximate)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--exact", action="store_true", help="exact search over every code (the default for binary codes and for at most "
+                     f"{EXACT_ROWS:,} codes)")
+    how.add_argument("--approximate", action="store_true", help=f"an HNSW graph, approximate and far faster on a large store (the default "
+                     f"for float and int8 codes above {EXACT_ROWS:,})")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     p.add_argument("--registry", help=registry_help)
     p.set_defaults(func=cmd_index)
@@ -108,7 +124,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         manifest = registry.manifest(name, ref or "latest")
     started = time.monotonic()
     with reaching(url_or_none(args.codes)):
-        info = build_index(args.codes, args.out, manifest, "flat" if args.exact else "hnsw", args.overwrite)
+        info = build_index(args.codes, args.out, manifest, "flat" if args.exact else "hnsw" if args.approximate else "auto", args.overwrite)
     print(f"indexed {info.rows:,} {info.codes} codes of {info.model}:{info.version} ({info.metric}, {info.structure}) into {args.out} "
           f"in {time.monotonic() - started:.1f} s")
     return 0

@@ -21,7 +21,7 @@ def indexed(stored, tmp_path_factory):  # noqa: F811
     folder = tmp_path_factory.mktemp("indexes")
     indexes = {form: folder / f"{form}.index" for form in files}
     for form, path in indexes.items():
-        assert main(["index", f"{NAME}:1", "--codes", str(files[form]), "--out", str(path), "--registry", str(registry.root)]) == 0
+        assert main(["index", f"{NAME}:1", "--codes", str(files[form]), "--out", str(path), "--approximate", "--registry", str(registry.root)]) == 0
     return registry, files, indexes
 
 
