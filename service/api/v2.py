@@ -111,9 +111,7 @@ def model_metadata(version: ModelVersion) -> dict[str, Any]:
     tensor = lambda name, row: {"name": name, "datatype": "FP32", "shape": [-1, *row]}  # noqa: E731
     streams = [{"name": STREAM, "datatype": "BYTES", "shape": [-1]}] if version.streams is not None else []
     return {
-        "name": version.name,
-        "versions": [str(version.version)],
-        "platform": f"aeserve_{version.manifest['kind']}",
+        "name": version.name, "versions": [str(version.version)], "platform": f"aeserve_{version.manifest['kind']}",
         "inputs": [tensor(name, pipeline.row_shape(version, Call(takes, ("code",)))) for name, takes in TAKES.items() if name != STREAM] + streams,
         "outputs": [tensor(name, output.row_shape(version)) for name, output in OUTPUTS.items()] + streams,
     }
