@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"WARNING: {config.name}:{version} (kind {manifest['kind']}) is worse than closed-form PCA with the same code size on "
               f"held-out data: test_sq_err {m['test_sq_err']:.4g} against {m['pca_sq_err']:.4g} "
               f"({m['test_sq_err'] / m['pca_sq_err']:.2f} ×); train with model.kind = 'pca', or without model.kind "
-              f"(train --data then publishes PCA when it is better on validation)", file=sys.stderr)
+              f"(train --data then publishes PCA unless the network is clearly better on validation)", file=sys.stderr)
     anomaly = manifest.get("anomaly", {})
     rows = anomaly.get("held_out_rows", m.get("error_quantiles_rows", MIN_PERCENTILE_ROWS))
     if rows < MIN_PERCENTILE_ROWS:
