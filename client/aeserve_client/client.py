@@ -153,14 +153,17 @@ class Client:
             _sleep(wait)
             attempt += 1
 
-    def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None, code_version: int | None = None) -> Result:
-        requests = _requests(self._options, op, name, array, version, code_version)
+    def _run(self, requests: Generator) -> Result | Neighbors:
+        """Send each request the generator yields (``_in_slices``) and hand it the answer; its return value."""
         path, body, headers = next(requests)
         while True:
             try:
                 path, body, headers = requests.send(self._send("POST", path, content=body, headers=headers))
             except StopIteration as done:
                 return done.value
+
+    def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None, code_version: int | None = None) -> Result:
+        return self._run(_requests(self._options, op, name, array, version, code_version))
 
     def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
         """x (n, *input_shape) or (n, prod(input_shape)) -> codes (n, code_dim), float32."""
@@ -194,13 +197,7 @@ class Client:
         (n, ...) the version encodes, or ``codes`` (n, width) in the index's form with the version that made them
         (``code_version``: another version refuses them, ConflictError). More than max_rows rows go out as several
         requests, all to the version that answered the first."""
-        requests = _neighbor_requests(self._options, name, x, codes, k, version, code_version)
-        path, body, headers = next(requests)
-        while True:
-            try:
-                path, body, headers = requests.send(self._send("POST", path, content=body, headers=headers))
-            except StopIteration as done:
-                return done.value
+        return self._run(_neighbor_requests(self._options, name, x, codes, k, version, code_version))
 
     def models(self) -> list[dict]:
         response = self._send("GET", "/v1/models")
@@ -247,15 +244,18 @@ class AsyncClient:
             await _async_sleep(wait)
             attempt += 1
 
-    async def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None,
-                    code_version: int | None = None) -> Result:
-        requests = _requests(self._options, op, name, array, version, code_version)
+    async def _run(self, requests: Generator) -> Result | Neighbors:
+        """Client._run, awaiting each answer."""
         path, body, headers = next(requests)
         while True:
             try:
                 path, body, headers = requests.send(await self._send("POST", path, body, headers))
             except StopIteration as done:
                 return done.value
+
+    async def _call(self, op: str, name: str, array: np.ndarray | list[bytes], version: str | int | None,
+                    code_version: int | None = None) -> Result:
+        return await self._run(_requests(self._options, op, name, array, version, code_version))
 
     async def encode(self, name: str, x: np.ndarray, version: str | int | None = None) -> Result:
         return await self._call("encode", name, x, version)
@@ -278,13 +278,7 @@ class AsyncClient:
 
     async def neighbors(self, name: str, x: np.ndarray | None = None, *, codes: np.ndarray | None = None, k: int = 10,
                         version: str | int | None = None, code_version: int | None = None) -> Neighbors:
-        requests = _neighbor_requests(self._options, name, x, codes, k, version, code_version)
-        path, body, headers = next(requests)
-        while True:
-            try:
-                path, body, headers = requests.send(await self._send("POST", path, body, headers))
-            except StopIteration as done:
-                return done.value
+        return await self._run(_neighbor_requests(self._options, name, x, codes, k, version, code_version))
 
     async def models(self) -> list[dict]:
         response = await self._send("GET", "/v1/models")

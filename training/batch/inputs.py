@@ -160,17 +160,18 @@ class ArraySource(Source):
 
     def blocks(self, size: int) -> Iterator[Block]:
         for start, chunk in zip(range(0, len(self.x), size), chunks(self.x, size), strict=True):
+            ids = numbers_array(np.arange(start, start + len(chunk), dtype=np.int64))
             if self.x.dtype.kind != "f":
                 # Integers (pixels, mostly) as they are: the model's scaling makes them float32 in its one pass over
                 # them. A copy in this thread takes the block off the file's pages without competing with the model.
-                yield Block(numbers_array(np.arange(start, start + len(chunk), dtype=np.int64)), np.array(chunk))
+                yield Block(ids, np.array(chunk))
                 continue
             with np.errstate(over="ignore"):
                 rows = np.asarray(chunk, dtype=np.float32)
             bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)  # a float64 beyond float32's range is infinite now
             if bad.any():
                 raise DataError(f"{self.where}: row {start + int(np.argmax(bad))} holds NaN, infinite values or values beyond float32's range")
-            yield Block(numbers_array(np.arange(start, start + len(rows), dtype=np.int64)), rows)
+            yield Block(ids, rows)
 
 
 class TableSource(Source):

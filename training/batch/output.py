@@ -66,7 +66,7 @@ def arrow_column(name: str, values: np.ndarray, field: pa.Field) -> pa.Array:
     if pa.types.is_fixed_size_list(field.type):
         flat = np.ascontiguousarray(values).reshape(-1)
         return pa.FixedSizeListArray.from_arrays(numbers_array(flat, field.type.value_type), field.type.list_size)
-    return numbers_array(np.asarray(values, dtype=np.float32))
+    return numbers_array(values, pa.float32())
 
 
 def read_metadata(path: str) -> dict[str, Any]:
